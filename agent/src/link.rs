@@ -1,0 +1,370 @@
+//! The async shell around the sans-I/O protocol: frames in and out of a byte stream, and byte
+//! pipes between a local socket and one multiplexed stream under the protocol's credit flow
+//! control. Used by both ends of the connection; it never decides what a message means beyond
+//! stream plumbing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bincode::{Decode, Encode};
+use mirrord_protocol::frame::{self, FrameDecoder, MAX_DATA_CHUNK};
+use mirrord_protocol::mux::{DataVerdict, Mux, Side};
+use mirrord_protocol::{
+    AgentMessage, ClientMessage, ProtocolError, RemoteError, StreamFrame, StreamId, StreamTarget,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// How many bytes of queued messages one write to the socket may carry.
+const WRITE_BATCH: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+}
+
+/// Why a stream we asked for did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}", .0.message)]
+    Remote(RemoteError),
+    #[error("the connection ended before the stream opened")]
+    Lost,
+}
+
+/// A message type that can carry a stream frame: each direction wraps frames in its own enum.
+pub trait Outgoing: Encode + Send + 'static {
+    fn stream(frame: StreamFrame) -> Self;
+}
+
+impl Outgoing for AgentMessage {
+    fn stream(frame: StreamFrame) -> Self {
+        AgentMessage::Stream(frame)
+    }
+}
+
+impl Outgoing for ClientMessage {
+    fn stream(frame: StreamFrame) -> Self {
+        ClientMessage::Stream(frame)
+    }
+}
+
+/// Reads whole messages from one half of a connection.
+pub struct FrameReader<R> {
+    io: R,
+    decoder: FrameDecoder,
+    buf: Box<[u8]>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(io: R) -> Self {
+        Self {
+            io,
+            decoder: FrameDecoder::new(),
+            buf: vec![0; 64 * 1024].into_boxed_slice(),
+        }
+    }
+
+    /// The next message; `LinkError::Closed` at a clean end of stream. Cancel-safe: a message
+    /// is only taken out of the decoder once complete.
+    pub async fn next<M: Decode<()>>(&mut self) -> Result<M, LinkError> {
+        loop {
+            if let Some(message) = self.decoder.next()? {
+                return Ok(message);
+            }
+            let n = self.io.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(LinkError::Closed);
+            }
+            self.decoder.push(&self.buf[..n]);
+        }
+    }
+}
+
+/// Encodes and writes messages from `outgoing` until every sender is gone, batching whatever is
+/// queued into one write so small frames do not each cost a syscall.
+pub async fn write_loop<M: Encode, W: AsyncWrite + Unpin>(
+    mut io: W,
+    mut outgoing: mpsc::Receiver<M>,
+) -> Result<(), LinkError> {
+    let mut buf = Vec::with_capacity(WRITE_BATCH);
+    while let Some(message) = outgoing.recv().await {
+        buf.clear();
+        frame::encode(&message, &mut buf)?;
+        while buf.len() < WRITE_BATCH {
+            match outgoing.try_recv() {
+                Ok(message) => frame::encode(&message, &mut buf)?,
+                Err(_) => break,
+            }
+        }
+        io.write_all(&buf).await?;
+    }
+    io.shutdown().await?;
+    Ok(())
+}
+
+/// What the connection hands to one stream's pipe.
+#[derive(Debug)]
+enum Inbound {
+    Data(Vec<u8>),
+    Shutdown,
+    Reset,
+}
+
+struct StreamEnd {
+    /// connection --inbound data--> stream pipe. Unbounded because the sender may only send
+    /// what we granted: memory is bounded by the mux window, not by the channel.
+    inbound_tx: mpsc::UnboundedSender<Inbound>,
+    /// Woken when the peer grants credit, so the pipe can send again.
+    credit: Arc<Notify>,
+}
+
+/// The streams of one connection.
+pub struct Streams<M> {
+    mux: Mutex<Mux>,
+    ends: Mutex<HashMap<StreamId, StreamEnd>>,
+    /// Streams we opened that the peer has not answered yet.
+    opening: Mutex<HashMap<StreamId, oneshot::Sender<Result<(), RemoteError>>>>,
+    /// streams --frames--> connection writer.
+    out_tx: mpsc::Sender<M>,
+}
+
+/// The receiving half of a stream, handed to [`Streams::pipe`].
+pub struct StreamRx {
+    id: StreamId,
+    inbound_rx: mpsc::UnboundedReceiver<Inbound>,
+    credit: Arc<Notify>,
+}
+
+impl StreamRx {
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+}
+
+/// How a pipe ended early.
+enum Abort {
+    /// The peer reset the stream; nothing to tell it.
+    ByPeer,
+    /// Our side failed; the peer gets a Reset.
+    Local,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain maps behind, still consistent enough to
+    // tear streams down, so poisoning is not worth propagating.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<M: Outgoing> Streams<M> {
+    pub fn new(side: Side, out_tx: mpsc::Sender<M>) -> Arc<Self> {
+        Arc::new(Self {
+            mux: Mutex::new(Mux::new(side)),
+            ends: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            out_tx,
+        })
+    }
+
+    /// Registers a stream the peer opened; its pipe is started with [`Streams::pipe`].
+    pub fn accept(&self, id: StreamId) -> Result<StreamRx, ProtocolError> {
+        lock(&self.mux).on_open(id)?;
+        Ok(self.register(id))
+    }
+
+    /// Opens a stream to `target` on the peer's side and waits until it is connected; its pipe
+    /// is then started with [`Streams::pipe`].
+    pub async fn open(&self, target: StreamTarget) -> Result<StreamRx, OpenError> {
+        let id = lock(&self.mux).open();
+        // Registered before asking, so data that follows `Opened` at once has a place to go.
+        let rx = self.register(id);
+        let (opened_tx, opened_rx) = oneshot::channel();
+        lock(&self.opening).insert(id, opened_tx);
+        let opened = if self.send(StreamFrame::Open { id, target }).await {
+            match opened_rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(OpenError::Remote(error)),
+                Err(_) => Err(OpenError::Lost),
+            }
+        } else {
+            Err(OpenError::Lost)
+        };
+        if opened.is_err() {
+            lock(&self.opening).remove(&id);
+            self.discard(id);
+        }
+        opened.map(|()| rx)
+    }
+
+    fn register(&self, id: StreamId) -> StreamRx {
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Notify::new());
+        lock(&self.ends).insert(
+            id,
+            StreamEnd {
+                inbound_tx,
+                credit: credit.clone(),
+            },
+        );
+        StreamRx {
+            id,
+            inbound_rx,
+            credit,
+        }
+    }
+
+    /// Forgets a stream that never got a pipe (e.g. its connect failed).
+    pub fn discard(&self, id: StreamId) {
+        lock(&self.ends).remove(&id);
+        lock(&self.mux).close(id);
+    }
+
+    /// Sends one frame to the peer; false when the connection is gone.
+    pub async fn send(&self, frame: StreamFrame) -> bool {
+        self.out_tx.send(M::stream(frame)).await.is_ok()
+    }
+
+    /// Routes an incoming frame to its stream. `Open` is the caller's to handle (only it knows
+    /// how to reach a target) and is rejected here.
+    pub fn on_frame(&self, frame: StreamFrame) -> Result<(), ProtocolError> {
+        match frame {
+            StreamFrame::Data { id, bytes } => {
+                if lock(&self.mux).on_data(id, bytes.len())? == DataVerdict::Deliver {
+                    self.deliver(id, Inbound::Data(bytes));
+                }
+            }
+            StreamFrame::Credit { id, bytes } => {
+                let mut mux = lock(&self.mux);
+                if mux.contains(id) {
+                    mux.on_credit(id, bytes)?;
+                    drop(mux);
+                    if let Some(end) = lock(&self.ends).get(&id) {
+                        end.credit.notify_one();
+                    }
+                }
+            }
+            StreamFrame::Shutdown { id } => self.deliver(id, Inbound::Shutdown),
+            StreamFrame::Reset { id } => self.deliver(id, Inbound::Reset),
+            StreamFrame::Opened { id } => self.answer_open(id, Ok(()))?,
+            StreamFrame::OpenFailed { id, error } => self.answer_open(id, Err(error))?,
+            StreamFrame::Open { .. } => {
+                return Err(ProtocolError::UnexpectedMessage("stream open frame"));
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_open(
+        &self,
+        id: StreamId,
+        answer: Result<(), RemoteError>,
+    ) -> Result<(), ProtocolError> {
+        let opener = lock(&self.opening)
+            .remove(&id)
+            .ok_or(ProtocolError::UnknownStream(id))?;
+        // The opener may have given up meanwhile; its `open` cleans up after itself.
+        let _ = opener.send(answer);
+        Ok(())
+    }
+
+    fn deliver(&self, id: StreamId, item: Inbound) {
+        if let Some(end) = lock(&self.ends).get(&id) {
+            // The pipe may have just ended; late frames for it are dropped, as after a reset.
+            let _ = end.inbound_tx.send(item);
+        }
+    }
+
+    /// Resets every stream, for when the connection ends: their pipes stop and drop their sockets.
+    pub fn reset_all(&self) {
+        // Dropping the senders fails every pending `open` with `Lost`.
+        lock(&self.opening).clear();
+        for end in lock(&self.ends).values() {
+            let _ = end.inbound_tx.send(Inbound::Reset);
+        }
+    }
+
+    /// Pipes bytes both ways between `io` and the stream until both directions are shut down or
+    /// either side resets. Sends only against credit; grants credit back as `io` drains.
+    pub async fn pipe<S: AsyncRead + AsyncWrite>(self: Arc<Self>, io: S, rx: StreamRx) {
+        let StreamRx {
+            id,
+            mut inbound_rx,
+            credit,
+        } = rx;
+        let (mut reader, mut writer) = tokio::io::split(io);
+
+        let to_peer = async {
+            let mut buf = vec![0u8; MAX_DATA_CHUNK];
+            loop {
+                let allowed = loop {
+                    let available = lock(&self.mux).send_credit(id) as usize;
+                    if available > 0 {
+                        break available.min(MAX_DATA_CHUNK);
+                    }
+                    credit.notified().await;
+                };
+                match reader.read(&mut buf[..allowed]).await {
+                    Ok(0) => {
+                        return if self.send(StreamFrame::Shutdown { id }).await {
+                            Ok(())
+                        } else {
+                            Err(Abort::Local)
+                        };
+                    }
+                    Ok(n) => {
+                        // Only this task sends on the stream, so the credit seen above is still there.
+                        lock(&self.mux).take_send_credit(id, n);
+                        if !self
+                            .send(StreamFrame::Data {
+                                id,
+                                bytes: buf[..n].to_vec(),
+                            })
+                            .await
+                        {
+                            return Err(Abort::Local);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(?id, %error, "stream read failed");
+                        return Err(Abort::Local);
+                    }
+                }
+            }
+        };
+
+        let from_peer = async {
+            while let Some(item) = inbound_rx.recv().await {
+                match item {
+                    Inbound::Data(bytes) => {
+                        if let Err(error) = writer.write_all(&bytes).await {
+                            tracing::debug!(?id, %error, "stream write failed");
+                            return Err(Abort::Local);
+                        }
+                        let grant = lock(&self.mux).on_consumed(id, bytes.len());
+                        if let Some(grant) = grant
+                            && !self.send(grant).await
+                        {
+                            return Err(Abort::Local);
+                        }
+                    }
+                    Inbound::Shutdown => {
+                        let _ = writer.shutdown().await;
+                        return Ok(());
+                    }
+                    Inbound::Reset => return Err(Abort::ByPeer),
+                }
+            }
+            Err(Abort::ByPeer)
+        };
+
+        if let Err(Abort::Local) = tokio::try_join!(to_peer, from_peer) {
+            self.send(StreamFrame::Reset { id }).await;
+        }
+        self.discard(id);
+    }
+}

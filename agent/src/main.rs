@@ -1,0 +1,90 @@
+//! `mirrord-agent`: parses arguments and runs the agent library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use mirrord_agent::report::one_line;
+use mirrord_agent::{netns, server, target::Target};
+
+/// The remote half of mirrord: serves a target process's network, environment, hostname and
+/// files to mirrord sessions that present the token.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to accept sessions on. Port 0 picks a free port; the chosen address is printed
+    /// as `listening on ADDR` on stdout.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Serve this process's namespaces (network, UTS), root and environment instead of the
+    /// agent's own.
+    #[arg(long)]
+    target_pid: Option<u32>,
+    /// File holding the session token (whitespace around it is ignored). Without it the token
+    /// is read from MIRRORD_AGENT_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Exit after this many seconds without any connected session.
+    #[arg(long, default_value_t = 60)]
+    idle_ttl: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIRRORD_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mirrord-agent: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
+    let token = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        None => std::env::var("MIRRORD_AGENT_TOKEN").unwrap_or_default(),
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("no session token: set MIRRORD_AGENT_TOKEN or pass --token-file");
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let token = read_token(&args)?;
+    let target = Target::open(args.target_pid)?;
+    // Bound here, on the main thread, which stays in the agent's own network namespace: the
+    // CLI reaches the agent there, while the runtime's threads live in the target's.
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let runtime = netns::runtime_in(&target)?;
+    let config = server::Config {
+        token,
+        idle_ttl: Duration::from_secs(args.idle_ttl),
+    };
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        println!("listening on {address}");
+        // Run on a worker thread: the block_on thread itself never joined the namespace.
+        tokio::spawn(server::run(listener, config, target)).await?
+    })?;
+    Ok(())
+}

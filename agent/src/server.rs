@@ -1,0 +1,275 @@
+//! Accepts CLI sessions and serves them: the handshake, requests about the target, and TCP
+//! streams opened from the target's network namespace. It never handles a message of a session
+//! that has not passed the handshake.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mirrord_protocol::frame::MAX_FILE_READ;
+use mirrord_protocol::handshake::accept_hello;
+use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
+use mirrord_protocol::mux::Side;
+use mirrord_protocol::{
+    AgentMessage, ClientMessage, ProtocolError, RemoteError, Request, Response, StreamFrame,
+    StreamTarget, TargetInfo,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, warn};
+
+use crate::files;
+use crate::link::{FrameReader, LinkError, Streams, write_loop};
+use crate::target::Target;
+
+/// A client that connects but says nothing is dropped after this long.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Silence after which a ping is sent.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A peer silent this long after a ping is dead.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a connect to a remote address may take before the stream fails with ETIMEDOUT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Config {
+    pub token: Vec<u8>,
+    /// The agent exits when no session has been open for this long.
+    pub idle_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("no hello within {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
+    #[error("handshake refused: {0:?}")]
+    Refused(mirrord_protocol::RejectReason),
+    #[error("the client stopped answering pings")]
+    PeerDead,
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+impl From<ProtocolError> for SessionError {
+    fn from(error: ProtocolError) -> Self {
+        SessionError::Link(error.into())
+    }
+}
+
+struct Agent {
+    config: Config,
+    target: Target,
+}
+
+/// Serves sessions on `listener` until no client has been connected for the idle TTL.
+///
+/// Every socket the sessions open is created on the calling runtime's threads, so running this
+/// on a runtime that joined the target's network namespace puts all of them in the pod.
+pub async fn run(listener: TcpListener, config: Config, target: Target) -> std::io::Result<()> {
+    let agent = Arc::new(Agent { config, target });
+    let active = Arc::new(AtomicUsize::new(0));
+    let session_ended = Arc::new(Notify::new());
+    let mut idle_since = Some(Instant::now());
+    loop {
+        let idle_deadline = idle_since.map(|since| since + agent.config.idle_ttl);
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, peer) = accepted?;
+                active.fetch_add(1, Ordering::SeqCst);
+                idle_since = None;
+                let (agent, active, session_ended) = (agent.clone(), active.clone(), session_ended.clone());
+                tokio::spawn(async move {
+                    match serve(socket, &agent).await {
+                        Ok(()) => info!(%peer, "session ended"),
+                        Err(error) => warn!(%peer, "session ended: {error}"),
+                    }
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    session_ended.notify_one();
+                });
+            }
+            () = session_ended.notified() => {
+                if active.load(Ordering::SeqCst) == 0 {
+                    idle_since = Some(Instant::now());
+                }
+            }
+            () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => {
+                info!(ttl = ?agent.config.idle_ttl, "no client within the idle TTL; exiting");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn serve(socket: TcpStream, agent: &Arc<Agent>) -> Result<(), SessionError> {
+    socket.set_nodelay(true).map_err(LinkError::from)?;
+    let (read_half, mut write_half) = socket.into_split();
+    let mut reader = FrameReader::new(read_half);
+
+    let hello: ClientMessage = timeout(HANDSHAKE_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(1024);
+    match accept_hello(&hello, &agent.config.token) {
+        Ok(welcome) => {
+            out_tx.try_send(AgentMessage::Welcome(welcome)).ok();
+        }
+        Err(reason) => {
+            // Say why before closing, so the CLI can print it instead of "connection reset".
+            let mut buf = Vec::new();
+            mirrord_protocol::frame::encode(&AgentMessage::Rejected(reason.clone()), &mut buf)?;
+            use tokio::io::AsyncWriteExt;
+            write_half.write_all(&buf).await.map_err(LinkError::from)?;
+            write_half.shutdown().await.map_err(LinkError::from)?;
+            return Err(SessionError::Refused(reason));
+        }
+    }
+    info!("session open");
+    let writer = tokio::spawn(write_loop(write_half, out_rx));
+    let streams = Streams::new(Side::Agent, out_tx.clone());
+
+    let result = session_loop(&mut reader, agent, &out_tx, &streams).await;
+    streams.reset_all();
+    drop(out_tx);
+    drop(streams);
+    match writer.await {
+        Ok(Err(error)) => debug!("writer ended: {error}"),
+        Err(error) => warn!("writer task failed: {error}"),
+        Ok(Ok(())) => {}
+    }
+    match result {
+        Err(SessionError::Link(LinkError::Closed)) => Ok(()),
+        other => other,
+    }
+}
+
+async fn session_loop(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    agent: &Arc<Agent>,
+    out_tx: &mpsc::Sender<AgentMessage>,
+    streams: &Arc<Streams<AgentMessage>>,
+) -> Result<(), SessionError> {
+    let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
+    loop {
+        let deadline = Instant::from_std(keepalive.next_deadline());
+        let message: ClientMessage = tokio::select! {
+            message = reader.next() => message?,
+            () = sleep_until(deadline) => {
+                match keepalive.poll(std::time::Instant::now()) {
+                    KeepaliveAction::Idle => {}
+                    KeepaliveAction::SendPing { nonce } => {
+                        let _ = out_tx.send(AgentMessage::Ping { nonce }).await;
+                    }
+                    KeepaliveAction::PeerDead => return Err(SessionError::PeerDead),
+                }
+                continue;
+            }
+        };
+        keepalive.on_receive(std::time::Instant::now());
+        match message {
+            ClientMessage::Hello(_) => {
+                return Err(ProtocolError::UnexpectedMessage("a second hello").into());
+            }
+            ClientMessage::Ping { nonce } => {
+                let _ = out_tx.send(AgentMessage::Pong { nonce }).await;
+            }
+            ClientMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
+            ClientMessage::Request { id, request } => {
+                let (agent, out_tx) = (agent.clone(), out_tx.clone());
+                tokio::spawn(async move {
+                    let response = answer(&agent, request).await;
+                    let _ = out_tx.send(AgentMessage::Response { id, response }).await;
+                });
+            }
+            ClientMessage::Stream(StreamFrame::Open { id, target }) => {
+                let rx = streams.accept(id)?;
+                let streams = streams.clone();
+                tokio::spawn(async move {
+                    match open(&target).await {
+                        Ok(socket) => {
+                            if streams.send(StreamFrame::Opened { id }).await {
+                                streams.pipe(socket, rx).await;
+                            } else {
+                                streams.discard(id);
+                            }
+                        }
+                        Err(error) => {
+                            streams.discard(id);
+                            streams.send(StreamFrame::OpenFailed { id, error }).await;
+                        }
+                    }
+                });
+            }
+            ClientMessage::Stream(frame) => streams.on_frame(frame)?,
+        }
+    }
+}
+
+/// Connects a stream's target from this runtime's (the target's) network namespace.
+async fn open(target: &StreamTarget) -> Result<TcpStream, RemoteError> {
+    match target {
+        StreamTarget::Tcp(addr) => connect(*addr).await,
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, RemoteError> {
+    let socket = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(error)) => return Err(io_error(&error, &format!("connect to {addr}"))),
+        Err(_) => {
+            return Err(RemoteError {
+                errno: libc::ETIMEDOUT,
+                message: format!("connect to {addr} timed out after {CONNECT_TIMEOUT:?}"),
+            });
+        }
+    };
+    let _ = socket.set_nodelay(true);
+    Ok(socket)
+}
+
+fn io_error(error: &std::io::Error, what: &str) -> RemoteError {
+    RemoteError {
+        errno: error.raw_os_error().unwrap_or(libc::EIO),
+        message: format!("{what}: {error}"),
+    }
+}
+
+async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, RemoteError> {
+    let agent = agent.clone();
+    // Both requests read /proc or the target's files, which can block on a slow filesystem.
+    let answered = tokio::task::spawn_blocking(move || match request {
+        Request::TargetInfo => {
+            let target = &agent.target;
+            let env = target
+                .env()
+                .map_err(|error| remote(&error, error.errno()))?;
+            let hostname = target
+                .hostname()
+                .map_err(|error| remote(&error, error.errno()))?;
+            Ok(Response::TargetInfo(TargetInfo {
+                env,
+                hostname,
+                pid: target.pid(),
+            }))
+        }
+        Request::ReadFile { path, offset, len } => {
+            files::read_file(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
+                .map(Response::FileData)
+                .map_err(|error| remote(&error, error.errno()))
+        }
+    })
+    .await;
+    answered.unwrap_or_else(|error| {
+        Err(RemoteError {
+            errno: libc::EIO,
+            message: format!("agent task failed: {error}"),
+        })
+    })
+}
+
+fn remote(error: &dyn std::fmt::Display, errno: i32) -> RemoteError {
+    RemoteError {
+        errno,
+        message: error.to_string(),
+    }
+}

@@ -1,0 +1,295 @@
+//! The target process: where its namespaces, root and environment are, and what its UTS
+//! namespace calls it; it must never move the agent's own threads into the target's
+//! namespaces (only short-lived helper threads enter them).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+use nix::sched::CloneFlags;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    #[error("permission denied reading {0} (joining another user's namespaces needs root)")]
+    PermissionDenied(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("hostname {0:?} is not UTF-8")]
+    HostnameNotUtf8(OsString),
+    #[error("helper thread for {0} died")]
+    ThreadPanicked(String),
+}
+
+impl TargetError {
+    /// The errno a client sees when this error answers a request.
+    pub fn errno(&self) -> i32 {
+        match self {
+            TargetError::NoSuchProcess(_) => libc::ESRCH,
+            TargetError::PermissionDenied(_) => libc::EACCES,
+            TargetError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            TargetError::HostnameNotUtf8(_) => libc::EILSEQ,
+            TargetError::ThreadPanicked(_) => libc::EIO,
+        }
+    }
+}
+
+/// The process whose context is served; `None` means the agent's own namespaces (a targetless
+/// agent, or one already running inside the pod).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pid: Option<u32>,
+}
+
+/// The namespaces the agent serves from; each must be openable for [`Target::open`] to succeed.
+const NAMESPACES: [&str; 3] = ["net", "uts", "mnt"];
+
+impl Target {
+    /// Checks that the process exists and that its namespaces and root can be opened, so a
+    /// later failure is not the first sign of missing privileges.
+    pub fn open(pid: Option<u32>) -> Result<Self, TargetError> {
+        let Some(pid) = pid else {
+            return Ok(Target { pid: None });
+        };
+        let target = Target { pid: Some(pid) };
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        // /proc/0 does not exist, but ask the kernel rather than special-casing it.
+        std::fs::metadata(&proc_dir).map_err(|e| target.error("stat", proc_dir.clone(), e))?;
+        for ns in NAMESPACES {
+            let path = proc_dir.join("ns").join(ns);
+            File::open(&path).map_err(|e| target.error("open", path, e))?;
+        }
+        let root = target.root();
+        std::fs::read_dir(&root).map_err(|e| target.error("list", root, e))?;
+        Ok(target)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// The target's `/`, as seen from the agent: `/proc/PID/root`, which leads into the target's
+    /// mount namespace (see `confine`), or the agent's own `/`.
+    pub fn root(&self) -> PathBuf {
+        match self.pid {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/root")),
+            None => PathBuf::from("/"),
+        }
+    }
+
+    /// The environment the target was started with. Entries that are not UTF-8, have no `=`
+    /// or an empty name are skipped: they can't be carried or set faithfully anyway.
+    pub fn env(&self) -> Result<Vec<(String, String)>, TargetError> {
+        let Some(pid) = self.pid else {
+            return Ok(std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .filter(|(k, _)| !k.is_empty())
+                .collect());
+        };
+        let path = PathBuf::from(format!("/proc/{pid}/environ"));
+        let raw = std::fs::read(&path).map_err(|e| self.error("read", path, e))?;
+        Ok(parse_environ(&raw))
+    }
+
+    /// The hostname in the target's UTS namespace.
+    pub fn hostname(&self) -> Result<String, TargetError> {
+        let Some(pid) = self.pid else {
+            return own_hostname();
+        };
+        let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
+        let ns = File::open(&path).map_err(|e| self.error("open", path.clone(), e))?;
+        let shown = path.display().to_string();
+        // setns(CLONE_NEWUTS) changes only the calling thread, and this thread ends right
+        // after gethostname, so no other code of the agent ever runs in the target's UTS
+        // namespace. (A multi-threaded process may join a UTS namespace, unlike a mount one.)
+        let worker = std::thread::Builder::new()
+            .name("uts-probe".into())
+            .spawn(move || {
+                nix::sched::setns(&ns, CloneFlags::CLONE_NEWUTS).map_err(io::Error::from)?;
+                nix::unistd::gethostname().map_err(io::Error::from)
+            })
+            .map_err(|e| TargetError::Io {
+                op: "spawn thread for",
+                path: shown.clone(),
+                source: e,
+            })?;
+        let name = worker
+            .join()
+            .map_err(|_| TargetError::ThreadPanicked(shown.clone()))?
+            .map_err(|e| self.error("enter", path, e))?;
+        name.into_string().map_err(TargetError::HostnameNotUtf8)
+    }
+
+    /// Maps the errors a /proc access gives into the messages a user can act on.
+    fn error(&self, op: &'static str, path: PathBuf, source: io::Error) -> TargetError {
+        let pid = self.pid.unwrap_or(0);
+        match source.raw_os_error() {
+            // ESRCH: the process exited between two reads; ENOENT also covers a zombie's ns
+            // files, which are gone before the pid is.
+            Some(libc::ENOENT | libc::ESRCH) => TargetError::NoSuchProcess(pid),
+            Some(libc::EACCES | libc::EPERM) => {
+                TargetError::PermissionDenied(path.display().to_string())
+            }
+            _ => TargetError::Io {
+                op,
+                path: path.display().to_string(),
+                source,
+            },
+        }
+    }
+}
+
+fn own_hostname() -> Result<String, TargetError> {
+    let name = nix::unistd::gethostname().map_err(|e| TargetError::Io {
+        op: "gethostname",
+        path: String::new(),
+        source: e.into(),
+    })?;
+    name.into_string().map_err(TargetError::HostnameNotUtf8)
+}
+
+/// Parses the NUL-separated `NAME=value` list of /proc/PID/environ.
+fn parse_environ(raw: &[u8]) -> Vec<(String, String)> {
+    raw.split(|b| *b == 0)
+        .filter_map(|entry| std::str::from_utf8(entry).ok())
+        .filter_map(|entry| entry.split_once('='))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    #[test]
+    fn environ_parsing_skips_what_cannot_be_carried() {
+        let raw = b"A=1\0B=x=y\0\xff\xfe=bad\0NOEQUALS\0=empty\0C=\0\0";
+        let parsed = parse_environ(raw);
+        let expect = [("A", "1"), ("B", "x=y"), ("C", "")];
+        let expect: Vec<_> = expect
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(parsed, expect);
+    }
+
+    #[test]
+    fn own_context_without_pid() {
+        let t = Target::open(None).unwrap();
+        assert_eq!(t.pid(), None);
+        assert_eq!(t.root(), PathBuf::from("/"));
+        assert!(t.env().unwrap().iter().any(|(k, _)| k == "PATH"));
+        assert_eq!(t.hostname().unwrap(), own_hostname().unwrap());
+    }
+
+    #[test]
+    fn missing_process_is_named() {
+        // pid_max is at most 2^22, so this pid cannot exist.
+        let err = Target::open(Some(u32::MAX)).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(&*format!("no process with pid {}", u32::MAX))
+        );
+    }
+
+    #[test]
+    fn env_of_another_process() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .env_clear()
+            .env("POD_VAR", "from-pod")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Target::open(Some(child.id()));
+        let env = t.and_then(|t| t.env());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            env.unwrap(),
+            vec![("POD_VAR".to_owned(), "from-pod".to_owned())]
+        );
+    }
+
+    /// A thread of this test process in its own UTS namespace stands in for the pod; /proc/TID
+    /// describes that one thread. Needs root (CAP_SYS_ADMIN); skipped otherwise.
+    #[test]
+    fn hostname_comes_from_the_targets_uts_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let pod = std::thread::spawn(move || {
+            let entered = nix::sched::unshare(CloneFlags::CLONE_NEWUTS)
+                .and_then(|()| nix::unistd::sethostname("pod-uts-test"))
+                .map(|()| nix::unistd::gettid().as_raw() as u32);
+            let _ = tid_tx.send(entered);
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap().unwrap();
+        let name = Target::open(Some(tid)).and_then(|t| t.hostname());
+        drop(done_tx);
+        pod.join().unwrap();
+        assert_eq!(name.unwrap(), "pod-uts-test");
+        assert_ne!(own_hostname().unwrap(), "pod-uts-test");
+    }
+
+    /// As a non-root user, another user's process is refused with the one-line hint. Runs only
+    /// as root (to drop to `nobody` in a child); skipped otherwise.
+    #[test]
+    fn another_users_process_needs_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "target::tests::probe_as_other_user",
+                "--nocapture",
+                "--include-ignored",
+            ])
+            .env("PROBE_PID", sleeper.id().to_string())
+            .output();
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        let Ok(out) = out else {
+            eprintln!("skipped: setpriv(1) not available");
+            return;
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let want = format!(
+            "PROBE: permission denied reading /proc/{}/ns/net (joining another user's namespaces needs root)",
+            sleeper.id()
+        );
+        assert!(stdout.contains(&want), "{stdout}");
+    }
+
+    /// Helper run by `another_users_process_needs_root` in a child process.
+    #[test]
+    #[ignore = "run by another_users_process_needs_root as an unprivileged child"]
+    fn probe_as_other_user() {
+        if let Some(pid) = std::env::var("PROBE_PID").ok().and_then(|p| p.parse().ok()) {
+            match Target::open(Some(pid)) {
+                Ok(_) => println!("PROBE: opened"),
+                Err(e) => println!("PROBE: {e}"),
+            }
+        }
+    }
+}

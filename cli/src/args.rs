@@ -1,0 +1,130 @@
+//! The command line. Every flag here is documented in README.md and docs/cli.md.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Run a local process or shell in the context of a target: its environment, hostname and
+/// (in later releases) network and files, without touching any other process.
+#[derive(Parser, Debug)]
+#[command(name = "mirrord", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command in the target's context: `mirrord exec -t pid/123 -- ./server --port 8080`.
+    Exec {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Start an interactive shell ($SHELL, else /bin/sh) in the target's context.
+    Shell {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// Arguments for the shell, after `--`.
+        #[arg(last = true, value_name = "SHELL_ARGS")]
+        shell_args: Vec<OsString>,
+    },
+    /// Print the target's environment as mirrord would apply it (for IDE run configurations
+    /// and `docker --env-file`).
+    Env {
+        #[command(flatten)]
+        session: SessionArgs,
+        #[arg(long, value_enum, default_value_t = EnvFormat::Sh)]
+        format: EnvFormat,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvFormat {
+    /// `export NAME='value'` lines, for `eval "$(mirrord env ...)"`.
+    Sh,
+    /// `NAME=value` lines, for `docker --env-file` and IDEs.
+    Dotenv,
+    /// One JSON object.
+    Json,
+}
+
+/// How to reach the target, and what to take from it.
+#[derive(Args, Debug, Default)]
+pub struct SessionArgs {
+    /// The target: `pid/PID` (a local process or container) or `targetless`.
+    #[arg(short = 't', long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// Use an agent that is already running at HOST:PORT instead of starting one.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "target")]
+    pub agent_addr: Option<String>,
+    /// The token of the agent given by --agent-addr.
+    #[arg(
+        long,
+        env = "MIRRORD_AGENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub agent_token: Option<String>,
+    /// The config file (JSON). Default: `.mirrord/mirrord.json` when it exists.
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Take only the target's variables matching these `;`-separated wildcards.
+    #[arg(short = 's', long, value_name = "PATTERNS")]
+    pub override_env_vars_include: Option<String>,
+    /// Do not take the target's variables matching these `;`-separated wildcards.
+    #[arg(short = 'x', long, value_name = "PATTERNS")]
+    pub override_env_vars_exclude: Option<String>,
+    /// Set a variable in the launched process, over both local and target values (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got `{text}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_takes_everything_after_the_separator() {
+        let cli = Cli::try_parse_from([
+            "mirrord", "exec", "-t", "pid/5", "--env", "A=1=2", "-s", "DB_*", "--", "ls", "-la",
+        ])
+        .unwrap();
+        let Command::Exec { session, command } = cli.command else {
+            panic!("exec expected")
+        };
+        assert_eq!(session.target.as_deref(), Some("pid/5"));
+        assert_eq!(session.env, vec![("A".to_owned(), "1=2".to_owned())]);
+        assert_eq!(session.override_env_vars_include.as_deref(), Some("DB_*"));
+        assert_eq!(command, vec![OsString::from("ls"), OsString::from("-la")]);
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(Cli::try_parse_from(["mirrord", "exec", "-t", "pid/5"]).is_err());
+        assert!(Cli::try_parse_from(["mirrord", "exec", "--env", "=x", "--", "ls"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "mirrord",
+                "exec",
+                "-t",
+                "pid/1",
+                "--agent-addr",
+                "h:1",
+                "--",
+                "ls"
+            ])
+            .is_err()
+        );
+    }
+}

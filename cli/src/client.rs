@@ -1,0 +1,248 @@
+//! The CLI's session with an agent: connect, handshake, requests, keepalive. It turns every
+//! failure into one line a user can act on and never hangs longer than its timeouts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mirrord_agent::link::{FrameReader, LinkError, OpenError, StreamRx, Streams, write_loop};
+use mirrord_protocol::handshake::{check_welcome, client_hello};
+use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
+use mirrord_protocol::mux::Side;
+use mirrord_protocol::{
+    AgentMessage, ClientMessage, ProtocolError, RejectReason, RemoteError, Request, Response,
+    StreamTarget, TargetInfo,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout};
+
+/// Connecting and the handshake together must finish within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the agent at {addr} did not answer within {CONNECT_TIMEOUT:?}; is it a mirrord agent?"
+    )]
+    NoAnswer { addr: String },
+    #[error(
+        "the agent at {addr} rejected the session token; pass the token it was started with (--agent-token or MIRRORD_AGENT_TOKEN)"
+    )]
+    BadToken { addr: String },
+    #[error(
+        "the agent at {addr} speaks protocol version {agent}, this mirrord speaks {client}; use an agent and CLI of the same release"
+    )]
+    VersionMismatch {
+        addr: String,
+        agent: u32,
+        client: u32,
+    },
+    #[error("the agent at {addr} broke the protocol: {source}")]
+    Protocol { addr: String, source: ProtocolError },
+    #[error("the connection to the agent was lost")]
+    Lost,
+    #[error("the agent answered with something else than asked")]
+    UnexpectedResponse,
+    #[error("the agent failed: {}", .0.message)]
+    Remote(RemoteError),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, RemoteError>>>>>;
+
+pub struct AgentClient {
+    /// client --messages--> agent.
+    out_tx: mpsc::Sender<ClientMessage>,
+    pending: Pending,
+    next_id: AtomicU64,
+    streams: Arc<Streams<ClientMessage>>,
+}
+
+impl AgentClient {
+    /// Connects to `addr` and completes the handshake, within [`CONNECT_TIMEOUT`].
+    pub async fn connect(addr: &str, token: &[u8]) -> Result<AgentClient, ClientError> {
+        let no_answer = || ClientError::NoAnswer {
+            addr: addr.to_owned(),
+        };
+        let socket = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(source)) => {
+                return Err(ClientError::Unreachable {
+                    addr: addr.to_owned(),
+                    source,
+                });
+            }
+            Err(_) => return Err(no_answer()),
+        };
+        socket.set_nodelay(true).ok();
+        let (read_half, write_half) = socket.into_split();
+        let mut reader = FrameReader::new(read_half);
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            if let Err(error) = write_loop(write_half, out_rx).await {
+                tracing::debug!("agent writer ended: {error}");
+            }
+        });
+        out_tx
+            .send(client_hello(token))
+            .await
+            .map_err(|_| ClientError::Lost)?;
+        let reply = match timeout(CONNECT_TIMEOUT, reader.next::<AgentMessage>()).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(LinkError::Protocol(source))) => {
+                return Err(ClientError::Protocol {
+                    addr: addr.to_owned(),
+                    source,
+                });
+            }
+            Ok(Err(_)) => return Err(ClientError::Lost),
+            Err(_) => return Err(no_answer()),
+        };
+        check_welcome(reply).map_err(|error| match error {
+            ProtocolError::Rejected(RejectReason::BadToken) => ClientError::BadToken {
+                addr: addr.to_owned(),
+            },
+            ProtocolError::Rejected(RejectReason::VersionMismatch { agent, client }) => {
+                ClientError::VersionMismatch {
+                    addr: addr.to_owned(),
+                    agent,
+                    client,
+                }
+            }
+            source => ClientError::Protocol {
+                addr: addr.to_owned(),
+                source,
+            },
+        })?;
+
+        let pending = Pending::default();
+        let streams = Streams::new(Side::Client, out_tx.clone());
+        tokio::spawn(read_loop(
+            reader,
+            out_tx.clone(),
+            pending.clone(),
+            streams.clone(),
+        ));
+        Ok(AgentClient {
+            out_tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            streams,
+        })
+    }
+
+    pub async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (answer_tx, answer_rx) = oneshot::channel();
+        lock(&self.pending).insert(id, answer_tx);
+        if self
+            .out_tx
+            .send(ClientMessage::Request { id, request })
+            .await
+            .is_err()
+        {
+            lock(&self.pending).remove(&id);
+            return Err(ClientError::Lost);
+        }
+        answer_rx
+            .await
+            .map_err(|_| ClientError::Lost)?
+            .map_err(ClientError::Remote)
+    }
+
+    pub async fn target_info(&self) -> Result<TargetInfo, ClientError> {
+        match self.request(Request::TargetInfo).await? {
+            Response::TargetInfo(info) => Ok(info),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+}
+
+impl AgentClient {
+    /// Opens a TCP connection from the target's network namespace to `addr`.
+    pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<StreamRx, ClientError> {
+        self.streams
+            .open(StreamTarget::Tcp(addr))
+            .await
+            .map_err(|error| match error {
+                OpenError::Remote(error) => ClientError::Remote(error),
+                OpenError::Lost => ClientError::Lost,
+            })
+    }
+
+    /// Pipes bytes between `io` and an opened stream until both directions are done.
+    pub async fn pipe<S: AsyncRead + AsyncWrite>(&self, io: S, stream: StreamRx) {
+        self.streams.clone().pipe(io, stream).await;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map stays consistent across a panic elsewhere; poisoning carries no information here.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Dispatches the agent's messages until the connection ends; then every pending request
+/// fails with `Lost` (its sender is dropped).
+async fn read_loop(
+    mut reader: FrameReader<OwnedReadHalf>,
+    out_tx: mpsc::Sender<ClientMessage>,
+    pending: Pending,
+    streams: Arc<Streams<ClientMessage>>,
+) {
+    let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
+    let ended = loop {
+        let deadline = tokio::time::Instant::from_std(keepalive.next_deadline());
+        let message = tokio::select! {
+            message = reader.next::<AgentMessage>() => message,
+            () = sleep_until(deadline) => {
+                match keepalive.poll(std::time::Instant::now()) {
+                    KeepaliveAction::Idle => {}
+                    KeepaliveAction::SendPing { nonce } => {
+                        let _ = out_tx.send(ClientMessage::Ping { nonce }).await;
+                    }
+                    KeepaliveAction::PeerDead => break "the agent stopped answering pings".to_owned(),
+                }
+                continue;
+            }
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(LinkError::Closed) => break "the agent closed the connection".to_owned(),
+            Err(error) => break error.to_string(),
+        };
+        keepalive.on_receive(std::time::Instant::now());
+        match message {
+            AgentMessage::Response { id, response } => {
+                if let Some(answer_tx) = lock(&pending).remove(&id) {
+                    let _ = answer_tx.send(response);
+                }
+            }
+            AgentMessage::Ping { nonce } => {
+                let _ = out_tx.send(ClientMessage::Pong { nonce }).await;
+            }
+            AgentMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
+            AgentMessage::Stream(frame) => {
+                if let Err(error) = streams.on_frame(frame) {
+                    break error.to_string();
+                }
+            }
+            AgentMessage::Welcome(_) | AgentMessage::Rejected(_) => {
+                break "the agent sent a message out of place".to_owned();
+            }
+        }
+    };
+    tracing::debug!("agent session ended: {ended}");
+    lock(&pending).clear();
+    streams.reset_all();
+}

@@ -1,0 +1,184 @@
+//! The mirrord config file (`-f`, default `.mirrord/mirrord.json`): key names follow upstream
+//! mirrord's schema so an existing file keeps working. Keys this version does not implement are
+//! ignored; command-line flags always win over the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config file is looked for when `-f` is not given.
+pub const DEFAULT_PATH: &str = ".mirrord/mirrord.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct Config {
+    pub target: Option<TargetConfig>,
+    #[serde(default)]
+    pub feature: Features,
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+/// `"target": "pid/123"` or, as upstream also allows, `"target": {"path": "pid/123"}`.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetConfig {
+    Path(String),
+    Detailed { path: Option<String> },
+}
+
+impl TargetConfig {
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            TargetConfig::Path(path) => Some(path),
+            TargetConfig::Detailed { path } => path.as_deref(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct Features {
+    #[serde(default)]
+    pub env: EnvFeature,
+}
+
+/// `feature.env`: `true`/`false`, or the detailed form.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EnvFeature {
+    Enabled(bool),
+    Detailed(EnvConfig),
+}
+
+impl Default for EnvFeature {
+    fn default() -> Self {
+        EnvFeature::Enabled(true)
+    }
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct EnvConfig {
+    pub include: Option<PatternList>,
+    pub exclude: Option<PatternList>,
+    #[serde(rename = "override", default)]
+    pub overrides: BTreeMap<String, String>,
+}
+
+/// Patterns as one `;`-separated string or as a list.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PatternList {
+    Joined(String),
+    List(Vec<String>),
+}
+
+impl PatternList {
+    /// The `;`-separated form the command line uses.
+    pub fn joined(&self) -> String {
+        match self {
+            PatternList::Joined(joined) => joined.clone(),
+            PatternList::List(list) => list.join(";"),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct AgentConfig {
+    /// Seconds a locally spawned agent stays without a session before exiting.
+    pub ttl: Option<u64>,
+}
+
+impl Config {
+    /// Reads `explicit` if given (it must exist), else the default path when it exists.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).is_file() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|source| ConfigError::Parse { path, source })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_upstream_style_keys() {
+        let config = Config::parse(
+            r#"{
+                "target": "pid/42",
+                "feature": {
+                    "env": {"include": "DB_*;API_KEY", "exclude": ["SECRET"], "override": {"MODE": "dev"}},
+                    "fs": {"mode": "read"}
+                },
+                "agent": {"ttl": 30, "namespace": "default"}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.target.as_ref().and_then(TargetConfig::path),
+            Some("pid/42")
+        );
+        let EnvFeature::Detailed(env) = &config.feature.env else {
+            panic!("detailed env expected")
+        };
+        assert_eq!(
+            env.include.as_ref().map(PatternList::joined).as_deref(),
+            Some("DB_*;API_KEY")
+        );
+        assert_eq!(
+            env.exclude.as_ref().map(PatternList::joined).as_deref(),
+            Some("SECRET")
+        );
+        assert_eq!(env.overrides.get("MODE").map(String::as_str), Some("dev"));
+        assert_eq!(config.agent.ttl, Some(30));
+    }
+
+    #[test]
+    fn target_object_and_env_toggle() {
+        let config = Config::parse(
+            r#"{"target": {"path": "pid/7", "namespace": "x"}, "feature": {"env": false}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.target.as_ref().and_then(TargetConfig::path),
+            Some("pid/7")
+        );
+        assert_eq!(config.feature.env, EnvFeature::Enabled(false));
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::parse("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn bad_json_is_an_error() {
+        assert!(Config::parse(r#"{"target": 5}"#).is_err());
+        assert!(Config::parse("not json").is_err());
+    }
+}

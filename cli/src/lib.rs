@@ -1,0 +1,12 @@
+//! The `mirrord` command: resolves the target, reaches its agent and launches the user's
+//! command or shell in the target's context. It composes the other crates and never changes
+//! anything outside the launched process's own namespaces.
+
+pub mod args;
+pub mod client;
+pub mod config;
+pub mod envfilter;
+pub mod launcher;
+pub mod local_agent;
+pub mod run;
+pub mod target;

@@ -1,0 +1,55 @@
+//! `mirrord`: parses arguments, runs the command, and exits with the launched command's status
+//! (or 125 with one line on stderr when mirrord itself fails).
+
+use std::io::IsTerminal;
+
+use clap::Parser;
+use mirrord_agent::report::one_line;
+use mirrord_cli::args::{Cli, Command};
+use mirrord_cli::run;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIRRORD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("mirrord: cannot start: {error}");
+            std::process::exit(run::EXIT_MIRRORD_FAILED);
+        }
+    };
+    // The command runs inside block_on, on this thread, which lives until exit: the launched
+    // process and a local agent are tied to it by PR_SET_PDEATHSIG.
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Exec { session, command } => run::exec(session, command).await,
+            Command::Shell {
+                session,
+                shell_args,
+            } => run::shell(session, shell_args).await,
+            Command::Env { session, format } => run::env(session, *format).await,
+        }
+    });
+    let code = match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("mirrord: {}", one_line(&error));
+            match error.downcast_ref::<mirrord_cli::launcher::LaunchError>() {
+                Some(launch_error) => launch_error.exit_code(),
+                None => run::EXIT_MIRRORD_FAILED,
+            }
+        }
+    };
+    // Tasks still blocked on the terminal or sockets must not delay the exit.
+    runtime.shutdown_background();
+    std::process::exit(code);
+}

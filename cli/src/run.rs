@@ -1,0 +1,349 @@
+//! The `exec`, `shell` and `env` commands: reach the agent (starting one for local targets),
+//! learn the target's context, and launch the user's command in it. Everything started here is
+//! stopped before returning, whatever the outcome.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use mirrord_protocol::TargetInfo;
+
+use crate::args::{EnvFormat, SessionArgs};
+use crate::client::AgentClient;
+use crate::config::{Config, EnvFeature};
+use crate::envfilter::{self, EnvFilter, Patterns};
+use crate::launcher::{self, Launch};
+use crate::local_agent::LocalAgent;
+use crate::target::Target;
+
+/// Exit status when mirrord itself fails (as `env` and `docker run` do), so it is not mistaken
+/// for the command's own status.
+pub const EXIT_MIRRORD_FAILED: i32 = 125;
+/// Exit status after Ctrl-C before the command started (128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Default idle TTL of a locally started agent, in seconds: a backstop, the CLI stops it anyway.
+const LOCAL_AGENT_TTL: u64 = 60;
+
+/// How a session reaches its agent.
+enum AgentSource {
+    Local { target: Target, idle_ttl: u64 },
+    Remote { addr: String, token: Vec<u8> },
+}
+
+/// A connected session: the agent we may have started, and the client talking to it.
+pub struct Session {
+    local_agent: Option<LocalAgent>,
+    pub client: AgentClient,
+    pub info: TargetInfo,
+    pub filter: EnvFilter,
+}
+
+impl Session {
+    /// Resolves flags and config, connects and fetches the target's context. Ctrl-C meanwhile
+    /// stops whatever was started and exits with 130.
+    pub async fn open(args: &SessionArgs) -> anyhow::Result<Session> {
+        let config = Config::load(args.config_file.as_deref())?;
+        let source = agent_source(args, &config)?;
+        let filter = env_filter(args, &config);
+        tokio::select! {
+            session = Self::connect(source, filter) => session,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("mirrord: interrupted");
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+        }
+    }
+
+    async fn connect(source: AgentSource, filter: EnvFilter) -> anyhow::Result<Session> {
+        let (local_agent, addr, token) = match source {
+            AgentSource::Local { target, idle_ttl } => {
+                let agent = LocalAgent::start(&target, idle_ttl).await?;
+                let (addr, token) = (agent.addr.clone(), agent.token.clone());
+                (Some(agent), addr, token)
+            }
+            AgentSource::Remote { addr, token } => (None, addr, token),
+        };
+        let connected = async {
+            let client = AgentClient::connect(&addr, &token).await?;
+            let info = client
+                .target_info()
+                .await
+                .context("cannot read the target's context")?;
+            anyhow::Ok((client, info))
+        }
+        .await;
+        match connected {
+            Ok((client, info)) => Ok(Session {
+                local_agent,
+                client,
+                info,
+                filter,
+            }),
+            Err(error) => {
+                if let Some(agent) = local_agent {
+                    agent.stop().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// `pid/123` or `targetless`, as the agent reports it.
+    pub fn label(&self) -> String {
+        match self.info.pid {
+            Some(pid) => Target::Pid(pid).to_string(),
+            None => Target::Targetless.to_string(),
+        }
+    }
+
+    /// The launched process's environment: local, overlaid with the target's filtered one.
+    pub fn launch_env(&self) -> Vec<(OsString, OsString)> {
+        let local: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .collect();
+        let mut env: Vec<(OsString, OsString)> =
+            envfilter::compose(&local, &self.info.env, &self.filter)
+                .into_iter()
+                .map(|(name, value)| (name.into(), value.into()))
+                .collect();
+        // Local variables that are not UTF-8 were skipped by compose; keep them unchanged.
+        env.extend(
+            std::env::vars_os()
+                .filter(|(name, value)| name.to_str().is_none() || value.to_str().is_none()),
+        );
+        env.push(("MIRRORD_TARGET".into(), self.label().into()));
+        env
+    }
+
+    pub async fn close(self) {
+        drop(self.client);
+        if let Some(agent) = self.local_agent {
+            agent.stop().await;
+        }
+    }
+}
+
+fn agent_source(args: &SessionArgs, config: &Config) -> anyhow::Result<AgentSource> {
+    if let Some(addr) = &args.agent_addr {
+        let Some(token) = args
+            .agent_token
+            .as_deref()
+            .filter(|token| !token.is_empty())
+        else {
+            bail!(
+                "--agent-addr needs the agent's token: pass --agent-token or set MIRRORD_AGENT_TOKEN"
+            );
+        };
+        return Ok(AgentSource::Remote {
+            addr: addr.clone(),
+            token: token.trim().as_bytes().to_vec(),
+        });
+    }
+    let target = match (
+        &args.target,
+        config.target.as_ref().and_then(|target| target.path()),
+    ) {
+        (Some(target), _) => target.as_str(),
+        (None, Some(target)) => target,
+        (None, None) => bail!(
+            "no target: pass -t pid/PID (or -t targetless), set \"target\" in the config file, or use --agent-addr"
+        ),
+    };
+    let target: Target = target.parse()?;
+    Ok(AgentSource::Local {
+        target,
+        idle_ttl: config.agent.ttl.unwrap_or(LOCAL_AGENT_TTL),
+    })
+}
+
+/// Flags win over the config file, key by key; `--env` overrides win over the file's.
+fn env_filter(args: &SessionArgs, config: &Config) -> EnvFilter {
+    let (include, exclude, mut overrides) = match &config.feature.env {
+        EnvFeature::Enabled(true) => (None, None, Vec::new()),
+        // `"env": false`: take nothing from the target (an empty include matches nothing).
+        EnvFeature::Enabled(false) => (Some(String::new()), None, Vec::new()),
+        EnvFeature::Detailed(env) => (
+            env.include.as_ref().map(|list| list.joined()),
+            env.exclude.as_ref().map(|list| list.joined()),
+            env.overrides
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+        ),
+    };
+    let include = args.override_env_vars_include.clone().or(include);
+    let exclude = args.override_env_vars_exclude.clone().or(exclude);
+    overrides.retain(|(name, _)| !args.env.iter().any(|(flag_name, _)| flag_name == name));
+    overrides.extend(args.env.iter().cloned());
+    EnvFilter {
+        include: include.map(|patterns| Patterns::parse(&patterns)),
+        exclude: exclude.map(|patterns| Patterns::parse(&patterns)),
+        overrides,
+    }
+}
+
+/// `mirrord exec`: returns the command's exit status.
+pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i32> {
+    let session = Session::open(args).await?;
+    let Some((program, program_args)) = command.split_first() else {
+        bail!("no command given after --");
+    };
+    let launch = Launch {
+        program: program.clone(),
+        args: program_args.to_vec(),
+        env: session.launch_env(),
+        hostname: session.info.hostname.clone(),
+        inherit_fds: Vec::new(),
+    };
+    run_launch(session, launch).await
+}
+
+/// `mirrord shell`: returns the shell's exit status.
+pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Result<i32> {
+    let session = Session::open(args).await?;
+    let shell = std::env::var_os("SHELL")
+        .filter(|shell| !shell.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into());
+    let launch = launcher::shell_launch(
+        &PathBuf::from(shell),
+        &session.label(),
+        shell_args.to_vec(),
+        session.launch_env(),
+        session.info.hostname.clone(),
+    );
+    let launch = match launch {
+        Ok(launch) => launch,
+        Err(error) => {
+            session.close().await;
+            return Err(error.into());
+        }
+    };
+    run_launch(session, launch).await
+}
+
+async fn run_launch(session: Session, launch: Launch) -> anyhow::Result<i32> {
+    let status = match launcher::spawn(&launch) {
+        Ok(child) => child.wait().await,
+        Err(error) => Err(error),
+    };
+    session.close().await;
+    Ok(status?)
+}
+
+/// `mirrord env`: prints the target's filtered variables.
+pub async fn env(args: &SessionArgs, format: EnvFormat) -> anyhow::Result<i32> {
+    let session = Session::open(args).await?;
+    let vars = envfilter::remote_vars(&session.info.env, &session.filter);
+    session.close().await;
+    print!("{}", format_env(&vars, format));
+    Ok(0)
+}
+
+pub fn format_env(vars: &[(String, String)], format: EnvFormat) -> String {
+    let mut out = String::new();
+    match format {
+        EnvFormat::Sh => {
+            for (name, value) in vars {
+                let _ = writeln!(out, "export {name}='{}'", value.replace('\'', r"'\''"));
+            }
+        }
+        EnvFormat::Dotenv => {
+            for (name, value) in vars {
+                let plain = value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-./:@,+%".contains(c));
+                if plain {
+                    let _ = writeln!(out, "{name}={value}");
+                } else {
+                    let escaped = value
+                        .replace('\\', r"\\")
+                        .replace('"', "\\\"")
+                        .replace('$', r"\$")
+                        .replace('`', r"\`")
+                        .replace('\n', r"\n");
+                    let _ = writeln!(out, "{name}=\"{escaped}\"");
+                }
+            }
+        }
+        EnvFormat::Json => {
+            let object: serde_json::Map<String, serde_json::Value> = vars
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone().into()))
+                .collect();
+            out = serde_json::Value::Object(object).to_string();
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Vec<(String, String)> {
+        vec![
+            ("A".into(), "plain/value".into()),
+            ("B".into(), "it's \"q\" $x\nz".into()),
+        ]
+    }
+
+    #[test]
+    fn sh_format_quotes_for_eval() {
+        assert_eq!(
+            format_env(&vars(), EnvFormat::Sh),
+            "export A='plain/value'\nexport B='it'\\''s \"q\" $x\nz'\n"
+        );
+    }
+
+    #[test]
+    fn dotenv_quotes_only_when_needed() {
+        assert_eq!(
+            format_env(&vars(), EnvFormat::Dotenv),
+            "A=plain/value\nB=\"it's \\\"q\\\" \\$x\\nz\"\n"
+        );
+    }
+
+    #[test]
+    fn json_is_one_object() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(&format_env(&vars(), EnvFormat::Json)).unwrap();
+        assert_eq!(parsed["B"], "it's \"q\" $x\nz");
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let config = Config::parse(
+            r#"{"feature": {"env": {"include": "A*", "exclude": "B", "override": {"K": "file", "L": "file"}}}}"#,
+        )
+        .unwrap();
+        let args = SessionArgs {
+            override_env_vars_include: Some("X".into()),
+            env: vec![("K".into(), "flag".into())],
+            ..SessionArgs::default()
+        };
+        let filter = env_filter(&args, &config);
+        assert_eq!(filter.include, Some(Patterns::parse("X")));
+        assert_eq!(filter.exclude, Some(Patterns::parse("B")));
+        assert_eq!(
+            filter.overrides,
+            vec![("L".into(), "file".into()), ("K".into(), "flag".into())]
+        );
+    }
+
+    #[test]
+    fn a_session_needs_a_target_or_an_agent() {
+        let error = agent_source(&SessionArgs::default(), &Config::default())
+            .err()
+            .unwrap();
+        assert!(error.to_string().starts_with("no target"));
+        let args = SessionArgs {
+            agent_addr: Some("127.0.0.1:1".into()),
+            ..SessionArgs::default()
+        };
+        let error = agent_source(&args, &Config::default()).err().unwrap();
+        assert!(error.to_string().contains("--agent-token"));
+    }
+}

@@ -1,0 +1,466 @@
+//! Length-prefixed framing: each frame is a 4-byte big-endian payload length followed by one
+//! bincode-encoded message. The decoder checks every untrusted length before buffering or
+//! allocating for it and never panics on hostile bytes; it never reads or writes a socket.
+
+use bincode::config::{Configuration, Limit, Varint};
+
+use crate::error::ProtocolError;
+
+/// Most payload bytes in one frame (the 4-byte header excluded).
+pub const MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
+/// Most bytes in one `StreamFrame::Data`, so one busy stream cannot hog the connection.
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+/// Most bytes one `ReadFile` may ask for, so the answer always fits in a frame.
+pub const MAX_FILE_READ: u32 = 1024 * 1024;
+
+const HEADER_LEN: usize = 4;
+
+/// The limit makes bincode refuse any length inside a frame that claims more than a frame could
+/// hold, so a hostile `Vec` length cannot make the decoder allocate gigabytes.
+fn config() -> Configuration<bincode::config::LittleEndian, Varint, Limit<MAX_FRAME_LEN>> {
+    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+}
+
+/// Appends one frame (header and payload) to `out`. On error `out` is left as it was.
+pub fn encode<M: bincode::Encode>(msg: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let written = match bincode::encode_into_std_write(msg, out, config()) {
+        Ok(written) => written,
+        Err(e) => {
+            out.truncate(start);
+            return Err(ProtocolError::Encode(e.to_string()));
+        }
+    };
+    let len = match u32::try_from(written) {
+        Ok(len) if written <= MAX_FRAME_LEN => len,
+        _ => {
+            out.truncate(start);
+            return Err(ProtocolError::FrameTooLarge {
+                len: written,
+                max: MAX_FRAME_LEN,
+            });
+        }
+    };
+    out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Reassembles frames from arbitrarily split bytes.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` before this index belong to frames already returned; compacting lazily
+    /// keeps many small frames in one push linear rather than quadratic.
+    start: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Next complete message, `Ok(None)` when more bytes are needed. An oversized length is
+    /// rejected as soon as its 4-byte header is seen, before its payload is waited for. A frame
+    /// that fails to decode is consumed, but callers should treat any error as fatal for the
+    /// connection.
+    // Not an `Iterator`: the item type is chosen per call and errors are part of the result.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next<M: bincode::Decode<()>>(&mut self) -> Result<Option<M>, ProtocolError> {
+        let pending = &self.buf[self.start..];
+        let Some((header, rest)) = pending.split_first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*header) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            });
+        }
+        let Some(payload) = rest.get(..len) else {
+            return Ok(None);
+        };
+        let decoded = bincode::decode_from_slice::<M, _>(payload, config());
+        self.start += HEADER_LEN + len;
+        let (msg, used) = decoded.map_err(|e| ProtocolError::Decode(e.to_string()))?;
+        if used != len {
+            return Err(ProtocolError::TrailingBytes { extra: len - used });
+        }
+        Ok(Some(msg))
+    }
+
+    /// Bytes received but not yet returned as messages.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::messages::*;
+
+    fn every_client_message() -> Vec<ClientMessage> {
+        let addr: SocketAddr = ([10, 0, 0, 7], 8080).into();
+        let addr6: SocketAddr = "[fd00::1]:443".parse().unwrap_or(addr);
+        let mut msgs = vec![
+            ClientMessage::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                token: vec![7; 32],
+            }),
+            ClientMessage::Ping { nonce: u64::MAX },
+            ClientMessage::Pong { nonce: 0 },
+            ClientMessage::Request {
+                id: 1,
+                request: Request::TargetInfo,
+            },
+            ClientMessage::Request {
+                id: 2,
+                request: Request::ReadFile {
+                    path: "/etc/hostname".into(),
+                    offset: 1 << 40,
+                    len: MAX_FILE_READ,
+                },
+            },
+            ClientMessage::Stream(StreamFrame::Open {
+                id: StreamId(3),
+                target: StreamTarget::Tcp(addr6),
+            }),
+        ];
+        msgs.extend(every_stream_frame().into_iter().map(ClientMessage::Stream));
+        msgs
+    }
+
+    fn every_stream_frame() -> Vec<StreamFrame> {
+        vec![
+            StreamFrame::Open {
+                id: StreamId(1),
+                target: StreamTarget::Tcp(([127, 0, 0, 1], 80).into()),
+            },
+            StreamFrame::Opened { id: StreamId(1) },
+            StreamFrame::OpenFailed {
+                id: StreamId(5),
+                error: RemoteError {
+                    errno: 111,
+                    message: "connection refused".into(),
+                },
+            },
+            StreamFrame::Data {
+                id: StreamId(1),
+                bytes: vec![0xab; MAX_DATA_CHUNK],
+            },
+            StreamFrame::Data {
+                id: StreamId(1),
+                bytes: vec![],
+            },
+            StreamFrame::Credit {
+                id: StreamId(2),
+                bytes: u32::MAX,
+            },
+            StreamFrame::Shutdown { id: StreamId(2) },
+            StreamFrame::Reset {
+                id: StreamId(u32::MAX),
+            },
+        ]
+    }
+
+    fn every_agent_message() -> Vec<AgentMessage> {
+        let mut msgs = vec![
+            AgentMessage::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+            }),
+            AgentMessage::Rejected(RejectReason::VersionMismatch {
+                agent: 1,
+                client: 9,
+            }),
+            AgentMessage::Rejected(RejectReason::BadToken),
+            AgentMessage::Rejected(RejectReason::HelloExpected),
+            AgentMessage::Ping { nonce: 42 },
+            AgentMessage::Pong { nonce: 43 },
+            AgentMessage::Response {
+                id: 1,
+                response: Ok(Response::TargetInfo(TargetInfo {
+                    env: vec![("PATH".into(), "/bin".into()), ("Ü".into(), "".into())],
+                    hostname: "pod-7".into(),
+                    pid: Some(4242),
+                })),
+            },
+            AgentMessage::Response {
+                id: 2,
+                response: Ok(Response::TargetInfo(TargetInfo {
+                    env: vec![],
+                    hostname: String::new(),
+                    pid: None,
+                })),
+            },
+            AgentMessage::Response {
+                id: 3,
+                response: Ok(Response::FileData(b"hello\n".to_vec())),
+            },
+            AgentMessage::Response {
+                id: 4,
+                response: Err(RemoteError {
+                    errno: 2,
+                    message: "no such file".into(),
+                }),
+            },
+        ];
+        msgs.extend(every_stream_frame().into_iter().map(AgentMessage::Stream));
+        msgs
+    }
+
+    fn encode_all<M: bincode::Encode>(msgs: &[M]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            encode(m, &mut out).expect("test messages are small");
+        }
+        out
+    }
+
+    fn decode_all<M: bincode::Decode<()>>(dec: &mut FrameDecoder) -> Vec<M> {
+        let mut got = Vec::new();
+        while let Some(m) = dec.next::<M>().expect("valid frames decode") {
+            got.push(m);
+        }
+        got
+    }
+
+    #[test]
+    fn every_message_kind_round_trips() {
+        let client = every_client_message();
+        let mut dec = FrameDecoder::new();
+        dec.push(&encode_all(&client));
+        assert_eq!(decode_all::<ClientMessage>(&mut dec), client);
+        assert_eq!(dec.buffered(), 0);
+
+        let agent = every_agent_message();
+        dec.push(&encode_all(&agent));
+        assert_eq!(decode_all::<AgentMessage>(&mut dec), agent);
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn frame_split_at_every_byte_boundary() {
+        let msgs = [
+            ClientMessage::Request {
+                id: 9,
+                request: Request::ReadFile {
+                    path: "/proc/self/environ".into(),
+                    offset: 3,
+                    len: 100,
+                },
+            },
+            ClientMessage::Ping { nonce: 5 },
+        ];
+        let bytes = encode_all(&msgs);
+        for cut in 0..=bytes.len() {
+            let mut dec = FrameDecoder::new();
+            dec.push(&bytes[..cut]);
+            let mut got = decode_all::<ClientMessage>(&mut dec);
+            dec.push(&bytes[cut..]);
+            got.extend(decode_all::<ClientMessage>(&mut dec));
+            assert_eq!(got, msgs, "cut at {cut}");
+            assert_eq!(dec.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let msgs = every_agent_message();
+        let bytes = encode_all(&msgs);
+        let mut dec = FrameDecoder::new();
+        let mut got = Vec::new();
+        for b in &bytes {
+            dec.push(std::slice::from_ref(b));
+            got.extend(decode_all::<AgentMessage>(&mut dec));
+        }
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn several_frames_in_one_push_then_partial_tail() {
+        let msgs: Vec<_> = (0..100).map(|n| AgentMessage::Pong { nonce: n }).collect();
+        let mut bytes = encode_all(&msgs);
+        let tail = encode_all(&[AgentMessage::Ping { nonce: 1 }]);
+        bytes.extend_from_slice(&tail[..3]);
+        let mut dec = FrameDecoder::new();
+        dec.push(&bytes);
+        assert_eq!(decode_all::<AgentMessage>(&mut dec), msgs);
+        assert_eq!(dec.buffered(), 3);
+        dec.push(&tail[3..]);
+        assert_eq!(
+            decode_all::<AgentMessage>(&mut dec),
+            [AgentMessage::Ping { nonce: 1 }]
+        );
+    }
+
+    #[test]
+    fn oversized_length_rejected_from_the_header_alone() {
+        let mut dec = FrameDecoder::new();
+        let len = (MAX_FRAME_LEN + 1) as u32;
+        dec.push(&len.to_be_bytes()[..3]);
+        assert_eq!(dec.next::<ClientMessage>(), Ok(None));
+        dec.push(&len.to_be_bytes()[3..]);
+        assert_eq!(
+            dec.next::<ClientMessage>(),
+            Err(ProtocolError::FrameTooLarge {
+                len: MAX_FRAME_LEN + 1,
+                max: MAX_FRAME_LEN
+            })
+        );
+        // Nothing beyond the header was needed to decide.
+        assert_eq!(dec.buffered(), HEADER_LEN);
+
+        let mut dec = FrameDecoder::new();
+        dec.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            dec.next::<AgentMessage>(),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn largest_file_read_fits_in_a_frame() {
+        let msg = AgentMessage::Response {
+            id: u64::MAX,
+            response: Ok(Response::FileData(vec![0xff; MAX_FILE_READ as usize])),
+        };
+        let mut out = Vec::new();
+        assert_eq!(encode(&msg, &mut out), Ok(()));
+        let mut dec = FrameDecoder::new();
+        dec.push(&out);
+        assert_eq!(dec.next::<AgentMessage>(), Ok(Some(msg)));
+    }
+
+    #[test]
+    fn oversized_message_refused_and_output_untouched() {
+        let mut out = encode_all(&[ClientMessage::Ping { nonce: 1 }]);
+        let before = out.clone();
+        let msg = ClientMessage::Stream(StreamFrame::Data {
+            id: StreamId(1),
+            bytes: vec![0; MAX_FRAME_LEN],
+        });
+        match encode(&msg, &mut out) {
+            Err(ProtocolError::FrameTooLarge { len, max }) => {
+                assert!(len > MAX_FRAME_LEN);
+                assert_eq!(max, MAX_FRAME_LEN);
+            }
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+        assert_eq!(out, before);
+    }
+
+    #[test]
+    fn hostile_length_inside_a_frame_is_a_decode_error() {
+        // A Data frame whose byte vector claims u32::MAX bytes but the frame holds only a few:
+        // the decoder must refuse, not allocate.
+        let mut payload = vec![
+            4,   // ClientMessage::Stream
+            3,   // StreamFrame::Data
+            1,   // id
+            252, // varint: a u32 follows
+        ];
+        payload.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        let mut dec = FrameDecoder::new();
+        dec.push(&frame);
+        assert!(matches!(
+            dec.next::<ClientMessage>(),
+            Err(ProtocolError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_payload_is_a_decode_error() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            dec.next::<ClientMessage>(),
+            Err(ProtocolError::Decode(_))
+        ));
+        // An empty frame holds no message.
+        dec.push(&[0, 0, 0, 0]);
+        assert!(matches!(
+            dec.next::<AgentMessage>(),
+            Err(ProtocolError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn pseudo_random_garbage_never_panics() {
+        // xorshift64: deterministic, so a failure reproduces.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = encode_all(&every_agent_message());
+        for round in 0..2000 {
+            let mut bytes = if round % 2 == 0 {
+                // Random payloads under a plausible header.
+                let len = (rand() % 64) as usize;
+                let mut b = (len as u32).to_be_bytes().to_vec();
+                b.extend((0..len).map(|_| rand() as u8));
+                b
+            } else {
+                // Valid frames with a few bytes flipped: harder to tell from real traffic.
+                let mut b = valid.clone();
+                for _ in 0..1 + rand() % 4 {
+                    let i = (rand() as usize) % b.len();
+                    b[i] ^= (rand() as u8) | 1;
+                }
+                b
+            };
+            bytes.truncate(bytes.len() - (rand() as usize % 3).min(bytes.len()));
+            let mut dec = FrameDecoder::new();
+            dec.push(&bytes);
+            for _ in 0..64 {
+                match dec.next::<AgentMessage>() {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut dec = FrameDecoder::new();
+            dec.push(&bytes);
+            for _ in 0..64 {
+                match dec.next::<ClientMessage>() {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_frame_are_rejected() {
+        let mut out = Vec::new();
+        encode(&ClientMessage::Ping { nonce: 7 }, &mut out).expect("small message");
+        let len = u32::from_be_bytes([out[0], out[1], out[2], out[3]]);
+        out[..4].copy_from_slice(&(len + 2).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        let mut dec = FrameDecoder::new();
+        dec.push(&out);
+        assert_eq!(
+            dec.next::<ClientMessage>(),
+            Err(ProtocolError::TrailingBytes { extra: 2 })
+        );
+    }
+}

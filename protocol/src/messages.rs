@@ -1,0 +1,156 @@
+//! Every message that crosses the CLI–agent connection. Both directions have their own enum so a
+//! peer can never be handed a message meant for the other side.
+
+use std::net::SocketAddr;
+
+use bincode::{Decode, Encode};
+
+/// Bumped on any incompatible change to the messages below; checked in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Identifies one multiplexed stream on a connection. The CLI opens odd ids, the agent even ids
+/// (see [`crate::mux::Side`]), so both ends can open streams without agreeing first.
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u32);
+
+/// CLI → agent.
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// Must be the first message; nothing else is handled before the agent accepts it.
+    Hello(Hello),
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Request {
+        id: u64,
+        request: Request,
+    },
+    Stream(StreamFrame),
+}
+
+/// Agent → CLI.
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum AgentMessage {
+    /// The handshake succeeded; the session is open.
+    Welcome(Welcome),
+    /// The handshake failed; the agent closes the connection after sending this.
+    Rejected(RejectReason),
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Response {
+        id: u64,
+        response: Result<Response, RemoteError>,
+    },
+    Stream(StreamFrame),
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub version: u32,
+    pub token: Vec<u8>,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct Welcome {
+    pub version: u32,
+    /// The agent's crate version, for diagnostics only.
+    pub agent_version: String,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum RejectReason {
+    VersionMismatch {
+        agent: u32,
+        client: u32,
+    },
+    BadToken,
+    /// The first message was not a `Hello`.
+    HelloExpected,
+}
+
+/// One request, answered by exactly one `Response` with the same id.
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum Request {
+    /// The target's environment and hostname.
+    TargetInfo,
+    /// Up to `len` bytes of a file of the target, from `offset`; the path is resolved inside the
+    /// target's root and can never leave it.
+    ReadFile { path: String, offset: u64, len: u32 },
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum Response {
+    TargetInfo(TargetInfo),
+    /// File bytes; shorter than asked at end of file.
+    FileData(Vec<u8>),
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct TargetInfo {
+    /// The target process's environment, in its order. Variables that are not UTF-8 are left out.
+    pub env: Vec<(String, String)>,
+    /// The hostname in the target's UTS namespace.
+    pub hostname: String,
+    /// The target's pid as the agent sees it; `None` when the agent serves its own namespaces.
+    pub pid: Option<u32>,
+}
+
+/// A failure on the remote side, errno-style so it maps onto what a local syscall would return.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct RemoteError {
+    /// A Linux errno value (`ENOENT`, `ECONNREFUSED`…); `EIO` when nothing better fits.
+    pub errno: i32,
+    /// One line for humans.
+    pub message: String,
+}
+
+/// What a new stream connects to on the agent's side.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum StreamTarget {
+    /// A TCP connection made from the target's network namespace.
+    Tcp(SocketAddr),
+}
+
+/// Stream multiplexing and flow control. Data is only sent against credit granted by the
+/// receiver (see [`crate::mux`]).
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum StreamFrame {
+    /// Opens stream `id` to `target`; the opener may not send data before `Opened`.
+    Open {
+        id: StreamId,
+        target: StreamTarget,
+    },
+    /// The stream is connected; both sides start with [`crate::mux::INITIAL_WINDOW`] credit.
+    Opened {
+        id: StreamId,
+    },
+    /// The stream could not be opened; the id is free again.
+    OpenFailed {
+        id: StreamId,
+        error: RemoteError,
+    },
+    Data {
+        id: StreamId,
+        bytes: Vec<u8>,
+    },
+    /// The receiver consumed `bytes` more bytes; the sender may send that much more.
+    Credit {
+        id: StreamId,
+        bytes: u32,
+    },
+    /// The sender will send no more data (half-close, like `shutdown(SHUT_WR)`).
+    Shutdown {
+        id: StreamId,
+    },
+    /// The stream is aborted in both directions (like a TCP RST).
+    Reset {
+        id: StreamId,
+    },
+}

@@ -1,0 +1,475 @@
+//! The fake Kubernetes side: a "cluster" network namespace holding real servers, and "pods" —
+//! processes in their own net + mount + uts namespaces with their own env, hostname and files,
+//! attached to the cluster by a veth pair. The world cannot route to either, so traffic that
+//! reaches a cluster server went through a pod's network. Fixtures must remove everything they
+//! create when dropped, in every outcome.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::process::{SHORT, Scene, first_line, run, run_checked};
+use crate::{FixtureError, Result, world};
+
+/// Directory inside every pod backed by a tmpfs of its own mount namespace.
+pub const POD_FILE_DIR: &str = "/srv";
+
+/// File every pod has in [`POD_FILE_DIR`]; its content is [`Pod::pod_only_content`].
+pub const POD_ONLY_FILE: &str = "pod-only.txt";
+
+/// PATH every pod carries, deliberately unlike the local one.
+pub const POD_PATH: &str = "/pod/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Port of [`Cluster::serve_http`] servers.
+pub const HTTP_PORT: u16 = 8080;
+
+/// /30 blocks out of 10.213.0.0/16, one per cluster service address and one per pod link.
+static NEXT_BLOCK: AtomicU32 = AtomicU32::new(1);
+static NEXT_NAME: AtomicU32 = AtomicU32::new(1);
+
+fn next_block() -> Ipv4Addr {
+    let block = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed) % (1 << 14);
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 213, 0, 0)) + block * 4)
+}
+
+fn offset(base: Ipv4Addr, by: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base) + by)
+}
+
+/// Unique across concurrent runs (pid) and fixtures of this run (counter).
+fn unique_suffix() -> (String, u32) {
+    let n = NEXT_NAME.fetch_add(1, Ordering::Relaxed);
+    (format!("{}-{n}", std::process::id()), n)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run_checked(Command::new("ip").args(args), SHORT).map(drop)
+}
+
+/// Names of fixture namespaces (`ip netns list` entries starting with [`world::PREFIX`]).
+pub fn fixture_namespaces() -> Result<Vec<String>> {
+    let out = run_checked(Command::new("ip").args(["netns", "list"]), SHORT)?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(world::PREFIX))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Kills every process in the named netns, then deletes it; best effort, for Drop and cleanup.
+pub fn delete_namespace(name: &str) {
+    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name]), SHORT) {
+        for pid in out.stdout.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let _ = run(Command::new("ip").args(["netns", "del", name]), SHORT);
+}
+
+/// A named netns `mrdt-<unique>-cluster` standing for the cluster network. Servers listen on
+/// [`Cluster::ip`], an address on the cluster's `lo` that every attached pod routes to.
+pub struct Cluster {
+    name: String,
+    ip: Ipv4Addr,
+}
+
+impl Cluster {
+    pub fn new(scene: &Scene) -> Result<Cluster> {
+        world::require()?;
+        let name = format!("{}{}-cluster", world::PREFIX, unique_suffix().0);
+        ip(&["netns", "add", &name])?;
+        scene.register_namespace(&name);
+        // Constructed before configuring so that Drop removes a half-built cluster too.
+        let cluster = Cluster {
+            name,
+            ip: offset(next_block(), 1),
+        };
+        ip(&["-n", &cluster.name, "link", "set", "lo", "up"])?;
+        let service = format!("{}/32", cluster.ip);
+        ip(&["-n", &cluster.name, "addr", "add", &service, "dev", "lo"])?;
+        Ok(cluster)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where cluster servers listen; reachable from pods, not from the world.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// `program` run inside the cluster netns.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// An HTTP server on `cluster.ip():8080` serving `files` (name, content) from a temp dir.
+    pub fn serve_http(&self, files: &[(&str, &str)]) -> Result<HttpServer<'_>> {
+        let dir = std::env::temp_dir().join(format!("{}http-{}", world::PREFIX, unique_suffix().0));
+        std::fs::create_dir_all(&dir).map_err(FixtureError::io(dir.display().to_string()))?;
+        let mut server = HttpServer {
+            cluster: self,
+            child: None,
+            dir,
+        };
+        for (name, content) in files {
+            let path = server.dir.join(name);
+            std::fs::write(&path, content).map_err(FixtureError::io(path.display().to_string()))?;
+        }
+        let mut cmd = self.command("/usr/bin/python3");
+        cmd.args(["-u", "-m", "http.server", &HTTP_PORT.to_string()])
+            .arg("--bind")
+            .arg(self.ip.to_string())
+            .arg("--directory")
+            .arg(&server.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let child = server
+            .child
+            .insert(cmd.spawn().map_err(|source| FixtureError::Spawn {
+                program: "python3 -m http.server".into(),
+                source,
+            })?);
+        let ready = child.stdout.take().and_then(|out| first_line(out, SHORT));
+        match ready {
+            Some(line) if line.starts_with("Serving HTTP") => Ok(server),
+            other => Err(FixtureError::NotReady {
+                what: "cluster HTTP server".into(),
+                timeout: SHORT,
+                detail: format!("first line {other:?}"),
+            }),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        delete_namespace(&self.name);
+    }
+}
+
+/// A real HTTP server inside the cluster netns; killed and its files removed on drop.
+pub struct HttpServer<'c> {
+    cluster: &'c Cluster,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl HttpServer<'_> {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.cluster.ip, HTTP_PORT))
+    }
+
+    /// `http://<cluster ip>:8080/<path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.addr(), path.trim_start_matches('/'))
+    }
+
+    /// The directory served.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for HttpServer<'_> {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill_process_group(child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn kill_process_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+/// Describes a pod before it starts; see [`Pod::builder`].
+pub struct PodBuilder {
+    name: String,
+    hostname: Option<String>,
+    env: Vec<(String, String)>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl PodBuilder {
+    /// Hostname inside the pod (default: the pod name).
+    pub fn hostname(mut self, hostname: &str) -> Self {
+        self.hostname = Some(hostname.to_owned());
+        self
+    }
+
+    /// An environment variable of the pod's main process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// A file in the pod's private [`POD_FILE_DIR`].
+    pub fn file(mut self, name: &str, content: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_owned(), content.into()));
+        self
+    }
+
+    /// Starts the pod and wires it to `cluster`.
+    pub fn start(self, cluster: &Cluster) -> Result<Pod<'_>> {
+        world::require()?;
+        let hostname = self.hostname.clone().unwrap_or_else(|| self.name.clone());
+        let (suffix, n) = unique_suffix();
+        let mut env = vec![
+            ("POD_NAME".to_owned(), self.name.clone()),
+            ("PATH".to_owned(), POD_PATH.to_owned()),
+        ];
+        env.extend(self.env.iter().cloned());
+
+        // The pod process prepares its namespaces, reports `ready`, waits until the veth is
+        // wired from outside, then becomes a bare `sleep` with only the pod's environment.
+        let script = format!(
+            "set -e\n\
+             hostname \"$MRDT_HOSTNAME\"\n\
+             mount -t tmpfs -o size=4m,mode=0755 mrdt-pod {POD_FILE_DIR}\n\
+             ip link set lo up\n\
+             echo ready\n\
+             read go\n\
+             exec env -i \"$@\" /bin/sleep infinity </dev/null >/dev/null 2>&1\n"
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--net",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .args(["/bin/sh", "-c", &script, "pod"])
+        .args(env.iter().map(|(k, v)| format!("{k}={v}")))
+        .env("MRDT_HOSTNAME", &hostname)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| FixtureError::Spawn {
+            program: "unshare (pod)".into(),
+            source,
+        })?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let link = next_block();
+        let mut pod = Pod {
+            cluster,
+            child,
+            stdin,
+            name: self.name,
+            hostname,
+            env,
+            ip: offset(link, 2),
+            gateway: offset(link, 1),
+            // Interface names are capped at 15 bytes; the world is ours alone, so the counter suffices.
+            cluster_link: format!("mrdt{n}"),
+            pod_only_content: format!("only in pod {suffix}\n"),
+        };
+        let ready = stdout.and_then(|out| first_line(out, SHORT));
+        if ready.as_deref() != Some("ready\n") {
+            let detail = stderr.map(read_all_quickly).unwrap_or_default();
+            return Err(FixtureError::NotReady {
+                what: format!("pod {}", pod.name),
+                timeout: SHORT,
+                detail,
+            });
+        }
+        pod.write_files(&self.files)?;
+        pod.wire()?;
+        pod.release()?;
+        Ok(pod)
+    }
+}
+
+/// Reads what a failed setup process wrote, without hanging if it is still alive.
+fn read_all_quickly(mut pipe: impl std::io::Read + Send + 'static) -> String {
+    let (text_tx, text_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        let _ = text_tx.send(text);
+    });
+    text_rx
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default()
+}
+
+/// A fake pod: one process in its own net + mount + uts namespaces, attached to a [`Cluster`].
+pub struct Pod<'c> {
+    cluster: &'c Cluster,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    name: String,
+    hostname: String,
+    env: Vec<(String, String)>,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    cluster_link: String,
+    pod_only_content: String,
+}
+
+impl<'c> Pod<'c> {
+    pub fn builder(name: &str) -> PodBuilder {
+        PodBuilder {
+            name: name.to_owned(),
+            hostname: None,
+            env: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `pid/<PID>`, the mirrord target naming this pod.
+    pub fn target(&self) -> String {
+        format!("pid/{}", self.pid())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// The pod's whole environment (what `/proc/<pid>/environ` holds).
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// The cluster end of the pod's link (its default route).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    pub fn cluster(&self) -> &'c Cluster {
+        self.cluster
+    }
+
+    /// Content of [`POD_FILE_DIR`]/[`POD_ONLY_FILE`], unique to this pod.
+    pub fn pod_only_content(&self) -> &str {
+        &self.pod_only_content
+    }
+
+    /// `program` run inside all of the pod's namespaces, as `kubectl exec` would.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "-t",
+            &self.pid().to_string(),
+            "-u",
+            "-m",
+            "-n",
+            "--",
+            program,
+        ]);
+        cmd
+    }
+
+    fn write_files(&self, files: &[(String, Vec<u8>)]) -> Result<()> {
+        // /proc/<pid>/root resolves through the pod's mount namespace, so this lands in its tmpfs.
+        let dir = PathBuf::from(format!("/proc/{}/root{POD_FILE_DIR}", self.pid()));
+        let only = [(
+            POD_ONLY_FILE.to_owned(),
+            self.pod_only_content.clone().into_bytes(),
+        )];
+        for (name, content) in only.iter().chain(files) {
+            let path = dir.join(name);
+            std::fs::write(&path, content).map_err(FixtureError::io(path.display().to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn wire(&self) -> Result<()> {
+        let pid = self.pid().to_string();
+        let ns = self.cluster.name.as_str();
+        let link = self.cluster_link.as_str();
+        ip(&[
+            "link", "add", "eth0", "netns", &pid, "type", "veth", "peer", "name", link, "netns", ns,
+        ])?;
+        let gateway = format!("{}/30", self.gateway);
+        ip(&["-n", ns, "addr", "add", &gateway, "dev", link])?;
+        ip(&["-n", ns, "link", "set", link, "up"])?;
+        let pod_ip = format!("{}/30", self.ip);
+        let in_pod = |args: &[&str]| {
+            run_checked(
+                Command::new("nsenter")
+                    .args(["-t", &pid, "-n", "--", "ip"])
+                    .args(args),
+                SHORT,
+            )
+            .map(drop)
+        };
+        in_pod(&["addr", "add", &pod_ip, "dev", "eth0"])?;
+        in_pod(&["link", "set", "eth0", "up"])?;
+        in_pod(&["route", "add", "default", "via", &self.gateway.to_string()])
+    }
+
+    /// Lets the pod exec its final `sleep` and waits until it has, so its environ is the pod's.
+    fn release(&mut self) -> Result<()> {
+        let mut stdin = self.stdin.take().ok_or_else(|| FixtureError::NotReady {
+            what: format!("pod {}", self.name),
+            timeout: SHORT,
+            detail: "no stdin".into(),
+        })?;
+        stdin
+            .write_all(b"go\n")
+            .map_err(FixtureError::io("pod stdin"))?;
+        drop(stdin);
+        let comm = format!("/proc/{}/comm", self.pid());
+        let deadline = Instant::now() + SHORT;
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep") {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Err(FixtureError::NotReady {
+            what: format!("pod {}", self.name),
+            timeout: SHORT,
+            detail: "did not exec its main process".into(),
+        })
+    }
+}
+
+impl Drop for Pod<'_> {
+    fn drop(&mut self) {
+        kill_process_group(&mut self.child);
+        // Normally gone with the pod's netns; something still holding that netns would keep it.
+        let _ = run(
+            Command::new("ip").args(["-n", &self.cluster.name, "link", "del", &self.cluster_link]),
+            SHORT,
+        );
+    }
+}
