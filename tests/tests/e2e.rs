@@ -27,6 +27,9 @@ const QUOTED_VALUE: &str = "it's a \"pod\" value $HOME";
 /// Set only in mirrord's own (local) environment.
 const LOCAL_VALUE: &str = "from-the-laptop";
 
+#[path = "e2e/streams.rs"]
+mod streams;
+
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {
@@ -54,7 +57,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 19] = [
+    let tests: [(&str, Test); 20] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -106,6 +109,10 @@ fn tests() -> Vec<Trial> {
             hand_started_agent_via_agent_addr,
         ),
         ("rootless_user_via_agent_addr", rootless_user_via_agent_addr),
+        (
+            "agent_streams_reach_the_cluster_through_the_pod",
+            streams::agent_streams_reach_the_cluster_through_the_pod,
+        ),
         (
             "leftover_check_catches_a_stray_process",
             leftover_check_catches_a_stray_process,
