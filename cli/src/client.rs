@@ -18,7 +18,7 @@ use mirrord_protocol::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout};
 
 /// Connecting and the handshake together must finish within this.
@@ -67,6 +67,8 @@ pub struct AgentClient {
     pending: Pending,
     next_id: AtomicU64,
     streams: Arc<Streams<ClientMessage>>,
+    /// Why the session ended, once it has.
+    ended_rx: watch::Receiver<Option<String>>,
 }
 
 impl AgentClient {
@@ -128,17 +130,19 @@ impl AgentClient {
 
         let pending = Pending::default();
         let streams = Streams::new(Side::Client, out_tx.clone());
-        tokio::spawn(read_loop(
-            reader,
-            out_tx.clone(),
-            pending.clone(),
-            streams.clone(),
-        ));
+        let (ended_tx, ended_rx) = watch::channel(None);
+        let session = Session {
+            pending: pending.clone(),
+            streams: streams.clone(),
+            ended_tx,
+        };
+        tokio::spawn(read_loop(reader, out_tx.clone(), session));
         Ok(AgentClient {
             out_tx,
             pending,
             next_id: AtomicU64::new(1),
             streams,
+            ended_rx,
         })
     }
 
@@ -170,6 +174,16 @@ impl AgentClient {
 }
 
 impl AgentClient {
+    /// Resolves when the session with the agent has ended (the agent died, closed the
+    /// connection or stopped answering pings), with the reason.
+    pub async fn lost(&self) -> String {
+        let mut ended_rx = self.ended_rx.clone();
+        match ended_rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the session ended".to_owned(),
+        }
+    }
+
     /// Opens a TCP connection from the target's network namespace to `addr`.
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<StreamRx, ClientError> {
         self.streams
@@ -192,14 +206,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What the reader shares with the client.
+struct Session {
+    pending: Pending,
+    streams: Arc<Streams<ClientMessage>>,
+    /// reader --why the session ended--> client.
+    ended_tx: watch::Sender<Option<String>>,
+}
+
 /// Dispatches the agent's messages until the connection ends; then every pending request
-/// fails with `Lost` (its sender is dropped).
+/// fails with `Lost` (its sender is dropped) and every stream is reset.
 async fn read_loop(
     mut reader: FrameReader<OwnedReadHalf>,
     out_tx: mpsc::Sender<ClientMessage>,
-    pending: Pending,
-    streams: Arc<Streams<ClientMessage>>,
+    session: Session,
 ) {
+    let Session {
+        pending,
+        streams,
+        ended_tx,
+    } = session;
     let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
     let ended = loop {
         let deadline = tokio::time::Instant::from_std(keepalive.next_deadline());
@@ -245,4 +271,5 @@ async fn read_loop(
     tracing::debug!("agent session ended: {ended}");
     lock(&pending).clear();
     streams.reset_all();
+    ended_tx.send_replace(Some(ended));
 }

@@ -225,7 +225,19 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Resul
 
 async fn run_launch(session: Session, launch: Launch) -> anyhow::Result<i32> {
     let status = match launcher::spawn(&launch) {
-        Ok(child) => child.wait().await,
+        Ok(child) => {
+            let wait = child.wait();
+            tokio::pin!(wait);
+            tokio::select! {
+                status = &mut wait => status,
+                reason = session.client.lost() => {
+                    eprintln!(
+                        "mirrord: lost the agent ({reason}); the command keeps running without the target"
+                    );
+                    wait.await
+                }
+            }
+        }
         Err(error) => Err(error),
     };
     session.close().await;

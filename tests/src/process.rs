@@ -379,6 +379,18 @@ impl HandStartedAgent {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself; its status, or None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// What the agent logged so far, for failure messages.
     pub fn stderr(&self) -> String {
         self.stderr

@@ -27,9 +27,6 @@ const QUOTED_VALUE: &str = "it's a \"pod\" value $HOME";
 /// Set only in mirrord's own (local) environment.
 const LOCAL_VALUE: &str = "from-the-laptop";
 
-#[path = "e2e/streams.rs"]
-mod streams;
-
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {
@@ -37,6 +34,11 @@ macro_rules! ensure {
         }
     };
 }
+
+#[path = "e2e/lifecycle.rs"]
+mod lifecycle;
+#[path = "e2e/streams.rs"]
+mod streams;
 
 fn main() -> ExitCode {
     match world::enter() {
@@ -57,7 +59,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 20] = [
+    let tests: [(&str, Test); 26] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -109,6 +111,27 @@ fn tests() -> Vec<Trial> {
             hand_started_agent_via_agent_addr,
         ),
         ("rootless_user_via_agent_addr", rootless_user_via_agent_addr),
+        (
+            "exec_ctrl_c_ends_command_and_session",
+            lifecycle::exec_ctrl_c_ends_command_and_session,
+        ),
+        (
+            "killing_mirrord_leaves_nothing",
+            lifecycle::killing_mirrord_leaves_nothing,
+        ),
+        (
+            "agent_death_mid_session_is_reported",
+            lifecycle::agent_death_mid_session_is_reported,
+        ),
+        (
+            "agent_serves_concurrent_sessions",
+            lifecycle::agent_serves_concurrent_sessions,
+        ),
+        (
+            "agent_survives_garbage_and_honours_idle_ttl",
+            lifecycle::agent_survives_garbage_and_honours_idle_ttl,
+        ),
+        ("agent_reads_pod_files", lifecycle::agent_reads_pod_files),
         (
             "agent_streams_reach_the_cluster_through_the_pod",
             streams::agent_streams_reach_the_cluster_through_the_pod,
