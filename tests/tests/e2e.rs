@@ -59,7 +59,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 26] = [
+    let tests: [(&str, Test); 27] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -111,6 +111,10 @@ fn tests() -> Vec<Trial> {
             hand_started_agent_via_agent_addr,
         ),
         ("rootless_user_via_agent_addr", rootless_user_via_agent_addr),
+        (
+            "rootless_user_is_told_a_root_pod_needs_root",
+            rootless_user_is_told_a_root_pod_needs_root,
+        ),
         (
             "exec_ctrl_c_ends_command_and_session",
             lifecycle::exec_ctrl_c_ends_command_and_session,
@@ -830,6 +834,37 @@ fn hand_started_agent_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result
         "via --agent-addr: {}\nagent stderr: {}",
         out.describe(),
         agent.stderr()
+    );
+    Ok(())
+}
+
+/// An unprivileged user cannot join a root-owned pod's namespaces; mirrord says so in one line.
+fn rootless_user_is_told_a_root_pod_needs_root(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let (uid, gid) = rootless_user()?;
+    let pod = standard_pod(cluster)?;
+    let mut cmd = scene.command("setpriv");
+    cmd.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &gid.to_string(),
+        "--init-groups",
+        "--",
+    ])
+    .arg(mirrord_tests::mirrord_binary()?)
+    .args(["exec", "-t", &pod.target(), "--", "true"])
+    .env("HOME", scene.temp_dir());
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 125
+            && out.stderr.lines().count() == 1
+            && out.stderr.starts_with("mirrord: ")
+            && out.stderr.contains("needs root"),
+        "as {ROOTLESS_USER} against a root pod: {}",
+        out.describe()
     );
     Ok(())
 }
