@@ -5,6 +5,7 @@
 
 pub mod confine;
 pub mod files;
+pub mod fs;
 pub mod link;
 pub mod netns;
 pub mod report;

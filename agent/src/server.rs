@@ -257,6 +257,11 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, Remote
                 .map(Response::FileData)
                 .map_err(|error| remote(&error, error.errno()))
         }
+        // Writable: the client proved the session token and chose its mode; its FUSE mount
+        // refuses writes itself in read-only mode (see `fs` for the agent's own guard).
+        Request::Fs(request) => crate::fs::serve(&agent.target.root(), request, true)
+            .map(Response::Fs)
+            .map_err(|error| remote(&error, error.errno())),
     })
     .await;
     answered.unwrap_or_else(|error| {

@@ -29,8 +29,8 @@ pub struct Launch {
     pub env: Vec<(OsString, OsString)>,
     /// Hostname inside the new UTS namespace; empty keeps the current one.
     pub hostname: String,
-    /// Descriptors the command inherits under the same number (they stay close-on-exec in
-    /// mirrord, so no other child gets them). Closed in mirrord when `spawn` returns.
+    /// Descriptors the command inherits under the same number. They stay close-on-exec in
+    /// mirrord, so no other child gets them; drop the `Launch` after `spawn` to close them.
     pub inherit_fds: Vec<OwnedFd>,
 }
 
@@ -145,6 +145,8 @@ struct ChildPlan {
     inherit_fds: Vec<RawFd>,
     parent: libc::pid_t,
     report_fd: RawFd,
+    /// SIGTTOU's disposition before mirrord ignored it, for the command to start with.
+    sigttou: Option<libc::sigaction>,
 }
 
 const SETGROUPS: &CStr = c"/proc/self/setgroups";
@@ -230,8 +232,13 @@ impl ChildPlan {
     fn steps(&self) -> Result<(), (SetupStep, i32)> {
         use SetupStep::*;
         let at = |step: SetupStep| move |err: i32| (step, err);
+        if let Some(action) = &self.sigttou {
+            // SAFETY: sigaction(2) with an action read from the kernel before the fork.
+            unsafe { libc::sigaction(libc::SIGTTOU, action, std::ptr::null_mut()) };
+        }
         // Set first so a mirrord killed during setup takes the child along, and again last
-        // because credential changes clear it.
+        // because credential changes clear it. The signal fires when the *thread* that forked
+        // exits, which is why `spawn` must run on a thread that outlives the command.
         self.parent_death_signal().map_err(at(ParentDeathSignal))?;
         if let Some((uid_map, gid_map)) = &self.user_maps {
             // SAFETY: raw syscalls with constant arguments.
@@ -397,7 +404,8 @@ struct TerminalGuard {
 }
 
 impl TerminalGuard {
-    /// Called after the fork, so the command keeps the default SIGTTOU disposition.
+    /// Called before the fork, so mirrord never writes to a terminal the command has taken;
+    /// the child restores `previous_ttou` before exec.
     fn engage() -> Self {
         let foreground_tty = (0..=2).find(|&fd| {
             // SAFETY: plain queries on standard descriptors.
@@ -504,14 +512,17 @@ pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
         )
     });
     let (report_rx, report_tx) = pipe(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let plan = ChildPlan {
+    let mut plan = ChildPlan {
         user_maps,
         hostname,
         inherit_fds: launch.inherit_fds.iter().map(AsRawFd::as_raw_fd).collect(),
         parent: std::process::id() as libc::pid_t,
         report_fd: report_tx.as_raw_fd(),
+        sigttou: None,
     };
     let signals = ForwardedSignals::install()?;
+    let terminal = TerminalGuard::engage();
+    plan.sigttou = terminal.previous_ttou;
 
     let mut command = tokio::process::Command::new(&launch.program);
     command
@@ -533,7 +544,7 @@ pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
         child,
         pid,
         signals,
-        _terminal: TerminalGuard::engage(),
+        _terminal: terminal,
     })
 }
 
@@ -722,6 +733,7 @@ mod tests {
             inherit_fds: vec![],
             parent: 0,
             report_fd: tx.as_raw_fd(),
+            sigttou: None,
         };
         let mut record = [0u8; 8];
         record[..4].copy_from_slice(&(SetupStep::Hostname as u32).to_ne_bytes());

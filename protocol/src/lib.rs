@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod fs;
 pub mod handshake;
 pub mod keepalive;
 pub mod messages;

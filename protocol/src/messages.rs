@@ -83,6 +83,8 @@ pub enum Request {
     /// Up to `len` bytes of a file of the target, from `offset`; the path is resolved inside the
     /// target's root and can never leave it.
     ReadFile { path: String, offset: u64, len: u32 },
+    /// A file-system operation of the FUSE mount (see [`crate::fs`]).
+    Fs(crate::fs::FsRequest),
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -90,6 +92,7 @@ pub enum Response {
     TargetInfo(TargetInfo),
     /// File bytes; shorter than asked at end of file.
     FileData(Vec<u8>),
+    Fs(crate::fs::FsResponse),
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

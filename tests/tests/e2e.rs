@@ -59,7 +59,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 27] = [
+    let tests: [(&str, Test); 28] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -105,6 +105,10 @@ fn tests() -> Vec<Trial> {
         (
             "nonexistent_pid_is_a_clear_error",
             nonexistent_pid_is_a_clear_error,
+        ),
+        (
+            "targetless_uses_the_local_context",
+            targetless_uses_the_local_context,
         ),
         (
             "hand_started_agent_via_agent_addr",
@@ -864,6 +868,30 @@ fn rootless_user_is_told_a_root_pod_needs_root(
             && out.stderr.starts_with("mirrord: ")
             && out.stderr.contains("needs root"),
         "as {ROOTLESS_USER} against a root pod: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// `-t targetless`: the agent serves its own context, so the command sees this machine's
+/// hostname and environment, still in namespaces of its own.
+fn targetless_uses_the_local_context(scene: &Scene, _cluster: &Cluster) -> Result<(), Failed> {
+    let own_hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    let out = mirrord(
+        scene,
+        &[
+            "exec",
+            "-t",
+            "targetless",
+            "--",
+            "sh",
+            "-c",
+            "hostname; printenv LOCAL_ONLY MIRRORD_TARGET; ip -o link | wc -l",
+        ],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{own_hostname}\n{LOCAL_VALUE}\ntargetless\n1\n"),
+        "targetless: {}",
         out.describe()
     );
     Ok(())

@@ -1,0 +1,1082 @@
+//! File-system service for the CLI's FUSE mount: answers [`FsRequest`]s on the target's files,
+//! resolving every path inside the target's root on each request, and must never touch a file
+//! outside that root.
+//!
+//! Operations on a file's contents open the file itself with [`open_in_root`]. Operations on a
+//! directory entry (lstat, readlink, create, mkdir, unlink, rmdir, rename, symlink) open the
+//! entry's PARENT with [`open_in_root`] and act on the last name with the `*at` syscalls relative
+//! to that descriptor, never following a final symlink, so neither a symlink nor a concurrent
+//! rename can move the operation out of the root.
+//!
+//! Write access: [`serve`] refuses every changing request with `EROFS` unless `writable`. The
+//! CLI's FUSE mount refuses writes itself in read-only mode; the flag is the agent's own guard,
+//! set per call by whoever dispatches (today the session's server passes `true`: the client
+//! proved the session token and picked its mode).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use mirrord_protocol::frame::MAX_FILE_READ;
+use mirrord_protocol::fs::{
+    Attr, DirEntry, DirPage, FileKind, FsRequest, FsResponse, MAX_DIR_PAGE, MAX_FILE_WRITE,
+    MAX_XATTR, SetAttr, SetTime, StatFs, Timestamp,
+};
+use nix::fcntl::OFlag;
+
+use crate::confine::{ConfineError, open_in_root};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {why}")]
+    Refused {
+        path: String,
+        why: &'static str,
+        errno: i32,
+    },
+}
+
+impl FsError {
+    /// The errno a POSIX call would have failed with, for the protocol's error replies.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Confine(e) => e.errno(),
+            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Refused { errno, .. } => *errno,
+        }
+    }
+}
+
+fn refused(path: &str, why: &'static str, errno: i32) -> FsError {
+    FsError::Refused {
+        path: path.to_owned(),
+        why,
+        errno,
+    }
+}
+
+/// Answers one request on the files under `root` (normally `/proc/PID/root`). Blocks on the
+/// target's file system: call it from a blocking thread.
+pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, FsError> {
+    if request.is_write() && !writable {
+        return Err(refused("", "read-only session", libc::EROFS));
+    }
+    match request {
+        FsRequest::Stat { path, follow } => stat(root, &path, follow).map(FsResponse::Attr),
+        FsRequest::ReadDir { path, offset } => read_dir(root, &path, offset).map(FsResponse::Dir),
+        FsRequest::Read { path, offset, len } => read(root, &path, offset, len),
+        FsRequest::ReadLink { path } => {
+            let (dir, name) = parent(root, &path)?;
+            readlinkat(dir.as_raw_fd(), &name)
+                .map(FsResponse::Data)
+                .map_err(io_err("readlink", &path))
+        }
+        FsRequest::StatFs { path } => stat_fs(root, &path).map(FsResponse::StatFs),
+        FsRequest::GetXattr { path, name } => get_xattr(root, &path, &name).map(FsResponse::Data),
+        FsRequest::ListXattr { path } => list_xattr(root, &path).map(FsResponse::Data),
+        FsRequest::Create {
+            path,
+            mode,
+            exclusive,
+        } => create(root, &path, mode, exclusive).map(FsResponse::Attr),
+        FsRequest::Write { path, offset, data } => write(root, &path, offset, &data),
+        FsRequest::SetAttr { path, set } => set_attr(root, &path, &set).map(FsResponse::Attr),
+        FsRequest::Mkdir { path, mode } => {
+            let (dir, name) = parent(root, &path)?;
+            let at = io_err("mkdir", &path);
+            // SAFETY: `name` is NUL-terminated and `dir` is a live fd.
+            cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777) })
+                .map_err(&at)?;
+            fstatat(dir.as_raw_fd(), &name)
+                .map(FsResponse::Attr)
+                .map_err(at)
+        }
+        FsRequest::Rmdir { path } => {
+            let (dir, name) = parent(root, &path)?;
+            // SAFETY: as above.
+            cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+                .map(|_| FsResponse::Done)
+                .map_err(io_err("rmdir", &path))
+        }
+        FsRequest::Unlink { path } => {
+            let (dir, name) = parent(root, &path)?;
+            // SAFETY: as above.
+            cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+                .map(|_| FsResponse::Done)
+                .map_err(io_err("unlink", &path))
+        }
+        FsRequest::Rename { from, to, flags } => {
+            let (from_dir, from_name) = parent(root, &from)?;
+            let (to_dir, to_name) = parent(root, &to)?;
+            // SAFETY: both names are NUL-terminated and both fds live for the call.
+            cvt(unsafe {
+                libc::renameat2(
+                    from_dir.as_raw_fd(),
+                    from_name.as_ptr(),
+                    to_dir.as_raw_fd(),
+                    to_name.as_ptr(),
+                    flags,
+                )
+            })
+            .map(|_| FsResponse::Done)
+            .map_err(io_err("rename", &from))
+        }
+        FsRequest::Symlink { path, target } => {
+            let (dir, name) = parent(root, &path)?;
+            let target = CString::new(target).map_err(|_| ConfineError::NulByte)?;
+            let at = io_err("symlink", &path);
+            // SAFETY: both strings are NUL-terminated and `dir` is a live fd.
+            cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+                .map_err(&at)?;
+            fstatat(dir.as_raw_fd(), &name)
+                .map(FsResponse::Attr)
+                .map_err(at)
+        }
+        FsRequest::Fsync { path, datasync } => {
+            let file = open_in_root(root, &path, read_flags())?;
+            let synced = if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            };
+            synced
+                .map(|()| FsResponse::Done)
+                .map_err(io_err("fsync", &path))
+        }
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a str) -> impl Fn(io::Error) -> FsError + 'a {
+    move |source| FsError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// O_NONBLOCK: a FIFO without a writer must not hang the agent. O_NOCTTY: a pod's tty must not
+/// become the agent's.
+fn read_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY
+}
+
+/// Opens the directory holding `path`'s last component (resolved inside the root) and returns
+/// it with that component, which is then acted on with `*at` calls and is never `.` or `..`.
+fn parent(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+    let trimmed = path.trim_end_matches('/');
+    let (dir, name) = match trimmed.rfind('/') {
+        Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
+        None => (".", trimmed),
+    };
+    match name {
+        // The root itself has no parent inside the root.
+        "" => return Err(refused(path, "the root has no parent", libc::EBUSY)),
+        "." | ".." => return Err(refused(path, "not a plain name", libc::EINVAL)),
+        _ => {}
+    }
+    let dir = if dir.is_empty() { "/" } else { dir };
+    let file = open_in_root(root, dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    if name.as_bytes().len() > 255 {
+        return Err(ConfineError::NameTooLong.into());
+    }
+    Ok((file, name))
+}
+
+fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, FsError> {
+    let mut flags = OFlag::O_PATH;
+    if !follow {
+        // With O_PATH the kernel hands back the link itself, which fstat then describes.
+        flags |= OFlag::O_NOFOLLOW;
+    }
+    let file = open_in_root(root, path, flags)?;
+    fstat(file.as_raw_fd()).map_err(io_err("stat", path))
+}
+
+fn fstat(fd: RawFd) -> io::Result<Attr> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `fd` is live; `st` is a properly sized out-buffer; "" + AT_EMPTY_PATH describes
+    // `fd` itself, also for O_PATH descriptors of symlinks.
+    cvt(unsafe { libc::fstatat(fd, c"".as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH) })?;
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(attr(&unsafe { st.assume_init() }))
+}
+
+fn fstatat(dir: RawFd, name: &CString) -> io::Result<Attr> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: as in `fstat`; AT_SYMLINK_NOFOLLOW keeps the call on the entry itself.
+    cvt(unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(attr(&unsafe { st.assume_init() }))
+}
+
+fn time(secs: i64, nanos: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nanos: nanos.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn attr(st: &libc::stat) -> Attr {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDevice,
+        libc::S_IFBLK => FileKind::BlockDevice,
+        _ => FileKind::File,
+    };
+    Attr {
+        ino: st.st_ino,
+        dev: st.st_dev,
+        kind,
+        size: st.st_size.max(0) as u64,
+        blocks: st.st_blocks.max(0) as u64,
+        mode: st.st_mode & 0o7777,
+        nlink: st.st_nlink.min(u32::MAX as libc::nlink_t) as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev,
+        blksize: st.st_blksize.clamp(0, u32::MAX as libc::blksize_t) as u32,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+    }
+}
+
+/// Lists one page. Pages are addressed by entry index in `readdir` order; the CLI reads a whole
+/// listing in one go, so a directory changing between pages can at worst repeat or skip an
+/// entry of that listing, as `readdir(3)` may.
+fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
+    let dir = open_in_root(root, path, read_flags() | OFlag::O_DIRECTORY)?;
+    let at = io_err("readdir", path);
+    // The magic link reopens exactly the directory just resolved, with no lookup by name.
+    let proc_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let mut entries = Vec::new();
+    let mut index = 0u64;
+    for entry in std::fs::read_dir(proc_path).map_err(&at)? {
+        let name = entry.map_err(&at)?.file_name();
+        if index < offset {
+            index += 1;
+            continue;
+        }
+        if entries.len() == MAX_DIR_PAGE as usize {
+            return Ok(DirPage {
+                entries,
+                next: Some(index),
+            });
+        }
+        index += 1;
+        // A name the wire can't carry (not UTF-8) is left out rather than mangled.
+        let Some(text) = name.to_str() else { continue };
+        let Ok(c_name) = CString::new(name.as_bytes()) else {
+            continue;
+        };
+        let attr = match fstatat(dir.as_raw_fd(), &c_name) {
+            Ok(attr) => attr,
+            // Removed since the listing was read: as if it had never been listed.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(at(e)),
+        };
+        entries.push(DirEntry {
+            name: text.to_owned(),
+            attr,
+        });
+    }
+    Ok(DirPage {
+        entries,
+        next: None,
+    })
+}
+
+fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {
+    let file = open_in_root(root, path, read_flags())?;
+    let want = len.min(MAX_FILE_READ) as usize;
+    let mut buf = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        let at = offset.saturating_add(filled as u64);
+        match file.read_at(&mut buf[filled..], at) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    buf.truncate(filled);
+    Ok(FsResponse::Data(buf))
+}
+
+fn readlinkat(dir: RawFd, name: &CString) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` is writable for its length; `name` is NUL-terminated; `dir` is live.
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn stat_fs(root: &Path, path: &str) -> Result<StatFs, FsError> {
+    let file = open_in_root(root, path, OFlag::O_PATH)?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: the fd is live and `st` is a properly sized out-buffer.
+    cvt(unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) })
+        .map_err(io_err("statfs", path))?;
+    // SAFETY: fstatvfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(StatFs {
+        blocks: st.f_blocks,
+        bfree: st.f_bfree,
+        bavail: st.f_bavail,
+        files: st.f_files,
+        ffree: st.f_ffree,
+        bsize: st.f_bsize.min(u32::MAX as u64) as u32,
+        namelen: st.f_namemax.min(u32::MAX as u64) as u32,
+        frsize: st.f_frsize.min(u32::MAX as u64) as u32,
+    })
+}
+
+/// The magic `/proc/self/fd/N` path of an `O_PATH` descriptor: calls that take only a path
+/// (xattrs, chmod, utimens) reach exactly that inode through it, with no lookup by name.
+fn fd_path(file: &File) -> CString {
+    // An integer formatted into a path never contains NUL.
+    CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap_or_default()
+}
+
+/// Xattrs are read from the file itself (a final symlink not followed, like `lgetxattr`).
+fn xattr_target(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+    let file = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+    let proc_path = fd_path(&file);
+    Ok((file, proc_path))
+}
+
+fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, FsError> {
+    let (_file, proc_path) = xattr_target(root, path)?;
+    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    let mut buf = vec![0u8; MAX_XATTR as usize];
+    // SAFETY: both strings are NUL-terminated; `buf` is writable for its length.
+    let n = unsafe {
+        libc::getxattr(
+            proc_path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io_err("getxattr", path)(io::Error::last_os_error()));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, FsError> {
+    let (_file, proc_path) = xattr_target(root, path)?;
+    let mut buf = vec![0u8; MAX_XATTR as usize];
+    // SAFETY: the path is NUL-terminated; `buf` is writable for its length.
+    let n = unsafe { libc::listxattr(proc_path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io_err("listxattr", path)(io::Error::last_os_error()));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, FsError> {
+    let (dir, name) = parent(root, path)?;
+    let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if exclusive {
+        flags |= libc::O_EXCL;
+    }
+    let flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY;
+    // SAFETY: `name` is NUL-terminated and `dir` is a live fd.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            (mode & 0o7777) as libc::c_uint,
+        )
+    })
+    .map_err(io_err("create", path))?;
+    // SAFETY: openat just returned this fd and nobody else owns it.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    fstat(file.as_raw_fd()).map_err(io_err("create", path))
+}
+
+fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse, FsError> {
+    if data.len() > MAX_FILE_WRITE as usize {
+        return Err(refused(
+            path,
+            "write larger than a frame allows",
+            libc::EINVAL,
+        ));
+    }
+    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let file = open_in_root(root, path, flags)?;
+    file.write_all_at(data, offset)
+        .map_err(io_err("write", path))?;
+    // `data.len()` is at most MAX_FILE_WRITE, so it fits.
+    Ok(FsResponse::Written(data.len() as u32))
+}
+
+fn timespec(time: Option<SetTime>) -> libc::timespec {
+    match time {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => libc::timespec {
+            tv_sec: t.secs,
+            tv_nsec: i64::from(t.nanos.min(999_999_999)),
+        },
+    }
+}
+
+fn set_attr(root: &Path, path: &str, set: &SetAttr) -> Result<Attr, FsError> {
+    let target = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+    let proc_path = fd_path(&target);
+    if let Some(mode) = set.mode {
+        // SAFETY: the path is NUL-terminated; it names `target` only.
+        cvt(unsafe { libc::chmod(proc_path.as_ptr(), mode & 0o7777) })
+            .map_err(io_err("chmod", path))?;
+    }
+    if set.uid.is_some() || set.gid.is_some() {
+        let keep = u32::MAX; // -1: leave unchanged
+        // SAFETY: AT_EMPTY_PATH makes the call act on the O_PATH fd itself (lchown semantics).
+        cvt(unsafe {
+            libc::fchownat(
+                target.as_raw_fd(),
+                c"".as_ptr(),
+                set.uid.unwrap_or(keep),
+                set.gid.unwrap_or(keep),
+                libc::AT_EMPTY_PATH,
+            )
+        })
+        .map_err(io_err("chown", path))?;
+    }
+    if let Some(size) = set.size {
+        let size = i64::try_from(size).map_err(|_| refused(path, "size", libc::EFBIG))?;
+        let file = open_in_root(root, path, OFlag::O_WRONLY | OFlag::O_NONBLOCK)?;
+        // SAFETY: the fd is live.
+        cvt(unsafe { libc::ftruncate(file.as_raw_fd(), size) })
+            .map_err(io_err("truncate", path))?;
+    }
+    if set.atime.is_some() || set.mtime.is_some() {
+        let times = [timespec(set.atime), timespec(set.mtime)];
+        // SAFETY: the path is NUL-terminated and `times` holds two timespecs.
+        cvt(unsafe { libc::utimensat(libc::AT_FDCWD, proc_path.as_ptr(), times.as_ptr(), 0) })
+            .map_err(io_err("utimens", path))?;
+    }
+    fstat(target.as_raw_fd()).map_err(io_err("stat", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// A scratch directory removed on drop, also when an assertion fails.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("mirrord-agent-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fake pod root, with the host's sensitive file standing next to it.
+    fn pod() -> TempDir {
+        let t = TempDir::new("fs");
+        let r = &t.0;
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::create_dir_all(r.join("app/data")).unwrap();
+        std::fs::write(r.join("etc/shadow"), "pod shadow").unwrap();
+        std::fs::write(r.join("app/data/file"), "data").unwrap();
+        symlink("/etc/shadow", r.join("app/abs")).unwrap();
+        symlink("../../../../../../../etc", r.join("app/up")).unwrap();
+        t
+    }
+
+    fn call(root: &Path, request: FsRequest) -> Result<FsResponse, i32> {
+        serve(root, request, true).map_err(|e| e.errno())
+    }
+
+    fn s(x: &str) -> String {
+        x.to_owned()
+    }
+
+    fn attr_of(r: Result<FsResponse, i32>) -> Attr {
+        match r {
+            Ok(FsResponse::Attr(a)) => a,
+            other => panic!("expected attr, got {other:?}"),
+        }
+    }
+
+    fn data(r: Result<FsResponse, i32>) -> Vec<u8> {
+        match r {
+            Ok(FsResponse::Data(d)) => d,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    fn read_all(root: &Path, path: &str) -> Result<Vec<u8>, i32> {
+        call(
+            root,
+            FsRequest::Read {
+                path: s(path),
+                offset: 0,
+                len: 1 << 20,
+            },
+        )
+        .map(|r| data(Ok(r)))
+    }
+
+    #[test]
+    fn read_side_operations() {
+        let t = pod();
+        let r = &t.0;
+        let a = attr_of(call(
+            r,
+            FsRequest::Stat {
+                path: s("/app/abs"),
+                follow: false,
+            },
+        ));
+        assert_eq!(a.kind, FileKind::Symlink);
+        let a = attr_of(call(
+            r,
+            FsRequest::Stat {
+                path: s("/app/abs"),
+                follow: true,
+            },
+        ));
+        assert_eq!((a.kind, a.size), (FileKind::File, 10));
+        let a = attr_of(call(
+            r,
+            FsRequest::Stat {
+                path: s("/"),
+                follow: false,
+            },
+        ));
+        assert_eq!(a.kind, FileKind::Dir);
+        assert_eq!(read_all(r, "app/abs"), Ok(b"pod shadow".to_vec()));
+        let got = call(
+            r,
+            FsRequest::Read {
+                path: s("/etc/shadow"),
+                offset: 4,
+                len: 3,
+            },
+        );
+        assert_eq!(data(got), b"sha");
+        let link = call(
+            r,
+            FsRequest::ReadLink {
+                path: s("/app/abs"),
+            },
+        );
+        assert_eq!(data(link), b"/etc/shadow");
+        assert_eq!(
+            call(
+                r,
+                FsRequest::ReadLink {
+                    path: s("/etc/shadow")
+                }
+            ),
+            Err(libc::EINVAL)
+        );
+        let Ok(FsResponse::StatFs(st)) = call(r, FsRequest::StatFs { path: s("/") }) else {
+            panic!("statfs")
+        };
+        assert!(st.bsize > 0);
+        // tmpfs/ext4 may or may not hold xattrs; listing must work and getting a missing one
+        // must say ENODATA (or EOPNOTSUPP where xattrs are off).
+        assert!(
+            call(
+                r,
+                FsRequest::ListXattr {
+                    path: s("/etc/shadow")
+                }
+            )
+            .is_ok()
+        );
+        let got = call(
+            r,
+            FsRequest::GetXattr {
+                path: s("/etc/shadow"),
+                name: b"user.none".to_vec(),
+            },
+        );
+        assert!(
+            matches!(got, Err(libc::ENODATA) | Err(libc::EOPNOTSUPP)),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn directory_listing_is_paged_with_attributes() {
+        let t = pod();
+        let dir = t.0.join("many");
+        std::fs::create_dir(&dir).unwrap();
+        let n = MAX_DIR_PAGE as usize * 2 + 5;
+        for i in 0..n {
+            std::fs::write(dir.join(format!("f{i}")), "x").unwrap();
+        }
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let Ok(FsResponse::Dir(page)) = call(
+                &t.0,
+                FsRequest::ReadDir {
+                    path: s("/many/"),
+                    offset,
+                },
+            ) else {
+                panic!("readdir")
+            };
+            assert!(page.entries.len() <= MAX_DIR_PAGE as usize);
+            names.extend(page.entries.iter().map(|e| {
+                assert_eq!((e.attr.kind, e.attr.size), (FileKind::File, 1));
+                e.name.clone()
+            }));
+            match page.next {
+                Some(next) => offset = next,
+                None => break,
+            }
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n);
+        assert_eq!(
+            call(
+                &t.0,
+                FsRequest::ReadDir {
+                    path: s("etc/shadow"),
+                    offset: 0
+                }
+            ),
+            Err(libc::ENOTDIR)
+        );
+    }
+
+    #[test]
+    fn write_side_operations() {
+        let t = pod();
+        let r = &t.0;
+        let a = attr_of(call(
+            r,
+            FsRequest::Create {
+                path: s("/app/new"),
+                mode: 0o640,
+                exclusive: true,
+            },
+        ));
+        assert_eq!((a.kind, a.size), (FileKind::File, 0));
+        let create_again = FsRequest::Create {
+            path: s("/app/new"),
+            mode: 0o640,
+            exclusive: true,
+        };
+        assert_eq!(call(r, create_again), Err(libc::EEXIST));
+        let w = call(
+            r,
+            FsRequest::Write {
+                path: s("/app/new"),
+                offset: 0,
+                data: b"hello world".to_vec(),
+            },
+        );
+        assert_eq!(w, Ok(FsResponse::Written(11)));
+        assert_eq!(std::fs::read(r.join("app/new")).unwrap(), b"hello world");
+        let set = SetAttr {
+            mode: Some(0o600),
+            size: Some(5),
+            mtime: Some(SetTime::At(Timestamp {
+                secs: 1_000_000,
+                nanos: 5,
+            })),
+            atime: Some(SetTime::Now),
+            ..SetAttr::default()
+        };
+        let a = attr_of(call(
+            r,
+            FsRequest::SetAttr {
+                path: s("/app/new"),
+                set,
+            },
+        ));
+        assert_eq!((a.mode, a.size), (0o600, 5));
+        assert_eq!(
+            a.mtime,
+            Timestamp {
+                secs: 1_000_000,
+                nanos: 5
+            }
+        );
+        let set = SetAttr {
+            uid: Some(1234),
+            gid: Some(4321),
+            ..SetAttr::default()
+        };
+        let a = attr_of(call(
+            r,
+            FsRequest::SetAttr {
+                path: s("/app/new"),
+                set,
+            },
+        ));
+        assert_eq!((a.uid, a.gid), (1234, 4321));
+        let meta = std::fs::metadata(r.join("app/new")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            call(
+                r,
+                FsRequest::Fsync {
+                    path: s("/app/new"),
+                    datasync: true
+                }
+            ),
+            Ok(FsResponse::Done)
+        );
+
+        let a = attr_of(call(
+            r,
+            FsRequest::Mkdir {
+                path: s("/app/d"),
+                mode: 0o755,
+            },
+        ));
+        assert_eq!(a.kind, FileKind::Dir);
+        assert_eq!(
+            call(
+                r,
+                FsRequest::Mkdir {
+                    path: s("/app/d"),
+                    mode: 0o755
+                }
+            ),
+            Err(libc::EEXIST)
+        );
+        let a = attr_of(call(
+            r,
+            FsRequest::Symlink {
+                path: s("/app/d/l"),
+                target: s("/etc/shadow"),
+            },
+        ));
+        assert_eq!(a.kind, FileKind::Symlink);
+        assert_eq!(
+            call(r, FsRequest::Rmdir { path: s("/app/d") }),
+            Err(libc::ENOTEMPTY)
+        );
+        let mv = FsRequest::Rename {
+            from: s("/app/new"),
+            to: s("/app/d/moved"),
+            flags: 0,
+        };
+        assert_eq!(call(r, mv), Ok(FsResponse::Done));
+        assert_eq!(read_all(r, "/app/d/moved"), Ok(b"hello".to_vec()));
+        let noreplace = FsRequest::Rename {
+            from: s("/app/d/moved"),
+            to: s("/app/d/l"),
+            flags: libc::RENAME_NOREPLACE,
+        };
+        assert_eq!(call(r, noreplace), Err(libc::EEXIST));
+        assert_eq!(
+            call(r, FsRequest::Unlink { path: s("/app/d") }),
+            Err(libc::EISDIR)
+        );
+        assert_eq!(
+            call(
+                r,
+                FsRequest::Rmdir {
+                    path: s("/app/d/moved")
+                }
+            ),
+            Err(libc::ENOTDIR)
+        );
+        for p in ["/app/d/moved", "/app/d/l"] {
+            assert_eq!(
+                call(r, FsRequest::Unlink { path: s(p) }),
+                Ok(FsResponse::Done)
+            );
+        }
+        assert_eq!(
+            call(r, FsRequest::Rmdir { path: s("/app/d") }),
+            Ok(FsResponse::Done)
+        );
+        assert_eq!(
+            call(r, FsRequest::Unlink { path: s("/app/d") }),
+            Err(libc::ENOENT)
+        );
+        assert_eq!(call(r, FsRequest::Rmdir { path: s("/") }), Err(libc::EBUSY));
+        assert_eq!(
+            call(r, FsRequest::Unlink { path: s("/app/..") }),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            call(
+                r,
+                FsRequest::Mkdir {
+                    path: s("/etc/shadow/x"),
+                    mode: 0o755
+                }
+            ),
+            Err(libc::ENOTDIR)
+        );
+        assert_eq!(read_all(r, "/app"), Err(libc::EISDIR));
+    }
+
+    #[test]
+    fn read_only_sessions_refuse_every_change() {
+        let t = pod();
+        let changes = [
+            FsRequest::Create {
+                path: s("/x"),
+                mode: 0o644,
+                exclusive: false,
+            },
+            FsRequest::Write {
+                path: s("/etc/shadow"),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            FsRequest::SetAttr {
+                path: s("/etc/shadow"),
+                set: SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                },
+            },
+            FsRequest::Mkdir {
+                path: s("/d"),
+                mode: 0o755,
+            },
+            FsRequest::Rmdir {
+                path: s("/app/data"),
+            },
+            FsRequest::Unlink {
+                path: s("/etc/shadow"),
+            },
+            FsRequest::Rename {
+                from: s("/etc/shadow"),
+                to: s("/s"),
+                flags: 0,
+            },
+            FsRequest::Symlink {
+                path: s("/l"),
+                target: s("/"),
+            },
+            FsRequest::Fsync {
+                path: s("/etc/shadow"),
+                datasync: false,
+            },
+        ];
+        for change in changes {
+            let got = serve(&t.0, change.clone(), false).map_err(|e| e.errno());
+            assert_eq!(got, Err(libc::EROFS), "{change:?}");
+        }
+        assert_eq!(
+            std::fs::read(t.0.join("etc/shadow")).unwrap(),
+            b"pod shadow"
+        );
+        let stat = FsRequest::Stat {
+            path: s("/etc/shadow"),
+            follow: true,
+        };
+        assert!(serve(&t.0, stat, false).is_ok());
+    }
+
+    #[test]
+    fn nothing_escapes_the_root() {
+        // The host's file sits right outside the pod root.
+        let outer = TempDir::new("fs-outer");
+        let r = outer.0.join("root");
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::create_dir_all(r.join("app")).unwrap();
+        std::fs::write(r.join("etc/shadow"), "pod shadow").unwrap();
+        std::fs::write(outer.0.join("host-secret"), "host").unwrap();
+        symlink("/etc/shadow", r.join("app/abs")).unwrap();
+        symlink("../../host-secret", r.join("app/rel")).unwrap();
+        symlink("../..", r.join("app/updir")).unwrap();
+        symlink("/", r.join("app/rootlink")).unwrap();
+
+        assert_eq!(read_all(&r, "/../host-secret"), Err(libc::ENOENT));
+        assert_eq!(
+            read_all(&r, "../../../../etc/shadow"),
+            Ok(b"pod shadow".to_vec())
+        );
+        assert_eq!(read_all(&r, "/app/abs"), Ok(b"pod shadow".to_vec()));
+        assert_eq!(read_all(&r, "/app/rel"), Err(libc::ENOENT));
+        assert_eq!(read_all(&r, "/app/updir/host-secret"), Err(libc::ENOENT));
+        assert_eq!(
+            read_all(&r, "/app/updir/etc/shadow"),
+            Ok(b"pod shadow".to_vec())
+        );
+        // Symlinks in parent components of entry operations resolve inside the root too.
+        let c = FsRequest::Create {
+            path: s("/app/updir/host-secret"),
+            mode: 0o644,
+            exclusive: true,
+        };
+        assert!(matches!(call(&r, c), Ok(FsResponse::Attr(_))));
+        assert!(r.join("host-secret").exists());
+        assert_eq!(std::fs::read(outer.0.join("host-secret")).unwrap(), b"host");
+        let u = FsRequest::Unlink {
+            path: s("/app/rootlink/../host-secret"),
+        };
+        assert_eq!(call(&r, u), Ok(FsResponse::Done));
+        assert!(!r.join("host-secret").exists());
+        assert!(outer.0.join("host-secret").exists());
+        // Writing through an absolute symlink lands on the pod's file.
+        let w = FsRequest::Write {
+            path: s("/app/abs"),
+            offset: 0,
+            data: b"POD".to_vec(),
+        };
+        assert_eq!(call(&r, w), Ok(FsResponse::Written(3)));
+        assert_eq!(std::fs::read(r.join("etc/shadow")).unwrap(), b"POD shadow");
+        // Create never follows a final symlink.
+        let c = FsRequest::Create {
+            path: s("/app/rel"),
+            mode: 0o644,
+            exclusive: false,
+        };
+        assert_eq!(call(&r, c), Err(libc::ELOOP));
+        // lstat and readlink see the link itself, not its target.
+        let a = attr_of(call(
+            &r,
+            FsRequest::Stat {
+                path: s("/app/rel"),
+                follow: false,
+            },
+        ));
+        assert_eq!(a.kind, FileKind::Symlink);
+        assert_eq!(
+            call(
+                &r,
+                FsRequest::Stat {
+                    path: s("/app/rel"),
+                    follow: true
+                }
+            ),
+            Err(libc::ENOENT)
+        );
+        // Renames out of and into the root stay in the root.
+        let out = FsRequest::Rename {
+            from: s("/etc/shadow"),
+            to: s("/../../stolen"),
+            flags: 0,
+        };
+        assert_eq!(call(&r, out), Ok(FsResponse::Done));
+        assert!(r.join("stolen").exists());
+        assert!(!outer.0.join("stolen").exists());
+        let into = FsRequest::Rename {
+            from: s("/app/updir/../../host-secret"),
+            to: s("/got"),
+            flags: 0,
+        };
+        assert_eq!(call(&r, into), Err(libc::ENOENT));
+        assert!(outer.0.join("host-secret").exists());
+        // Mkdir/symlink through a parent symlink to `/` stay inside.
+        let m = FsRequest::Mkdir {
+            path: s("/app/rootlink/newdir"),
+            mode: 0o700,
+        };
+        assert!(call(&r, m).is_ok());
+        assert!(r.join("newdir").is_dir());
+        // setattr on a symlink to outside changes nothing outside.
+        let set = FsRequest::SetAttr {
+            path: s("/app/rel"),
+            set: SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            },
+        };
+        assert_eq!(call(&r, set), Err(libc::ENOENT));
+        assert_eq!(std::fs::read(outer.0.join("host-secret")).unwrap(), b"host");
+    }
+
+    #[test]
+    fn permission_errors_keep_their_errno() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to become nobody");
+            return;
+        }
+        let t = pod();
+        std::fs::set_permissions(&t.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let shadow = t.0.join("etc/shadow");
+        std::fs::set_permissions(shadow, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let root = t.0.clone();
+        // Raw setresuid changes only the calling thread's credentials (glibc's wrapper would
+        // change every thread of the test binary), and the thread ends right after.
+        let got = std::thread::spawn(move || {
+            // SAFETY: plain syscalls on this thread's own credentials.
+            let dropped = unsafe {
+                libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534) == 0
+                    && libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) == 0
+            };
+            assert!(dropped);
+            let read = FsRequest::Read {
+                path: s("/etc/shadow"),
+                offset: 0,
+                len: 1,
+            };
+            let unlink = FsRequest::Unlink {
+                path: s("/etc/shadow"),
+            };
+            [read, unlink].map(|r| serve(&root, r, true).map_err(|e| e.errno()).err())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, [Some(libc::EACCES), Some(libc::EACCES)]);
+    }
+}

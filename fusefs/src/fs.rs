@@ -1,0 +1,857 @@
+//! The `fuser::Filesystem`: turns kernel requests into agent requests. Every handler checks its
+//! arguments, takes the reply object into a task on the runtime and returns at once, so the
+//! session thread never waits for the agent.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow,
+};
+use mirrord_protocol::fs::{
+    Attr, DirEntry, FileKind, FsRequest, FsResponse, SetAttr, SetTime, Timestamp,
+};
+use tokio::runtime::Handle;
+
+use crate::inodes::{Inodes, ROOT_INO, join};
+use crate::{Backend, MAX_IO, Options};
+
+/// The file system; cheap to share, all state behind one `Arc`.
+pub struct RemoteFs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    runtime: Handle,
+    options: Options,
+    inodes: Mutex<Inodes>,
+    /// Listings of open directories, by handle: read in full at `opendir`, so `readdir` calls
+    /// (a few KiB each) never wait for the agent and offsets stay stable.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+}
+
+impl RemoteFs {
+    /// `runtime` runs the agent calls; it must outlive the mount.
+    pub fn new(backend: Arc<dyn Backend>, runtime: Handle, options: Options) -> Self {
+        RemoteFs {
+            inner: Arc::new(Inner {
+                backend,
+                runtime,
+                options,
+                inodes: Mutex::new(Inodes::new()),
+                dirs: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// Before the mount is served, nothing else holds `inner`, so the options can still change.
+    pub(crate) fn set_default_mountpoint(&mut self, mountpoint: &Path) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner)
+            && inner.options.mountpoint.is_none()
+        {
+            inner.options.mountpoint = Some(mountpoint.to_owned());
+        }
+    }
+
+    /// Runs `f` on the runtime with the shared state; the caller returns right away.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fut = f(self.inner.clone());
+        self.inner.runtime.spawn(fut);
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        self.inner.path(ino.0)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        Ok(join(&self.path(parent)?, name))
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.inner.options.writable {
+            Ok(())
+        } else {
+            Err(Errno::EROFS)
+        }
+    }
+}
+
+impl Inner {
+    fn inodes(&self) -> MutexGuard<'_, Inodes> {
+        // A panic while holding the lock leaves the table consistent (every update is a
+        // single map operation), so a poisoned lock is still usable.
+        self.inodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, ino: u64) -> Result<String, Errno> {
+        self.inodes()
+            .path(ino)
+            .map(str::to_owned)
+            .ok_or(Errno::ESTALE)
+    }
+
+    /// One agent call, bounded in time; every failure is an errno.
+    async fn call(&self, request: FsRequest) -> Result<FsResponse, Errno> {
+        match tokio::time::timeout(self.options.request_timeout, self.backend.call(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(Errno::from_i32(error.errno)),
+            Err(_elapsed) => {
+                tracing::warn!(timeout = ?self.options.request_timeout, "agent did not answer a file request");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    async fn attr_call(&self, request: FsRequest) -> Result<Attr, Errno> {
+        match self.call(request).await? {
+            FsResponse::Attr(attr) => Ok(attr),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    async fn data_call(&self, request: FsRequest) -> Result<Vec<u8>, Errno> {
+        match self.call(request).await? {
+            FsResponse::Data(data) => Ok(data),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    async fn done_call(&self, request: FsRequest) -> Result<(), Errno> {
+        match self.call(request).await? {
+            FsResponse::Done => Ok(()),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Replies with a new entry for `path`, counting the kernel's lookup of it.
+    fn entry(&self, path: &str, attr: &Attr, reply: ReplyEntry) {
+        let ino = self.inodes().lookup(path);
+        let attr = file_attr(ino, attr);
+        reply.entry_with_ttls(
+            &self.options.attr_ttl,
+            &self.options.entry_ttl,
+            &attr,
+            Generation(0),
+        );
+    }
+
+    async fn list(&self, path: &str) -> Result<Vec<DirEntry>, Errno> {
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        loop {
+            let request = FsRequest::ReadDir {
+                path: path.to_owned(),
+                offset,
+            };
+            let FsResponse::Dir(page) = self.call(request).await? else {
+                return Err(Errno::EIO);
+            };
+            entries.extend(page.entries);
+            match page.next {
+                // A next offset that does not advance would loop forever.
+                Some(next) if next > offset => offset = next,
+                Some(_) => return Err(Errno::EIO),
+                None => return Ok(entries),
+            }
+        }
+    }
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs().min(i64::MAX as u64) as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(before) => {
+            let d = before.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timestamp(t)),
+    })
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+/// The kernel's view of a remote file: our inode number, the remote's everything else.
+fn file_attr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.ctime),
+        kind: file_type(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+/// `.` and `..` for a listing; the kernel ignores their attributes in readdirplus.
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Sends `result` through `reply`, or its errno.
+macro_rules! reply_or {
+    ($reply:ident, $result:expr, |$v:pat_param| $ok:expr) => {
+        match $result {
+            Ok($v) => $ok,
+            Err(errno) => $reply.error(errno),
+        }
+    };
+}
+
+impl fuser::Filesystem for RemoteFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags;
+        // Each is optional: an older kernel without one just does without.
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            // Drops cached pages when a refreshed mtime or size shows the file changed.
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        let _ = config.set_max_write(MAX_IO);
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(max);
+        }
+        // Readahead and concurrent readers keep several agent reads in flight.
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let stat = FsRequest::Stat {
+                path: path.clone(),
+                follow: false,
+            };
+            reply_or!(reply, inner.attr_call(stat).await, |attr| inner
+                .entry(&path, &attr, reply));
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.inodes().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let stat = FsRequest::Stat {
+                path,
+                follow: false,
+            };
+            reply_or!(reply, inner.attr_call(stat).await, |attr| reply
+                .attr(&inner.options.attr_ttl, &file_attr(ino.0, &attr)));
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let path = match self.writable().and_then(|()| self.path(ino)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        let set = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::SetAttr { path, set };
+            reply_or!(reply, inner.attr_call(request).await, |attr| reply
+                .attr(&inner.options.attr_ttl, &file_attr(ino.0, &attr)));
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::ReadLink { path: path.clone() };
+            reply_or!(reply, inner.data_call(request).await, |target| {
+                match (&inner.options.mountpoint, String::from_utf8(target)) {
+                    (Some(mountpoint), Ok(target)) => {
+                        let mountpoint = mountpoint.to_string_lossy();
+                        reply.data(
+                            crate::links::local_target(&mountpoint, &path, &target).as_bytes(),
+                        )
+                    }
+                    (None, Ok(target)) => reply.data(target.as_bytes()),
+                    // Not UTF-8: can't be placed under the mount point safely.
+                    (_, Err(_)) => reply.error(Errno::EIO),
+                }
+            });
+        });
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let path = match self.writable().and_then(|()| self.child(parent, name)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Mkdir {
+                path: path.clone(),
+                mode: mode & !umask & 0o7777,
+            };
+            reply_or!(reply, inner.attr_call(request).await, |attr| inner
+                .entry(&path, &attr, reply));
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, reply, |path| FsRequest::Unlink { path });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, reply, |path| FsRequest::Rmdir { path });
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let path = match self.writable().and_then(|()| self.child(parent, link_name)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        let Some(target) = target.to_str().map(str::to_owned) else {
+            return reply.error(Errno::EINVAL);
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Symlink {
+                path: path.clone(),
+                target,
+            };
+            reply_or!(reply, inner.attr_call(request).await, |attr| inner
+                .entry(&path, &attr, reply));
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let paths = self
+            .writable()
+            .and_then(|()| Ok((self.child(parent, name)?, self.child(newparent, newname)?)));
+        let (from, to) = match paths {
+            Ok(paths) => paths,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                flags: flags.bits(),
+            };
+            reply_or!(reply, inner.done_call(request).await, |()| {
+                let mut inodes = inner.inodes();
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    // Both names still exist, each naming the other's file: forget both mappings
+                    // and let the next lookups number them afresh.
+                    inodes.removed(&from);
+                    inodes.removed(&to);
+                } else {
+                    inodes.renamed(&from, &to);
+                }
+                drop(inodes);
+                reply.ok()
+            });
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let path = match self.path(ino) {
+            Ok(_) if writes && !self.inner.options.writable => return reply.error(Errno::EROFS),
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let stat = FsRequest::Stat {
+                path,
+                follow: false,
+            };
+            reply_or!(reply, inner.attr_call(stat).await, |attr| {
+                let unchanged = inner.inodes().reopened(ino.0, (attr.mtime, attr.size));
+                let flags = if unchanged {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(0), flags)
+            });
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Read {
+                path,
+                offset,
+                len: size.min(MAX_IO),
+            };
+            reply_or!(reply, inner.data_call(request).await, |data| reply
+                .data(&data));
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let path = match self.writable().and_then(|()| self.path(ino)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        // max_write is MAX_IO, so a larger write is a kernel we don't understand.
+        if data.len() > MAX_IO as usize {
+            return reply.error(Errno::EINVAL);
+        }
+        let data = data.to_vec();
+        self.spawn(|inner| async move {
+            let request = FsRequest::Write { path, offset, data };
+            match inner.call(request).await {
+                Ok(FsResponse::Written(n)) => reply.written(n),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(errno) => reply.error(errno),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes go straight to the agent; nothing is buffered here.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let path = match self.writable().and_then(|()| self.path(ino)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Fsync { path, datasync };
+            reply_or!(reply, inner.done_call(request).await, |()| reply.ok());
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            reply_or!(reply, inner.list(&path).await, |entries| {
+                let fh = inner.next_fh.fetch_add(1, Ordering::Relaxed);
+                inner.dirs().insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            });
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (Some(entries), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
+        else {
+            return reply.error(Errno::EBADF);
+        };
+        let inodes = self.inner.inodes();
+        // Offsets: entry i of [., .., listing…] carries i + 1, the offset to resume after it.
+        let total = entries.len() as u64 + 2;
+        for i in offset..total {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(INodeNo(ROOT_INO), 2, FileType::Directory, ".."),
+                _ => {
+                    let entry = &entries[(i - 2) as usize];
+                    let known = inodes.peek(&join(&dir, &entry.name));
+                    // readdir's d_ino is informational; a name not looked up yet shows the
+                    // remote number (never 0, which would hide the entry).
+                    let shown = known.unwrap_or(entry.attr.ino.max(1));
+                    let kind = file_type(entry.attr.kind);
+                    reply.add(INodeNo(shown), i + 1, kind, &entry.name)
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        drop(inodes);
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (Some(entries), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
+        else {
+            return reply.error(Errno::EBADF);
+        };
+        let ttl = self.inner.options.entry_ttl;
+        let mut inodes = self.inner.inodes();
+        let total = entries.len() as u64 + 2;
+        for i in offset..total {
+            let full = match i {
+                // The kernel skips `.` and `..` here: no lookup is counted for them.
+                0 => reply.add(ino, 1, ".", &ttl, &dot_attr(ino.0), Generation(0)),
+                1 => reply.add(
+                    INodeNo(ROOT_INO),
+                    2,
+                    "..",
+                    &ttl,
+                    &dot_attr(ROOT_INO),
+                    Generation(0),
+                ),
+                _ => {
+                    let entry = &entries[(i - 2) as usize];
+                    let path = join(&dir, &entry.name);
+                    // Every entry the kernel receives counts as one lookup of it.
+                    let child = inodes.lookup(&path);
+                    let attr = file_attr(child, &entry.attr);
+                    let full = reply.add(
+                        INodeNo(child),
+                        i + 1,
+                        &entry.name,
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    );
+                    if full {
+                        inodes.forget(child, 1);
+                    }
+                    full
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        drop(inodes);
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.dirs().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            match inner.call(FsRequest::StatFs { path }).await {
+                Ok(FsResponse::StatFs(s)) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(errno) => reply.error(errno),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        let name = std::os::unix::ffi::OsStrExt::as_bytes(name).to_vec();
+        self.spawn(|inner| async move {
+            let request = FsRequest::GetXattr { path, name };
+            reply_or!(reply, inner.data_call(request).await, |value| xattr_reply(
+                reply, size, &value
+            ));
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::ListXattr { path };
+            reply_or!(reply, inner.data_call(request).await, |names| xattr_reply(
+                reply, size, &names
+            ));
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let path = match self.writable().and_then(|()| self.child(parent, name)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            let request = FsRequest::Create {
+                path: path.clone(),
+                mode: mode & !umask & 0o7777,
+                exclusive: flags & libc::O_EXCL != 0,
+            };
+            reply_or!(reply, inner.attr_call(request).await, |attr| {
+                let mut inodes = inner.inodes();
+                let ino = inodes.lookup(&path);
+                inodes.reopened(ino, (attr.mtime, attr.size));
+                drop(inodes);
+                reply.created(
+                    &inner.options.entry_ttl,
+                    &file_attr(ino, &attr),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            });
+        });
+    }
+}
+
+impl RemoteFs {
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        request: impl FnOnce(String) -> FsRequest,
+    ) {
+        let path = match self.writable().and_then(|()| self.child(parent, name)) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        let request = request(path.clone());
+        self.spawn(|inner| async move {
+            reply_or!(reply, inner.done_call(request).await, |()| {
+                inner.inodes().removed(&path);
+                reply.ok()
+            });
+        });
+    }
+}
+
+/// xattr replies: `size` 0 asks for the length only; a smaller buffer than needed is ERANGE.
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    match u32::try_from(value.len()) {
+        Ok(len) if size == 0 => reply.size(len),
+        Ok(len) if len <= size => reply.data(value),
+        _ => reply.error(Errno::ERANGE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_convert_both_ways() {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp {
+                secs: 1_700_000_000,
+                nanos: 123_456_789,
+            },
+            Timestamp {
+                secs: -1,
+                nanos: 500,
+            },
+            Timestamp {
+                secs: -86_400,
+                nanos: 0,
+            },
+        ] {
+            assert_eq!(timestamp(system_time(t)), t);
+        }
+    }
+}
