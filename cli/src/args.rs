@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::remote_fs::FsMode;
+
 /// Run a local process or shell in the context of a target: its environment, hostname and
 /// (in later releases) network and files, without touching any other process.
 #[derive(Parser, Debug)]
@@ -81,6 +83,13 @@ pub struct SessionArgs {
     /// Set a variable in the launched process, over both local and target values (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
+    /// How the target's files are shown: `local` (only under $MIRRORD_REMOTE_ROOT), `read`
+    /// (also overlaid at their own path, read-only; the default) or `write` (writable).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub fs_mode: Option<FsMode>,
+    /// Also overlay this remote path at its own path (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub fs_remote: Vec<PathBuf>,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {

@@ -54,6 +54,44 @@ impl TargetConfig {
 pub struct Features {
     #[serde(default)]
     pub env: EnvFeature,
+    #[serde(default)]
+    pub fs: FsFeature,
+}
+
+/// `feature.fs`: a mode (`"read"`), or the detailed form.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum FsFeature {
+    Mode(FsModeName),
+    Detailed(FsConfig),
+}
+
+impl Default for FsFeature {
+    fn default() -> Self {
+        FsFeature::Detailed(FsConfig::default())
+    }
+}
+
+/// Upstream's mode names; `localwithoverrides` behaves as `local` plus the listed overlays.
+#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum FsModeName {
+    Local,
+    #[serde(rename = "localwithoverrides")]
+    LocalWithOverrides,
+    Read,
+    Write,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct FsConfig {
+    pub mode: Option<FsModeName>,
+    /// Remote paths also overlaid at their own path, read-only.
+    pub read_only: Option<PatternList>,
+    /// Remote paths also overlaid at their own path, writable (they make the mount writable).
+    pub read_write: Option<PatternList>,
+    /// Paths never overlaid, default overlays included.
+    pub local: Option<PatternList>,
 }
 
 /// `feature.env`: `true`/`false`, or the detailed form.
@@ -87,6 +125,19 @@ pub enum PatternList {
 }
 
 impl PatternList {
+    /// Each entry, for keys that list paths.
+    pub fn entries(&self) -> Vec<String> {
+        match self {
+            PatternList::Joined(joined) => joined
+                .split(';')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            PatternList::List(list) => list.clone(),
+        }
+    }
+
     /// The `;`-separated form the command line uses.
     pub fn joined(&self) -> String {
         match self {
@@ -169,6 +220,29 @@ mod tests {
             Some("pid/7")
         );
         assert_eq!(config.feature.env, EnvFeature::Enabled(false));
+    }
+
+    #[test]
+    fn fs_mode_alone_or_detailed() {
+        let config = Config::parse(r#"{"feature": {"fs": "write"}}"#).unwrap();
+        assert_eq!(config.feature.fs, FsFeature::Mode(FsModeName::Write));
+        let config = Config::parse(
+            r#"{"feature": {"fs": {"mode": "localwithoverrides", "read_only": ["/etc/app"], "local": "/etc/hosts"}}}"#,
+        )
+        .unwrap();
+        let FsFeature::Detailed(fs) = &config.feature.fs else {
+            panic!("detailed fs expected")
+        };
+        assert_eq!(fs.mode, Some(FsModeName::LocalWithOverrides));
+        assert_eq!(
+            fs.read_only.as_ref().map(PatternList::entries),
+            Some(vec!["/etc/app".to_owned()])
+        );
+        assert_eq!(
+            fs.local.as_ref().map(PatternList::entries),
+            Some(vec!["/etc/hosts".to_owned()])
+        );
+        assert!(Config::parse(r#"{"feature": {"fs": "sideways"}}"#).is_err());
     }
 
     #[test]

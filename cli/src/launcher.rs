@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, OsString};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
@@ -32,6 +32,39 @@ pub struct Launch {
     /// Descriptors the command inherits under the same number. They stay close-on-exec in
     /// mirrord, so no other child gets them; drop the `Launch` after `spawn` to close them.
     pub inherit_fds: Vec<OwnedFd>,
+    /// A FUSE file system to mount in the command's mount namespace before it starts.
+    pub fuse: Option<FuseMount>,
+}
+
+/// A FUSE connection the child mounts, and paths of it bound over local paths afterwards.
+///
+/// The mount sends the kernel's INIT on the connection, so the server can only start once the
+/// child has mounted; and the bind mounts look paths up in the file system, so they can only
+/// happen once it is served. The child therefore reports "mounted", waits for "served", then
+/// binds — while mirrord's main thread is still inside `spawn`, a helper thread runs `serve`.
+pub struct FuseMount {
+    /// The `/dev/fuse` descriptor; the caller keeps it open until `serve` took it.
+    pub device: RawFd,
+    /// Where the file system is mounted (an existing directory).
+    pub target: std::path::PathBuf,
+    /// The mount's source name, shown in /proc/mounts.
+    pub source: String,
+    /// The `fd=…,rootmode=…` options of mount(2).
+    pub data: String,
+    pub flags: nix::mount::MsFlags,
+    /// `(path inside the mount, local path)`: each bound over the local path, which must exist.
+    pub binds: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Starts serving the mounted connection; false when it cannot (the command then fails).
+    pub serve: Box<dyn FnOnce() -> bool + Send>,
+}
+
+impl std::fmt::Debug for FuseMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseMount")
+            .field("target", &self.target)
+            .field("binds", &self.binds)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One setup step done in the child between fork and exec, reported back when it fails.
@@ -47,10 +80,13 @@ pub enum SetupStep {
     Hostname,
     Loopback,
     InheritFd,
+    FuseMount,
+    FuseServe,
+    BindMount,
 }
 
 impl SetupStep {
-    const ALL: [SetupStep; 10] = [
+    const ALL: [SetupStep; 13] = [
         SetupStep::ParentDeathSignal,
         SetupStep::UserNamespace,
         SetupStep::Setgroups,
@@ -61,6 +97,9 @@ impl SetupStep {
         SetupStep::Hostname,
         SetupStep::Loopback,
         SetupStep::InheritFd,
+        SetupStep::FuseMount,
+        SetupStep::FuseServe,
+        SetupStep::BindMount,
     ];
 
     fn from_code(code: u32) -> Option<Self> {
@@ -81,6 +120,9 @@ impl std::fmt::Display for SetupStep {
             SetupStep::Hostname => "setting the hostname",
             SetupStep::Loopback => "bringing up the loopback interface",
             SetupStep::InheritFd => "passing a descriptor to the command",
+            SetupStep::FuseMount => "mounting the remote file system (FUSE)",
+            SetupStep::FuseServe => "waiting for mirrord to serve the remote file system",
+            SetupStep::BindMount => "overlaying a remote path on its local path (bind mount)",
         })
     }
 }
@@ -147,6 +189,20 @@ struct ChildPlan {
     report_fd: RawFd,
     /// SIGTTOU's disposition before mirrord ignored it, for the command to start with.
     sigttou: Option<libc::sigaction>,
+    fuse: Option<ChildFuse>,
+}
+
+/// [`FuseMount`] as NUL-terminated buffers and raw descriptors, for the child.
+struct ChildFuse {
+    source: std::ffi::CString,
+    target: std::ffi::CString,
+    data: std::ffi::CString,
+    flags: libc::c_ulong,
+    binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    /// child --"mounted"--> mirrord's serving thread.
+    mounted_tx: RawFd,
+    /// mirrord's serving thread --"served"--> child.
+    served_rx: RawFd,
 }
 
 const SETGROUPS: &CStr = c"/proc/self/setgroups";
@@ -206,6 +262,87 @@ fn loopback_up() -> Result<(), i32> {
         libc::close(sock);
         result
     }
+}
+
+impl ChildFuse {
+    /// Mounts, hands over to the server, then binds. Async-signal-safe.
+    fn mount(&self) -> Result<(), (SetupStep, i32)> {
+        // SAFETY: raw syscalls on NUL-terminated buffers prepared before the fork.
+        unsafe {
+            check(libc::mount(
+                self.source.as_ptr(),
+                self.target.as_ptr(),
+                c"fuse".as_ptr(),
+                self.flags,
+                self.data.as_ptr().cast(),
+            ))
+            .map_err(|err| (SetupStep::FuseMount, err))?;
+            let byte = [1u8];
+            if libc::write(self.mounted_tx, byte.as_ptr().cast(), 1) != 1 {
+                return Err((SetupStep::FuseServe, errno()));
+            }
+            let mut served = [0u8];
+            // EOF means mirrord could not serve the file system (or died).
+            if libc::read(self.served_rx, served.as_mut_ptr().cast(), 1) != 1 {
+                return Err((SetupStep::FuseServe, libc::ENOTCONN));
+            }
+            for (source, target) in &self.binds {
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))
+                .map_err(|err| (SetupStep::BindMount, err))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn c_string(text: &[u8], what: &'static str) -> Result<std::ffi::CString, LaunchError> {
+    std::ffi::CString::new(text).map_err(|_| LaunchError::Io {
+        what,
+        err: io::Error::from_raw_os_error(libc::EINVAL),
+    })
+}
+
+/// Prepares the child's side of `fuse` and starts the thread that serves it once mounted.
+fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<OwnedFd>), LaunchError> {
+    let Some(fuse) = fuse else {
+        return Ok((None, Vec::new()));
+    };
+    let path = |path: &Path| c_string(path.as_os_str().as_bytes(), "pass a mount path");
+    let binds = fuse
+        .binds
+        .iter()
+        .map(|(source, target)| Ok((path(source)?, path(target)?)))
+        .collect::<Result<_, LaunchError>>()?;
+    let (mounted_rx, mounted_tx) = pipe(OFlag::O_CLOEXEC)?;
+    let (served_rx, served_tx) = pipe(OFlag::O_CLOEXEC)?;
+    let child = ChildFuse {
+        source: c_string(fuse.source.as_bytes(), "pass the mount source")?,
+        target: path(&fuse.target)?,
+        data: c_string(fuse.data.as_bytes(), "pass the mount options")?,
+        flags: fuse.flags.bits(),
+        binds,
+        mounted_tx: mounted_tx.as_raw_fd(),
+        served_rx: served_rx.as_raw_fd(),
+    };
+    let serve = fuse.serve;
+    std::thread::Builder::new()
+        .name("fuse-handover".into())
+        .spawn(move || {
+            let mut mounted = [0u8];
+            // EOF: the child failed before mounting (its error is reported by spawn).
+            if File::from(mounted_rx).read_exact(&mut mounted).is_ok() && serve() {
+                let _ = File::from(served_tx).write_all(&[1]);
+            }
+        })
+        .map_err(io_err("start the file-system handover thread"))?;
+    // Kept open by the caller until `spawn` returns, so the child has them across the fork.
+    Ok((Some(child), vec![mounted_tx, served_rx]))
 }
 
 fn check(ret: libc::c_int) -> Result<(), i32> {
@@ -271,6 +408,9 @@ impl ChildPlan {
                 .map_err(at(Hostname))?;
         }
         loopback_up().map_err(at(Loopback))?;
+        if let Some(fuse) = &self.fuse {
+            fuse.mount()?;
+        }
         for &fd in &self.inherit_fds {
             // SAFETY: fcntl on a descriptor the parent keeps open across the fork.
             check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map_err(at(InheritFd))?;
@@ -494,7 +634,7 @@ impl Launched {
 /// command gets SIGKILL when the thread that forked it exits (PR_SET_PDEATHSIG follows the
 /// thread, not the process), so never call this from `spawn_blocking`. The CLI calls it from
 /// the `block_on` future on the main thread.
-pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
+pub fn spawn(mut launch: Launch) -> Result<Launched, LaunchError> {
     let program = launch.program.to_string_lossy().into_owned();
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(LaunchError::Spawn {
@@ -512,6 +652,7 @@ pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
         )
     });
     let (report_rx, report_tx) = pipe(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let (fuse, fuse_fds) = prepare_fuse(launch.fuse.take())?;
     let mut plan = ChildPlan {
         user_maps,
         hostname,
@@ -519,6 +660,7 @@ pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
         parent: std::process::id() as libc::pid_t,
         report_fd: report_tx.as_raw_fd(),
         sigttou: None,
+        fuse,
     };
     let signals = ForwardedSignals::install()?;
     let terminal = TerminalGuard::engage();
@@ -534,6 +676,9 @@ pub fn spawn(launch: &Launch) -> Result<Launched, LaunchError> {
     unsafe { command.pre_exec(move || plan.run()) };
     let spawned = command.spawn();
     drop(report_tx);
+    // The child has exec'd or failed: the handover thread now sees EOF if it never mounted.
+    drop(fuse_fds);
+    drop(launch);
     let child = spawned.map_err(|err| classify(&program, err, read_report(&report_rx)))?;
     let pid = child.id().ok_or_else(|| LaunchError::Spawn {
         program: program.clone(),
@@ -620,6 +765,7 @@ fn build_shell_launch(
         env,
         hostname,
         inherit_fds,
+        fuse: None,
     })
 }
 
@@ -734,6 +880,7 @@ mod tests {
             parent: 0,
             report_fd: tx.as_raw_fd(),
             sigttou: None,
+            fuse: None,
         };
         let mut record = [0u8; 8];
         record[..4].copy_from_slice(&(SetupStep::Hostname as u32).to_ne_bytes());

@@ -8,5 +8,6 @@ pub mod config;
 pub mod envfilter;
 pub mod launcher;
 pub mod local_agent;
+pub mod remote_fs;
 pub mod run;
 pub mod target;

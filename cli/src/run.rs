@@ -5,16 +5,18 @@
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use mirrord_protocol::TargetInfo;
 
 use crate::args::{EnvFormat, SessionArgs};
 use crate::client::AgentClient;
-use crate::config::{Config, EnvFeature};
+use crate::config::{Config, EnvFeature, FsFeature, FsModeName, PatternList};
 use crate::envfilter::{self, EnvFilter, Patterns};
 use crate::launcher::{self, Launch};
 use crate::local_agent::LocalAgent;
+use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
 use crate::target::Target;
 
 /// Exit status when mirrord itself fails (as `env` and `docker run` do), so it is not mistaken
@@ -35,9 +37,10 @@ enum AgentSource {
 /// A connected session: the agent we may have started, and the client talking to it.
 pub struct Session {
     local_agent: Option<LocalAgent>,
-    pub client: AgentClient,
+    pub client: Arc<AgentClient>,
     pub info: TargetInfo,
     pub filter: EnvFilter,
+    pub fs: FsSettings,
 }
 
 impl Session {
@@ -47,8 +50,9 @@ impl Session {
         let config = Config::load(args.config_file.as_deref())?;
         let source = agent_source(args, &config)?;
         let filter = env_filter(args, &config);
+        let fs = fs_settings(args, &config);
         tokio::select! {
-            session = Self::connect(source, filter) => session,
+            session = Self::connect(source, filter, fs) => session,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("mirrord: interrupted");
                 std::process::exit(EXIT_INTERRUPTED);
@@ -56,7 +60,11 @@ impl Session {
         }
     }
 
-    async fn connect(source: AgentSource, filter: EnvFilter) -> anyhow::Result<Session> {
+    async fn connect(
+        source: AgentSource,
+        filter: EnvFilter,
+        fs: FsSettings,
+    ) -> anyhow::Result<Session> {
         let (local_agent, addr, token) = match source {
             AgentSource::Local { target, idle_ttl } => {
                 let agent = LocalAgent::start(&target, idle_ttl).await?;
@@ -77,9 +85,10 @@ impl Session {
         match connected {
             Ok((client, info)) => Ok(Session {
                 local_agent,
-                client,
+                client: Arc::new(client),
                 info,
                 filter,
+                fs,
             }),
             Err(error) => {
                 if let Some(agent) = local_agent {
@@ -184,6 +193,43 @@ fn env_filter(args: &SessionArgs, config: &Config) -> EnvFilter {
     }
 }
 
+/// Flags win over the config file: `--fs-mode` over `feature.fs.mode`; overlays add up.
+fn fs_settings(args: &SessionArgs, config: &Config) -> FsSettings {
+    let entries = |list: &Option<PatternList>| -> Vec<PathBuf> {
+        list.as_ref()
+            .map(|list| list.entries().into_iter().map(PathBuf::from).collect())
+            .unwrap_or_default()
+    };
+    let (mode, read_only, read_write, local) = match &config.feature.fs {
+        FsFeature::Mode(mode) => (Some(*mode), Vec::new(), Vec::new(), Vec::new()),
+        FsFeature::Detailed(fs) => (
+            fs.mode,
+            entries(&fs.read_only),
+            entries(&fs.read_write),
+            entries(&fs.local),
+        ),
+    };
+    let file_mode = match mode {
+        Some(FsModeName::Local | FsModeName::LocalWithOverrides) => FsMode::Local,
+        Some(FsModeName::Write) => FsMode::Write,
+        Some(FsModeName::Read) | None => FsMode::Read,
+    };
+    // Writable overlays need a writable mount.
+    let file_mode = if read_write.is_empty() {
+        file_mode
+    } else {
+        FsMode::Write
+    };
+    let mut overlays = args.fs_remote.clone();
+    overlays.extend(read_only);
+    overlays.extend(read_write);
+    FsSettings {
+        mode: args.fs_mode.unwrap_or(file_mode),
+        overlays,
+        local,
+    }
+}
+
 /// `mirrord exec`: returns the command's exit status.
 pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i32> {
     let session = Session::open(args).await?;
@@ -195,7 +241,7 @@ pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i3
         args: program_args.to_vec(),
         env: session.launch_env(),
         hostname: session.info.hostname.clone(),
-        inherit_fds: Vec::new(),
+        ..Launch::default()
     };
     run_launch(session, launch).await
 }
@@ -223,8 +269,18 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Resul
     run_launch(session, launch).await
 }
 
-async fn run_launch(session: Session, launch: Launch) -> anyhow::Result<i32> {
-    let status = match launcher::spawn(&launch) {
+async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32> {
+    let remote_root = match remote_fs::prepare(&session.client, &session.fs).await {
+        Some((fuse, mountpoint)) => {
+            launch
+                .env
+                .push(("MIRRORD_REMOTE_ROOT".into(), mountpoint.path().into()));
+            launch.fuse = Some(fuse);
+            Some(mountpoint)
+        }
+        None => None,
+    };
+    let status = match launcher::spawn(launch) {
         Ok(child) => {
             let wait = child.wait();
             tokio::pin!(wait);
@@ -241,6 +297,7 @@ async fn run_launch(session: Session, launch: Launch) -> anyhow::Result<i32> {
         Err(error) => Err(error),
     };
     session.close().await;
+    drop::<Option<MountPoint>>(remote_root);
     Ok(status?)
 }
 

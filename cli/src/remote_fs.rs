@@ -1,0 +1,234 @@
+//! The target's files for the launched process: its root mounted (FUSE, served through the
+//! agent) at a fresh directory exported as `MIRRORD_REMOTE_ROOT`, and chosen remote paths
+//! overlaid at their own path. Everything lives in the command's private mount namespace, so
+//! nothing is ever mounted in the host's; the only host-side trace is the empty mount-point
+//! directory, removed when the session ends (and swept by the next run after a `kill -9`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::ValueEnum;
+use mirrord_fusefs::{Backend, BoxFuture, Options, RemoteFs};
+use mirrord_protocol::fs::{FileKind, FsRequest, FsResponse};
+use mirrord_protocol::{RemoteError, Request, Response};
+
+use crate::client::{AgentClient, ClientError};
+use crate::launcher::FuseMount;
+
+/// How much of the target's file system the command sees (`--fs-mode`, `feature.fs.mode`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FsMode {
+    /// Only `$MIRRORD_REMOTE_ROOT` (read-only); every local path stays local.
+    Local,
+    /// `$MIRRORD_REMOTE_ROOT` and the overlays, read-only.
+    #[default]
+    Read,
+    /// `$MIRRORD_REMOTE_ROOT` and the overlays, writable.
+    Write,
+}
+
+/// Remote paths overlaid at their own path unless the mode is `local`: what in-cluster clients
+/// and name lookups expect to find.
+pub const DEFAULT_OVERLAYS: &[&str] = &[
+    "/etc/hosts",
+    "/etc/hostname",
+    "/var/run/secrets/kubernetes.io/serviceaccount",
+];
+
+/// Name prefix of mount-point directories in the temp directory.
+const MOUNTPOINT_PREFIX: &str = "mirrord-remote-root-";
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default)]
+pub struct FsSettings {
+    pub mode: FsMode,
+    /// Extra overlays (`--fs-remote`, `feature.fs.read_only`, `feature.fs.read_write`).
+    pub overlays: Vec<PathBuf>,
+    /// Paths never overlaid (`feature.fs.local`), default overlays included.
+    pub local: Vec<PathBuf>,
+}
+
+/// The empty directory the remote root is mounted on; removed on drop.
+pub struct MountPoint {
+    path: PathBuf,
+}
+
+impl MountPoint {
+    fn create() -> std::io::Result<MountPoint> {
+        sweep_stale();
+        let path = std::env::temp_dir().join(format!("{MOUNTPOINT_PREFIX}{}", std::process::id()));
+        std::fs::create_dir(&path)?;
+        Ok(MountPoint { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for MountPoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Removes mount points left by runs that were killed (their pid is gone); only empty ones,
+/// so nothing that is not ours can be lost.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(MOUNTPOINT_PREFIX))
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// Answers the file system's requests through the session with the agent.
+struct AgentBackend(Arc<AgentClient>);
+
+impl Backend for AgentBackend {
+    fn call(&self, request: FsRequest) -> BoxFuture<Result<FsResponse, RemoteError>> {
+        let client = self.0.clone();
+        Box::pin(async move {
+            match client.request(Request::Fs(request)).await {
+                Ok(Response::Fs(response)) => Ok(response),
+                Ok(_) => Err(remote_error(libc::EIO, "the agent answered something else")),
+                Err(ClientError::Remote(error)) => Err(error),
+                Err(error) => Err(remote_error(libc::EIO, &error.to_string())),
+            }
+        })
+    }
+}
+
+fn remote_error(errno: i32, message: &str) -> RemoteError {
+    RemoteError {
+        errno,
+        message: message.to_owned(),
+    }
+}
+
+/// Prepares the mount for the launcher. None (after one warning line) when FUSE is not
+/// available to this user, so the session still runs without the target's files.
+pub async fn prepare(
+    client: &Arc<AgentClient>,
+    settings: &FsSettings,
+) -> Option<(FuseMount, MountPoint)> {
+    let device = match mirrord_fusefs::open_device() {
+        Ok(device) => device,
+        Err(error) => {
+            eprintln!("mirrord: {error}; the target's files are not available in this session");
+            return None;
+        }
+    };
+    let mountpoint = match MountPoint::create() {
+        Ok(mountpoint) => mountpoint,
+        Err(error) => {
+            eprintln!(
+                "mirrord: cannot create a mount point in {}: {error}; the target's files are not available in this session",
+                std::env::temp_dir().display()
+            );
+            return None;
+        }
+    };
+    let binds = overlays(client, settings, mountpoint.path()).await;
+    let options = Options {
+        writable: settings.mode == FsMode::Write,
+        mountpoint: Some(mountpoint.path().to_owned()),
+        ..Options::default()
+    };
+    let flags = mirrord_fusefs::mount_flags(&options);
+    let backend: Arc<dyn Backend> = Arc::new(AgentBackend(client.clone()));
+    let fs = RemoteFs::new(backend, tokio::runtime::Handle::current(), options);
+    use std::os::fd::AsRawFd;
+    let raw = device.as_raw_fd();
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let fuse = FuseMount {
+        device: raw,
+        target: mountpoint.path().to_owned(),
+        source: "mirrord".to_owned(),
+        data: mirrord_fusefs::mount_data(raw, uid, gid),
+        flags,
+        binds,
+        serve: Box::new(move || match mirrord_fusefs::serve_fd(fs, device) {
+            Ok(served) => {
+                // Served until this process exits: joining would wait for every process still
+                // in the command's mount namespace, which may outlive the command.
+                std::mem::forget(served);
+                true
+            }
+            Err(error) => {
+                eprintln!("mirrord: cannot serve the remote file system: {error}");
+                false
+            }
+        }),
+    };
+    Some((fuse, mountpoint))
+}
+
+/// `(path in the mount, local path)` for every overlay that exists on both sides with the same
+/// kind (a bind mount needs an existing local path of the same kind). A missing default overlay
+/// is skipped quietly; a missing one the user asked for is reported.
+async fn overlays(
+    client: &AgentClient,
+    settings: &FsSettings,
+    root: &Path,
+) -> Vec<(PathBuf, PathBuf)> {
+    let defaults = DEFAULT_OVERLAYS
+        .iter()
+        .filter(|_| settings.mode != FsMode::Local)
+        .map(PathBuf::from);
+    let requested = settings.overlays.iter().cloned();
+    let mut binds: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (path, asked) in defaults
+        .map(|path| (path, false))
+        .chain(requested.map(|path| (path, true)))
+    {
+        if !path.is_absolute()
+            || settings.local.contains(&path)
+            || binds.iter().any(|(_, local)| *local == path)
+        {
+            continue;
+        }
+        let remote = client
+            .request(Request::Fs(FsRequest::Stat {
+                path: path.to_string_lossy().into_owned(),
+                follow: true,
+            }))
+            .await;
+        let remote_is_dir = match remote {
+            Ok(Response::Fs(FsResponse::Attr(attr))) => attr.kind == FileKind::Dir,
+            _ => {
+                if asked {
+                    eprintln!(
+                        "mirrord: {} does not exist in the target; not overlaid",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+        };
+        match std::fs::metadata(&path) {
+            Ok(local) if local.is_dir() == remote_is_dir => {
+                let inside = root.join(path.strip_prefix("/").unwrap_or(&path));
+                binds.push((inside, path));
+            }
+            _ if asked => eprintln!(
+                "mirrord: {} has no local counterpart of the same kind to overlay; the target's is at $MIRRORD_REMOTE_ROOT{}",
+                path.display(),
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    binds
+}
