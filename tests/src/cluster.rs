@@ -29,6 +29,10 @@ pub const POD_ONLY_FILE: &str = "pod-only.txt";
 /// PATH every pod carries, deliberately unlike the local one.
 pub const POD_PATH: &str = "/pod/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The pod's own `/etc/shadow` (bound over the machine's in the pod's mount namespace), so a
+/// test can tell the pod's file from the host's.
+pub const POD_SHADOW: &str = "pod-shadow: not the host's\n";
+
 /// Port of [`Cluster::serve_http`] servers.
 pub const HTTP_PORT: u16 = 8080;
 
@@ -246,7 +250,9 @@ impl PodBuilder {
         let script = format!(
             "set -e\n\
              hostname \"$MRDT_HOSTNAME\"\n\
-             mount -t tmpfs -o size=4m,mode=0755 mrdt-pod {POD_FILE_DIR}\n\
+             mount -t tmpfs -o size=1g,mode=0755 mrdt-pod {POD_FILE_DIR}\n\
+             printf '%s' \"$MRDT_SHADOW\" > {POD_FILE_DIR}/.shadow\n\
+             mount --bind {POD_FILE_DIR}/.shadow /etc/shadow\n\
              ip link set lo up\n\
              echo ready\n\
              read go\n\
@@ -264,6 +270,7 @@ impl PodBuilder {
         .args(["/bin/sh", "-c", &script, "pod"])
         .args(env.iter().map(|(k, v)| format!("{k}={v}")))
         .env("MRDT_HOSTNAME", &hostname)
+        .env("MRDT_SHADOW", POD_SHADOW)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -35,6 +35,8 @@ macro_rules! ensure {
     };
 }
 
+#[path = "e2e/files.rs"]
+mod files;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/streams.rs"]
@@ -59,7 +61,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 28] = [
+    let tests: [(&str, Test); 36] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -140,6 +142,35 @@ fn tests() -> Vec<Trial> {
             lifecycle::agent_survives_garbage_and_honours_idle_ttl,
         ),
         ("agent_reads_pod_files", lifecycle::agent_reads_pod_files),
+        ("fs_ls_cat_find_grep", files::fs_ls_cat_find_grep),
+        (
+            "fs_tail_follows_pod_appends",
+            files::fs_tail_follows_pod_appends,
+        ),
+        (
+            "fs_git_in_a_pod_repository",
+            files::fs_git_in_a_pod_repository,
+        ),
+        (
+            "fs_sha256_of_a_256_mib_file",
+            files::fs_sha256_of_a_256_mib_file,
+        ),
+        (
+            "fs_write_mode_and_read_only_mode",
+            files::fs_write_mode_and_read_only_mode,
+        ),
+        (
+            "fs_escape_attempts_stay_in_the_pod",
+            files::fs_escape_attempts_stay_in_the_pod,
+        ),
+        (
+            "fs_overlays_follow_the_mode",
+            files::fs_overlays_follow_the_mode,
+        ),
+        (
+            "fs_nothing_mounted_after_kill_9",
+            files::fs_nothing_mounted_after_kill_9,
+        ),
         (
             "agent_streams_reach_the_cluster_through_the_pod",
             streams::agent_streams_reach_the_cluster_through_the_pod,

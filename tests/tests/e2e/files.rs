@@ -1,0 +1,303 @@
+//! The pod's files through `mirrord exec`: the pod's root at `$MIRRORD_REMOTE_ROOT` (FUSE,
+//! served by the agent), read with ordinary tools; writes only in write mode; symlinks and `..`
+//! never lead to the host's files; nothing stays mounted afterwards.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::thread;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE, POD_SHADOW};
+use mirrord_tests::process::Run;
+use mirrord_tests::{Cluster, Pod, Scene};
+
+use super::{exec, standard_pod};
+
+/// Runs `script` inside the pod (its mount namespace), as the pod's own processes would.
+fn in_pod(pod: &Pod, script: &str) -> Result<String, Failed> {
+    let mut cmd = pod.command("sh");
+    cmd.args(["-c", script]);
+    let out = cmd.run(Duration::from_secs(120))?;
+    if out.code != 0 {
+        return Err(Failed::from(format!(
+            "in the pod: {script}: {}",
+            out.describe()
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// `sh -c script` through `mirrord exec` against `pod`, with `flags`.
+fn mirrord_sh(
+    scene: &Scene,
+    pod: &Pod,
+    flags: &[&str],
+    script: &str,
+) -> Result<mirrord_tests::Output, Failed> {
+    exec(scene, pod, flags, &["sh", "-c", script])
+}
+
+pub fn fs_ls_cat_find_grep(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(
+        &pod,
+        &format!(
+            "cd {POD_FILE_DIR} && mkdir tree && cd tree && for d in $(seq 100); do mkdir d$d; \
+             (cd d$d && seq 100 | sed 's/^/f/' | xargs touch); done && \
+             mkdir ../grep && echo 'a needle here' > ../grep/one && echo hay > ../grep/two && \
+             mkdir ../grep/sub && echo 'needle again' > ../grep/sub/three"
+        ),
+    )?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "R=$MIRRORD_REMOTE_ROOT; ls -la $R{POD_FILE_DIR} | grep -c {POD_ONLY_FILE}; cat $R{POD_FILE_DIR}/{POD_ONLY_FILE}; \
+             find $R{POD_FILE_DIR}/tree -type f | wc -l; grep -rl needle $R{POD_FILE_DIR}/grep | sed \"s|$R||\" | sort"
+        ),
+    )?;
+    let expected = format!(
+        "1\n{}10000\n{POD_FILE_DIR}/grep/one\n{POD_FILE_DIR}/grep/sub/three\n",
+        pod.pod_only_content()
+    );
+    ensure!(
+        out.code == 0 && out.stdout == expected,
+        "ls/cat/find/grep: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// `tail -f` of a file the pod appends to shows the new line (within the attribute TTL).
+pub fn fs_tail_follows_pod_appends(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(&pod, &format!("echo first > {POD_FILE_DIR}/app.log"))?;
+    let mut cmd = scene.mirrord()?;
+    cmd.args(["exec", "-t", &pod.target(), "--", "sh", "-c"])
+        .arg(format!(
+            "exec timeout 15 tail -n +1 -f $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/app.log"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut tail = cmd.spawn()?;
+    let mut lines = BufReader::new(tail.stdout.take().ok_or("no stdout")?).lines();
+    let first = lines.next().transpose()?;
+    ensure!(
+        first.as_deref() == Some("first"),
+        "tail -f began with {first:?}"
+    );
+    in_pod(
+        &pod,
+        &format!("echo appended-later >> {POD_FILE_DIR}/app.log"),
+    )?;
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = line_tx.send(lines.next().transpose());
+    });
+    let next = line_rx.recv_timeout(Duration::from_secs(10));
+    let _ = tail.kill();
+    let _ = tail.wait();
+    ensure!(
+        matches!(&next, Ok(Ok(Some(line))) if line == "appended-later"),
+        "tail -f did not show the appended line: {next:?}"
+    );
+    Ok(())
+}
+
+pub fn fs_git_in_a_pod_repository(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(
+        &pod,
+        &format!(
+            "cd {POD_FILE_DIR} && git init -q repo && cd repo && for n in $(seq 50); do echo $n > file$n; done && \
+             git add . && git -c user.name=pod -c user.email=pod@cluster commit -qm 'initial pod commit'"
+        ),
+    )?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "cd $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/repo && git log --format=%s && git status --porcelain && echo clean"
+        ),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "initial pod commit\nclean\n",
+        "git: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+pub fn fs_sha256_of_a_256_mib_file(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let in_pod_sum = in_pod(
+        &pod,
+        &format!(
+            "head -c 268435456 /dev/urandom > {POD_FILE_DIR}/big.bin && sha256sum < {POD_FILE_DIR}/big.bin"
+        ),
+    )?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!("sha256sum < $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/big.bin"),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == in_pod_sum,
+        "sha256: pod {in_pod_sum:?}, mirrord {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+pub fn fs_write_mode_and_read_only_mode(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &["--fs-mode", "write"],
+        &format!("echo written-locally > $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/from-laptop.txt"),
+    )?;
+    ensure!(out.code == 0, "write mode: {}", out.describe());
+    let seen = in_pod(&pod, &format!("cat {POD_FILE_DIR}/from-laptop.txt"))?;
+    ensure!(seen == "written-locally\n", "the pod sees {seen:?}");
+
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!("echo nope > $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/refused.txt"),
+    )?;
+    ensure!(
+        out.code != 0 && out.stderr.contains("Read-only file system"),
+        "read mode accepted a write: {}",
+        out.describe()
+    );
+    let listing = in_pod(&pod, &format!("ls {POD_FILE_DIR}"))?;
+    ensure!(
+        !listing.contains("refused.txt"),
+        "the refused file exists in the pod: {listing}"
+    );
+    Ok(())
+}
+
+/// A pod symlink to `/etc/shadow`, a relative one climbing past the pod's root, and `..` chains
+/// inside the mount all reach the pod's files, never the host's; `/etc/hosts` is the pod's.
+pub fn fs_escape_attempts_stay_in_the_pod(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(
+        &pod,
+        &format!(
+            "cd {POD_FILE_DIR} && ln -s /etc/shadow abs-link && ln -s ../../../../../../etc/shadow rel-link && \
+             echo 'pod hosts' > hosts-marker"
+        ),
+    )?;
+    let host_shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    ensure!(
+        host_shadow != POD_SHADOW,
+        "the host's /etc/shadow equals the pod's; the test proves nothing"
+    );
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "R=$MIRRORD_REMOTE_ROOT; cat $R{POD_FILE_DIR}/abs-link $R{POD_FILE_DIR}/rel-link \
+             $R{POD_FILE_DIR}/../etc/shadow $R/../${{R##*/}}/etc/shadow 2>&1"
+        ),
+    )?;
+    // (`$R/..` itself is the local parent directory, resolved by the local kernel: DESIGN.md,
+    // "Confinement". Every path that stays inside the mount must be the pod's.)
+    ensure!(
+        out.code == 0 && out.stdout == POD_SHADOW.repeat(4),
+        "escape attempts: {}",
+        out.describe()
+    );
+    let out = mirrord_sh(scene, &pod, &[], "cat /etc/shadow")?;
+    ensure!(
+        out.stdout != POD_SHADOW,
+        "only overlaid paths are the pod's: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// The launched process sees the pod's `/etc/hosts` and `/etc/hostname` at their own path in
+/// read mode, and the local ones in local mode; the host's view never changes.
+pub fn fs_overlays_follow_the_mode(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    // The pod's own /etc/hosts, bound in its private mount namespace only.
+    in_pod(
+        &pod,
+        &format!(
+            "cp /etc/hosts {POD_FILE_DIR}/hosts && echo '10.9.9.9 only-in-pod-hosts' >> {POD_FILE_DIR}/hosts && \
+             mount --bind {POD_FILE_DIR}/hosts /etc/hosts"
+        ),
+    )?;
+    let pod_hosts = in_pod(&pod, "cat /etc/hosts")?;
+    let local_hosts = std::fs::read_to_string("/etc/hosts")?;
+    let out = mirrord_sh(scene, &pod, &[], "cat /etc/hosts")?;
+    ensure!(
+        out.code == 0 && out.stdout == pod_hosts,
+        "read mode /etc/hosts: {}",
+        out.describe()
+    );
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &["--fs-mode", "local"],
+        "cat /etc/hosts; test -d \"$MIRRORD_REMOTE_ROOT/srv\" && echo remote-root",
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{local_hosts}remote-root\n"),
+        "local mode: {}",
+        out.describe()
+    );
+    ensure!(
+        std::fs::read_to_string("/etc/hosts")? == local_hosts,
+        "the host's /etc/hosts changed"
+    );
+    Ok(())
+}
+
+/// After `kill -9` of mirrord no FUSE mount exists anywhere we can see, and the next run sweeps
+/// the empty mount-point directory the killed one could not remove.
+pub fn fs_nothing_mounted_after_kill_9(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let mut cmd = scene.mirrord()?;
+    cmd.args(["exec", "-t", &pod.target(), "--", "sh", "-c"])
+        .arg(format!(
+            "cat $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/{POD_ONLY_FILE}; exec sleep 60"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut mirrord = cmd.spawn()?;
+    let mut line = String::new();
+    BufReader::new(mirrord.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+    ensure!(
+        line == pod.pod_only_content(),
+        "the command did not read the pod's file: {line:?}"
+    );
+    let leftover = std::env::temp_dir().join(format!("mirrord-remote-root-{}", mirrord.id()));
+    mirrord.kill()?;
+    mirrord.wait()?;
+    thread::sleep(Duration::from_millis(300));
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    ensure!(
+        !mounts.lines().any(|line| line.contains(" fuse")),
+        "a FUSE mount is left: {mounts}"
+    );
+    let out = exec(scene, &pod, &[], &["true"])?;
+    ensure!(out.code == 0, "the next run: {}", out.describe());
+    ensure!(
+        !leftover.exists(),
+        "{} was not swept by the next run",
+        leftover.display()
+    );
+    Ok(())
+}
