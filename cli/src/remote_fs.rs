@@ -175,6 +175,29 @@ pub async fn prepare(
     Some((fuse, mountpoint))
 }
 
+/// Lets the kernel read ahead up to 1 MiB per request on the mount (its default for FUSE is
+/// 128 KiB), which is what makes large sequential reads fast. The setting belongs to this
+/// mount's own backing device and goes away with it; it needs root, so it is best effort.
+pub fn raise_readahead(pid: u32, mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let in_child = Path::new("/proc")
+        .join(pid.to_string())
+        .join("root")
+        .join(mountpoint.strip_prefix("/").unwrap_or(mountpoint));
+    let result = std::fs::metadata(&in_child).and_then(|meta| {
+        let dev = meta.dev();
+        let setting = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        std::fs::write(setting, "1024")
+    });
+    if let Err(error) = result {
+        tracing::debug!("cannot raise the remote file system's readahead: {error}");
+    }
+}
+
 /// `(path in the mount, local path)` for every overlay that exists on both sides with the same
 /// kind (a bind mount needs an existing local path of the same kind). A missing default overlay
 /// is skipped quietly; a missing one the user asked for is reported.

@@ -282,6 +282,12 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
     };
     let status = match launcher::spawn(launch) {
         Ok(child) => {
+            if let Some(mountpoint) = &remote_root {
+                let (pid, path) = (child.pid(), mountpoint.path().to_owned());
+                // Blocking: the stat goes through the file system this process serves.
+                let _ = tokio::task::spawn_blocking(move || remote_fs::raise_readahead(pid, &path))
+                    .await;
+            }
             let wait = child.wait();
             tokio::pin!(wait);
             tokio::select! {

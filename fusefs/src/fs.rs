@@ -38,6 +38,9 @@ struct Inner {
     /// (a few KiB each) never wait for the agent and offsets stay stable.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
+    /// The latest attributes seen for each inode and when: `open` right after a lookup (the
+    /// common case) reuses them instead of asking the agent again.
+    recent: Mutex<HashMap<u64, (Attr, std::time::Instant)>>,
 }
 
 impl RemoteFs {
@@ -51,6 +54,7 @@ impl RemoteFs {
                 inodes: Mutex::new(Inodes::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                recent: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -103,6 +107,25 @@ impl Inner {
         self.inodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn remember(&self, ino: u64, attr: &Attr) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.insert(ino, (*attr, std::time::Instant::now()));
+    }
+
+    /// Attributes seen within the attribute TTL: as fresh as what the kernel itself trusts.
+    fn recent(&self, ino: u64) -> Option<Attr> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .get(&ino)
+            .filter(|(_, seen)| seen.elapsed() < self.options.attr_ttl)
+            .map(|(attr, _)| *attr)
+    }
+
+    fn forget_recent(&self, ino: u64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.remove(&ino);
+    }
+
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -150,6 +173,7 @@ impl Inner {
     /// Replies with a new entry for `path`, counting the kernel's lookup of it.
     fn entry(&self, path: &str, attr: &Attr, reply: ReplyEntry) {
         let ino = self.inodes().lookup(path);
+        self.remember(ino, attr);
         let attr = file_attr(ino, attr);
         reply.entry_with_ttls(
             &self.options.attr_ttl,
@@ -279,6 +303,30 @@ macro_rules! reply_or {
     };
 }
 
+/// access(2) for `mask` (`R_OK|W_OK|X_OK` bits, 0 for existence) by `uid`/`gid` on `attr`.
+fn access_allowed(attr: &Attr, uid: u32, gid: u32, mask: i32, writable: bool) -> Result<(), Errno> {
+    let wanted = (mask & 0o7) as u32;
+    if wanted & 0o2 != 0 && !writable {
+        return Err(Errno::EROFS);
+    }
+    let any_exec = attr.mode & 0o111 != 0 || attr.kind == FileKind::Dir;
+    let allowed = if uid == 0 {
+        // root may read and write anything, and execute what anyone may execute.
+        0o6 | if any_exec { 0o1 } else { 0 }
+    } else if attr.uid == uid {
+        (attr.mode >> 6) & 0o7
+    } else if attr.gid == gid {
+        (attr.mode >> 3) & 0o7
+    } else {
+        attr.mode & 0o7
+    };
+    if wanted & !allowed == 0 {
+        Ok(())
+    } else {
+        Err(Errno::EACCES)
+    }
+}
+
 impl fuser::Filesystem for RemoteFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags;
@@ -316,8 +364,60 @@ impl fuser::Filesystem for RemoteFs {
         });
     }
 
+    /// No remote file is a terminal or supports device controls; answering here keeps tools
+    /// that probe with `TCGETS` (Python's `open`, `isatty`) from costing a round trip.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.forget_recent(ino.0);
         self.inner.inodes().forget(ino.0, nlookup);
+    }
+
+    /// Answered from the pod's attributes as the kernel's own permission check would, so
+    /// `test -x`, `which` and git's probes behave as on a local disk.
+    fn access(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mask: fuser::AccessFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let path = match self.path(ino) {
+            Ok(path) => path,
+            Err(errno) => return reply.error(errno),
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(|inner| async move {
+            let stat = FsRequest::Stat {
+                path,
+                follow: false,
+            };
+            let writable = inner.options.writable;
+            reply_or!(
+                reply,
+                inner.attr_call(stat).await.and_then(|attr| access_allowed(
+                    &attr,
+                    uid,
+                    gid,
+                    mask.bits(),
+                    writable
+                )),
+                |()| reply.ok()
+            );
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -330,8 +430,10 @@ impl fuser::Filesystem for RemoteFs {
                 path,
                 follow: false,
             };
-            reply_or!(reply, inner.attr_call(stat).await, |attr| reply
-                .attr(&inner.options.attr_ttl, &file_attr(ino.0, &attr)));
+            reply_or!(reply, inner.attr_call(stat).await, |attr| {
+                inner.remember(ino.0, &attr);
+                reply.attr(&inner.options.attr_ttl, &file_attr(ino.0, &attr))
+            });
         });
     }
 
@@ -498,11 +600,19 @@ impl fuser::Filesystem for RemoteFs {
             Err(errno) => return reply.error(errno),
         };
         self.spawn(|inner| async move {
-            let stat = FsRequest::Stat {
-                path,
-                follow: false,
+            let attr = match inner.recent(ino.0) {
+                Some(attr) => Ok(attr),
+                None => {
+                    inner
+                        .attr_call(FsRequest::Stat {
+                            path,
+                            follow: false,
+                        })
+                        .await
+                }
             };
-            reply_or!(reply, inner.attr_call(stat).await, |attr| {
+            reply_or!(reply, attr, |attr| {
+                inner.remember(ino.0, &attr);
                 let unchanged = inner.inodes().reopened(ino.0, (attr.mtime, attr.size));
                 let flags = if unchanged {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -684,6 +794,7 @@ impl fuser::Filesystem for RemoteFs {
                     let path = join(&dir, &entry.name);
                     // Every entry the kernel receives counts as one lookup of it.
                     let child = inodes.lookup(&path);
+                    self.inner.remember(child, &entry.attr);
                     let attr = file_attr(child, &entry.attr);
                     let full = reply.add(
                         INodeNo(child),
@@ -827,6 +938,61 @@ fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
         Ok(len) if size == 0 => reply.size(len),
         Ok(len) if len <= size => reply.data(value),
         _ => reply.error(Errno::ERANGE),
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    fn attr(kind: FileKind, mode: u32, uid: u32, gid: u32) -> Attr {
+        let epoch = Timestamp { secs: 0, nanos: 0 };
+        Attr {
+            ino: 1,
+            dev: 1,
+            kind,
+            size: 0,
+            blocks: 0,
+            mode,
+            nlink: 1,
+            uid,
+            gid,
+            rdev: 0,
+            blksize: 4096,
+            atime: epoch,
+            mtime: epoch,
+            ctime: epoch,
+        }
+    }
+
+    #[test]
+    fn follows_unix_permission_rules() {
+        let script = attr(FileKind::File, 0o750, 1000, 100);
+        assert_eq!(
+            access_allowed(&script, 1000, 1, libc::X_OK | libc::R_OK, true),
+            Ok(())
+        );
+        assert_eq!(access_allowed(&script, 2000, 100, libc::X_OK, true), Ok(()));
+        assert_eq!(
+            access_allowed(&script, 2000, 200, libc::R_OK, true),
+            Err(Errno::EACCES)
+        );
+        assert_eq!(access_allowed(&script, 2000, 200, 0, true), Ok(()));
+        let data = attr(FileKind::File, 0o644, 1000, 100);
+        assert_eq!(
+            access_allowed(&data, 0, 0, libc::X_OK, true),
+            Err(Errno::EACCES)
+        );
+        assert_eq!(
+            access_allowed(&data, 0, 0, libc::R_OK | libc::W_OK, true),
+            Ok(())
+        );
+        assert_eq!(
+            access_allowed(&data, 0, 0, libc::W_OK, false),
+            Err(Errno::EROFS)
+        );
+        let dir = attr(FileKind::Dir, 0o700, 5, 5);
+        assert_eq!(access_allowed(&dir, 0, 0, libc::X_OK, true), Ok(()));
     }
 }
 
