@@ -108,6 +108,41 @@ pub async fn write_loop<M: Encode, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A datagram socket a stream can carry: each direction one datagram per `Data` frame.
+pub trait Datagrams: Send {
+    /// The next datagram; `None` when the socket is done. Must be cancel-safe: it is raced
+    /// against datagrams from the peer.
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Vec<u8>>> + Send;
+    fn send(
+        &mut self,
+        datagram: &[u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Datagrams for tokio::net::UdpSocket {
+    async fn recv(&mut self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        match tokio::net::UdpSocket::recv(self, &mut buf).await {
+            Ok(n) => {
+                buf.truncate(n);
+                Some(buf)
+            }
+            // A connected UDP socket reports an ICMP error from the peer here; the flow ends.
+            Err(error) => {
+                tracing::debug!(%error, "UDP receive failed");
+                None
+            }
+        }
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+        tokio::net::UdpSocket::send(self, datagram).await.map(drop)
+    }
+}
+
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65535;
+
 /// What the connection hands to one stream's pipe.
 #[derive(Debug)]
 enum Inbound {
@@ -218,6 +253,12 @@ impl<M: Outgoing> Streams<M> {
         }
     }
 
+    /// Resets an opened stream that will never get a pipe.
+    pub async fn abandon(&self, rx: StreamRx) {
+        self.send(StreamFrame::Reset { id: rx.id }).await;
+        self.discard(rx.id);
+    }
+
     /// Forgets a stream that never got a pipe (e.g. its connect failed).
     pub fn discard(&self, id: StreamId) {
         lock(&self.ends).remove(&id);
@@ -286,6 +327,54 @@ impl<M: Outgoing> Streams<M> {
         for end in lock(&self.ends).values() {
             let _ = end.inbound_tx.send(Inbound::Reset);
         }
+    }
+
+    /// Carries datagrams both ways between `socket` and the stream, one per `Data` frame, until
+    /// either side ends; a datagram is only sent against enough credit for the largest one, so
+    /// flow control never has to split one.
+    pub async fn pipe_datagrams<D: Datagrams>(self: Arc<Self>, mut socket: D, rx: StreamRx) {
+        let StreamRx {
+            id,
+            mut inbound_rx,
+            credit,
+        } = rx;
+        let peer_reset = loop {
+            let can_send =
+                lock(&self.mux).send_credit(id) as usize >= MAX_DATAGRAM.min(MAX_DATA_CHUNK);
+            tokio::select! {
+                datagram = socket.recv(), if can_send => {
+                    let Some(datagram) = datagram else { break false };
+                    if datagram.len() > MAX_DATA_CHUNK {
+                        tracing::debug!(?id, len = datagram.len(), "datagram too large for one frame; dropped");
+                        continue;
+                    }
+                    lock(&self.mux).take_send_credit(id, datagram.len());
+                    if !self.send(StreamFrame::Data { id, bytes: datagram }).await {
+                        break false;
+                    }
+                }
+                () = credit.notified(), if !can_send => {}
+                item = inbound_rx.recv() => match item {
+                    Some(Inbound::Data(datagram)) => {
+                        // A lost datagram is UDP's normal weather; a send error ends nothing.
+                        if let Err(error) = socket.send(&datagram).await {
+                            tracing::debug!(?id, %error, "UDP send failed");
+                        }
+                        let grant = lock(&self.mux).on_consumed(id, datagram.len());
+                        if let Some(grant) = grant
+                            && !self.send(grant).await
+                        {
+                            break false;
+                        }
+                    }
+                    Some(Inbound::Shutdown) | Some(Inbound::Reset) | None => break true,
+                },
+            }
+        };
+        if !peer_reset {
+            self.send(StreamFrame::Reset { id }).await;
+        }
+        self.discard(id);
     }
 
     /// Pipes bytes both ways between `io` and the stream until both directions are shut down or

@@ -76,6 +76,32 @@ pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, NetnsError
 
 /// Joins the namespace on a throwaway thread first, so a refusal (no CAP_SYS_ADMIN, a stale
 /// fd) is returned as an error before any runtime thread depends on it.
+/// The interface addresses of the calling thread's network namespace (on a runtime from
+/// [`runtime_in`], the target's), loopback and link-local IPv6 left out, with prefix lengths.
+pub fn addresses() -> io::Result<Vec<(std::net::IpAddr, u8)>> {
+    use std::net::IpAddr;
+    let mut addresses = Vec::new();
+    for interface in nix::ifaddrs::getifaddrs()? {
+        let (Some(address), Some(netmask)) = (interface.address, interface.netmask) else {
+            continue;
+        };
+        let (ip, prefix): (IpAddr, u32) = if let (Some(a), Some(m)) =
+            (address.as_sockaddr_in(), netmask.as_sockaddr_in())
+        {
+            (IpAddr::V4(a.ip()), u32::from(m.ip()).count_ones())
+        } else if let (Some(a), Some(m)) = (address.as_sockaddr_in6(), netmask.as_sockaddr_in6()) {
+            (IpAddr::V6(a.ip()), u128::from(m.ip()).count_ones())
+        } else {
+            continue;
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if !ip.is_loopback() && !link_local {
+            addresses.push((ip, prefix as u8));
+        }
+    }
+    Ok(addresses)
+}
+
 fn probe(ns: &Arc<OwnedFd>) -> io::Result<()> {
     let ns = Arc::clone(ns);
     std::thread::Builder::new()

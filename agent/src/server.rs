@@ -15,7 +15,7 @@ use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RemoteError, Request, Response, StreamFrame,
     StreamTarget, TargetInfo,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -185,14 +185,18 @@ async fn session_loop(
                 let rx = streams.accept(id)?;
                 let streams = streams.clone();
                 tokio::spawn(async move {
-                    match open(&target).await {
-                        Ok(socket) => {
-                            if streams.send(StreamFrame::Opened { id }).await {
-                                streams.pipe(socket, rx).await;
-                            } else {
-                                streams.discard(id);
+                    let opened = match target {
+                        StreamTarget::Tcp(addr) => connect(addr).await.map(Opened::Tcp),
+                        StreamTarget::Udp(addr) => udp(addr).await.map(Opened::Udp),
+                    };
+                    match opened {
+                        Ok(socket) if streams.send(StreamFrame::Opened { id }).await => {
+                            match socket {
+                                Opened::Tcp(socket) => streams.pipe(socket, rx).await,
+                                Opened::Udp(socket) => streams.pipe_datagrams(socket, rx).await,
                             }
                         }
+                        Ok(_) => streams.discard(id),
                         Err(error) => {
                             streams.discard(id);
                             streams.send(StreamFrame::OpenFailed { id, error }).await;
@@ -205,11 +209,26 @@ async fn session_loop(
     }
 }
 
-/// Connects a stream's target from this runtime's (the target's) network namespace.
-async fn open(target: &StreamTarget) -> Result<TcpStream, RemoteError> {
-    match target {
-        StreamTarget::Tcp(addr) => connect(*addr).await,
-    }
+/// A stream's socket, connected from this runtime's (the target's) network namespace.
+enum Opened {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+async fn udp(addr: SocketAddr) -> Result<UdpSocket, RemoteError> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .map_err(|error| io_error(&error, "bind a UDP socket"))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|error| io_error(&error, &format!("connect UDP to {addr}")))?;
+    Ok(socket)
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, RemoteError> {
@@ -246,10 +265,14 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, Remote
             let hostname = target
                 .hostname()
                 .map_err(|error| remote(&error, error.errno()))?;
+            // Blocking threads of this runtime are in the target's network namespace.
+            let addresses = crate::netns::addresses()
+                .map_err(|error| remote(&error, error.raw_os_error().unwrap_or(libc::EIO)))?;
             Ok(Response::TargetInfo(TargetInfo {
                 env,
                 hostname,
                 pid: target.pid(),
+                addresses,
             }))
         }
         Request::ReadFile { path, offset, len } => {

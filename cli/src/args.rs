@@ -90,6 +90,16 @@ pub struct SessionArgs {
     /// Also overlay this remote path at its own path (repeatable).
     #[arg(long, value_name = "PATH")]
     pub fs_remote: Vec<PathBuf>,
+    /// Keep all outgoing traffic on this machine's network (the command still gets its own
+    /// network namespace and the tunnel).
+    #[arg(long)]
+    pub no_outgoing: bool,
+    /// Keep outgoing UDP on this machine's network.
+    #[arg(long)]
+    pub no_udp: bool,
+    /// Also reach this range through the target (repeatable), e.g. the cluster's service CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub cidr: Vec<ipnet::IpNet>,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {

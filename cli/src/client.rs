@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mirrord_agent::link::{FrameReader, LinkError, OpenError, StreamRx, Streams, write_loop};
+use mirrord_agent::link::{
+    Datagrams, FrameReader, LinkError, OpenError, StreamRx, Streams, write_loop,
+};
 use mirrord_protocol::handshake::{check_welcome, client_hello};
 use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
 use mirrord_protocol::mux::Side;
@@ -186,8 +188,17 @@ impl AgentClient {
 
     /// Opens a TCP connection from the target's network namespace to `addr`.
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<StreamRx, ClientError> {
+        self.open(StreamTarget::Tcp(addr)).await
+    }
+
+    /// Opens a UDP socket connected to `addr` in the target's network namespace.
+    pub async fn connect_udp(&self, addr: SocketAddr) -> Result<StreamRx, ClientError> {
+        self.open(StreamTarget::Udp(addr)).await
+    }
+
+    async fn open(&self, target: StreamTarget) -> Result<StreamRx, ClientError> {
         self.streams
-            .open(StreamTarget::Tcp(addr))
+            .open(target)
             .await
             .map_err(|error| match error {
                 OpenError::Remote(error) => ClientError::Remote(error),
@@ -195,9 +206,19 @@ impl AgentClient {
             })
     }
 
-    /// Pipes bytes between `io` and an opened stream until both directions are done.
+    /// Resets an opened stream nothing will use (the app went away meanwhile).
+    pub async fn abandon(&self, stream: StreamRx) {
+        self.streams.abandon(stream).await;
+    }
+
+    /// Pipes bytes between `io` and an opened TCP stream until both directions are done.
     pub async fn pipe<S: AsyncRead + AsyncWrite>(&self, io: S, stream: StreamRx) {
         self.streams.clone().pipe(io, stream).await;
+    }
+
+    /// Carries datagrams between `socket` and an opened UDP stream until either side ends.
+    pub async fn pipe_datagrams<D: Datagrams>(&self, socket: D, stream: StreamRx) {
+        self.streams.clone().pipe_datagrams(socket, stream).await;
     }
 }
 

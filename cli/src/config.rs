@@ -56,6 +56,49 @@ pub struct Features {
     pub env: EnvFeature,
     #[serde(default)]
     pub fs: FsFeature,
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub outgoing: OutgoingFeature,
+}
+
+/// `feature.network.outgoing`: `true`/`false`, or the detailed form.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OutgoingFeature {
+    Enabled(bool),
+    Detailed(OutgoingConfig),
+}
+
+impl Default for OutgoingFeature {
+    fn default() -> Self {
+        OutgoingFeature::Enabled(true)
+    }
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutgoingConfig {
+    /// False: UDP stays on this machine's network.
+    pub udp: Option<bool>,
+    /// Accepted for upstream compatibility; TCP is always carried when outgoing is on.
+    pub tcp: Option<bool>,
+    pub filter: Option<FilterConfig>,
+    /// Upstream keys with no meaning here; accepted so an upstream file keeps working.
+    pub ignore_localhost: Option<bool>,
+    pub unix_streams: Option<serde_json::Value>,
+}
+
+/// Exactly one of `remote` (only these go through the target) or `local` (these stay here).
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub remote: Option<Vec<String>>,
+    pub local: Option<Vec<String>>,
 }
 
 /// `feature.fs`: a mode (`"read"`), or the detailed form.
@@ -243,6 +286,30 @@ mod tests {
             Some(vec!["/etc/hosts".to_owned()])
         );
         assert!(Config::parse(r#"{"feature": {"fs": "sideways"}}"#).is_err());
+    }
+
+    #[test]
+    fn outgoing_network_keys() {
+        let config = Config::parse(
+            r#"{"feature": {"network": {"outgoing": {"udp": false, "filter": {"local": ["tcp://:5432", "example.com"]}}}}}"#,
+        )
+        .unwrap();
+        let OutgoingFeature::Detailed(outgoing) = &config.feature.network.outgoing else {
+            panic!("detailed outgoing expected")
+        };
+        assert_eq!(outgoing.udp, Some(false));
+        assert_eq!(
+            outgoing
+                .filter
+                .as_ref()
+                .and_then(|filter| filter.local.clone()),
+            Some(vec!["tcp://:5432".to_owned(), "example.com".to_owned()])
+        );
+        let config = Config::parse(r#"{"feature": {"network": {"outgoing": false}}}"#).unwrap();
+        assert_eq!(
+            config.feature.network.outgoing,
+            OutgoingFeature::Enabled(false)
+        );
     }
 
     #[test]

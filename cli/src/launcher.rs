@@ -34,6 +34,9 @@ pub struct Launch {
     pub inherit_fds: Vec<OwnedFd>,
     /// A FUSE file system to mount in the command's mount namespace before it starts.
     pub fuse: Option<FuseMount>,
+    /// The TUN device (with its addresses and routes) to create in the command's network
+    /// namespace; the child hands its descriptor back through the plan's socket.
+    pub tun: Option<mirrord_tunnel::TunPlan>,
 }
 
 /// A FUSE connection the child mounts, and paths of it bound over local paths afterwards.
@@ -83,10 +86,11 @@ pub enum SetupStep {
     FuseMount,
     FuseServe,
     BindMount,
+    Tunnel,
 }
 
 impl SetupStep {
-    const ALL: [SetupStep; 13] = [
+    const ALL: [SetupStep; 14] = [
         SetupStep::ParentDeathSignal,
         SetupStep::UserNamespace,
         SetupStep::Setgroups,
@@ -100,6 +104,7 @@ impl SetupStep {
         SetupStep::FuseMount,
         SetupStep::FuseServe,
         SetupStep::BindMount,
+        SetupStep::Tunnel,
     ];
 
     fn from_code(code: u32) -> Option<Self> {
@@ -123,6 +128,7 @@ impl std::fmt::Display for SetupStep {
             SetupStep::FuseMount => "mounting the remote file system (FUSE)",
             SetupStep::FuseServe => "waiting for mirrord to serve the remote file system",
             SetupStep::BindMount => "overlaying a remote path on its local path (bind mount)",
+            SetupStep::Tunnel => "creating the network tunnel",
         })
     }
 }
@@ -145,6 +151,8 @@ pub enum LaunchError {
     UserNamespacesDisabled { step: SetupStep, err: io::Error },
     #[error("cannot set up the command's namespaces: {step} failed: {err}")]
     Setup { step: SetupStep, err: io::Error },
+    #[error("{0}")]
+    Tunnel(mirrord_tunnel::TunError),
     #[error("invalid hostname {hostname:?}: {reason}")]
     InvalidHostname {
         hostname: String,
@@ -190,6 +198,7 @@ struct ChildPlan {
     /// SIGTTOU's disposition before mirrord ignored it, for the command to start with.
     sigttou: Option<libc::sigaction>,
     fuse: Option<ChildFuse>,
+    tun: Option<mirrord_tunnel::TunPlan>,
 }
 
 /// [`FuseMount`] as NUL-terminated buffers and raw descriptors, for the child.
@@ -352,11 +361,23 @@ fn check(ret: libc::c_int) -> Result<(), i32> {
 impl ChildPlan {
     /// Runs in the forked child of a multi-threaded process: only async-signal-safe syscalls.
     fn run(&self) -> io::Result<()> {
-        match self.steps() {
+        let failure = self
+            .steps()
+            .map_err(|(step, err)| (step as u32, err))
+            .and_then(|()| {
+                match &self.tun {
+                    // The tunnel's own step goes in the upper half of the step code.
+                    Some(tun) => tun.create_in_child().map_err(|(tun_step, err)| {
+                        (SetupStep::Tunnel as u32 | tun_step.code() << 16, err)
+                    }),
+                    None => Ok(()),
+                }
+            });
+        match failure {
             Ok(()) => Ok(()),
-            Err((step, err)) => {
+            Err((code, err)) => {
                 let mut record = [0u8; 8];
-                record[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+                record[..4].copy_from_slice(&code.to_ne_bytes());
                 record[4..].copy_from_slice(&err.to_ne_bytes());
                 // SAFETY: write(2) of a stack buffer; the parent reads the record only if all
                 // 8 bytes made it (a pipe write this small is atomic).
@@ -436,7 +457,7 @@ impl ChildPlan {
 
 /// Reads the failing step the child reported, if any. The pipe is non-blocking and the child
 /// has already been reaped by the failed spawn, so this never waits.
-fn read_report(report_rx: &OwnedFd) -> Option<(SetupStep, i32)> {
+fn read_report(report_rx: &OwnedFd) -> Option<(SetupStep, u32, i32)> {
     let mut record = [0u8; 8];
     // SAFETY: read(2) into a stack buffer of the given length.
     let n = unsafe {
@@ -449,14 +470,23 @@ fn read_report(report_rx: &OwnedFd) -> Option<(SetupStep, i32)> {
     if n != record.len() as isize {
         return None;
     }
-    let step = u32::from_ne_bytes([record[0], record[1], record[2], record[3]]);
+    let code = u32::from_ne_bytes([record[0], record[1], record[2], record[3]]);
     let err = i32::from_ne_bytes([record[4], record[5], record[6], record[7]]);
-    SetupStep::from_code(step).map(|step| (step, err))
+    SetupStep::from_code(code & 0xffff).map(|step| (step, code >> 16, err))
 }
 
 /// Turns a failed spawn into the error a user can act on.
-fn classify(program: &str, spawn_err: io::Error, report: Option<(SetupStep, i32)>) -> LaunchError {
-    if let Some((step, errno)) = report {
+fn classify(
+    program: &str,
+    spawn_err: io::Error,
+    report: Option<(SetupStep, u32, i32)>,
+) -> LaunchError {
+    if let Some((SetupStep::Tunnel, detail, errno)) = report
+        && let Some(tun_step) = mirrord_tunnel::TunStep::from_code(detail)
+    {
+        return LaunchError::Tunnel(mirrord_tunnel::TunError::from_child(tun_step, errno));
+    }
+    if let Some((step, _, errno)) = report {
         let err = io::Error::from_raw_os_error(errno);
         let userns_refused = match step {
             // ENOSPC: user.max_user_namespaces=0; EPERM: kernel.unprivileged_userns_clone=0 or
@@ -661,6 +691,7 @@ pub fn spawn(mut launch: Launch) -> Result<Launched, LaunchError> {
         report_fd: report_tx.as_raw_fd(),
         sigttou: None,
         fuse,
+        tun: launch.tun.take(),
     };
     let signals = ForwardedSignals::install()?;
     let terminal = TerminalGuard::engage();
@@ -765,7 +796,7 @@ fn build_shell_launch(
         env,
         hostname,
         inherit_fds,
-        fuse: None,
+        ..Launch::default()
     })
 }
 
@@ -841,7 +872,7 @@ mod tests {
             (SetupStep::UserNamespace, libc::EINVAL),
             (SetupStep::UidMap, libc::EPERM),
         ] {
-            let e = classify("x", spawn_err(), Some((step, errno)));
+            let e = classify("x", spawn_err(), Some((step, 0, errno)));
             assert!(
                 matches!(e, LaunchError::UserNamespacesDisabled { .. }),
                 "{e}"
@@ -857,7 +888,7 @@ mod tests {
                 assert!(msg.contains(hint), "{msg} lacks {hint}");
             }
         }
-        let e = classify("x", spawn_err(), Some((SetupStep::Loopback, libc::EPERM)));
+        let e = classify("x", spawn_err(), Some((SetupStep::Loopback, 0, libc::EPERM)));
         assert!(matches!(
             e,
             LaunchError::Setup {
@@ -881,13 +912,17 @@ mod tests {
             report_fd: tx.as_raw_fd(),
             sigttou: None,
             fuse: None,
+            tun: None,
         };
         let mut record = [0u8; 8];
         record[..4].copy_from_slice(&(SetupStep::Hostname as u32).to_ne_bytes());
         record[4..].copy_from_slice(&libc::EINVAL.to_ne_bytes());
         // Same write the child does on failure.
         unsafe { libc::write(plan.report_fd, record.as_ptr().cast(), 8) };
-        assert_eq!(read_report(&rx), Some((SetupStep::Hostname, libc::EINVAL)));
+        assert_eq!(
+            read_report(&rx),
+            Some((SetupStep::Hostname, 0, libc::EINVAL))
+        );
         for step in SetupStep::ALL {
             assert_eq!(SetupStep::from_code(step as u32), Some(step));
         }

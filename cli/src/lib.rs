@@ -8,6 +8,7 @@ pub mod config;
 pub mod envfilter;
 pub mod launcher;
 pub mod local_agent;
+pub mod net;
 pub mod remote_fs;
 pub mod run;
 pub mod target;

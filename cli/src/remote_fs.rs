@@ -178,24 +178,34 @@ pub async fn prepare(
 /// Lets the kernel read ahead up to 1 MiB per request on the mount (its default for FUSE is
 /// 128 KiB), which is what makes large sequential reads fast. The setting belongs to this
 /// mount's own backing device and goes away with it; it needs root, so it is best effort.
+///
+/// The device number comes from the command's mountinfo: this process must never make a
+/// syscall on the file system it serves itself, or a `kill -9` would leave it stuck forever
+/// in a request nobody can answer.
 pub fn raise_readahead(pid: u32, mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let in_child = Path::new("/proc")
-        .join(pid.to_string())
-        .join("root")
-        .join(mountpoint.strip_prefix("/").unwrap_or(mountpoint));
-    let result = std::fs::metadata(&in_child).and_then(|meta| {
-        let dev = meta.dev();
-        let setting = format!(
-            "/sys/class/bdi/{}:{}/read_ahead_kb",
-            libc::major(dev),
-            libc::minor(dev)
-        );
-        std::fs::write(setting, "1024")
+    let mountinfo = Path::new("/proc").join(pid.to_string()).join("mountinfo");
+    let result = std::fs::read_to_string(&mountinfo).and_then(|mountinfo| {
+        let device = mount_device(&mountinfo, mountpoint).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the mount is not in the command's mountinfo",
+            )
+        })?;
+        std::fs::write(format!("/sys/class/bdi/{device}/read_ahead_kb"), "1024")
     });
     if let Err(error) = result {
         tracing::debug!("cannot raise the remote file system's readahead: {error}");
     }
+}
+
+/// The `major:minor` of the mount at `mountpoint` in a mountinfo text.
+fn mount_device<'a>(mountinfo: &'a str, mountpoint: &Path) -> Option<&'a str> {
+    let wanted = mountpoint.to_str()?;
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let device = fields.nth(2)?;
+        (fields.nth(1)? == wanted).then_some(device)
+    })
 }
 
 /// `(path in the mount, local path)` for every overlay that exists on both sides with the same
@@ -254,4 +264,20 @@ async fn overlays(
         }
     }
     binds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_mount_device_in_mountinfo() {
+        let mountinfo = "22 1 254:1 / / rw,relatime - ext4 /dev/vda rw\n\
+                         97 22 0:61 / /tmp/mirrord-remote-root-7 ro,nosuid - fuse mirrord ro\n";
+        assert_eq!(
+            mount_device(mountinfo, Path::new("/tmp/mirrord-remote-root-7")),
+            Some("0:61")
+        );
+        assert_eq!(mount_device(mountinfo, Path::new("/tmp/other")), None);
+    }
 }

@@ -12,10 +12,13 @@ use mirrord_protocol::TargetInfo;
 
 use crate::args::{EnvFormat, SessionArgs};
 use crate::client::AgentClient;
-use crate::config::{Config, EnvFeature, FsFeature, FsModeName, PatternList};
+use crate::config::{
+    Config, EnvFeature, FilterConfig, FsFeature, FsModeName, OutgoingFeature, PatternList,
+};
 use crate::envfilter::{self, EnvFilter, Patterns};
 use crate::launcher::{self, Launch};
 use crate::local_agent::LocalAgent;
+use crate::net::{self, NetSettings};
 use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
 use crate::target::Target;
 
@@ -41,6 +44,7 @@ pub struct Session {
     pub info: TargetInfo,
     pub filter: EnvFilter,
     pub fs: FsSettings,
+    pub net: NetSettings,
 }
 
 impl Session {
@@ -51,8 +55,9 @@ impl Session {
         let source = agent_source(args, &config)?;
         let filter = env_filter(args, &config);
         let fs = fs_settings(args, &config);
+        let net = net_settings(args, &config)?;
         tokio::select! {
-            session = Self::connect(source, filter, fs) => session,
+            session = Self::connect(source, filter, fs, net) => session,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("mirrord: interrupted");
                 std::process::exit(EXIT_INTERRUPTED);
@@ -64,6 +69,7 @@ impl Session {
         source: AgentSource,
         filter: EnvFilter,
         fs: FsSettings,
+        net: NetSettings,
     ) -> anyhow::Result<Session> {
         let (local_agent, addr, token) = match source {
             AgentSource::Local { target, idle_ttl } => {
@@ -89,6 +95,7 @@ impl Session {
                 info,
                 filter,
                 fs,
+                net,
             }),
             Err(error) => {
                 if let Some(agent) = local_agent {
@@ -230,6 +237,40 @@ fn fs_settings(args: &SessionArgs, config: &Config) -> FsSettings {
     }
 }
 
+/// Flags win over the config file: `--no-outgoing` / `--no-udp` over `feature.network.outgoing`;
+/// `--cidr` ranges add to the target's own subnets.
+fn net_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<NetSettings> {
+    let mut settings = NetSettings {
+        cidrs: args.cidr.clone(),
+        ..NetSettings::default()
+    };
+    match &config.feature.network.outgoing {
+        OutgoingFeature::Enabled(enabled) => settings.outgoing = *enabled,
+        OutgoingFeature::Detailed(outgoing) => {
+            settings.udp = outgoing.udp.unwrap_or(true);
+            settings.filter = match &outgoing.filter {
+                None => None,
+                Some(FilterConfig {
+                    remote: Some(remote),
+                    local: None,
+                }) => Some(mirrord_tunnel::rules::OutgoingFilter::Remote(
+                    remote.clone(),
+                )),
+                Some(FilterConfig {
+                    remote: None,
+                    local: Some(local),
+                }) => Some(mirrord_tunnel::rules::OutgoingFilter::Local(local.clone())),
+                Some(_) => bail!(
+                    "feature.network.outgoing.filter takes exactly one of \"remote\" or \"local\""
+                ),
+            };
+        }
+    }
+    settings.outgoing &= !args.no_outgoing;
+    settings.udp &= !args.no_udp;
+    Ok(settings)
+}
+
 /// `mirrord exec`: returns the command's exit status.
 pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i32> {
     let session = Session::open(args).await?;
@@ -280,13 +321,26 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
         }
         None => None,
     };
+    let network = match net::prepare(&session.info, &session.net) {
+        Ok(Some((plan, network))) => {
+            launch.tun = Some(plan);
+            Some(network)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            session.close().await;
+            return Err(error.into());
+        }
+    };
     let status = match launcher::spawn(launch) {
         Ok(child) => {
+            if let Some(network) = network
+                && let Err(error) = network.serve(session.client.clone())
+            {
+                eprintln!("mirrord: {error}; the command runs without the target's network");
+            }
             if let Some(mountpoint) = &remote_root {
-                let (pid, path) = (child.pid(), mountpoint.path().to_owned());
-                // Blocking: the stat goes through the file system this process serves.
-                let _ = tokio::task::spawn_blocking(move || remote_fs::raise_readahead(pid, &path))
-                    .await;
+                remote_fs::raise_readahead(child.pid(), mountpoint.path());
             }
             let wait = child.wait();
             tokio::pin!(wait);

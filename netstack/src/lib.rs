@@ -1,1 +1,86 @@
-//! placeholder until the netstack lands
+//! mirrord-netstack terminates every TCP connection and UDP flow the launched process opens,
+//! to any destination, and hands them to the caller with their original source and
+//! destination; it speaks raw IP packets on one side and never knows about TUN devices,
+//! routing policy or the agent.
+//!
+//! Packets the app sent go into a [`PacketSink`]; packets for the app come out of a
+//! [`PacketSource`]; new flows arrive on [`Events`]. A TCP connection is only answered once
+//! the caller has decided ([`NewTcp::accept`] / [`NewTcp::refuse`] /
+//! [`NewTcp::unreachable`]), so connecting the remote side first keeps the app's view true.
+//!
+//! Limits: IPv4 fragments are dropped (the TUN MTU is large, so the kernel rarely sends
+//! them); ICMP echo requests are not answered (ping to a remote address times out);
+//! UDP replies larger than one IP datagram are refused with [`Error::TooLarge`].
+
+mod core;
+mod packet;
+mod stack;
+
+use std::time::Duration;
+
+pub use stack::{Event, Events, NetStack, NewTcp, PacketSink, PacketSource, TcpStream, UdpFlow};
+
+/// Tuning knobs; [`Config::default`] suits a TUN device.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest IP packet in either direction (the TUN's MTU). smoltcp accepts up to 65535.
+    pub mtu: usize,
+    /// Receive buffer per TCP connection; it also sets the advertised window (and its scale).
+    pub tcp_rx_buffer: usize,
+    /// Send buffer per TCP connection.
+    pub tcp_tx_buffer: usize,
+    /// Nagle's algorithm on connections to the app (off: requests and replies go out at once).
+    pub nagle: bool,
+    /// A UDP flow with no datagram either way for this long is closed.
+    pub udp_idle: Duration,
+    /// Datagrams queued per UDP flow before new ones are dropped.
+    pub udp_queue: usize,
+    /// Verify checksums of packets from the app. A TUN fed by the local kernel is trustworthy,
+    /// so the tunnel can turn this off; checksums on packets to the app are always written.
+    pub verify_rx_checksums: bool,
+    /// How long a cleanly closed, released connection may wait for the app's FIN.
+    pub orphan_timeout: Duration,
+    /// Seed for initial sequence numbers and ports.
+    pub random_seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mtu: 65535,
+            tcp_rx_buffer: 1 << 20,
+            tcp_tx_buffer: 1 << 20,
+            nagle: false,
+            udp_idle: Duration::from_secs(60),
+            udp_queue: 1024,
+            verify_rx_checksums: true,
+            orphan_timeout: Duration::from_secs(60),
+            random_seed: 0x6d69_7272_6f72_6421,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the netstack must be spawned from inside a tokio runtime")]
+    NoRuntime,
+    #[error("the netstack has stopped")]
+    Closed,
+    #[error("the UDP flow has expired or was closed")]
+    FlowClosed,
+    #[error("the datagram does not fit in one IP packet")]
+    TooLarge,
+    #[error("the SYN could not be accepted: {0}")]
+    Accept(String),
+}
+
+impl From<core::CoreError> for Error {
+    fn from(e: core::CoreError) -> Self {
+        match e {
+            core::CoreError::NotPending => Error::Closed,
+            core::CoreError::FlowClosed => Error::FlowClosed,
+            core::CoreError::Packet(packet::PacketError::TooLarge) => Error::TooLarge,
+            other => Error::Accept(other.to_string()),
+        }
+    }
+}

@@ -149,7 +149,7 @@ mod tests {
         vec![
             StreamFrame::Open {
                 id: StreamId(1),
-                target: StreamTarget::Tcp(([127, 0, 0, 1], 80).into()),
+                target: StreamTarget::Udp(([127, 0, 0, 1], 53).into()),
             },
             StreamFrame::Opened { id: StreamId(1) },
             StreamFrame::OpenFailed {
@@ -198,6 +198,7 @@ mod tests {
                     env: vec![("PATH".into(), "/bin".into()), ("Ü".into(), "".into())],
                     hostname: "pod-7".into(),
                     pid: Some(4242),
+                    addresses: vec![([10, 1, 2, 3].into(), 24), ("fd00::3".parse().unwrap(), 64)],
                 })),
             },
             AgentMessage::Response {
@@ -206,6 +207,7 @@ mod tests {
                     env: vec![],
                     hostname: String::new(),
                     pid: None,
+                    addresses: vec![],
                 })),
             },
             AgentMessage::Response {

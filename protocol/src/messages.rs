@@ -1,7 +1,7 @@
 //! Every message that crosses the CLI–agent connection. Both directions have their own enum so a
 //! peer can never be handed a message meant for the other side.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bincode::{Decode, Encode};
 
@@ -103,6 +103,10 @@ pub struct TargetInfo {
     pub hostname: String,
     /// The target's pid as the agent sees it; `None` when the agent serves its own namespaces.
     pub pid: Option<u32>,
+    /// The addresses of the target's network interfaces, loopback excluded, with their prefix
+    /// lengths: the launched process takes the first IPv4 (and IPv6) one as its own, and their
+    /// subnets are reached through the agent.
+    pub addresses: Vec<(IpAddr, u8)>,
 }
 
 /// A failure on the remote side, errno-style so it maps onto what a local syscall would return.
@@ -119,6 +123,9 @@ pub struct RemoteError {
 pub enum StreamTarget {
     /// A TCP connection made from the target's network namespace.
     Tcp(SocketAddr),
+    /// A UDP socket connected to the address from the target's network namespace; every
+    /// `Data` frame carries exactly one datagram.
+    Udp(SocketAddr),
 }
 
 /// Stream multiplexing and flow control. Data is only sent against credit granted by the

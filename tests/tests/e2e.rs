@@ -39,6 +39,8 @@ macro_rules! ensure {
 mod files;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/network.rs"]
+mod network;
 #[path = "e2e/streams.rs"]
 mod streams;
 
@@ -61,7 +63,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 36] = [
+    let tests: [(&str, Test); 42] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -71,7 +73,10 @@ fn tests() -> Vec<Trial> {
             exec_sees_pod_env_and_keeps_local_env,
         ),
         ("exec_has_pod_hostname", exec_has_pod_hostname),
-        ("exec_sees_only_loopback", exec_sees_only_loopback),
+        (
+            "exec_has_own_network_with_the_pod_address",
+            exec_has_own_network_with_the_pod_address,
+        ),
         ("exec_propagates_exit_codes", exec_propagates_exit_codes),
         (
             "exec_include_keeps_only_matching_pod_vars",
@@ -170,6 +175,30 @@ fn tests() -> Vec<Trial> {
         (
             "fs_nothing_mounted_after_kill_9",
             files::fs_nothing_mounted_after_kill_9,
+        ),
+        (
+            "net_curl_and_static_wget_reach_a_cluster_only_server",
+            network::net_curl_and_static_wget_reach_a_cluster_only_server,
+        ),
+        (
+            "net_psql_queries_a_cluster_database",
+            network::net_psql_queries_a_cluster_database,
+        ),
+        (
+            "net_udp_echo_through_the_pod",
+            network::net_udp_echo_through_the_pod,
+        ),
+        (
+            "net_200_concurrent_connections_of_1_mib",
+            network::net_200_concurrent_connections_of_1_mib,
+        ),
+        (
+            "net_closed_port_is_refused_fast",
+            network::net_closed_port_is_refused_fast,
+        ),
+        (
+            "net_host_loopback_reaches_a_local_server",
+            network::net_host_loopback_reaches_a_local_server,
         ),
         (
             "agent_streams_reach_the_cluster_through_the_pod",
@@ -411,8 +440,25 @@ fn exec_has_pod_hostname(scene: &Scene, cluster: &Cluster) -> Result<(), Failed>
     Ok(())
 }
 
-fn exec_sees_only_loopback(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+/// The command has a network namespace of its own: `lo` and the tunnel, which carries the
+/// pod's address.
+fn exec_has_own_network_with_the_pod_address(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
+    let out = exec(
+        scene,
+        &pod,
+        &[],
+        &["ip", "-o", "-4", "addr", "show", "mirrord0"],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout.contains(&format!(" inet {}/32 ", pod.ip())),
+        "the tunnel does not carry the pod's address {}: {}",
+        pod.ip(),
+        out.describe()
+    );
     let out = exec(scene, &pod, &[], &["ip", "-o", "link"])?;
     ensure_success(&out)?;
     let names: Vec<&str> = out
@@ -422,7 +468,7 @@ fn exec_sees_only_loopback(scene: &Scene, cluster: &Cluster) -> Result<(), Faile
         .map(str::trim)
         .collect();
     ensure!(
-        names == ["lo"],
+        names == ["lo", "mirrord0"],
         "interfaces inside mirrord: {names:?}: {}",
         out.describe()
     );
@@ -921,7 +967,7 @@ fn targetless_uses_the_local_context(scene: &Scene, _cluster: &Cluster) -> Resul
         ],
     )?;
     ensure!(
-        out.code == 0 && out.stdout == format!("{own_hostname}\n{LOCAL_VALUE}\ntargetless\n1\n"),
+        out.code == 0 && out.stdout == format!("{own_hostname}\n{LOCAL_VALUE}\ntargetless\n2\n"),
         "targetless: {}",
         out.describe()
     );

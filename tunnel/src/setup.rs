@@ -143,6 +143,16 @@ pub struct TunPlan {
     socket: OwnedFd,
 }
 
+impl std::fmt::Debug for TunPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunPlan")
+            .field("mtu", &self.mtu)
+            .field("v4", &self.v4)
+            .field("v6", &self.v6)
+            .finish_non_exhaustive()
+    }
+}
+
 /// mirrord's end of the socket pair, on which the child sends the TUN descriptor.
 pub struct TunReceiver {
     socket: OwnedFd,

@@ -1,0 +1,291 @@
+//! The launched process's outgoing network: a TUN device in its own network namespace, the
+//! netstack terminating every flow it opens, and a routing decision per flow — through the
+//! agent from the target's network, from this machine's network, or to this machine's
+//! loopback. It never changes the host's own network configuration.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use mirrord_agent::link::Datagrams;
+use mirrord_netstack::{Event, NetStack, NewTcp, UdpFlow};
+use mirrord_protocol::TargetInfo;
+use mirrord_tunnel::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
+use mirrord_tunnel::{TunDevice, TunPlan, TunReceiver};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::client::{AgentClient, ClientError};
+
+/// The address inside the launched process's namespace that reaches this machine's
+/// `127.0.0.1` (a database on the laptop stays reachable). From the benchmarking range
+/// 198.18.0.0/15, which no cluster hands out.
+pub const HOST_LOOPBACK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
+
+/// The launched process's own address when the target reports no IPv4 address.
+const FALLBACK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+
+/// What the user asked of the outgoing network.
+#[derive(Debug, Clone)]
+pub struct NetSettings {
+    /// False with `--no-outgoing`: every flow stays on this machine's network.
+    pub outgoing: bool,
+    /// False with `--no-udp`: UDP stays on this machine's network.
+    pub udp: bool,
+    /// More remote ranges (`--cidr`), besides the target's own subnets.
+    pub cidrs: Vec<IpNet>,
+    /// `feature.network.outgoing.filter`.
+    pub filter: Option<OutgoingFilter>,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        Self {
+            outgoing: true,
+            udp: true,
+            cidrs: Vec::new(),
+            filter: None,
+        }
+    }
+}
+
+/// The network half of a session: the plan goes to the launcher, the rest serves the device
+/// once the command runs.
+pub struct Network {
+    receiver: TunReceiver,
+    rules: Rules,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid outgoing filter: {0}")]
+    Rules(#[from] mirrord_tunnel::rules::RuleError),
+    #[error("{0}")]
+    Tunnel(#[from] mirrord_tunnel::TunError),
+    #[error("cannot serve the network tunnel: {0}")]
+    Device(std::io::Error),
+    #[error("cannot start the network stack: {0}")]
+    Stack(mirrord_netstack::Error),
+}
+
+/// Plans the tunnel for `info`'s target. None (after one warning line) when this user cannot
+/// create TUN devices, so the session still runs, with only `lo`.
+pub fn prepare(
+    info: &TargetInfo,
+    settings: &NetSettings,
+) -> Result<Option<(TunPlan, Network)>, NetError> {
+    // SAFETY: access(2) on a constant NUL-terminated path.
+    if unsafe { libc::access(c"/dev/net/tun".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        eprintln!(
+            "mirrord: /dev/net/tun is not readable and writable for you ({}); the command runs without the target's network (as root: chmod 0666 /dev/net/tun)",
+            std::io::Error::last_os_error()
+        );
+        return Ok(None);
+    }
+    let v4 = info
+        .addresses
+        .iter()
+        .find_map(|&(ip, prefix)| match ip {
+            IpAddr::V4(v4) => Some((v4, prefix)),
+            IpAddr::V6(_) => None,
+        })
+        .unwrap_or((FALLBACK_V4, 32));
+    let v6 = info.addresses.iter().find_map(|&(ip, prefix)| match ip {
+        IpAddr::V6(v6) => Some((v6, prefix)),
+        IpAddr::V4(_) => None,
+    });
+    let mut remote_cidrs: Vec<IpNet> = info
+        .addresses
+        .iter()
+        .filter_map(|&(ip, prefix)| IpNet::new(ip, prefix).ok().map(|net| net.trunc()))
+        .collect();
+    remote_cidrs.extend(settings.cidrs.iter().copied());
+    let rules = Rules::new(RulesConfig {
+        remote_cidrs,
+        filter: settings.filter.clone(),
+        host_loopback: vec![IpAddr::V4(HOST_LOOPBACK)],
+        udp: settings.udp,
+        outgoing: settings.outgoing,
+    })?;
+    // The device carries the target's address itself (/32): every non-loopback destination is
+    // routed into it anyway, and the netstack decides per flow.
+    let (plan, receiver) = TunPlan::new(
+        mirrord_tunnel::DEFAULT_NAME,
+        mirrord_tunnel::DEFAULT_MTU,
+        (v4.0, 32),
+        v6.map(|(ip, _)| (ip, 128)),
+    )?;
+    Ok(Some((plan, Network { receiver, rules })))
+}
+
+impl Network {
+    /// Takes the device the command's setup created and serves it until this process exits.
+    pub fn serve(self, client: Arc<AgentClient>) -> Result<(), NetError> {
+        let device = Arc::new(TunDevice::new(self.receiver.receive()?).map_err(NetError::Device)?);
+        let config = mirrord_netstack::Config {
+            mtu: mirrord_tunnel::DEFAULT_MTU as usize,
+            // Packets come from the local kernel through the TUN: already checked.
+            verify_rx_checksums: false,
+            ..mirrord_netstack::Config::default()
+        };
+        let (stack_tx, mut stack_rx, mut events) =
+            NetStack::spawn(config).map_err(NetError::Stack)?;
+
+        let tun = device.clone();
+        tokio::spawn(async move {
+            // tun --packets--> netstack
+            let mut bufs = vec![vec![0u8; mirrord_tunnel::MAX_PACKET]; 32];
+            let mut lens = vec![0usize; bufs.len()];
+            loop {
+                match tun.recv_batch(&mut bufs, &mut lens).await {
+                    Ok(n) => {
+                        for (buf, &len) in bufs.iter().zip(&lens).take(n) {
+                            if stack_tx.send(buf[..len].to_vec()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "reading the TUN device ended");
+                        return;
+                    }
+                }
+            }
+        });
+        let tun = device;
+        tokio::spawn(async move {
+            // netstack --packets--> tun
+            let mut batch = Vec::with_capacity(64);
+            while stack_rx.recv_many(&mut batch, 64).await > 0 {
+                for packet in batch.drain(..) {
+                    if let Err(error) = tun.send(&packet).await {
+                        tracing::debug!(%error, "writing the TUN device ended");
+                        return;
+                    }
+                }
+            }
+        });
+        let rules = Arc::new(self.rules);
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let (rules, client) = (rules.clone(), client.clone());
+                tokio::spawn(async move {
+                    match event {
+                        Event::Tcp(new) => tcp(new, &rules, &client).await,
+                        Event::Udp(flow) => udp(flow, &rules, &client).await,
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Where a local or host-loopback flow connects from this machine.
+fn local_target(route: Route, dst: SocketAddr) -> SocketAddr {
+    match route {
+        Route::HostLoopback if dst.is_ipv4() => (Ipv4Addr::LOCALHOST, dst.port()).into(),
+        Route::HostLoopback => (std::net::Ipv6Addr::LOCALHOST, dst.port()).into(),
+        _ => dst,
+    }
+}
+
+/// Connects the far side first, so the app's connect succeeds or fails as the real one did.
+async fn tcp(new: NewTcp, rules: &Rules, client: &AgentClient) {
+    let dst = new.dst;
+    let route = rules.route(Protocol::Tcp, dst);
+    tracing::debug!(src = %new.src, %dst, ?route, "new TCP flow");
+    match route {
+        Route::Remote => match client.connect_tcp(dst).await {
+            Ok(remote) => match new.accept() {
+                Ok(stream) => client.pipe(stream, remote).await,
+                Err(error) => {
+                    tracing::debug!(%error, "the app's connection vanished");
+                    client.abandon(remote).await;
+                }
+            },
+            Err(ClientError::Remote(error)) if error.errno == libc::ECONNREFUSED => new.refuse(),
+            Err(error) => {
+                tracing::debug!(%dst, "remote connect failed: {error}");
+                new.unreachable();
+            }
+        },
+        Route::Local | Route::HostLoopback => {
+            match TcpStream::connect(local_target(route, dst)).await {
+                Ok(mut socket) => {
+                    let _ = socket.set_nodelay(true);
+                    if let Ok(mut stream) = new.accept() {
+                        // Errors end the flow; dropping both sides resets what is left.
+                        if tokio::io::copy_bidirectional(&mut stream, &mut socket)
+                            .await
+                            .is_err()
+                        {
+                            stream.abort();
+                        }
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => new.refuse(),
+                Err(error) => {
+                    tracing::debug!(%dst, %error, "local connect failed");
+                    new.unreachable();
+                }
+            }
+        }
+    }
+}
+
+/// The netstack's view of one UDP flow, as the agent link's datagram pipe wants it.
+struct FlowDatagrams(UdpFlow);
+
+impl Datagrams for FlowDatagrams {
+    async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.0.recv().await
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+        self.0.send(datagram).map_err(std::io::Error::other)
+    }
+}
+
+async fn udp(flow: UdpFlow, rules: &Rules, client: &AgentClient) {
+    let dst = flow.dst;
+    let route = rules.route(Protocol::Udp, dst);
+    tracing::debug!(src = %flow.src, %dst, ?route, "new UDP flow");
+    match route {
+        Route::Remote => match client.connect_udp(dst).await {
+            Ok(remote) => client.pipe_datagrams(FlowDatagrams(flow), remote).await,
+            Err(error) => tracing::debug!(%dst, "remote UDP failed: {error}"),
+        },
+        Route::Local | Route::HostLoopback => {
+            let target = local_target(route, dst);
+            let bind: SocketAddr = if target.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = match UdpSocket::bind(bind).await {
+                Ok(socket) => socket,
+                Err(error) => return tracing::debug!(%error, "local UDP bind failed"),
+            };
+            if let Err(error) = socket.connect(target).await {
+                return tracing::debug!(%dst, %error, "local UDP connect failed");
+            }
+            relay(FlowDatagrams(flow), socket).await;
+        }
+    }
+}
+
+/// Datagrams both ways between two sockets until either ends.
+async fn relay(mut app: impl Datagrams, mut far: impl Datagrams) {
+    loop {
+        tokio::select! {
+            datagram = app.recv() => match datagram {
+                Some(datagram) => { let _ = far.send(&datagram).await; }
+                None => return,
+            },
+            datagram = far.recv() => match datagram {
+                Some(datagram) => { let _ = app.send(&datagram).await; }
+                None => return,
+            },
+        }
+    }
+}

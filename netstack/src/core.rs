@@ -1,0 +1,786 @@
+//! The sans-I/O heart of the stack: raw IP packets and the current time go in, raw IP packets,
+//! new-flow events and socket data come out; it never touches a clock, a channel or a task.
+//!
+//! smoltcp runs in any-IP mode. A connection-opening SYN is held here until the caller decides
+//! (accept / refuse / unreachable), so the app only sees a SYN-ACK once the remote side exists.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::task::{Context, Poll, Waker};
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
+
+use crate::Config;
+use crate::packet::{self, FlowKey, Inbound, PacketError};
+
+/// How the caller answered a held SYN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Accept,
+    Refuse,
+    Unreachable,
+}
+
+/// Something the caller must hear about.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CoreEvent {
+    /// A SYN to a new 4-tuple is held until `decide` is called for `key`.
+    NewTcp(FlowKey),
+    /// The first datagram of a new UDP flow arrived (it is already queued on the flow).
+    NewUdp { key: FlowKey, id: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CoreError {
+    #[error("no SYN is waiting for a decision on this flow")]
+    NotPending,
+    #[error("UDP flow is closed")]
+    FlowClosed,
+    #[error(transparent)]
+    Packet(#[from] PacketError),
+    #[error("cannot listen on the destination: {0}")]
+    Listen(#[from] tcp::ListenError),
+}
+
+/// In-memory packet queues standing in for the TUN; unbounded because smoltcp has no SACK
+/// and every dropped segment costs a full retransmission timeout.
+struct QueueDevice {
+    /// app --packets--> smoltcp
+    rx: VecDeque<Vec<u8>>,
+    /// smoltcp --packets--> app
+    tx: VecDeque<Vec<u8>>,
+    caps: DeviceCapabilities,
+}
+
+struct RxToken(Vec<u8>);
+struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl phy::Device for QueueDevice {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((RxToken(packet), TxToken(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.caps.clone()
+    }
+}
+
+/// Bookkeeping for an accepted connection.
+struct Conn {
+    key: FlowKey,
+    /// The caller still holds the `TcpStream`.
+    stream_alive: bool,
+    /// The caller shut down its write half.
+    write_closed: bool,
+    /// The caller's FIN waits for every byte before it to be acknowledged; see `tcp_shutdown`.
+    fin_deferred: bool,
+    /// The app's FIN was seen, so a later Closed state is a normal end.
+    fin_seen: bool,
+    /// The app reset the connection (or the stack shut down).
+    reset: bool,
+}
+
+struct UdpState {
+    id: u64,
+    last_active: Instant,
+    /// app --datagrams--> caller, bounded: UDP may drop, memory may not grow without end.
+    queue: VecDeque<Vec<u8>>,
+    waker: Option<Waker>,
+}
+
+pub(crate) struct Core {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    device: QueueDevice,
+    /// Checksums verified on packets from the app (none when the caller trusts the device).
+    rx_caps: ChecksumCapabilities,
+    /// Checksums written on packets to the app (always: the kernel verifies them).
+    tx_caps: ChecksumCapabilities,
+    config: Config,
+    conns: HashMap<SocketHandle, Conn>,
+    by_key: HashMap<FlowKey, SocketHandle>,
+    /// Held SYNs waiting for a decision, by flow.
+    pending: HashMap<FlowKey, Vec<u8>>,
+    udp: HashMap<FlowKey, UdpState>,
+    next_udp_id: u64,
+    events: VecDeque<CoreEvent>,
+    closed: bool,
+}
+
+fn checksum_caps(mode: Checksum) -> ChecksumCapabilities {
+    let mut caps = ChecksumCapabilities::default();
+    caps.ipv4 = mode;
+    caps.tcp = mode;
+    caps.udp = mode;
+    caps.icmpv4 = mode;
+    caps.icmpv6 = mode;
+    caps
+}
+
+fn smol_duration(d: std::time::Duration) -> Duration {
+    Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn reset_error() -> io::Error {
+    io::Error::from(io::ErrorKind::ConnectionReset)
+}
+
+impl Core {
+    pub(crate) fn new(config: Config, now: Instant) -> Self {
+        let rx_caps = if config.verify_rx_checksums {
+            checksum_caps(Checksum::Both)
+        } else {
+            checksum_caps(Checksum::Tx)
+        };
+        let tx_caps = checksum_caps(Checksum::Tx);
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = config.mtu;
+        caps.checksum = rx_caps.clone();
+        let mut device = QueueDevice {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            caps,
+        };
+        let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
+        iface_config.random_seed = config.random_seed;
+        let mut iface = Interface::new(iface_config, &mut device, now);
+        // In smoltcp 0.14 any-IP makes every destination "ours" (InterfaceInner::has_ip_addr
+        // short-circuits), so no interface address or route is needed: replies carry the
+        // listening socket's own address, i.e. the app's original destination.
+        iface.set_any_ip(true);
+        Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            device,
+            rx_caps,
+            tx_caps,
+            config,
+            conns: HashMap::new(),
+            by_key: HashMap::new(),
+            pending: HashMap::new(),
+            udp: HashMap::new(),
+            next_udp_id: 0,
+            events: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    /// Takes one packet the app sent.
+    pub(crate) fn ingest(&mut self, now: Instant, packet: Vec<u8>) {
+        if self.closed {
+            return;
+        }
+        let inbound = match packet::classify(&packet, &self.rx_caps) {
+            Ok(inbound) => inbound,
+            Err(e) => {
+                tracing::trace!(error = %e, len = packet.len(), "dropping packet from the app");
+                return;
+            }
+        };
+        match inbound {
+            Inbound::TcpSyn(key) => self.ingest_syn(key, packet),
+            Inbound::Tcp(_) => match packet::split_fin(&packet) {
+                Some((data, fin)) => {
+                    self.device.rx.push_back(data);
+                    self.device.rx.push_back(fin);
+                }
+                None => self.device.rx.push_back(packet),
+            },
+            Inbound::Other => self.device.rx.push_back(packet),
+            Inbound::Udp { key, payload } => {
+                let Some(data) = packet.get(payload) else {
+                    return;
+                };
+                self.ingest_udp(now, key, data.to_vec());
+            }
+        }
+    }
+
+    fn ingest_syn(&mut self, key: FlowKey, packet: Vec<u8>) {
+        if let Some(&handle) = self.by_key.get(&key) {
+            let state = self.sockets.get::<tcp::Socket>(handle).state();
+            if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+                // A retransmitted SYN for a connection smoltcp already owns.
+                self.device.rx.push_back(packet);
+                return;
+            }
+            // The app reuses the 4-tuple of a finished connection: the old socket must stop
+            // matching it before the new one exists.
+            self.by_key.remove(&key);
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.fin_seen = true;
+            }
+        }
+        if self.pending.contains_key(&key) {
+            // Retransmission while the caller is still deciding: the first SYN stays held.
+            return;
+        }
+        self.pending.insert(key, packet);
+        self.events.push_back(CoreEvent::NewTcp(key));
+    }
+
+    fn ingest_udp(&mut self, now: Instant, key: FlowKey, data: Vec<u8>) {
+        if let Some(flow) = self.udp.get_mut(&key) {
+            flow.last_active = now;
+            if flow.queue.len() < self.config.udp_queue {
+                flow.queue.push_back(data);
+            }
+            if let Some(w) = flow.waker.take() {
+                w.wake();
+            }
+            return;
+        }
+        let id = self.next_udp_id;
+        self.next_udp_id += 1;
+        self.udp.insert(
+            key,
+            UdpState {
+                id,
+                last_active: now,
+                queue: VecDeque::from([data]),
+                waker: None,
+            },
+        );
+        self.events.push_back(CoreEvent::NewUdp { key, id });
+    }
+
+    /// Answers a held SYN. `Accept` returns the connection's handle.
+    pub(crate) fn decide(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        decision: Decision,
+    ) -> Result<Option<SocketHandle>, CoreError> {
+        let syn = self.pending.remove(&key).ok_or(CoreError::NotPending)?;
+        match decision {
+            Decision::Refuse => {
+                self.device
+                    .tx
+                    .push_back(packet::refuse_syn(&syn, &self.tx_caps)?);
+                Ok(None)
+            }
+            Decision::Unreachable => {
+                self.device
+                    .tx
+                    .push_back(packet::unreachable(&syn, &self.tx_caps)?);
+                Ok(None)
+            }
+            Decision::Accept => {
+                let mut socket = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
+                    tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+                );
+                // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
+                socket.set_ack_delay(None);
+                socket.set_nagle_enabled(self.config.nagle);
+                let (_, dst) = key;
+                if let Err(e) = socket.listen(IpListenEndpoint {
+                    addr: Some(dst.ip().into()),
+                    port: dst.port(),
+                }) {
+                    self.device
+                        .tx
+                        .push_back(packet::refuse_syn(&syn, &self.tx_caps)?);
+                    return Err(e.into());
+                }
+                let handle = self.sockets.add(socket);
+                self.conns.insert(
+                    handle,
+                    Conn {
+                        key,
+                        stream_alive: true,
+                        write_closed: false,
+                        fin_deferred: false,
+                        fin_seen: false,
+                        reset: false,
+                    },
+                );
+                self.by_key.insert(key, handle);
+                // Process exactly this SYN now: were another accepted SYN to the same
+                // destination processed first, it could land on this listening socket.
+                self.device.rx.push_front(syn);
+                self.iface
+                    .poll_ingress_single(now, &mut self.device, &mut self.sockets);
+                Ok(Some(handle))
+            }
+        }
+    }
+
+    /// Runs smoltcp and the stack's own timers.
+    pub(crate) fn poll(&mut self, now: Instant) {
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        if self.maintain() {
+            // A deferred FIN was just queued: send it now rather than on the next wake-up.
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+        }
+        let idle = smol_duration(self.config.udp_idle);
+        self.udp.retain(|_, flow| {
+            let keep = now < flow.last_active + idle;
+            if !keep && let Some(w) = flow.waker.take() {
+                w.wake();
+            }
+            keep
+        });
+    }
+
+    /// Follows socket state changes smoltcp does not report (resets and finished sockets) and
+    /// sends deferred FINs; true if a FIN was queued.
+    fn maintain(&mut self) -> bool {
+        let mut finished = Vec::new();
+        let mut fin_queued = false;
+        for (&handle, conn) in &mut self.conns {
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            if conn.fin_deferred && socket.send_queue() == 0 {
+                conn.fin_deferred = false;
+                socket.close();
+                fin_queued = true;
+            }
+            match socket.state() {
+                tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait => conn.fin_seen = true,
+                // An RST in SYN-RECEIVED sends smoltcp back to LISTEN; this socket was for one
+                // app connection only, and listening on it could steal another flow's SYN.
+                tcp::State::Listen => {
+                    eprintln!("LISTEN again {:?}", conn.key);
+                    socket.abort();
+                    conn.reset = true;
+                }
+                tcp::State::Closed => {
+                    if !conn.fin_seen && !conn.reset {
+                        eprintln!("RESET seen {:?}", conn.key);
+                        conn.reset = true;
+                    }
+                    if !conn.stream_alive {
+                        finished.push(handle);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for handle in finished {
+            if let Some(conn) = self.conns.remove(&handle) {
+                if self.by_key.get(&conn.key) == Some(&handle) {
+                    self.by_key.remove(&conn.key);
+                }
+                self.sockets.remove(handle);
+            }
+        }
+        fin_queued
+    }
+
+    /// When `poll` must run next at the latest, if anything is waiting on time.
+    pub(crate) fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let tcp = self.iface.poll_delay(now, &self.sockets);
+        let idle = smol_duration(self.config.udp_idle);
+        let udp = self
+            .udp
+            .values()
+            .map(|f| {
+                let deadline = f.last_active + idle;
+                if deadline > now {
+                    deadline - now
+                } else {
+                    Duration::ZERO
+                }
+            })
+            .min();
+        match (tcp, udp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Packets for the app, in order.
+    pub(crate) fn drain_transmit(&mut self) -> std::collections::vec_deque::Drain<'_, Vec<u8>> {
+        self.device.tx.drain(..)
+    }
+
+    pub(crate) fn pop_event(&mut self) -> Option<CoreEvent> {
+        self.events.pop_front()
+    }
+
+    // --- TCP connections, by handle (a live stream's handle is never reused) ---
+
+    fn conn_socket(
+        &mut self,
+        handle: SocketHandle,
+    ) -> Option<(&mut Conn, &mut tcp::Socket<'static>)> {
+        let conn = self.conns.get_mut(&handle)?;
+        // Cannot panic: a handle stays in `conns` exactly as long as its socket is in the set.
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        Some((conn, socket))
+    }
+
+    pub(crate) fn tcp_poll_read(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let closed = self.closed;
+        let Some((conn, socket)) = self.conn_socket(handle) else {
+            return Poll::Ready(Err(reset_error()));
+        };
+        if conn.reset || closed {
+            return Poll::Ready(Err(reset_error()));
+        }
+        match socket.recv_slice(buf) {
+            Ok(0) if !buf.is_empty() => {
+                socket.register_recv_waker(cx.waker());
+                Poll::Pending
+            }
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(tcp::RecvError::Finished) => Poll::Ready(Ok(0)),
+            Err(tcp::RecvError::InvalidState) => match socket.state() {
+                tcp::State::SynReceived | tcp::State::SynSent => {
+                    socket.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(Err(reset_error())),
+            },
+        }
+    }
+
+    pub(crate) fn tcp_poll_write(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let closed = self.closed;
+        let Some((conn, socket)) = self.conn_socket(handle) else {
+            return Poll::Ready(Err(reset_error()));
+        };
+        if conn.reset || closed {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if conn.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        match socket.send_slice(data) {
+            Ok(0) if !data.is_empty() => {
+                socket.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(tcp::SendError::InvalidState) => match socket.state() {
+                tcp::State::SynReceived | tcp::State::SynSent => {
+                    socket.register_send_waker(cx.waker());
+                    Poll::Pending
+                }
+                tcp::State::Closed => Poll::Ready(Err(reset_error())),
+                _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            },
+        }
+    }
+
+    /// Sends a FIN after the data already written, once all of it is acknowledged.
+    ///
+    /// Closing earlier is unsafe after the app's FIN: in LAST-ACK, smoltcp 0.14 drops an ACK that
+    /// acknowledges nothing new before reading its window, so if the app's window was zero, its
+    /// window updates (and its answers to our zero-window probes) are all lost and the rest of
+    /// the data never leaves; only `orphan_timeout` ended such connections, with a reset.
+    pub(crate) fn tcp_shutdown(&mut self, handle: SocketHandle) {
+        if let Some((conn, socket)) = self.conn_socket(handle) {
+            if conn.write_closed {
+                return;
+            }
+            conn.write_closed = true;
+            if socket.send_queue() == 0 {
+                socket.close();
+            } else {
+                conn.fin_deferred = true;
+            }
+        }
+    }
+
+    /// The caller let go of the stream: a clean close (FIN sent, nothing unread) lingers to
+    /// finish the handshake, anything else is reset like the kernel's close() with unread data.
+    pub(crate) fn tcp_release(&mut self, handle: SocketHandle, abort: bool) {
+        let finish = smol_duration(self.config.orphan_timeout);
+        if let Some((conn, socket)) = self.conn_socket(handle) {
+            conn.stream_alive = false;
+            if abort || !conn.write_closed || socket.recv_queue() > 0 {
+                eprintln!("ABORT on release {:?} abort={abort} wc={} rq={} state={}", conn.key, conn.write_closed, socket.recv_queue(), socket.state());
+                socket.abort();
+            } else {
+                // Nobody reads any more: do not wait forever for the app's FIN.
+                socket.set_timeout(Some(finish));
+            }
+        }
+    }
+
+    // --- UDP flows, by key and id (a new flow with the same key gets a new id) ---
+
+    pub(crate) fn udp_poll_recv(
+        &mut self,
+        key: FlowKey,
+        id: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Vec<u8>>> {
+        match self.udp.get_mut(&key) {
+            Some(flow) if flow.id == id => match flow.queue.pop_front() {
+                Some(d) => Poll::Ready(Some(d)),
+                None => {
+                    flow.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            },
+            _ => Poll::Ready(None),
+        }
+    }
+
+    /// Sends `payload` to the app as if from the flow's original destination.
+    pub(crate) fn udp_send(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        id: u64,
+        payload: &[u8],
+    ) -> Result<(), CoreError> {
+        match self.udp.get_mut(&key) {
+            Some(flow) if flow.id == id => {
+                flow.last_active = now;
+                let (app, dst) = key;
+                let packet = packet::build_udp(dst, app, payload, &self.tx_caps)?;
+                self.device.tx.push_back(packet);
+                Ok(())
+            }
+            _ => Err(CoreError::FlowClosed),
+        }
+    }
+
+    pub(crate) fn udp_release(&mut self, key: FlowKey, id: u64) {
+        if self.udp.get(&key).is_some_and(|f| f.id == id) {
+            self.udp.remove(&key);
+        }
+    }
+
+    /// The packet side is gone: every stream and flow ends now instead of hanging.
+    pub(crate) fn close_all(&mut self) {
+        self.closed = true;
+        self.pending.clear();
+        for (&handle, conn) in &mut self.conns {
+            conn.reset = true;
+            // abort() wakes the socket's wakers.
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+        }
+        for (_, mut flow) in self.udp.drain() {
+            if let Some(w) = flow.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub(crate) fn debug_dump(&self) -> String {
+        let mut out = String::new();
+        for (&h, conn) in &self.conns {
+            let s = self.sockets.get::<tcp::Socket>(h);
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) { continue; }
+            out.push_str(&format!("STACK {:?} alive={} wc={} fin={} {}\n", conn.key, conn.stream_alive, conn.write_closed, conn.fin_seen, strip(&format!("{s:?}"))));
+        }
+        out
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tcp_state(&self, handle: SocketHandle) -> tcp::State {
+        self.sockets.get::<tcp::Socket>(handle).state()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tests::syn;
+    use smoltcp::wire::{
+        Icmpv4Message, Icmpv4Packet, IpAddress, Ipv4Packet, TcpControl, TcpPacket, TcpRepr,
+    };
+    use std::net::SocketAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn tcp_of(p: &[u8]) -> TcpRepr<'_> {
+        let ip = Ipv4Packet::new_checked(p).unwrap();
+        let (s, d) = (
+            IpAddress::from(ip.src_addr()),
+            IpAddress::from(ip.dst_addr()),
+        );
+        let payload = &p[usize::from(ip.header_len())..];
+        let tcp = TcpPacket::new_checked(payload).unwrap();
+        TcpRepr::parse(&tcp, &s, &d, &ChecksumCapabilities::default()).unwrap()
+    }
+
+    fn t(ms: i64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    #[test]
+    fn syn_is_held_and_duplicates_do_not_create_a_second_flow() {
+        let mut core = Core::new(Config::default(), t(0));
+        let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
+        core.ingest(t(0), syn(key.0, key.1, 7));
+        core.poll(t(0));
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(key)));
+        assert_eq!(
+            core.drain_transmit().count(),
+            0,
+            "nothing is answered before a decision"
+        );
+        core.ingest(t(1000), syn(key.0, key.1, 7));
+        core.ingest(t(3000), syn(key.0, key.1, 7));
+        core.poll(t(3000));
+        assert_eq!(core.pop_event(), None);
+        assert_eq!(core.drain_transmit().count(), 0);
+        // Accepting answers the held SYN with a SYN-ACK from the original destination.
+        let handle = core
+            .decide(t(3500), key, Decision::Accept)
+            .unwrap()
+            .unwrap();
+        core.poll(t(3500));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1);
+        let synack = tcp_of(&out[0]);
+        assert_eq!(synack.control, TcpControl::Syn);
+        assert_eq!(synack.src_port, 80);
+        assert_eq!(synack.ack_number, Some(smoltcp::wire::TcpSeqNumber(8)));
+        assert_eq!(
+            Ipv4Packet::new_checked(&out[0][..])
+                .unwrap()
+                .src_addr()
+                .to_string(),
+            "10.1.2.3"
+        );
+        assert_eq!(core.tcp_state(handle), tcp::State::SynReceived);
+        // A late retransmission goes to the socket, not to a new decision.
+        core.ingest(t(4000), syn(key.0, key.1, 7));
+        core.poll(t(4000));
+        assert_eq!(core.pop_event(), None);
+        assert!(matches!(
+            core.decide(t(4000), key, Decision::Accept),
+            Err(CoreError::NotPending)
+        ));
+    }
+
+    #[test]
+    fn refused_syn_gets_rst_and_unreachable_gets_icmp() {
+        let mut core = Core::new(Config::default(), t(0));
+        let refused = (addr("10.0.0.2:40001"), addr("10.1.2.3:81"));
+        let unreach = (addr("10.0.0.2:40002"), addr("10.9.9.9:80"));
+        core.ingest(t(0), syn(refused.0, refused.1, 100));
+        core.ingest(t(0), syn(unreach.0, unreach.1, 200));
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(refused)));
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(unreach)));
+
+        core.decide(t(1), refused, Decision::Refuse).unwrap();
+        let out: Vec<_> = core.drain_transmit().collect();
+        let rst = tcp_of(&out[0]);
+        assert_eq!(rst.control, TcpControl::Rst);
+        assert_eq!((rst.src_port, rst.dst_port), (81, 40001));
+
+        core.decide(t(1), unreach, Decision::Unreachable).unwrap();
+        let out: Vec<_> = core.drain_transmit().collect();
+        let ip = Ipv4Packet::new_checked(&out[0][..]).unwrap();
+        assert_eq!(ip.src_addr().to_string(), "10.9.9.9");
+        assert_eq!(ip.dst_addr().to_string(), "10.0.0.2");
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+    }
+
+    #[test]
+    fn udp_flows_are_keyed_replies_swap_addresses_and_idle_flows_expire() {
+        let config = Config {
+            udp_idle: std::time::Duration::from_secs(60),
+            ..Config::default()
+        };
+        let mut core = Core::new(config, t(0));
+        let caps = ChecksumCapabilities::default();
+        let key = (addr("[fd00::2]:5353"), addr("[fd00::5]:53"));
+        core.ingest(t(0), packet::build_udp(key.0, key.1, b"q1", &caps).unwrap());
+        core.ingest(
+            t(10),
+            packet::build_udp(key.0, key.1, b"q2", &caps).unwrap(),
+        );
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewUdp { key, id: 0 }));
+        assert_eq!(core.pop_event(), None, "one flow per (src, dst)");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert_eq!(
+            core.udp_poll_recv(key, 0, &mut cx),
+            Poll::Ready(Some(b"q1".to_vec()))
+        );
+        assert_eq!(
+            core.udp_poll_recv(key, 0, &mut cx),
+            Poll::Ready(Some(b"q2".to_vec()))
+        );
+        assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Pending);
+
+        core.udp_send(t(20), key, 0, b"answer").unwrap();
+        let reply: Vec<_> = core.drain_transmit().collect();
+        match packet::classify(&reply[0], &caps).unwrap() {
+            Inbound::Udp { key: k, payload } => {
+                assert_eq!(k, (key.1, key.0));
+                assert_eq!(&reply[0][payload], b"answer");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        assert_eq!(core.poll_delay(t(20)), Some(Duration::from_secs(60)));
+        core.poll(t(59_000));
+        assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Pending);
+        core.poll(t(60_020));
+        assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Ready(None));
+        assert!(core.udp_send(t(60_020), key, 0, b"late").is_err());
+        // A datagram after expiry starts a fresh flow.
+        core.ingest(
+            t(61_000),
+            packet::build_udp(key.0, key.1, b"q3", &caps).unwrap(),
+        );
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewUdp { key, id: 1 }));
+    }
+}
+
+pub(crate) fn strip(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("storage: ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let j = after.find(']').map(|j| j + 1).unwrap_or(after.len());
+        rest = &after[j..];
+    }
+    out.push_str(rest);
+    out
+}

@@ -1,0 +1,393 @@
+//! The thin tokio shell around the sans-I/O core: one task moves packets and runs smoltcp when
+//! a packet arrives, a stream or flow did something, or smoltcp's own next deadline passes (no
+//! fixed-interval timer); it never decides where a flow goes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, mpsc};
+
+use crate::core::{Core, CoreEvent, Decision};
+use crate::packet::FlowKey;
+use crate::{Config, Error};
+
+/// Packets taken from the app per wake-up before smoltcp runs, so egress is not starved.
+const INGEST_BATCH: usize = 256;
+
+struct Shared {
+    core: Mutex<Core>,
+    /// streams and flows --"something changed"--> poll task
+    wake: Notify,
+    start: tokio::time::Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves the core usable enough to close down cleanly.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// smoltcp time from tokio's clock, so tests can pause and advance it.
+    fn now(&self) -> Instant {
+        let micros = self.start.elapsed().as_micros();
+        Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+}
+
+/// Where the app's packets (read from the TUN) go into the stack.
+#[derive(Clone)]
+pub struct PacketSink {
+    /// tun --packets--> netstack
+    tun_rx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl PacketSink {
+    /// Hands one raw IPv4/IPv6 packet to the stack; fails once the stack has stopped.
+    pub fn send(&self, packet: Vec<u8>) -> Result<(), Error> {
+        self.tun_rx.send(packet).map_err(|_| Error::Closed)
+    }
+}
+
+/// Where packets for the app (to be written to the TUN) come out of the stack.
+pub struct PacketSource {
+    /// netstack --packets--> tun
+    tun_tx: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl PacketSource {
+    /// The next packet for the app; `None` once the stack has stopped.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.tun_tx.recv().await
+    }
+
+    /// Appends up to `limit` packets to `out` (waiting for at least one); 0 once stopped.
+    pub async fn recv_many(&mut self, out: &mut Vec<Vec<u8>>, limit: usize) -> usize {
+        self.tun_tx.recv_many(out, limit).await
+    }
+
+    /// A packet if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        self.tun_tx.try_recv().ok()
+    }
+}
+
+/// A new flow from the app.
+pub enum Event {
+    Tcp(NewTcp),
+    Udp(UdpFlow),
+}
+
+/// New flows, in arrival order.
+pub struct Events {
+    /// netstack --new flows--> caller
+    events_rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next new flow; `None` once the stack has stopped.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events_rx.recv().await
+    }
+}
+
+/// The userspace TCP/IP stack.
+pub struct NetStack;
+
+impl NetStack {
+    /// Starts the stack's task on the current tokio runtime. It runs until the [`PacketSink`]
+    /// (all clones) or the [`PacketSource`] is dropped; then every stream fails with
+    /// `ConnectionReset` and every UDP flow ends.
+    pub fn spawn(config: Config) -> Result<(PacketSink, PacketSource, Events), Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let start = tokio::time::Instant::now();
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core::new(config, Instant::from_micros(0))),
+            wake: Notify::new(),
+            start,
+        });
+        let (tun_rx_tx, tun_rx) = mpsc::unbounded_channel();
+        let (tun_tx, tun_tx_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if std::env::var_os("NETSTACK_DUMP").is_some() {
+            let s = shared.clone();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                eprintln!("=== stack dump\n{}", s.lock().debug_dump());
+            });
+        }
+        runtime.spawn(run(shared, tun_rx, tun_tx, events_tx));
+        Ok((
+            PacketSink { tun_rx: tun_rx_tx },
+            PacketSource { tun_tx: tun_tx_rx },
+            Events { events_rx },
+        ))
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    tun_tx: mpsc::UnboundedSender<Vec<u8>>,
+    events_tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut batch = Vec::with_capacity(INGEST_BATCH);
+    let mut events = Vec::new();
+    loop {
+        let delay = {
+            let mut core = shared.lock();
+            let now = shared.now();
+            core.poll(now);
+            for packet in core.drain_transmit() {
+                // A closed receiver ends the loop below.
+                let _ = tun_tx.send(packet);
+            }
+            while let Some(event) = core.pop_event() {
+                events.push(event);
+            }
+            core.poll_delay(now)
+        };
+        // Outside the lock: an undeliverable NewTcp refuses itself on drop, which locks.
+        for event in events.drain(..) {
+            let event = match event {
+                CoreEvent::NewTcp((src, dst)) => Event::Tcp(NewTcp {
+                    src,
+                    dst,
+                    shared: shared.clone(),
+                    decided: false,
+                }),
+                CoreEvent::NewUdp { key, id } => Event::Udp(UdpFlow {
+                    src: key.0,
+                    dst: key.1,
+                    id,
+                    shared: shared.clone(),
+                }),
+            };
+            let _ = events_tx.send(event);
+        }
+        if tun_tx.is_closed() {
+            break;
+        }
+        let sleep = async {
+            match delay {
+                Some(d) => tokio::time::sleep(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            n = tun_rx.recv_many(&mut batch, INGEST_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                let mut core = shared.lock();
+                let now = shared.now();
+                for packet in batch.drain(..) {
+                    core.ingest(now, packet);
+                }
+            }
+            _ = shared.wake.notified() => {}
+            _ = sleep => {}
+        }
+    }
+    shared.lock().close_all();
+}
+
+/// A TCP connection attempt from the app, held until the caller decides. Dropping it undecided
+/// refuses the connection.
+pub struct NewTcp {
+    /// The app's own address.
+    pub src: SocketAddr,
+    /// Where the app wants to go.
+    pub dst: SocketAddr,
+    shared: Arc<Shared>,
+    decided: bool,
+}
+
+impl NewTcp {
+    fn decide(&mut self, decision: Decision) -> Result<Option<SocketHandle>, Error> {
+        self.decided = true;
+        let result = {
+            let mut core = self.shared.lock();
+            core.decide(self.shared.now(), (self.src, self.dst), decision)
+        };
+        self.shared.wake.notify_one();
+        Ok(result?)
+    }
+
+    /// Completes the app's handshake; the returned stream carries the connection's bytes.
+    pub fn accept(mut self) -> Result<TcpStream, Error> {
+        let handle = self.decide(Decision::Accept)?.ok_or(Error::Closed)?;
+        Ok(TcpStream {
+            src: self.src,
+            dst: self.dst,
+            handle,
+            shared: self.shared.clone(),
+            released: false,
+        })
+    }
+
+    /// Answers with an RST: the app's connect fails with ECONNREFUSED.
+    pub fn refuse(mut self) {
+        if let Err(e) = self.decide(Decision::Refuse) {
+            tracing::debug!(error = %e, "could not refuse a TCP connection");
+        }
+    }
+
+    /// Answers with an ICMP(v6) destination unreachable: the app's connect fails with
+    /// EHOSTUNREACH.
+    pub fn unreachable(mut self) {
+        if let Err(e) = self.decide(Decision::Unreachable) {
+            tracing::debug!(error = %e, "could not answer a TCP connection as unreachable");
+        }
+    }
+}
+
+impl Drop for NewTcp {
+    fn drop(&mut self) {
+        if !self.decided {
+            let _ = self.decide(Decision::Refuse);
+        }
+    }
+}
+
+/// One accepted TCP connection from the app. Reading returns what the app sent (EOF after its
+/// FIN, `ConnectionReset` after its RST); `shutdown` sends a FIN. Dropping it after `shutdown`
+/// with nothing left unread closes cleanly; any other drop, or [`TcpStream::abort`], resets
+/// the app's connection.
+pub struct TcpStream {
+    src: SocketAddr,
+    dst: SocketAddr,
+    handle: SocketHandle,
+    shared: Arc<Shared>,
+    released: bool,
+}
+
+impl TcpStream {
+    /// The app's own address.
+    pub fn src(&self) -> SocketAddr {
+        self.src
+    }
+
+    /// The destination the app connected to.
+    pub fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// Resets the app's connection now (it sees ECONNRESET).
+    pub fn abort(mut self) {
+        self.release(true);
+    }
+
+    fn release(&mut self, abort: bool) {
+        if !self.released {
+            self.released = true;
+            self.shared.lock().tcp_release(self.handle, abort);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}
+
+impl AsyncRead for TcpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = this
+            .shared
+            .lock()
+            .tcp_poll_read(this.handle, cx, buf.initialize_unfilled());
+        match result {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                if n > 0 {
+                    // Freed receive space may need a window update.
+                    this.shared.wake.notify_one();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for TcpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = this.shared.lock().tcp_poll_write(this.handle, cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.shared.wake.notify_one();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are already in smoltcp's buffer and the poll task has been woken.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.shared.lock().tcp_shutdown(this.handle);
+        this.shared.wake.notify_one();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Datagrams between one app socket and one destination. Dropping it forgets the flow (a later
+/// datagram starts a new one).
+pub struct UdpFlow {
+    /// The app's own address.
+    pub src: SocketAddr,
+    /// Where the app sent its datagrams.
+    pub dst: SocketAddr,
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl UdpFlow {
+    fn key(&self) -> FlowKey {
+        (self.src, self.dst)
+    }
+
+    /// The next datagram payload from the app; `None` once the flow expired or the stack
+    /// stopped.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        std::future::poll_fn(|cx| self.shared.lock().udp_poll_recv(self.key(), self.id, cx)).await
+    }
+
+    /// Sends `payload` to the app, from the flow's original destination.
+    pub fn send(&self, payload: &[u8]) -> Result<(), Error> {
+        self.shared
+            .lock()
+            .udp_send(self.shared.now(), self.key(), self.id, payload)?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.shared.lock().udp_release(self.key(), self.id);
+    }
+}

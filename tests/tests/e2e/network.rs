@@ -1,0 +1,269 @@
+//! The pod's outgoing network through `mirrord exec`: unmodified clients (curl, psql,
+//! busybox-static wget, socat) reach servers that only the pod can reach, through the TUN,
+//! the netstack and the agent; refused ports fail fast; the host's loopback stays reachable at
+//! its fixed address; and without mirrord the same requests fail.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use mirrord_tests::process::Run;
+use mirrord_tests::{Cluster, Scene};
+
+use super::{RUN, exec, standard_pod};
+
+/// The host-loopback address inside the launched process (docs/cli.md).
+const HOST_LOOPBACK: &str = "198.19.255.254";
+
+/// The fixture's cluster range, passed as a user passes their cluster's CIDRs: only the pod's
+/// own subnet is remote by default.
+const CLUSTER: &[&str] = &["--cidr", "10.213.0.0/16"];
+
+/// A server process in the cluster, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(mut cmd: Command, what: &str) -> Result<Server, Failed> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Ok(Server(
+        cmd.spawn().map_err(|error| format!("{what}: {error}"))?,
+    ))
+}
+
+pub fn net_curl_and_static_wget_reach_a_cluster_only_server(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let server = cluster.serve_http(&[("index.html", "hello from the cluster\n")])?;
+    let url = server.url("index.html");
+    let out = exec(
+        scene,
+        &pod,
+        CLUSTER,
+        &["curl", "-sS", "--max-time", "10", &url],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "hello from the cluster\n",
+        "curl: {}",
+        out.describe()
+    );
+    let out = exec(
+        scene,
+        &pod,
+        CLUSTER,
+        &["busybox", "wget", "-q", "-O", "-", &url],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "hello from the cluster\n",
+        "busybox wget: {}",
+        out.describe()
+    );
+    // The same request from a fresh network namespace without mirrord has no way there.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "curl", "-sS", "--max-time", "3", &url]);
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code != 0,
+        "reached the cluster without mirrord: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let data = scene.temp_dir().join("pgdata");
+    let bin = "/usr/lib/postgresql/15/bin";
+    std::fs::create_dir_all(&data)?;
+    let mut chown = Command::new("chown");
+    chown
+        .args(["-R", "postgres:postgres"])
+        .arg(scene.temp_dir());
+    ensure!(
+        chown.run(RUN)?.code == 0,
+        "chown of the database directory failed"
+    );
+    let mut initdb = Command::new("runuser");
+    initdb
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            &format!("{bin}/initdb"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-D",
+        ])
+        .arg(&data);
+    let out = initdb.run(Duration::from_secs(60))?;
+    ensure!(out.code == 0, "initdb: {}", out.describe());
+    // Clients come from the pod's address: let the cluster's range in without a password.
+    let mut hba = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))?;
+    hba.write_all(b"host all all 10.213.0.0/16 trust\n")?;
+    let mut postgres = cluster.command("runuser");
+    postgres
+        .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
+        .arg(&data)
+        .args(["-h", &cluster.ip().to_string(), "-k", ""]);
+    let _postgres = spawn(postgres, "postgres")?;
+    let host = cluster.ip().to_string();
+    let mut ready = false;
+    for _ in 0..100 {
+        let mut probe = cluster.command(&format!("{bin}/pg_isready"));
+        probe.args(["-h", &host, "-t", "1"]);
+        if probe.run(RUN)?.code == 0 {
+            ready = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(ready, "PostgreSQL did not start in the cluster");
+    let out = exec(
+        scene,
+        &pod,
+        CLUSTER,
+        &[
+            "psql",
+            "-h",
+            &host,
+            "-U",
+            "postgres",
+            "-tAc",
+            "select 40 + 2",
+        ],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "42\n",
+        "psql: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+pub fn net_udp_echo_through_the_pod(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let ip = cluster.ip().to_string();
+    let mut echo = cluster.command("socat");
+    echo.args([&format!("UDP4-RECVFROM:9999,bind={ip},fork"), "EXEC:cat"]);
+    let _echo = spawn(echo, "socat UDP echo")?;
+    thread::sleep(Duration::from_millis(200));
+    let out = exec(
+        scene,
+        &pod,
+        CLUSTER,
+        &[
+            "sh",
+            "-c",
+            &format!("echo ping-over-udp | socat -t 3 - UDP4:{ip}:9999"),
+        ],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "ping-over-udp\n",
+        "UDP echo: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// 200 concurrent connections, each fetching 1 MiB, every body checked.
+pub fn net_200_concurrent_connections_of_1_mib(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let server = cluster.serve_http(&[])?;
+    let body: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(server.dir().join("one-mib.bin"), &body)?;
+    let script = format!(
+        "import concurrent.futures, hashlib, urllib.request\n\
+         url = '{}'\n\
+         def get(_):\n    return hashlib.sha256(urllib.request.urlopen(url, timeout=60).read()).hexdigest()\n\
+         with concurrent.futures.ThreadPoolExecutor(200) as pool:\n    sums = list(pool.map(get, range(200)))\n\
+         print(len(sums), len(set(sums)), sums[0])\n",
+        server.url("one-mib.bin")
+    );
+    let out = exec(scene, &pod, CLUSTER, &["python3", "-c", &script])?;
+    let expected = sha256_hex(&body)?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("200 1 {expected}\n"),
+        "200 × 1 MiB: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> Result<String, Failed> {
+    let mut cmd = Command::new("sha256sum");
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(bytes)?;
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// A closed port in the cluster is refused at once (ECONNREFUSED), never a hang.
+pub fn net_closed_port_is_refused_fast(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let script = format!(
+        "import socket, time\n\
+         start = time.monotonic()\n\
+         try:\n    socket.create_connection(('{}', 1), timeout=10)\n    print('connected')\n\
+         except ConnectionRefusedError:\n    print('refused', time.monotonic() - start < 1.0)\n",
+        cluster.ip()
+    );
+    let out = exec(scene, &pod, CLUSTER, &["python3", "-c", &script])?;
+    ensure!(
+        out.code == 0 && out.stdout == "refused True\n",
+        "closed port: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// A server on this machine's loopback is reached at the host-loopback address.
+pub fn net_host_loopback_reaches_a_local_server(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let server = thread::spawn(move || -> std::io::Result<()> {
+        let (mut socket, _) = listener.accept()?;
+        socket.write_all(b"hello from the laptop\n")
+    });
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{HOST_LOOPBACK}', {port}), timeout=10)\n\
+         print(s.makefile().readline(), end='')\n"
+    );
+    let out = exec(scene, &pod, &[], &["python3", "-c", &script])?;
+    let _ = server.join();
+    ensure!(
+        out.code == 0 && out.stdout == "hello from the laptop\n",
+        "host loopback: {}",
+        out.describe()
+    );
+    Ok(())
+}
