@@ -372,13 +372,11 @@ impl Core {
                 // An RST in SYN-RECEIVED sends smoltcp back to LISTEN; this socket was for one
                 // app connection only, and listening on it could steal another flow's SYN.
                 tcp::State::Listen => {
-                    eprintln!("LISTEN again {:?}", conn.key);
                     socket.abort();
                     conn.reset = true;
                 }
                 tcp::State::Closed => {
                     if !conn.fin_seen && !conn.reset {
-                        eprintln!("RESET seen {:?}", conn.key);
                         conn.reset = true;
                     }
                     if !conn.stream_alive {
@@ -532,7 +530,6 @@ impl Core {
         if let Some((conn, socket)) = self.conn_socket(handle) {
             conn.stream_alive = false;
             if abort || !conn.write_closed || socket.recv_queue() > 0 {
-                eprintln!("ABORT on release {:?} abort={abort} wc={} rq={} state={}", conn.key, conn.write_closed, socket.recv_queue(), socket.state());
                 socket.abort();
             } else {
                 // Nobody reads any more: do not wait forever for the app's FIN.
@@ -601,16 +598,6 @@ impl Core {
                 w.wake();
             }
         }
-    }
-
-    pub(crate) fn debug_dump(&self) -> String {
-        let mut out = String::new();
-        for (&h, conn) in &self.conns {
-            let s = self.sockets.get::<tcp::Socket>(h);
-            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) { continue; }
-            out.push_str(&format!("STACK {:?} alive={} wc={} fin={} {}\n", conn.key, conn.stream_alive, conn.write_closed, conn.fin_seen, strip(&format!("{s:?}"))));
-        }
-        out
     }
 
     #[cfg(test)]
@@ -770,17 +757,4 @@ mod tests {
         );
         assert_eq!(core.pop_event(), Some(CoreEvent::NewUdp { key, id: 1 }));
     }
-}
-
-pub(crate) fn strip(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("storage: ") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i..];
-        let j = after.find(']').map(|j| j + 1).unwrap_or(after.len());
-        rest = &after[j..];
-    }
-    out.push_str(rest);
-    out
 }

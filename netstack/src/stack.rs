@@ -116,13 +116,6 @@ impl NetStack {
         let (tun_rx_tx, tun_rx) = mpsc::unbounded_channel();
         let (tun_tx, tun_tx_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        if std::env::var_os("NETSTACK_DUMP").is_some() {
-            let s = shared.clone();
-            std::thread::spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(10));
-                eprintln!("=== stack dump\n{}", s.lock().debug_dump());
-            });
-        }
         runtime.spawn(run(shared, tun_rx, tun_tx, events_tx));
         Ok((
             PacketSink { tun_rx: tun_rx_tx },

@@ -137,31 +137,6 @@ impl App {
             polled: watch::channel(0).0,
             start,
         });
-        if std::env::var_os("NETSTACK_DUMP").is_some() {
-            let s = shared.clone();
-            std::thread::spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(10));
-                let st = s.lock();
-                let mut out = String::new();
-                for (_, sock) in st.sockets.iter() {
-                    if let smoltcp::socket::Socket::Tcp(t) = sock {
-                        if matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait) { continue; }
-                        let d = format!("{t:?}");
-                        let mut o = String::new();
-                        let mut rest = d.as_str();
-                        while let Some(i) = rest.find("storage: ") {
-                            o.push_str(&rest[..i]);
-                            let after = &rest[i..];
-                            let j = after.find(']').map(|j| j + 1).unwrap_or(after.len());
-                            rest = &after[j..];
-                        }
-                        o.push_str(rest);
-                        out.push_str(&format!("APP {o}\n"));
-                    }
-                }
-                eprintln!("=== app dump dev.rx={} dev.tx={}\n{out}", st.dev.rx.len(), st.dev.tx.len());
-            });
-        }
         let driver = shared.clone();
         tokio::spawn(async move {
             let mut batch = Vec::new();
@@ -345,7 +320,6 @@ impl Conn {
         while out.len() < len {
             let chunk = self.read_some(len - out.len()).await?;
             if chunk.is_empty() {
-                eprintln!("APP EOF after {} of {len} handle {}", out.len(), self.handle);
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             out.extend_from_slice(&chunk);
