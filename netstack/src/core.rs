@@ -365,6 +365,14 @@ impl Core {
                 fin_queued = true;
             }
             match socket.state() {
+                // Both FINs are exchanged and acknowledged. TIME-WAIT protects a later
+                // connection on the same ports from this one's stray segments; the app's kernel
+                // keeps its own, and every smoltcp poll walks all sockets, so lingering ones
+                // (10 s each) would make every new connection slower than the last.
+                tcp::State::TimeWait if !conn.stream_alive => {
+                    conn.fin_seen = true;
+                    finished.push(handle);
+                }
                 tcp::State::CloseWait
                 | tcp::State::LastAck
                 | tcp::State::Closing
@@ -503,9 +511,12 @@ impl Core {
         }
     }
 
-    /// Sends a FIN after the data already written, once all of it is acknowledged.
+    /// Sends a FIN after the data already written — at once while the app's side is open, and
+    /// only once all of it is acknowledged after the app's FIN.
     ///
-    /// Closing earlier is unsafe after the app's FIN: in LAST-ACK, smoltcp 0.14 drops an ACK that
+    /// Waiting always would cost a request/response exchange the app's delayed ACK (up to 40 ms
+    /// on Linux) for every connection the far side closes. Closing early is unsafe only after
+    /// the app's FIN: in LAST-ACK, smoltcp 0.14 drops an ACK that
     /// acknowledges nothing new before reading its window, so if the app's window was zero, its
     /// window updates (and its answers to our zero-window probes) are all lost and the rest of
     /// the data never leaves; only `orphan_timeout` ended such connections, with a reset.
@@ -515,7 +526,7 @@ impl Core {
                 return;
             }
             conn.write_closed = true;
-            if socket.send_queue() == 0 {
+            if socket.send_queue() == 0 || socket.state() != tcp::State::CloseWait {
                 socket.close();
             } else {
                 conn.fin_deferred = true;
