@@ -55,8 +55,12 @@ pub struct FuseMount {
     /// The `fd=…,rootmode=…` options of mount(2).
     pub data: String,
     pub flags: nix::mount::MsFlags,
-    /// `(path inside the mount, local path)`: each bound over the local path, which must exist.
+    /// `(source, local path)`: each bound over the local path, which must exist. A source is
+    /// a path inside the mount, or a file of `generated`.
     pub binds: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Files mirrord wrote for this command only; the child removes them once bound, so
+    /// nothing is left even if mirrord is killed afterwards.
+    pub generated: Vec<std::path::PathBuf>,
     /// Starts serving the mounted connection; false when it cannot (the command then fails).
     pub serve: Box<dyn FnOnce() -> bool + Send>,
 }
@@ -208,6 +212,7 @@ struct ChildFuse {
     data: std::ffi::CString,
     flags: libc::c_ulong,
     binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    generated: Vec<std::ffi::CString>,
     /// child --"mounted"--> mirrord's serving thread.
     mounted_tx: RawFd,
     /// mirrord's serving thread --"served"--> child.
@@ -305,6 +310,9 @@ impl ChildFuse {
                 ))
                 .map_err(|err| (SetupStep::BindMount, err))?;
             }
+            for file in &self.generated {
+                libc::unlink(file.as_ptr());
+            }
         }
         Ok(())
     }
@@ -336,6 +344,11 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         data: c_string(fuse.data.as_bytes(), "pass the mount options")?,
         flags: fuse.flags.bits(),
         binds,
+        generated: fuse
+            .generated
+            .iter()
+            .map(|file| path(file))
+            .collect::<Result<_, _>>()?,
         mounted_tx: mounted_tx.as_raw_fd(),
         served_rx: served_rx.as_raw_fd(),
     };
@@ -888,7 +901,11 @@ mod tests {
                 assert!(msg.contains(hint), "{msg} lacks {hint}");
             }
         }
-        let e = classify("x", spawn_err(), Some((SetupStep::Loopback, 0, libc::EPERM)));
+        let e = classify(
+            "x",
+            spawn_err(),
+            Some((SetupStep::Loopback, 0, libc::EPERM)),
+        );
         assert!(matches!(
             e,
             LaunchError::Setup {

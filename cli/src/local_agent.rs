@@ -94,6 +94,9 @@ impl LocalAgent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: Ctrl-C at the terminal is for the command, and mirrord
+            // still needs the agent to finish the session cleanly.
+            .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe and touches only the child's own state.
         unsafe {

@@ -21,6 +21,9 @@ use crate::client::{AgentClient, ClientError};
 /// 198.18.0.0/15, which no cluster hands out.
 pub const HOST_LOOPBACK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
 
+/// The name of [`HOST_LOOPBACK`] in the command's `/etc/hosts`.
+pub const HOST_LOOPBACK_NAME: &str = "host.mirrord.internal";
+
 /// The launched process's own address when the target reports no IPv4 address.
 const FALLBACK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 

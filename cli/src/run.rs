@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -311,7 +312,9 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Resul
 }
 
 async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32> {
-    let remote_root = match remote_fs::prepare(&session.client, &session.fs).await {
+    let extra_hosts = [(IpAddr::V4(net::HOST_LOOPBACK), net::HOST_LOOPBACK_NAME)];
+    let mut remote_root = match remote_fs::prepare(&session.client, &session.fs, &extra_hosts).await
+    {
         Some((fuse, mountpoint)) => {
             launch
                 .env
@@ -332,7 +335,11 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
             return Err(error.into());
         }
     };
-    let status = match launcher::spawn(launch) {
+    let spawned = launcher::spawn(launch);
+    if let Some(mountpoint) = &mut remote_root {
+        mountpoint.release_hosts();
+    }
+    let status = match spawned {
         Ok(child) => {
             if let Some(network) = network
                 && let Err(error) = network.serve(session.client.clone())

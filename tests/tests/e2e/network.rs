@@ -85,7 +85,8 @@ pub fn net_curl_and_static_wget_reach_a_cluster_only_server(
 pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
     let data = scene.temp_dir().join("pgdata");
-    let bin = "/usr/lib/postgresql/15/bin";
+    let bin = postgres_bin()?;
+    let bin = bin.as_str();
     std::fs::create_dir_all(&data)?;
     let mut chown = Command::new("chown");
     chown
@@ -210,6 +211,15 @@ pub fn net_200_concurrent_connections_of_1_mib(
     Ok(())
 }
 
+/// `/usr/lib/postgresql/<newest>/bin`, wherever Debian put this machine's server.
+fn postgres_bin() -> Result<String, Failed> {
+    let newest = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .ok_or("no PostgreSQL server under /usr/lib/postgresql (package postgresql)")?;
+    Ok(format!("/usr/lib/postgresql/{newest}/bin"))
+}
+
 fn sha256_hex(bytes: &[u8]) -> Result<String, Failed> {
     let mut cmd = Command::new("sha256sum");
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -242,7 +252,7 @@ pub fn net_closed_port_is_refused_fast(scene: &Scene, cluster: &Cluster) -> Resu
     Ok(())
 }
 
-/// A server on this machine's loopback is reached at the host-loopback address.
+/// A server on this machine's loopback is reached at the host-loopback address, by its name.
 pub fn net_host_loopback_reaches_a_local_server(
     scene: &Scene,
     cluster: &Cluster,
@@ -255,7 +265,8 @@ pub fn net_host_loopback_reaches_a_local_server(
         socket.write_all(b"hello from the laptop\n")
     });
     let script = format!(
-        "import socket\ns = socket.create_connection(('{HOST_LOOPBACK}', {port}), timeout=10)\n\
+        "import socket\nassert socket.gethostbyname('host.mirrord.internal') == '{HOST_LOOPBACK}'\n\
+         s = socket.create_connection(('host.mirrord.internal', {port}), timeout=10)\n\
          print(s.makefile().readline(), end='')\n"
     );
     let out = exec(scene, &pod, &[], &["python3", "-c", &script])?;
