@@ -30,7 +30,11 @@ ip netns add bench-cluster
 ip -n bench-cluster link set lo up
 unshare --net --mount --uts --propagation private -- sh -c "exec env -i POD=1 /bin/sleep 3600" &
 POD=$!
-cleanup() { kill $POD 2>/dev/null || true; ip netns pids bench-cluster 2>/dev/null | xargs -r kill 2>/dev/null || true; pkill -P $$ 2>/dev/null || true; }
+cleanup() {
+  kill $POD $(jobs -p) 2>/dev/null || true
+  ip netns pids bench-cluster 2>/dev/null | xargs -r kill 2>/dev/null || true
+  [ -f /tmp/nginx/pid ] && kill "$(cat /tmp/nginx/pid)" 2>/dev/null || true
+}
 trap cleanup EXIT
 for _ in $(seq 200); do tr "\0" "\n" < /proc/$POD/environ 2>/dev/null | grep -q ^POD= && break; sleep 0.01; done
 ip link add bench-c type veth peer name bench-p
@@ -39,8 +43,9 @@ ip link set bench-p netns /proc/$POD/ns/net
 ip -n bench-cluster addr add 10.77.0.1/24 dev bench-c && ip -n bench-cluster link set bench-c up
 nsenter -t $POD -n sh -c "ip link set lo up && ip addr add 10.77.0.2/24 dev bench-p && ip link set bench-p up"
 S=10.77.0.1
-ip netns exec bench-cluster iperf3 -s -B $S -p 5201 -D
-iperf3 -s -B 127.0.0.1 -p 5202 -D
+# Servers stay children of this shell (no -D), so the cleanup finds every one of them.
+ip netns exec bench-cluster iperf3 -s -B $S -p 5201 >/dev/null &
+iperf3 -s -B 127.0.0.1 -p 5202 >/dev/null &
 cat > /tmp/echo.py <<"PY"
 import socket, sys, threading
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
