@@ -468,7 +468,7 @@ fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
 

@@ -512,25 +512,7 @@ mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     /// A scratch directory removed on drop, also when an assertion fails.
-    struct TempDir(std::path::PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("mirrord-agent-{tag}-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::confine::tests::TempDir;
 
     /// A fake pod root, with the host's sensitive file standing next to it.
     fn pod() -> TempDir {

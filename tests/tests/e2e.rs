@@ -240,6 +240,28 @@ fn standard_pod(cluster: &Cluster) -> Result<Pod<'_>, Failed> {
         .start(cluster)?)
 }
 
+/// Starts `cmd` (stdin empty, stdout piped) and reads its first line, for tests that act while
+/// the command is still running; the child and the rest of its stdout are returned.
+fn start_until_first_line(
+    mut cmd: Command,
+) -> Result<
+    (
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+        String,
+    ),
+    Failed,
+> {
+    use std::io::BufRead;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    Ok((child, stdout, line))
+}
+
 /// `mirrord <args…>` as a user on the laptop runs it (with a local-only variable set).
 fn mirrord(scene: &Scene, args: &[&str]) -> Result<Output, Failed> {
     let mut cmd = scene.mirrord()?;

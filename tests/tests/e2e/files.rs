@@ -12,7 +12,7 @@ use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE, POD_SHADOW};
 use mirrord_tests::process::Run;
 use mirrord_tests::{Cluster, Pod, Scene};
 
-use super::{exec, standard_pod};
+use super::{exec, standard_pod, start_until_first_line};
 
 /// Runs `script` inside the pod (its mount namespace), as the pod's own processes would.
 fn in_pod(pod: &Pod, script: &str) -> Result<String, Failed> {
@@ -277,12 +277,8 @@ pub fn fs_nothing_mounted_after_kill_9(scene: &Scene, cluster: &Cluster) -> Resu
         .arg(format!(
             "cat $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/{POD_ONLY_FILE}; exec sleep 60"
         ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let mut mirrord = cmd.spawn()?;
-    let mut line = String::new();
-    BufReader::new(mirrord.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+    let (mut mirrord, _, line) = start_until_first_line(cmd)?;
     ensure!(
         line == pod.pod_only_content(),
         "the command did not read the pod's file: {line:?}"

@@ -3,7 +3,7 @@
 //! the agent's port, the idle TTL, and the agent reading the pod's files from the pod's mount
 //! namespace. After each, the scenario checks nothing was left behind.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::thread;
@@ -16,7 +16,7 @@ use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE};
 use mirrord_tests::process::{Run, SHORT};
 use mirrord_tests::{Cluster, Pty, Scene};
 
-use super::{POD_VALUE, RUN, standard_pod, start_agent};
+use super::{POD_VALUE, RUN, standard_pod, start_agent, start_until_first_line};
 
 const TOKEN: &str = "lifecycle-token";
 
@@ -76,13 +76,8 @@ pub fn killing_mirrord_leaves_nothing(scene: &Scene, cluster: &Cluster) -> Resul
         "-c",
         "echo started; exec sleep 60",
     ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
     .stderr(Stdio::null());
-    let mut mirrord = cmd.spawn()?;
-    let stdout = mirrord.stdout.take().ok_or("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    let (mut mirrord, _, line) = start_until_first_line(cmd)?;
     ensure!(line == "started\n", "the command did not start: {line:?}");
     mirrord.kill()?;
     mirrord.wait()?;
@@ -97,13 +92,8 @@ pub fn agent_death_mid_session_is_reported(scene: &Scene, cluster: &Cluster) -> 
     cmd.args(["exec", "--agent-addr", &agent.addr().to_string(), "--"])
         .args(["sh", "-c", "echo started; sleep 2; echo \"done $POD_VAR\""])
         .env("MIRRORD_AGENT_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut mirrord = cmd.spawn()?;
-    let mut stdout = BufReader::new(mirrord.stdout.take().ok_or("no stdout")?);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
+    let (mut mirrord, mut stdout, line) = start_until_first_line(cmd)?;
     ensure!(line == "started\n", "the command did not start: {line:?}");
     drop(agent);
     let mut rest = String::new();
