@@ -21,7 +21,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use mirrord_protocol::frame::MAX_FILE_READ;
 use mirrord_protocol::fs::{
     Attr, DirEntry, DirPage, FileKind, FsRequest, FsResponse, MAX_DIR_PAGE, MAX_FILE_WRITE,
     MAX_XATTR, SetAttr, SetTime, StatFs, Timestamp,
@@ -34,6 +33,8 @@ use crate::confine::{ConfineError, open_in_root};
 pub enum FsError {
     #[error(transparent)]
     Confine(#[from] ConfineError),
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -54,6 +55,7 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::Confine(e) => e.errno(),
+            FsError::File(e) => e.errno(),
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             FsError::Refused { errno, .. } => *errno,
         }
@@ -319,21 +321,9 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
 }
 
 fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {
-    let file = open_in_root(root, path, read_flags())?;
-    let want = len.min(MAX_FILE_READ) as usize;
-    let mut buf = vec![0u8; want];
-    let mut filled = 0;
-    while filled < want {
-        let at = offset.saturating_add(filled as u64);
-        match file.read_at(&mut buf[filled..], at) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err("read", path)(e)),
-        }
-    }
-    buf.truncate(filled);
-    Ok(FsResponse::Data(buf))
+    Ok(FsResponse::Data(crate::files::read_file(
+        root, path, offset, len,
+    )?))
 }
 
 fn readlinkat(dir: RawFd, name: &CString) -> io::Result<Vec<u8>> {
