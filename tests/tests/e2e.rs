@@ -946,20 +946,9 @@ fn rootless_user_is_told_a_root_pod_needs_root(
     scene: &Scene,
     cluster: &Cluster,
 ) -> Result<(), Failed> {
-    let (uid, gid) = rootless_user()?;
     let pod = standard_pod(cluster)?;
-    let mut cmd = scene.command("setpriv");
-    cmd.args([
-        "--reuid",
-        &uid.to_string(),
-        "--regid",
-        &gid.to_string(),
-        "--init-groups",
-        "--",
-    ])
-    .arg(mirrord_tests::mirrord_binary()?)
-    .args(["exec", "-t", &pod.target(), "--", "true"])
-    .env("HOME", scene.temp_dir());
+    let (mut cmd, _) = mirrord_as_rootless_user(scene)?;
+    cmd.args(["exec", "-t", &pod.target(), "--", "true"]);
     let out = cmd.run(RUN)?;
     ensure!(
         out.code == 125
@@ -998,6 +987,26 @@ fn targetless_uses_the_local_context(scene: &Scene, _cluster: &Cluster) -> Resul
 
 const ROOTLESS_USER: &str = "mrdt-user";
 
+/// `mirrord`, run as the unprivileged test user (with its own HOME, USER and LOGNAME), and
+/// that user's uid; the caller adds mirrord's arguments.
+fn mirrord_as_rootless_user(scene: &Scene) -> Result<(Command, u32), Failed> {
+    let (uid, gid) = rootless_user()?;
+    let mut cmd = scene.command("setpriv");
+    cmd.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &gid.to_string(),
+        "--init-groups",
+        "--",
+    ])
+    .arg(mirrord_tests::mirrord_binary()?)
+    .env("HOME", scene.temp_dir())
+    .env("USER", ROOTLESS_USER)
+    .env("LOGNAME", ROOTLESS_USER);
+    Ok((cmd, uid))
+}
+
 /// The unprivileged user of the rootless test, created once per machine.
 fn rootless_user() -> Result<(u32, u32), Failed> {
     let id = |flag: &str| -> Result<Option<u32>, Failed> {
@@ -1033,21 +1042,11 @@ fn rootless_user() -> Result<(u32, u32), Failed> {
 }
 
 fn rootless_user_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
-    let (uid, gid) = rootless_user()?;
     let pod = standard_pod(cluster)?;
     // Joining a root-owned pod needs root: root starts the agent, the user only connects to it.
     let agent = start_agent(scene, &pod, "rootless-token")?;
-    let mut cmd = scene.command("setpriv");
+    let (mut cmd, uid) = mirrord_as_rootless_user(scene)?;
     cmd.args([
-        "--reuid",
-        &uid.to_string(),
-        "--regid",
-        &gid.to_string(),
-        "--init-groups",
-        "--",
-    ])
-    .arg(mirrord_tests::mirrord_binary()?)
-    .args([
         "exec",
         "--agent-addr",
         &agent.addr().to_string(),
@@ -1055,10 +1054,7 @@ fn rootless_user_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result<(), 
         "rootless-token",
         "--",
     ])
-    .args(["sh", "-c", "id -u; hostname; printenv POD_VAR"])
-    .env("HOME", scene.temp_dir())
-    .env("USER", ROOTLESS_USER)
-    .env("LOGNAME", ROOTLESS_USER);
+    .args(["sh", "-c", "id -u; hostname; printenv POD_VAR"]);
     let out = cmd.run(RUN)?;
     ensure!(
         out.code == 0 && out.stdout == format!("{uid}\n{POD_HOSTNAME}\n{POD_VALUE}\n"),
