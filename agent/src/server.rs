@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
+use crate::dns::DnsService;
 use crate::files;
 use crate::link::{FrameReader, LinkError, Streams, write_loop};
 use crate::target::Target;
@@ -60,6 +61,9 @@ impl From<ProtocolError> for SessionError {
 struct Agent {
     config: Config,
     target: Target,
+    /// Started on the first DNS query, from the target's files as they are then; None when
+    /// its thread could not start (queries then fail as SERVFAIL in the CLI).
+    dns: tokio::sync::OnceCell<Option<DnsService>>,
 }
 
 /// Serves sessions on `listener` until no client has been connected for the idle TTL.
@@ -67,7 +71,11 @@ struct Agent {
 /// Every socket the sessions open is created on the calling runtime's threads, so running this
 /// on a runtime that joined the target's network namespace puts all of them in the pod.
 pub async fn run(listener: TcpListener, config: Config, target: Target) -> std::io::Result<()> {
-    let agent = Arc::new(Agent { config, target });
+    let agent = Arc::new(Agent {
+        config,
+        target,
+        dns: tokio::sync::OnceCell::new(),
+    });
     let active = Arc::new(AtomicUsize::new(0));
     let session_ended = Arc::new(Notify::new());
     let mut idle_since = Some(Instant::now());
@@ -174,6 +182,32 @@ async fn session_loop(
                 let _ = out_tx.send(AgentMessage::Pong { nonce }).await;
             }
             ClientMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
+            ClientMessage::Request {
+                id,
+                request: Request::Dns(query),
+            } => {
+                let out_tx = out_tx.clone();
+                let reply: crate::dns::Reply = Box::new(move |answer| {
+                    // Garbage without even an ID gets no answer, as from a nameserver: the
+                    // client times out as it would there. A full queue means the session is
+                    // drowning anyway; the client's resolver retries.
+                    let response = Ok(Response::Dns(answer.unwrap_or_default()));
+                    let _ = out_tx.try_send(AgentMessage::Response { id, response });
+                });
+                match agent.dns.get() {
+                    Some(Some(service)) => service.submit(query, reply),
+                    Some(None) => reply(None),
+                    None => {
+                        let agent = agent.clone();
+                        tokio::spawn(async move {
+                            match agent.dns.get_or_init(|| pod_resolver(&agent)).await {
+                                Some(service) => service.submit(query, reply),
+                                None => reply(None),
+                            }
+                        });
+                    }
+                }
+            }
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
@@ -254,45 +288,88 @@ fn io_error(error: &std::io::Error, what: &str) -> RemoteError {
 }
 
 async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, RemoteError> {
-    let agent = agent.clone();
-    // Both requests read /proc or the target's files, which can block on a slow filesystem.
-    let answered = tokio::task::spawn_blocking(move || match request {
+    match request {
+        // Answered by the session loop itself, straight from the resolver's thread.
+        Request::Dns(_) => Err(RemoteError {
+            errno: libc::EINVAL,
+            message: "DNS queries are not answered here".to_owned(),
+        }),
         Request::TargetInfo => {
-            let target = &agent.target;
-            let env = target
-                .env()
-                .map_err(|error| remote(&error, error.errno()))?;
-            let hostname = target
-                .hostname()
-                .map_err(|error| remote(&error, error.errno()))?;
-            // Blocking threads of this runtime are in the target's network namespace.
-            let addresses = crate::netns::addresses()
-                .map_err(|error| remote(&error, error.raw_os_error().unwrap_or(libc::EIO)))?;
-            Ok(Response::TargetInfo(TargetInfo {
-                env,
-                hostname,
-                pid: target.pid(),
-                addresses,
-            }))
+            blocking(agent, |agent| {
+                let target = &agent.target;
+                let env = target
+                    .env()
+                    .map_err(|error| remote(&error, error.errno()))?;
+                let hostname = target
+                    .hostname()
+                    .map_err(|error| remote(&error, error.errno()))?;
+                // Blocking threads of this runtime are in the target's network namespace.
+                let addresses = crate::netns::addresses()
+                    .map_err(|error| remote(&error, error.raw_os_error().unwrap_or(libc::EIO)))?;
+                Ok(Response::TargetInfo(TargetInfo {
+                    env,
+                    hostname,
+                    pid: target.pid(),
+                    addresses,
+                }))
+            })
+            .await
         }
         Request::ReadFile { path, offset, len } => {
-            files::read_file(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
-                .map(Response::FileData)
-                .map_err(|error| remote(&error, error.errno()))
+            blocking(agent, move |agent| {
+                files::read_file(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
+                    .map(Response::FileData)
+                    .map_err(|error| remote(&error, error.errno()))
+            })
+            .await
         }
         // Writable: the client proved the session token and chose its mode; its FUSE mount
         // refuses writes itself in read-only mode (see `fs` for the agent's own guard).
-        Request::Fs(request) => crate::fs::serve(&agent.target.root(), request, true)
-            .map(Response::Fs)
-            .map_err(|error| remote(&error, error.errno())),
+        Request::Fs(request) => {
+            blocking(agent, move |agent| {
+                crate::fs::serve(&agent.target.root(), request, true)
+                    .map(Response::Fs)
+                    .map_err(|error| remote(&error, error.errno()))
+            })
+            .await
+        }
+    }
+}
+
+/// Runs `work` where it may block: it reads /proc or the target's files, which can hang on a
+/// slow filesystem.
+async fn blocking(
+    agent: &Arc<Agent>,
+    work: impl FnOnce(&Agent) -> Result<Response, RemoteError> + Send + 'static,
+) -> Result<Response, RemoteError> {
+    let agent = agent.clone();
+    tokio::task::spawn_blocking(move || work(&agent))
+        .await
+        .unwrap_or_else(|error| {
+            Err(RemoteError {
+                errno: libc::EIO,
+                message: format!("agent task failed: {error}"),
+            })
+        })
+}
+
+/// The target's resolver: its resolv.conf and hosts file, read inside its root. Runs on this
+/// runtime, whose threads are in the target's network namespace, so the resolver's is too.
+async fn pod_resolver(agent: &Arc<Agent>) -> Option<DnsService> {
+    let agent = agent.clone();
+    let files = tokio::task::spawn_blocking(move || {
+        let read = |path: &str| {
+            files::read_file(&agent.target.root(), path, 0, MAX_FILE_READ)
+                .inspect_err(|error| debug!(path, %error, "no DNS configuration file"))
+                .ok()
+        };
+        (read("/etc/resolv.conf"), read("/etc/hosts"))
     })
     .await;
-    answered.unwrap_or_else(|error| {
-        Err(RemoteError {
-            errno: libc::EIO,
-            message: format!("agent task failed: {error}"),
-        })
-    })
+    let (resolv_conf, hosts) = files.unwrap_or_default();
+    DnsService::start(resolv_conf, hosts)
+        .inspect_err(|error| warn!(%error, "cannot start the DNS thread"))
+        .ok()
 }
 
 fn remote(error: &dyn std::fmt::Display, errno: i32) -> RemoteError {

@@ -97,6 +97,10 @@ pub struct SessionArgs {
     /// Keep outgoing UDP on this machine's network.
     #[arg(long)]
     pub no_udp: bool,
+    /// Leave the command's /etc/resolv.conf alone: names resolve as on this machine, not as in
+    /// the target.
+    #[arg(long)]
+    pub no_dns: bool,
     /// Also reach this range through the target (repeatable), e.g. the cluster's service CIDR.
     #[arg(long, value_name = "CIDR")]
     pub cidr: Vec<ipnet::IpNet>,

@@ -64,6 +64,30 @@ pub struct Features {
 pub struct NetworkConfig {
     #[serde(default)]
     pub outgoing: OutgoingFeature,
+    #[serde(default)]
+    pub dns: DnsFeature,
+}
+
+/// `feature.network.dns`: `true`/`false`, or the detailed form.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum DnsFeature {
+    Enabled(bool),
+    Detailed(DnsConfig),
+}
+
+impl Default for DnsFeature {
+    fn default() -> Self {
+        DnsFeature::Enabled(true)
+    }
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    pub enabled: Option<bool>,
+    /// `local`: these names are resolved here, the rest in the target; `remote`: the reverse.
+    pub filter: Option<FilterConfig>,
 }
 
 /// `feature.network.outgoing`: `true`/`false`, or the detailed form.

@@ -37,6 +37,10 @@ pub struct Launch {
     /// The TUN device (with its addresses and routes) to create in the command's network
     /// namespace; the child hands its descriptor back through the plan's socket.
     pub tun: Option<mirrord_tunnel::TunPlan>,
+    /// `(generated file, local path)`: files mirrord wrote for this command, each bound over
+    /// its local path (which must exist) after the FUSE mount's own binds. The child removes
+    /// the generated files once bound, so nothing is left even if mirrord is killed.
+    pub files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// A FUSE connection the child mounts, and paths of it bound over local paths afterwards.
@@ -55,12 +59,9 @@ pub struct FuseMount {
     /// The `fd=…,rootmode=…` options of mount(2).
     pub data: String,
     pub flags: nix::mount::MsFlags,
-    /// `(source, local path)`: each bound over the local path, which must exist. A source is
-    /// a path inside the mount, or a file of `generated`.
+    /// `(path inside the mount, local path)`: each bound over the local path, which must
+    /// exist.
     pub binds: Vec<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Files mirrord wrote for this command only; the child removes them once bound, so
-    /// nothing is left even if mirrord is killed afterwards.
-    pub generated: Vec<std::path::PathBuf>,
     /// Starts serving the mounted connection; false when it cannot (the command then fails).
     pub serve: Box<dyn FnOnce() -> bool + Send>,
 }
@@ -203,6 +204,8 @@ struct ChildPlan {
     sigttou: Option<libc::sigaction>,
     fuse: Option<ChildFuse>,
     tun: Option<mirrord_tunnel::TunPlan>,
+    /// `(generated file, local path)`, see [`Launch::files`].
+    files: Vec<(std::ffi::CString, std::ffi::CString)>,
 }
 
 /// [`FuseMount`] as NUL-terminated buffers and raw descriptors, for the child.
@@ -212,7 +215,6 @@ struct ChildFuse {
     data: std::ffi::CString,
     flags: libc::c_ulong,
     binds: Vec<(std::ffi::CString, std::ffi::CString)>,
-    generated: Vec<std::ffi::CString>,
     /// child --"mounted"--> mirrord's serving thread.
     mounted_tx: RawFd,
     /// mirrord's serving thread --"served"--> child.
@@ -300,22 +302,40 @@ impl ChildFuse {
             if libc::read(self.served_rx, served.as_mut_ptr().cast(), 1) != 1 {
                 return Err((SetupStep::FuseServe, libc::ENOTCONN));
             }
-            for (source, target) in &self.binds {
-                check(libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ))
-                .map_err(|err| (SetupStep::BindMount, err))?;
-            }
-            for file in &self.generated {
-                libc::unlink(file.as_ptr());
-            }
         }
-        Ok(())
+        bind_all(&self.binds)
     }
+}
+
+/// Bind-mounts each source over its target. Async-signal-safe.
+fn bind_all(binds: &[(std::ffi::CString, std::ffi::CString)]) -> Result<(), (SetupStep, i32)> {
+    for (source, target) in binds {
+        // SAFETY: raw syscall on NUL-terminated buffers prepared before the fork.
+        check(unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        })
+        .map_err(|err| (SetupStep::BindMount, err))?;
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> Result<std::ffi::CString, LaunchError> {
+    c_string(path.as_os_str().as_bytes(), "pass a mount path")
+}
+
+fn c_path_pairs(
+    pairs: &[(std::path::PathBuf, std::path::PathBuf)],
+) -> Result<Vec<(std::ffi::CString, std::ffi::CString)>, LaunchError> {
+    pairs
+        .iter()
+        .map(|(source, target)| Ok((c_path(source)?, c_path(target)?)))
+        .collect()
 }
 
 fn c_string(text: &[u8], what: &'static str) -> Result<std::ffi::CString, LaunchError> {
@@ -330,25 +350,15 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
     let Some(fuse) = fuse else {
         return Ok((None, Vec::new()));
     };
-    let path = |path: &Path| c_string(path.as_os_str().as_bytes(), "pass a mount path");
-    let binds = fuse
-        .binds
-        .iter()
-        .map(|(source, target)| Ok((path(source)?, path(target)?)))
-        .collect::<Result<_, LaunchError>>()?;
+    let binds = c_path_pairs(&fuse.binds)?;
     let (mounted_rx, mounted_tx) = pipe(OFlag::O_CLOEXEC)?;
     let (served_rx, served_tx) = pipe(OFlag::O_CLOEXEC)?;
     let child = ChildFuse {
         source: c_string(fuse.source.as_bytes(), "pass the mount source")?,
-        target: path(&fuse.target)?,
+        target: c_path(&fuse.target)?,
         data: c_string(fuse.data.as_bytes(), "pass the mount options")?,
         flags: fuse.flags.bits(),
         binds,
-        generated: fuse
-            .generated
-            .iter()
-            .map(|file| path(file))
-            .collect::<Result<_, _>>()?,
         mounted_tx: mounted_tx.as_raw_fd(),
         served_rx: served_rx.as_raw_fd(),
     };
@@ -444,6 +454,11 @@ impl ChildPlan {
         loopback_up().map_err(at(Loopback))?;
         if let Some(fuse) = &self.fuse {
             fuse.mount()?;
+        }
+        bind_all(&self.files)?;
+        for (generated, _) in &self.files {
+            // SAFETY: raw syscall on a NUL-terminated buffer prepared before the fork.
+            unsafe { libc::unlink(generated.as_ptr()) };
         }
         for &fd in &self.inherit_fds {
             // SAFETY: fcntl on a descriptor the parent keeps open across the fork.
@@ -705,6 +720,7 @@ pub fn spawn(mut launch: Launch) -> Result<Launched, LaunchError> {
         sigttou: None,
         fuse,
         tun: launch.tun.take(),
+        files: c_path_pairs(&launch.files)?,
     };
     let signals = ForwardedSignals::install()?;
     let terminal = TerminalGuard::engage();
@@ -930,6 +946,7 @@ mod tests {
             sigttou: None,
             fuse: None,
             tun: None,
+            files: vec![],
         };
         let mut record = [0u8; 8];
         record[..4].copy_from_slice(&(SetupStep::Hostname as u32).to_ne_bytes());

@@ -5,7 +5,9 @@
 pub mod args;
 pub mod client;
 pub mod config;
+pub mod dns;
 pub mod envfilter;
+pub mod generated;
 pub mod launcher;
 pub mod local_agent;
 pub mod net;

@@ -4,7 +4,7 @@
 //! loopback. It never changes the host's own network configuration.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
 use mirrord_agent::link::Datagrams;
@@ -15,6 +15,7 @@ use mirrord_tunnel::{TunDevice, TunPlan, TunReceiver};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::client::{AgentClient, ClientError};
+use crate::dns::{DnsStub, NameFilter, TargetResolvConf};
 
 /// The address inside the launched process's namespace that reaches this machine's
 /// `127.0.0.1` (a database on the laptop stays reachable). From the benchmarking range
@@ -55,7 +56,9 @@ impl Default for NetSettings {
 /// once the command runs.
 pub struct Network {
     receiver: TunReceiver,
-    rules: Rules,
+    /// Shared with the DNS stub, which teaches it the addresses of the filter's names.
+    rules: Arc<RwLock<Rules>>,
+    dns: Option<Arc<DnsStub>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,10 +120,33 @@ pub fn prepare(
         (v4.0, 32),
         v6.map(|(ip, _)| (ip, 128)),
     )?;
-    Ok(Some((plan, Network { receiver, rules })))
+    Ok(Some((
+        plan,
+        Network {
+            receiver,
+            rules: Arc::new(RwLock::new(rules)),
+            dns: None,
+        },
+    )))
 }
 
 impl Network {
+    /// Also serves the DNS stub on [`crate::dns::STUB_ADDR`]: names resolve through the agent
+    /// as in the target, except those `filter` keeps on this machine.
+    pub fn serve_dns(
+        &mut self,
+        client: Arc<AgentClient>,
+        filter: Option<NameFilter>,
+        conf: &TargetResolvConf,
+    ) {
+        self.dns = Some(Arc::new(DnsStub::new(
+            client,
+            filter,
+            conf,
+            self.rules.clone(),
+        )));
+    }
+
     /// Takes the device the command's setup created and serves it until this process exits.
     pub fn serve(self, client: Arc<AgentClient>) -> Result<(), NetError> {
         let device = Arc::new(TunDevice::new(self.receiver.receive()?).map_err(NetError::Device)?);
@@ -167,20 +193,38 @@ impl Network {
                 }
             }
         });
-        let rules = Arc::new(self.rules);
+        let (rules, dns) = (self.rules, self.dns);
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                let (rules, client) = (rules.clone(), client.clone());
+                let (rules, client, dns) = (rules.clone(), client.clone(), dns.clone());
                 tokio::spawn(async move {
-                    match event {
-                        Event::Tcp(new) => tcp(new, &rules, &client).await,
-                        Event::Udp(flow) => udp(flow, &rules, &client).await,
+                    match (event, dns) {
+                        (Event::Tcp(new), Some(dns)) if is_stub(new.dst) => {
+                            dns.serve_tcp(new).await
+                        }
+                        (Event::Udp(flow), Some(dns)) if is_stub(flow.dst) => {
+                            dns.serve_udp(flow).await
+                        }
+                        (Event::Tcp(new), _) => tcp(new, &rules, &client).await,
+                        (Event::Udp(flow), _) => udp(flow, &rules, &client).await,
                     }
                 });
             }
         });
         Ok(())
     }
+}
+
+fn is_stub(dst: SocketAddr) -> bool {
+    dst == SocketAddr::from((crate::dns::STUB_ADDR, crate::dns::STUB_PORT))
+}
+
+fn route(rules: &RwLock<Rules>, protocol: Protocol, dst: SocketAddr) -> Route {
+    rules
+        .read()
+        // A panic while learning leaves the rules as they were: still usable.
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .route(protocol, dst)
 }
 
 /// Where a local or host-loopback flow connects from this machine.
@@ -193,9 +237,9 @@ fn local_target(route: Route, dst: SocketAddr) -> SocketAddr {
 }
 
 /// Connects the far side first, so the app's connect succeeds or fails as the real one did.
-async fn tcp(new: NewTcp, rules: &Rules, client: &AgentClient) {
+async fn tcp(new: NewTcp, rules: &RwLock<Rules>, client: &AgentClient) {
     let dst = new.dst;
-    let route = rules.route(Protocol::Tcp, dst);
+    let route = route(rules, Protocol::Tcp, dst);
     tracing::debug!(src = %new.src, %dst, ?route, "new TCP flow");
     match route {
         Route::Remote => match client.connect_tcp(dst).await {
@@ -249,9 +293,9 @@ impl Datagrams for FlowDatagrams {
     }
 }
 
-async fn udp(flow: UdpFlow, rules: &Rules, client: &AgentClient) {
+async fn udp(flow: UdpFlow, rules: &RwLock<Rules>, client: &AgentClient) {
     let dst = flow.dst;
-    let route = rules.route(Protocol::Udp, dst);
+    let route = route(rules, Protocol::Udp, dst);
     tracing::debug!(src = %flow.src, %dst, ?route, "new UDP flow");
     match route {
         Route::Remote => match client.connect_udp(dst).await {

@@ -48,11 +48,9 @@ pub struct FsSettings {
     pub local: Vec<PathBuf>,
 }
 
-/// The empty directory the remote root is mounted on, and the generated `/etc/hosts`; both
-/// removed on drop.
+/// The empty directory the remote root is mounted on; removed on drop.
 pub struct MountPoint {
     path: PathBuf,
-    hosts: Option<PathBuf>,
 }
 
 impl MountPoint {
@@ -60,32 +58,19 @@ impl MountPoint {
         sweep_stale();
         let path = std::env::temp_dir().join(format!("{MOUNTPOINT_PREFIX}{}", std::process::id()));
         std::fs::create_dir(&path)?;
-        Ok(MountPoint { path, hosts: None })
+        Ok(MountPoint { path })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Removes the generated hosts file once the command has bound it (the bind keeps it).
-    pub fn release_hosts(&mut self) {
-        if let Some(hosts) = self.hosts.take() {
-            let _ = std::fs::remove_file(hosts);
-        }
     }
 }
 
 impl Drop for MountPoint {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
-        if let Some(hosts) = &self.hosts {
-            let _ = std::fs::remove_file(hosts);
-        }
     }
 }
-
-/// Name prefix of generated hosts files in the temp directory.
-const HOSTS_PREFIX: &str = "mirrord-hosts-";
 
 /// Removes mount points left by runs that were killed (their pid is gone); only empty ones,
 /// so nothing that is not ours can be lost.
@@ -136,7 +121,6 @@ fn remote_error(errno: i32, message: &str) -> RemoteError {
 pub async fn prepare(
     client: &Arc<AgentClient>,
     settings: &FsSettings,
-    extra_hosts: &[(std::net::IpAddr, &str)],
 ) -> Option<(FuseMount, MountPoint)> {
     let device = match mirrord_fusefs::open_device() {
         Ok(device) => device,
@@ -155,18 +139,7 @@ pub async fn prepare(
             return None;
         }
     };
-    let mut mountpoint = mountpoint;
-    let mut binds = overlays(client, settings, mountpoint.path()).await;
-    if !extra_hosts.is_empty() {
-        match hosts_file(client, &binds, extra_hosts).await {
-            Ok(hosts) => {
-                binds.retain(|(_, local)| local != Path::new("/etc/hosts"));
-                binds.push((hosts.clone(), PathBuf::from("/etc/hosts")));
-                mountpoint.hosts = Some(hosts);
-            }
-            Err(error) => tracing::debug!("no generated /etc/hosts: {error}"),
-        }
-    }
+    let binds = overlays(client, settings, mountpoint.path()).await;
     let options = Options {
         writable: settings.mode == FsMode::Write,
         mountpoint: Some(mountpoint.path().to_owned()),
@@ -186,7 +159,6 @@ pub async fn prepare(
         data: mirrord_fusefs::mount_data(raw, uid, gid),
         flags,
         binds,
-        generated: mountpoint.hosts.iter().cloned().collect(),
         serve: Box::new(move || match mirrord_fusefs::serve_fd(fs, device) {
             Ok(served) => {
                 // Served until this process exits: joining would wait for every process still
@@ -236,16 +208,17 @@ fn mount_device<'a>(mountinfo: &'a str, mountpoint: &Path) -> Option<&'a str> {
     })
 }
 
-/// `/etc/hosts` as the command sees it (the pod's when it is overlaid, else the local one) plus
-/// `extra_hosts`, written to a file of this session's.
-async fn hosts_file(
+/// `/etc/hosts` as the command would see it — the target's when `fuse` overlays it, which it
+/// then no longer does, else the local one — plus `extra_hosts`.
+pub async fn hosts_text(
     client: &AgentClient,
-    binds: &[(PathBuf, PathBuf)],
+    fuse: Option<&mut FuseMount>,
     extra_hosts: &[(std::net::IpAddr, &str)],
-) -> std::io::Result<PathBuf> {
-    let pod_hosts = binds
-        .iter()
-        .any(|(_, local)| local == Path::new("/etc/hosts"));
+) -> std::io::Result<String> {
+    let hosts = Path::new("/etc/hosts");
+    let pod_hosts = fuse
+        .as_deref()
+        .is_some_and(|fuse| fuse.binds.iter().any(|(_, local)| local == hosts));
     let mut text = if pod_hosts {
         let read = FsRequest::Read {
             path: "/etc/hosts".to_owned(),
@@ -262,13 +235,14 @@ async fn hosts_file(
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
+    if let Some(fuse) = fuse {
+        fuse.binds.retain(|(_, local)| local != hosts);
+    }
     text.push_str("# added by mirrord\n");
     for (address, name) in extra_hosts {
         text.push_str(&format!("{address}\t{name}\n"));
     }
-    let path = std::env::temp_dir().join(format!("{HOSTS_PREFIX}{}", std::process::id()));
-    std::fs::write(&path, text)?;
-    Ok(path)
+    Ok(text)
 }
 
 /// `(path in the mount, local path)` for every overlay that exists on both sides with the same

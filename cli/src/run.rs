@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -14,9 +14,13 @@ use mirrord_protocol::TargetInfo;
 use crate::args::{EnvFormat, SessionArgs};
 use crate::client::AgentClient;
 use crate::config::{
-    Config, EnvFeature, FilterConfig, FsFeature, FsModeName, OutgoingFeature, PatternList,
+    Config, DnsFeature, EnvFeature, FilterConfig, FsFeature, FsModeName, OutgoingFeature,
+    PatternList,
 };
+use crate::dns;
+use crate::dns::{DnsSettings, NameFilter, NameRule};
 use crate::envfilter::{self, EnvFilter, Patterns};
+use crate::generated::GeneratedFile;
 use crate::launcher::{self, Launch};
 use crate::local_agent::LocalAgent;
 use crate::net::{self, NetSettings};
@@ -46,6 +50,7 @@ pub struct Session {
     pub filter: EnvFilter,
     pub fs: FsSettings,
     pub net: NetSettings,
+    pub dns: DnsSettings,
 }
 
 impl Session {
@@ -57,8 +62,9 @@ impl Session {
         let filter = env_filter(args, &config);
         let fs = fs_settings(args, &config);
         let net = net_settings(args, &config)?;
+        let dns = dns_settings(args, &config)?;
         tokio::select! {
-            session = Self::connect(source, filter, fs, net) => session,
+            session = Self::connect(source, filter, fs, net, dns) => session,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("mirrord: interrupted");
                 std::process::exit(EXIT_INTERRUPTED);
@@ -71,6 +77,7 @@ impl Session {
         filter: EnvFilter,
         fs: FsSettings,
         net: NetSettings,
+        dns: DnsSettings,
     ) -> anyhow::Result<Session> {
         let (local_agent, addr, token) = match source {
             AgentSource::Local { target, idle_ttl } => {
@@ -97,6 +104,7 @@ impl Session {
                 filter,
                 fs,
                 net,
+                dns,
             }),
             Err(error) => {
                 if let Some(agent) = local_agent {
@@ -272,6 +280,37 @@ fn net_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<NetSettin
     Ok(settings)
 }
 
+/// `--no-dns` wins over `feature.network.dns`; a filter entry that is not a name is an error
+/// before anything starts.
+fn dns_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<DnsSettings> {
+    let mut settings = DnsSettings::default();
+    match &config.feature.network.dns {
+        DnsFeature::Enabled(enabled) => settings.enabled = *enabled,
+        DnsFeature::Detailed(dns) => {
+            settings.enabled = dns.enabled.unwrap_or(true);
+            settings.rule = match &dns.filter {
+                None => None,
+                Some(FilterConfig {
+                    remote: Some(remote),
+                    local: None,
+                }) => Some(NameRule::Remote(remote.clone())),
+                Some(FilterConfig {
+                    remote: None,
+                    local: Some(local),
+                }) => Some(NameRule::Local(local.clone())),
+                Some(_) => {
+                    bail!("feature.network.dns.filter takes exactly one of \"remote\" or \"local\"")
+                }
+            };
+            if let Some(rule) = &settings.rule {
+                NameFilter::parse(rule)?;
+            }
+        }
+    }
+    settings.enabled &= !args.no_dns;
+    Ok(settings)
+}
+
 /// `mirrord exec`: returns the command's exit status.
 pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i32> {
     let session = Session::open(args).await?;
@@ -313,8 +352,7 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Resul
 
 async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32> {
     let extra_hosts = [(IpAddr::V4(net::HOST_LOOPBACK), net::HOST_LOOPBACK_NAME)];
-    let mut remote_root = match remote_fs::prepare(&session.client, &session.fs, &extra_hosts).await
-    {
+    let remote_root = match remote_fs::prepare(&session.client, &session.fs).await {
         Some((fuse, mountpoint)) => {
             launch
                 .env
@@ -324,9 +362,32 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
         }
         None => None,
     };
+    let mut generated: Vec<GeneratedFile> = Vec::new();
+    match remote_fs::hosts_text(&session.client, launch.fuse.as_mut(), &extra_hosts).await {
+        Ok(text) => match GeneratedFile::write("hosts", Path::new("/etc/hosts"), &text) {
+            Ok(file) => generated.push(file),
+            Err(error) => tracing::debug!("no generated /etc/hosts: {error}"),
+        },
+        Err(error) => tracing::debug!("no generated /etc/hosts: {error}"),
+    }
     let network = match net::prepare(&session.info, &session.net) {
-        Ok(Some((plan, network))) => {
+        Ok(Some((plan, mut network))) => {
             launch.tun = Some(plan);
+            if session.dns.enabled {
+                let conf = dns::target_resolv_conf(&session.client).await;
+                let resolv_conf = Path::new("/etc/resolv.conf");
+                match GeneratedFile::write("resolv.conf", resolv_conf, &conf.render()) {
+                    Ok(file) => {
+                        generated.push(file);
+                        let filter = session.dns.rule.as_ref().map(NameFilter::parse);
+                        network.serve_dns(session.client.clone(), filter.transpose()?, &conf);
+                    }
+                    Err(error) => eprintln!(
+                        "mirrord: cannot give the command its own {}: {error}; names resolve as on this machine",
+                        resolv_conf.display()
+                    ),
+                }
+            }
             Some(network)
         }
         Ok(None) => None,
@@ -335,10 +396,10 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
             return Err(error.into());
         }
     };
+    launch.files = generated.iter().map(GeneratedFile::bind).collect();
     let spawned = launcher::spawn(launch);
-    if let Some(mountpoint) = &mut remote_root {
-        mountpoint.release_hosts();
-    }
+    // Bound (and removed) by the command's setup, or never to be: either way done with.
+    drop(generated);
     let status = match spawned {
         Ok(child) => {
             if let Some(network) = network

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use bincode::{Decode, Encode};
 
 /// Bumped on any incompatible change to the messages below; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Identifies one multiplexed stream on a connection. The CLI opens odd ids, the agent even ids
 /// (see [`crate::mux::Side`]), so both ends can open streams without agreeing first.
@@ -85,6 +85,9 @@ pub enum Request {
     ReadFile { path: String, offset: u64, len: u32 },
     /// A file-system operation of the FUSE mount (see [`crate::fs`]).
     Fs(crate::fs::FsRequest),
+    /// One DNS query message (RFC 1035 wire format), resolved in the target's network with the
+    /// target's resolver configuration.
+    Dns(Vec<u8>),
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -93,6 +96,9 @@ pub enum Response {
     /// File bytes; shorter than asked at end of file.
     FileData(Vec<u8>),
     Fs(crate::fs::FsResponse),
+    /// The DNS response message to a [`Request::Dns`], in wire format; failures are DNS
+    /// response codes inside it (NXDOMAIN, SERVFAIL…), not a [`RemoteError`].
+    Dns(Vec<u8>),
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
