@@ -36,6 +36,63 @@ pub const POD_SHADOW: &str = "pod-shadow: not the host's\n";
 /// Port of [`Cluster::serve_http`] servers.
 pub const HTTP_PORT: u16 = 8080;
 
+/// Port of [`Cluster::serve_dns`] servers (UDP and TCP).
+pub const DNS_PORT: u16 = 53;
+
+/// Kubernetes-style search list of pods started with [`PodBuilder::cluster_dns`].
+pub const CLUSTER_SEARCH: &str = "default.svc.cluster.local svc.cluster.local cluster.local";
+
+/// `options` line of pods started with [`PodBuilder::cluster_dns`].
+pub const CLUSTER_OPTIONS: &str = "ndots:5";
+
+/// Fully qualified name of the `web` service: an A record (and its PTR) for the cluster's
+/// [`Cluster::ip`], where [`Cluster::serve_http`] listens, an SRV to port [`HTTP_PORT`] and a
+/// TXT record [`WEB_TXT`].
+pub const WEB_NAME: &str = "web.default.svc.cluster.local";
+
+/// SRV name of `web`'s HTTP port, Kubernetes style.
+pub const WEB_SRV_NAME: &str = "_http._tcp.web.default.svc.cluster.local";
+
+/// The one string of `web`'s TXT record.
+pub const WEB_TXT: &str = "hello from the cluster dns";
+
+/// A TXT record whose answer exceeds 512 bytes (see [`big_txt_strings`]), so plain UDP
+/// answers are truncated and a client must retry over TCP.
+pub const BIG_TXT_NAME: &str = "big.default.svc.cluster.local";
+
+/// Every name under this suffix resolves to [`Cluster::ip`] (fresh names bypass caches).
+pub const WILDCARD_DOMAIN: &str = "any.cluster.local";
+
+/// Names under this suffix are forwarded to an upstream that answers every query SERVFAIL, so
+/// the cluster DNS answers SERVFAIL for them.
+pub const BROKEN_DOMAIN: &str = "broken.cluster.local";
+
+/// The upstream behind [`BROKEN_DOMAIN`]: echoes each question back with rcode SERVFAIL.
+const SERVFAIL_SERVER: &str = "import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print('ready', flush=True)
+while True:
+    q, peer = s.recvfrom(4096)
+    if len(q) < 12:
+        continue
+    end = 12
+    while end < len(q) and q[end]:
+        end += q[end] + 1
+    s.sendto(q[:2] + bytes([0x80 | (q[2] & 1), 0x82]) + bytes([0, 1, 0, 0, 0, 0, 0, 0]) + q[12:end + 5], peer)
+";
+
+/// Port of the SERVFAIL upstream, on the DNS server's address.
+const SERVFAIL_PORT: u16 = 5353;
+
+/// TTL of every record the cluster DNS serves; odd on purpose so a test can recognise it.
+pub const DNS_TTL: u32 = 437;
+
+/// The strings of [`BIG_TXT_NAME`]'s TXT record, in order.
+pub fn big_txt_strings() -> Vec<String> {
+    (0..5).map(|i| format!("chunk{i}-").repeat(20)).collect()
+}
+
 /// /30 blocks out of 10.213.0.0/16, one per cluster service address and one per pod link.
 static NEXT_BLOCK: AtomicU32 = AtomicU32::new(1);
 static NEXT_NAME: AtomicU32 = AtomicU32::new(1);
@@ -160,6 +217,127 @@ impl Cluster {
             }),
         }
     }
+
+    /// A dnsmasq on an address of its own in the cluster (port [`DNS_PORT`], UDP and TCP),
+    /// serving [`WEB_NAME`]'s records, [`BIG_TXT_NAME`] and the [`WILDCARD_DOMAIN`], all with
+    /// TTL [`DNS_TTL`]; names under [`BROKEN_DOMAIN`] are SERVFAIL and every other name (the
+    /// world's [`world::HOST_ONLY_NAME`] too) is NXDOMAIN.
+    pub fn serve_dns(&self) -> Result<DnsServer<'_>> {
+        let addr = offset(next_block(), 1);
+        ip(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ])?;
+        let web = self.ip;
+        let mut upstream = self.command("/usr/bin/python3");
+        upstream
+            .args(["-u", "-c", SERVFAIL_SERVER, &addr.to_string()])
+            .arg(SERVFAIL_PORT.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let mut upstream = upstream.spawn().map_err(|source| FixtureError::Spawn {
+            program: "python3 (SERVFAIL upstream)".into(),
+            source,
+        })?;
+        let ready = upstream
+            .stdout
+            .take()
+            .and_then(|out| first_line(out, SHORT));
+        if ready.as_deref() != Some("ready\n") {
+            kill_process_group(&mut upstream);
+            return Err(FixtureError::NotReady {
+                what: "SERVFAIL upstream of the cluster DNS".into(),
+                timeout: SHORT,
+                detail: format!("first line {ready:?}"),
+            });
+        }
+        let mut cmd = self.command("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--user=root",
+            "--group=root",
+            "--pid-file=",
+            "--log-facility=-",
+        ])
+        .arg(format!("--listen-address={addr}"))
+        .arg(format!("--port={DNS_PORT}"))
+        // Authoritative for every name: unknown ones get a real NXDOMAIN, never a REFUSED for
+        // want of an upstream (a cluster DNS forwards those; this one has nowhere to forward).
+        .arg("--local=/#/")
+        .arg(format!("--local-ttl={DNS_TTL}"))
+        .arg(format!("--host-record={WEB_NAME},{web}"))
+        .arg(format!("--srv-host={WEB_SRV_NAME},{WEB_NAME},{HTTP_PORT}"))
+        .arg(format!("--srv-host={WEB_NAME},{WEB_NAME},{HTTP_PORT}"))
+        .arg(format!("--txt-record={WEB_NAME},{WEB_TXT}"))
+        .arg(format!(
+            "--txt-record={BIG_TXT_NAME},{}",
+            big_txt_strings().join(",")
+        ))
+        .arg(format!("--address=/{WILDCARD_DOMAIN}/{web}"))
+        .arg(format!("--server=/{BROKEN_DOMAIN}/{addr}#{SERVFAIL_PORT}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                kill_process_group(&mut upstream);
+                return Err(FixtureError::Spawn {
+                    program: "dnsmasq".into(),
+                    source,
+                });
+            }
+        };
+        // Drained for as long as dnsmasq lives: a closed pipe would kill it on its next log line.
+        let (log_tx, log_rx) = mpsc::channel();
+        if let Some(mut stderr) = child.stderr.take() {
+            thread::spawn(move || {
+                let mut log = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+                let _ = log_tx.send(log);
+            });
+        }
+        // Constructed before the readiness wait so that Drop kills a server that never answers.
+        let server = DnsServer {
+            cluster: self,
+            child,
+            upstream,
+            ip: addr,
+        };
+        // dnsmasq reports nothing when its sockets are ready: ask it until it answers.
+        let deadline = Instant::now() + SHORT;
+        let expected = format!("{web}\n");
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match server.dig(&["+short", "+time=1", "+tries=1", WEB_NAME]) {
+                Ok(out) if out.stdout == expected => return Ok(server),
+                Ok(out) => last = out.describe(),
+                Err(error) => last = error.to_string(),
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        drop(server);
+        let log = log_rx
+            .recv_timeout(Duration::from_secs(1))
+            .unwrap_or_default();
+        Err(FixtureError::NotReady {
+            what: "cluster DNS server (dnsmasq)".into(),
+            timeout: SHORT,
+            detail: format!("last probe: {last}; dnsmasq: {log}"),
+        })
+    }
 }
 
 impl Drop for Cluster {
@@ -200,6 +378,37 @@ impl Drop for HttpServer<'_> {
     }
 }
 
+/// The cluster's DNS server (dnsmasq) and its SERVFAIL upstream; both killed on drop.
+pub struct DnsServer<'c> {
+    cluster: &'c Cluster,
+    child: Child,
+    upstream: Child,
+    ip: Ipv4Addr,
+}
+
+impl DnsServer<'_> {
+    /// Where it listens (port [`DNS_PORT`]): the `nameserver` of pods started with
+    /// [`PodBuilder::cluster_dns`].
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// `dig` run inside the cluster netns against this server: the answer a pod's resolver
+    /// gets, without mirrord.
+    pub fn dig(&self, args: &[&str]) -> Result<crate::Output> {
+        let mut cmd = self.cluster.command("dig");
+        cmd.arg(format!("@{}", self.ip)).args(args);
+        run(&mut cmd, SHORT)
+    }
+}
+
+impl Drop for DnsServer<'_> {
+    fn drop(&mut self) {
+        kill_process_group(&mut self.child);
+        kill_process_group(&mut self.upstream);
+    }
+}
+
 fn kill_process_group(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
@@ -213,9 +422,19 @@ pub struct PodBuilder {
     hostname: Option<String>,
     env: Vec<(String, String)>,
     files: Vec<(String, Vec<u8>)>,
+    nameserver: Option<Ipv4Addr>,
 }
 
 impl PodBuilder {
+    /// Gives the pod Kubernetes-style `/etc/resolv.conf` (`nameserver`, the search list
+    /// [`CLUSTER_SEARCH`], `options` [`CLUSTER_OPTIONS`]) and `/etc/hosts` (localhost and the
+    /// pod's address with its hostname), bound in its own mount namespace. Without it the pod
+    /// sees the world's files.
+    pub fn cluster_dns(mut self, nameserver: Ipv4Addr) -> Self {
+        self.nameserver = Some(nameserver);
+        self
+    }
+
     /// Hostname inside the pod (default: the pod name).
     pub fn hostname(mut self, hostname: &str) -> Self {
         self.hostname = Some(hostname.to_owned());
@@ -244,6 +463,18 @@ impl PodBuilder {
             ("PATH".to_owned(), POD_PATH.to_owned()),
         ];
         env.extend(self.env.iter().cloned());
+        let link = next_block();
+        let pod_ip = offset(link, 2);
+        // Empty: the pod keeps the world's files (the script binds only non-empty ones).
+        let (resolv_conf, hosts) = match self.nameserver {
+            Some(nameserver) => (
+                format!(
+                    "nameserver {nameserver}\nsearch {CLUSTER_SEARCH}\noptions {CLUSTER_OPTIONS}\n"
+                ),
+                format!("127.0.0.1\tlocalhost\n{pod_ip}\t{hostname}\n"),
+            ),
+            None => (String::new(), String::new()),
+        };
 
         // The pod process prepares its namespaces, reports `ready`, waits until the veth is
         // wired from outside, then becomes a bare `sleep` with only the pod's environment.
@@ -253,6 +484,12 @@ impl PodBuilder {
              mount -t tmpfs -o size=1g,mode=0755 mrdt-pod {POD_FILE_DIR}\n\
              printf '%s' \"$MRDT_SHADOW\" > {POD_FILE_DIR}/.shadow\n\
              mount --bind {POD_FILE_DIR}/.shadow /etc/shadow\n\
+             if [ -n \"$MRDT_RESOLV\" ]; then\n\
+               printf '%s' \"$MRDT_RESOLV\" > {POD_FILE_DIR}/.resolv.conf\n\
+               mount --bind {POD_FILE_DIR}/.resolv.conf /etc/resolv.conf\n\
+               printf '%s' \"$MRDT_HOSTS\" > {POD_FILE_DIR}/.hosts\n\
+               mount --bind {POD_FILE_DIR}/.hosts /etc/hosts\n\
+             fi\n\
              ip link set lo up\n\
              echo ready\n\
              read go\n\
@@ -271,6 +508,8 @@ impl PodBuilder {
         .args(env.iter().map(|(k, v)| format!("{k}={v}")))
         .env("MRDT_HOSTNAME", &hostname)
         .env("MRDT_SHADOW", POD_SHADOW)
+        .env("MRDT_RESOLV", &resolv_conf)
+        .env("MRDT_HOSTS", &hosts)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -282,7 +521,6 @@ impl PodBuilder {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let link = next_block();
         let mut pod = Pod {
             cluster,
             child,
@@ -290,7 +528,7 @@ impl PodBuilder {
             name: self.name,
             hostname,
             env,
-            ip: offset(link, 2),
+            ip: pod_ip,
             gateway: offset(link, 1),
             // Interface names are capped at 15 bytes; the world is ours alone, so the counter suffices.
             cluster_link: format!("mrdt{n}"),
@@ -346,6 +584,7 @@ impl<'c> Pod<'c> {
             hostname: None,
             env: Vec::new(),
             files: Vec::new(),
+            nameserver: None,
         }
     }
 

@@ -16,6 +16,12 @@ pub const MARKER: &str = "MIRRORD_E2E_WORLD";
 /// Every namespace, interface and temp file a fixture creates starts with this prefix.
 pub const PREFIX: &str = "mrdt-";
 
+/// A name only the world's (the "laptop's") `/etc/hosts` knows: pods and the cluster DNS do not.
+pub const HOST_ONLY_NAME: &str = "laptop-only.mirrord.test";
+
+/// What [`HOST_ONLY_NAME`] resolves to on the laptop (TEST-NET-1: resolved, never contacted).
+pub const HOST_ONLY_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 77);
+
 /// Set once the world checks passed in this process; fixtures refuse to run otherwise.
 static READY: OnceLock<()> = OnceLock::new();
 
@@ -29,7 +35,8 @@ pub enum Entered {
 
 /// Re-executes the current binary (same args, inherited stdio) inside a fresh net + mount
 /// namespace unless already inside one, then prepares the world: `lo` up, private `/tmp` and
-/// `/run` (so nothing a test creates there reaches the machine), stale fixture netns removed.
+/// `/run` (so nothing a test creates there reaches the machine), an `/etc/hosts` knowing
+/// [`HOST_ONLY_NAME`], stale fixture netns removed.
 pub fn enter() -> Result<Entered> {
     if std::env::var_os(MARKER).is_none() {
         return reexec().map(Entered::Exited);
@@ -42,6 +49,7 @@ pub fn enter() -> Result<Entered> {
     private_tmpfs("/tmp", "mode=1777")?;
     private_tmpfs("/run", "mode=0755")?;
     std::fs::create_dir_all("/run/lock").map_err(FixtureError::io("/run/lock"))?;
+    host_only_name()?;
     remove_stale_namespaces()?;
     crate::leftovers::remember_world_baseline()?;
     let _ = READY.set(());
@@ -98,6 +106,28 @@ fn private_tmpfs(target: &str, options: &str) -> Result<()> {
         Some(options),
     )
     .map_err(FixtureError::sys("mount tmpfs"))
+}
+
+/// Binds a copy of the machine's `/etc/hosts` plus [`HOST_ONLY_NAME`] over `/etc/hosts` in the
+/// world's private mount namespace; the machine's file is never written. The copy lives in the
+/// world's private `/run`, so it vanishes with the world.
+fn host_only_name() -> Result<()> {
+    let mut hosts =
+        std::fs::read_to_string("/etc/hosts").map_err(FixtureError::io("/etc/hosts"))?;
+    if !hosts.is_empty() && !hosts.ends_with('\n') {
+        hosts.push('\n');
+    }
+    hosts.push_str(&format!("{HOST_ONLY_ADDR}\t{HOST_ONLY_NAME}\n"));
+    let copy = format!("/run/{PREFIX}world-hosts");
+    std::fs::write(&copy, hosts).map_err(FixtureError::io(copy.clone()))?;
+    mount(
+        Some(copy.as_str()),
+        "/etc/hosts",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(FixtureError::sys("mount --bind /etc/hosts"))
 }
 
 /// With `/run` private this only finds something if namespaces leak into the world itself,

@@ -35,6 +35,8 @@ macro_rules! ensure {
     };
 }
 
+#[path = "e2e/dns.rs"]
+mod dns;
 #[path = "e2e/files.rs"]
 mod files;
 #[path = "e2e/lifecycle.rs"]
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 42] = [
+    let tests: [(&str, Test); 53] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -203,6 +205,47 @@ fn tests() -> Vec<Trial> {
         (
             "agent_streams_reach_the_cluster_through_the_pod",
             streams::agent_streams_reach_the_cluster_through_the_pod,
+        ),
+        (
+            "fixture_cluster_dns_answers_the_pod",
+            dns::fixture_cluster_dns_answers_the_pod,
+        ),
+        (
+            "dns_resolv_conf_points_at_the_stub",
+            dns::dns_resolv_conf_points_at_the_stub,
+        ),
+        (
+            "dns_getent_nslookup_dig_see_cluster_records",
+            dns::dns_getent_nslookup_dig_see_cluster_records,
+        ),
+        (
+            "dns_curl_and_static_wget_by_service_name",
+            dns::dns_curl_and_static_wget_by_service_name,
+        ),
+        (
+            "dns_outgoing_filter_learns_addresses_from_dns",
+            dns::dns_outgoing_filter_learns_addresses_from_dns,
+        ),
+        (
+            "dns_big_answer_truncated_then_tcp",
+            dns::dns_big_answer_truncated_then_tcp,
+        ),
+        ("dns_ttl_is_preserved", dns::dns_ttl_is_preserved),
+        (
+            "dns_unknown_name_is_nxdomain_at_once",
+            dns::dns_unknown_name_is_nxdomain_at_once,
+        ),
+        (
+            "dns_filter_local_and_remote_names",
+            dns::dns_filter_local_and_remote_names,
+        ),
+        (
+            "dns_shell_command_resolves_cluster_names",
+            dns::dns_shell_command_resolves_cluster_names,
+        ),
+        (
+            "dns_200_concurrent_lookups",
+            dns::dns_200_concurrent_lookups,
         ),
         (
             "leftover_check_catches_a_stray_process",

@@ -1,0 +1,629 @@
+//! Cluster DNS through `mirrord exec`: unmodified resolvers (glibc's getent, dig, nslookup,
+//! curl, busybox-static wget, Python) inside the launched process resolve the cluster's names
+//! through the stub in `/etc/resolv.conf` and the agent, with the pod's search list, real
+//! NXDOMAINs, preserved TTLs and truncation + TCP retry for big answers; `--no-dns` and the
+//! config's `dns` filters change what is resolved where.
+
+use libtest_mimic::Failed;
+use mirrord_tests::cluster::{
+    BIG_TXT_NAME, BROKEN_DOMAIN, CLUSTER_OPTIONS, CLUSTER_SEARCH, DNS_TTL, DnsServer, HTTP_PORT,
+    WEB_NAME, WEB_SRV_NAME, WEB_TXT, WILDCARD_DOMAIN, big_txt_strings,
+};
+use mirrord_tests::process::{Run, SHORT};
+use mirrord_tests::world::{HOST_ONLY_ADDR, HOST_ONLY_NAME};
+use mirrord_tests::{Cluster, HttpServer, Output, Pod, Scene};
+
+use super::{POD_HOSTNAME, RUN, exec};
+
+/// The DNS stub's address inside the launched process (docs/cli.md).
+const STUB: &str = "198.19.255.253";
+
+/// The fixture's cluster range, as network.rs passes it.
+const CLUSTER: &[&str] = &["--cidr", "10.213.0.0/16"];
+
+/// What [`Cluster::serve_http`] serves in these tests.
+const INDEX: &str = "hello from web by name\n";
+
+/// A name the cluster DNS does not know, under the search domains so every query glibc makes
+/// for it (search expansions, then as is) gets a real NXDOMAIN.
+const UNKNOWN: &str = "nosuch-service";
+
+/// A cluster with its DNS server, the `web` HTTP server its A record points at, and a pod whose
+/// resolv.conf names that DNS server. Dropped in field order: servers, then the pod.
+struct DnsWorld<'c> {
+    dns: DnsServer<'c>,
+    _http: HttpServer<'c>,
+    pod: Pod<'c>,
+}
+
+fn dns_world(cluster: &Cluster) -> Result<DnsWorld<'_>, Failed> {
+    let dns = cluster.serve_dns()?;
+    let http = cluster.serve_http(&[("index.html", INDEX)])?;
+    let pod = Pod::builder("web-7d9f8-x2k4q")
+        .hostname(POD_HOSTNAME)
+        .cluster_dns(dns.ip())
+        .start(cluster)?;
+    Ok(DnsWorld {
+        dns,
+        _http: http,
+        pod,
+    })
+}
+
+/// `mirrord exec -t <pod> -f <file with json> <flags…> -- <command…>`
+fn exec_with_config(
+    scene: &Scene,
+    pod: &Pod,
+    json: &serde_json::Value,
+    flags: &[&str],
+    command: &[&str],
+) -> Result<Output, Failed> {
+    let path = scene.temp_dir().join("mirrord-dns.json");
+    std::fs::write(&path, json.to_string())?;
+    let path = path.to_string_lossy().into_owned();
+    let mut all = vec!["-f", path.as_str()];
+    all.extend(flags);
+    exec(scene, pod, &all, command)
+}
+
+/// `{"feature":{"network":{"dns":{"filter":{<kind>: names}}}}}`
+fn dns_filter(kind: &str, names: &[&str]) -> serde_json::Value {
+    serde_json::json!({"feature": {"network": {"dns": {"filter": {kind: names}}}}})
+}
+
+/// The flags of dig's `;; flags: qr rd ra;` header line.
+fn dig_flags(out: &Output) -> Vec<String> {
+    out.stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(";; flags:"))
+        .and_then(|rest| rest.split(';').next())
+        .map(|flags| flags.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// `status: X` of dig's header line.
+fn dig_status(out: &Output) -> Option<String> {
+    let (_, rest) = out.stdout.split_once("status: ")?;
+    rest.split(',').next().map(str::to_owned)
+}
+
+/// The TXT strings in dig's answer lines for `name`, in order, unquoted.
+fn txt_strings(out: &Output, name: &str) -> Vec<String> {
+    let owner = format!("{name}.");
+    out.stdout
+        .lines()
+        .filter(|line| line.starts_with(&owner) && line.contains("\tTXT\t"))
+        .flat_map(|line| {
+            line.split('"')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fixture itself (needs no mirrord binary).
+
+/// The pod resolves the cluster's names by itself (so a failure below is mirrord's, not the
+/// fixture's), the world does not know them, and only the world knows the host-only name.
+pub fn fixture_cluster_dns_answers_the_pod(
+    _scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let resolv = w.pod.command("cat").arg("/etc/resolv.conf").run(SHORT)?;
+    ensure!(
+        resolv.stdout
+            == format!(
+                "nameserver {}\nsearch {CLUSTER_SEARCH}\noptions {CLUSTER_OPTIONS}\n",
+                w.dns.ip()
+            ),
+        "pod resolv.conf: {}",
+        resolv.describe()
+    );
+    let getent = w.pod.command("getent").args(["hosts", "web"]).run(SHORT)?;
+    ensure!(
+        getent.code == 0
+            && getent.stdout.split_whitespace().collect::<Vec<_>>()
+                == [cluster.ip().to_string().as_str(), WEB_NAME],
+        "getent in the pod: {}",
+        getent.describe()
+    );
+    let wget = w
+        .pod
+        .command("busybox")
+        .args(["wget", "-q", "-O", "-", "http://web:8080/index.html"])
+        .run(SHORT)?;
+    ensure!(
+        wget.code == 0 && wget.stdout == INDEX,
+        "busybox wget by name in the pod: {}",
+        wget.describe()
+    );
+    let unknown = w
+        .pod
+        .command("getent")
+        .args(["hosts", UNKNOWN])
+        .run(SHORT)?;
+    ensure!(
+        unknown.code == 2,
+        "unknown name in the pod: {}",
+        unknown.describe()
+    );
+    let host_only = w
+        .pod
+        .command("getent")
+        .args(["hosts", HOST_ONLY_NAME])
+        .run(SHORT)?;
+    ensure!(
+        host_only.code == 2,
+        "the pod knows the host-only name: {}",
+        host_only.describe()
+    );
+    let world = std::process::Command::new("getent")
+        .args(["hosts", HOST_ONLY_NAME])
+        .run(SHORT)?;
+    ensure!(
+        world.code == 0 && world.stdout.starts_with(&format!("{HOST_ONLY_ADDR} ")),
+        "the world does not know the host-only name: {}",
+        world.describe()
+    );
+    let broken = w.dns.dig(&[&format!("x.{BROKEN_DOMAIN}")])?;
+    ensure!(
+        dig_status(&broken).as_deref() == Some("SERVFAIL"),
+        "dnsmasq does not answer SERVFAIL under {BROKEN_DOMAIN}: {}",
+        broken.describe()
+    );
+    let big = w.dns.dig(&["+noedns", "+ignore", BIG_TXT_NAME, "TXT"])?;
+    ensure!(
+        dig_flags(&big).iter().any(|f| f == "tc"),
+        "dnsmasq does not truncate the big TXT over UDP: {}",
+        big.describe()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// mirrord exec
+
+/// The command's resolv.conf names only the stub and carries the pod's search and options;
+/// `--no-dns` and `"dns": false` leave it the laptop's.
+pub fn dns_resolv_conf_points_at_the_stub(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let out = exec(scene, &w.pod, &[], &["cat", "/etc/resolv.conf"])?;
+    ensure!(out.code == 0, "cat: {}", out.describe());
+    let nameservers: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("nameserver"))
+        .collect();
+    ensure!(
+        nameservers == [format!("nameserver {STUB}")],
+        "nameservers: {}",
+        out.describe()
+    );
+    let has = |line: String| out.stdout.lines().any(|l| l.trim_end() == line);
+    ensure!(
+        has(format!("search {CLUSTER_SEARCH}")) && has(format!("options {CLUSTER_OPTIONS}")),
+        "the pod's search/options lines are missing: {}",
+        out.describe()
+    );
+
+    let local = std::fs::read_to_string("/etc/resolv.conf")?;
+    let out = exec(scene, &w.pod, &["--no-dns"], &["cat", "/etc/resolv.conf"])?;
+    ensure!(
+        out.code == 0 && out.stdout == local,
+        "--no-dns must leave the laptop's resolv.conf ({local:?}): {}",
+        out.describe()
+    );
+    let off = serde_json::json!({"feature": {"network": {"dns": false}}});
+    let out = exec_with_config(scene, &w.pod, &off, &[], &["cat", "/etc/resolv.conf"])?;
+    ensure!(
+        out.code == 0 && out.stdout == local,
+        "\"dns\": false must leave the laptop's resolv.conf ({local:?}): {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// glibc (getent), nslookup and dig find the cluster's A, SRV, PTR and TXT records by the
+/// names a pod uses.
+pub fn dns_getent_nslookup_dig_see_cluster_records(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let web_ip = cluster.ip().to_string();
+
+    let out = exec(scene, &w.pod, &[], &["getent", "hosts", "web"])?;
+    ensure!(
+        out.code == 0 && out.stdout.split_whitespace().collect::<Vec<_>>() == [&web_ip, WEB_NAME],
+        "getent hosts web: {}",
+        out.describe()
+    );
+
+    let out = exec(scene, &w.pod, &[], &["nslookup", "web"])?;
+    ensure!(
+        out.code == 0
+            && out
+                .stdout
+                .contains(&format!("Name:\t{WEB_NAME}\nAddress: {web_ip}\n"))
+            && out.stdout.contains(&format!("Server:\t\t{STUB}\n")),
+        "nslookup web (through the stub): {}",
+        out.describe()
+    );
+
+    let srv = format!("0 0 {HTTP_PORT} {WEB_NAME}.\n");
+    for name in [WEB_NAME, WEB_SRV_NAME] {
+        let out = exec(scene, &w.pod, &[], &["dig", "+short", name, "SRV"])?;
+        ensure!(
+            out.code == 0 && out.stdout == srv,
+            "dig +short {name} SRV: {}",
+            out.describe()
+        );
+    }
+
+    let out = exec(scene, &w.pod, &[], &["dig", "-x", &web_ip, "+short"])?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{WEB_NAME}.\n"),
+        "dig -x {web_ip}: {}",
+        out.describe()
+    );
+
+    let out = exec(scene, &w.pod, &[], &["dig", "+short", WEB_NAME, "TXT"])?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("\"{WEB_TXT}\"\n"),
+        "dig TXT: {}",
+        out.describe()
+    );
+
+    // dig's own resolver over TCP to the stub.
+    let out = exec(scene, &w.pod, &[], &["dig", "+tcp", WEB_NAME])?;
+    ensure!(
+        out.code == 0
+            && dig_status(&out).as_deref() == Some("NOERROR")
+            && out.stdout.contains(&format!("\tA\t{web_ip}\n"))
+            && out.stdout.contains(&format!("SERVER: {STUB}#53(")),
+        "dig +tcp: {}",
+        out.describe()
+    );
+
+    // Fresh names under a wildcard: nothing a cache could have seen before.
+    let fresh = format!("n1.{WILDCARD_DOMAIN}");
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &[
+            "python3",
+            "-c",
+            &format!("import socket; print(socket.gethostbyname('{fresh}'))"),
+        ],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{web_ip}\n"),
+        "python gethostbyname({fresh}): {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// HTTP clients reach a cluster service by its short name: curl (glibc) and busybox-static
+/// wget (its own static resolver reading resolv.conf).
+pub fn dns_curl_and_static_wget_by_service_name(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let url = format!("http://web:{HTTP_PORT}/index.html");
+    let out = exec(
+        scene,
+        &w.pod,
+        CLUSTER,
+        &["curl", "-sS", "--max-time", "10", &url],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == INDEX,
+        "curl {url}: {}",
+        out.describe()
+    );
+    let out = exec(
+        scene,
+        &w.pod,
+        CLUSTER,
+        &["busybox", "wget", "-q", "-O", "-", &url],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == INDEX,
+        "busybox wget {url}: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// Without `--cidr`, an outgoing `remote` filter naming `web` sends web's address (learnt from
+/// the DNS answer) through the agent; without the filter that address stays local and,
+/// the laptop having no route there, fails.
+pub fn dns_outgoing_filter_learns_addresses_from_dns(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let url = format!("http://web:{HTTP_PORT}/index.html");
+    let curl = ["curl", "-sS", "--max-time", "5", url.as_str()];
+    let filter =
+        serde_json::json!({"feature": {"network": {"outgoing": {"filter": {"remote": ["web"]}}}}});
+    let out = exec_with_config(scene, &w.pod, &filter, &[], &curl)?;
+    ensure!(
+        out.code == 0 && out.stdout == INDEX,
+        "curl by name with the outgoing remote filter [\"web\"]: {}",
+        out.describe()
+    );
+    let out = exec(scene, &w.pod, &[], &curl)?;
+    ensure!(
+        out.code != 0,
+        "without --cidr or a filter the cluster address must stay local (and unreachable): {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// A TXT answer over 512 bytes comes back truncated over plain UDP, dig retries over TCP to the
+/// stub and gets all of it; with a large EDNS buffer it fits in one UDP answer.
+pub fn dns_big_answer_truncated_then_tcp(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let expected = big_txt_strings();
+
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &["dig", "+noedns", "+ignore", BIG_TXT_NAME, "TXT"],
+    )?;
+    ensure!(
+        out.code == 0 && dig_flags(&out).iter().any(|f| f == "tc"),
+        "the plain UDP answer must carry TC: {}",
+        out.describe()
+    );
+
+    let out = exec(scene, &w.pod, &[], &["dig", "+noedns", BIG_TXT_NAME, "TXT"])?;
+    ensure!(
+        out.code == 0
+            && out.stdout.contains(";; Truncated, retrying in TCP mode.")
+            && txt_strings(&out, BIG_TXT_NAME) == expected,
+        "UDP then TCP retry must give all {} strings: {}",
+        expected.len(),
+        out.describe()
+    );
+
+    let out = exec(scene, &w.pod, &[], &["dig", "+tcp", BIG_TXT_NAME, "TXT"])?;
+    ensure!(
+        out.code == 0 && txt_strings(&out, BIG_TXT_NAME) == expected,
+        "dig +tcp: {}",
+        out.describe()
+    );
+
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &["dig", "+bufsize=4096", "+ignore", BIG_TXT_NAME, "TXT"],
+    )?;
+    ensure!(
+        out.code == 0
+            && !dig_flags(&out).iter().any(|f| f == "tc")
+            && txt_strings(&out, BIG_TXT_NAME) == expected,
+        "with EDNS 4096 the answer fits in UDP: {}",
+        out.describe()
+    );
+
+    // The client's EDNS size is the limit, not 512: 600 is still too small for this answer.
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &["dig", "+bufsize=600", "+ignore", BIG_TXT_NAME, "TXT"],
+    )?;
+    ensure!(
+        out.code == 0 && dig_flags(&out).iter().any(|f| f == "tc"),
+        "with EDNS 600 the answer must carry TC: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// The answer carries the record's TTL (counting down in a cache at most), not a made-up one.
+pub fn dns_ttl_is_preserved(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    // Twice in one session: the second answer may come from mirrord's cache.
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("dig +noall +answer {WEB_NAME} A && dig +noall +answer {WEB_NAME} A"),
+        ],
+    )?;
+    let ttls: Vec<u32> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with(&format!("{WEB_NAME}.")))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    // Half the TTL is far more than this test can take: only a wrong TTL fails it.
+    ensure!(
+        out.code == 0 && ttls.len() == 2 && ttls.iter().all(|t| *t <= DNS_TTL && *t > DNS_TTL / 2),
+        "TTLs {ttls:?}, expected in ({}, {DNS_TTL}]: {}",
+        DNS_TTL / 2,
+        out.describe()
+    );
+    Ok(())
+}
+
+/// An unknown name is NXDOMAIN for dig and "not found" (exit 2) for getent, answered at once
+/// rather than after a resolver timeout and retry; the cluster's SERVFAIL comes through as is.
+pub fn dns_unknown_name_is_nxdomain_at_once(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let fqdn = format!("{UNKNOWN}.default.svc.cluster.local");
+    let out = exec(scene, &w.pod, &[], &["dig", &fqdn])?;
+    ensure!(
+        out.code == 0 && dig_status(&out).as_deref() == Some("NXDOMAIN"),
+        "dig {fqdn}: {}",
+        out.describe()
+    );
+    let broken = format!("x.{BROKEN_DOMAIN}");
+    let out = exec(scene, &w.pod, &[], &["dig", &broken])?;
+    ensure!(
+        out.code == 0 && dig_status(&out).as_deref() == Some("SERVFAIL"),
+        "dig {broken} (the cluster DNS answers SERVFAIL): {}",
+        out.describe()
+    );
+    let out = exec(scene, &w.pod, &[], &["getent", "hosts", UNKNOWN])?;
+    ensure!(
+        out.code == 2 && out.stdout.is_empty(),
+        "getent hosts {UNKNOWN}: {}",
+        out.describe()
+    );
+    // glibc's default timeout is 5 s per try: a lost or unanswered query shows as seconds.
+    let script = format!(
+        "import socket, time\n\
+         start = time.monotonic()\n\
+         try:\n    socket.getaddrinfo('{UNKNOWN}', 80)\n    print('found')\n\
+         except socket.gaierror as error:\n    \
+         print('not found', error.errno == socket.EAI_NONAME, time.monotonic() - start < 1.0)\n"
+    );
+    let out = exec(scene, &w.pod, &[], &["python3", "-c", &script])?;
+    ensure!(
+        out.code == 0 && out.stdout == "not found True True\n",
+        "getaddrinfo({UNKNOWN}) must fail with EAI_NONAME in well under a second: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// Names under a `local` rule are resolved by the laptop (its /etc/hosts), others by the pod;
+/// a `remote` rule is the reverse.
+pub fn dns_filter_local_and_remote_names(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let web_ip = cluster.ip().to_string();
+    let host_only = HOST_ONLY_ADDR.to_string();
+    let getent = |json: Option<&serde_json::Value>, name: &str| -> Result<Output, Failed> {
+        let command = ["getent", "ahostsv4", name];
+        match json {
+            Some(json) => exec_with_config(scene, &w.pod, json, &[], &command),
+            None => exec(scene, &w.pod, &[], &command),
+        }
+    };
+    let first_addr = |out: &Output| out.stdout.split_whitespace().next().map(str::to_owned);
+
+    let out = getent(None, HOST_ONLY_NAME)?;
+    ensure!(
+        out.code == 2,
+        "without a filter {HOST_ONLY_NAME} is the pod's to resolve (not found): {}",
+        out.describe()
+    );
+    let out = exec(scene, &w.pod, &[], &["dig", HOST_ONLY_NAME])?;
+    ensure!(
+        dig_status(&out).as_deref() == Some("NXDOMAIN"),
+        "without a filter dig {HOST_ONLY_NAME} is the cluster's NXDOMAIN: {}",
+        out.describe()
+    );
+
+    for rule in [HOST_ONLY_NAME, "*.mirrord.test"] {
+        let local = dns_filter("local", &[rule]);
+        let out = getent(Some(&local), HOST_ONLY_NAME)?;
+        ensure!(
+            out.code == 0 && first_addr(&out).as_deref() == Some(host_only.as_str()),
+            "local rule {rule:?}: {HOST_ONLY_NAME} must resolve on the laptop: {}",
+            out.describe()
+        );
+        let out = exec_with_config(
+            scene,
+            &w.pod,
+            &local,
+            &[],
+            &["dig", "+short", HOST_ONLY_NAME],
+        )?;
+        ensure!(
+            out.code == 0 && out.stdout == format!("{host_only}\n"),
+            "local rule {rule:?}: dig {HOST_ONLY_NAME}: {}",
+            out.describe()
+        );
+        let out = getent(Some(&local), "web")?;
+        ensure!(
+            out.code == 0 && first_addr(&out).as_deref() == Some(web_ip.as_str()),
+            "local rule {rule:?}: web must still resolve in the cluster: {}",
+            out.describe()
+        );
+    }
+
+    let remote = dns_filter("remote", &["web"]);
+    let out = getent(Some(&remote), "web")?;
+    ensure!(
+        out.code == 0 && first_addr(&out).as_deref() == Some(web_ip.as_str()),
+        "remote rule [\"web\"]: web resolves in the cluster: {}",
+        out.describe()
+    );
+    let out = getent(Some(&remote), HOST_ONLY_NAME)?;
+    ensure!(
+        out.code == 0 && first_addr(&out).as_deref() == Some(host_only.as_str()),
+        "remote rule [\"web\"]: everything else, {HOST_ONLY_NAME} too, is the laptop's: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// `mirrord shell` gets the stub too (same launcher as exec).
+pub fn dns_shell_command_resolves_cluster_names(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let mut cmd = scene.mirrord()?;
+    cmd.args([
+        "shell",
+        "-t",
+        &w.pod.target(),
+        "--",
+        "-c",
+        "getent hosts web",
+    ])
+    .env("SHELL", "/bin/sh");
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 0
+            && out.stdout.split_whitespace().collect::<Vec<_>>()
+                == [cluster.ip().to_string().as_str(), WEB_NAME],
+        "mirrord shell: getent hosts web: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// 200 lookups at once (fresh wildcard names, so all go to the agent, and one cached name)
+/// are all answered, each with the right address.
+pub fn dns_200_concurrent_lookups(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let script = format!(
+        "import collections, concurrent.futures, socket\n\
+         def look(i):\n    \
+         name = 'web' if i % 2 else f'c{{i}}.{WILDCARD_DOMAIN}'\n    \
+         try:\n        return socket.gethostbyname(name)\n    \
+         except OSError as error:\n        return repr(error)\n\
+         with concurrent.futures.ThreadPoolExecutor(200) as pool:\n    \
+         print(dict(collections.Counter(pool.map(look, range(200)))))\n"
+    );
+    let out = exec(scene, &w.pod, &[], &["python3", "-c", &script])?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{{'{}': 200}}\n", cluster.ip()),
+        "200 concurrent lookups: {}",
+        out.describe()
+    );
+    Ok(())
+}
