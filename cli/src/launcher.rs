@@ -60,8 +60,10 @@ pub struct FuseMount {
     pub data: String,
     pub flags: nix::mount::MsFlags,
     /// `(path inside the mount, local path)`: each bound over the local path, which must
-    /// exist.
+    /// exist or be made by one of `rooms`.
     pub binds: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Local paths made for binds whose local path does not exist, made before the binds.
+    pub rooms: Vec<Room>,
     /// Starts serving the mounted connection; false when it cannot (the command then fails).
     pub serve: Box<dyn FnOnce() -> bool + Send>,
 }
@@ -73,6 +75,30 @@ impl std::fmt::Debug for FuseMount {
             .field("binds", &self.binds)
             .finish_non_exhaustive()
     }
+}
+
+/// Room for overlays whose local paths do not exist, made only in the command's mount
+/// namespace: a tmpfs over `dir` (their nearest existing ancestor) holding every original entry
+/// of `dir` again — directories and files bound back from the covered original, symlinks
+/// recreated — plus the missing paths. The host's `dir` is never written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Room {
+    /// An existing directory, symlinks resolved; never `/`.
+    pub dir: std::path::PathBuf,
+    /// Its permission bits, which the tmpfs gets too.
+    pub mode: u32,
+    /// Its entries as they were when the plan was made.
+    pub entries: Vec<(OsString, RoomEntry)>,
+    /// Paths to create below `dir`, parents first, with whether each is a directory.
+    pub create: Vec<(std::path::PathBuf, bool)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomEntry {
+    Dir,
+    /// Anything bound back onto an empty regular file: files, sockets, devices, FIFOs.
+    File,
+    Symlink(std::path::PathBuf),
 }
 
 /// One setup step done in the child between fork and exec, reported back when it fails.
@@ -92,10 +118,11 @@ pub enum SetupStep {
     FuseServe,
     BindMount,
     Tunnel,
+    MakeRoom,
 }
 
 impl SetupStep {
-    const ALL: [SetupStep; 14] = [
+    const ALL: [SetupStep; 15] = [
         SetupStep::ParentDeathSignal,
         SetupStep::UserNamespace,
         SetupStep::Setgroups,
@@ -110,6 +137,7 @@ impl SetupStep {
         SetupStep::FuseServe,
         SetupStep::BindMount,
         SetupStep::Tunnel,
+        SetupStep::MakeRoom,
     ];
 
     fn from_code(code: u32) -> Option<Self> {
@@ -134,6 +162,9 @@ impl std::fmt::Display for SetupStep {
             SetupStep::FuseServe => "waiting for mirrord to serve the remote file system",
             SetupStep::BindMount => "overlaying a remote path on its local path (bind mount)",
             SetupStep::Tunnel => "creating the network tunnel",
+            SetupStep::MakeRoom => {
+                "making room for an overlay whose local path does not exist (tmpfs and binds)"
+            }
         })
     }
 }
@@ -215,6 +246,7 @@ struct ChildFuse {
     data: std::ffi::CString,
     flags: libc::c_ulong,
     binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    rooms: Vec<ChildRoom>,
     /// child --"mounted"--> mirrord's serving thread.
     mounted_tx: RawFd,
     /// mirrord's serving thread --"served"--> child.
@@ -303,8 +335,145 @@ impl ChildFuse {
                 return Err((SetupStep::FuseServe, libc::ENOTCONN));
             }
         }
+        for room in &self.rooms {
+            room.make().map_err(|err| (SetupStep::MakeRoom, err))?;
+        }
         bind_all(&self.binds)
     }
+}
+
+/// [`Room`] as NUL-terminated buffers, for the child.
+struct ChildRoom {
+    dir: std::ffi::CString,
+    /// `mode=…` for the tmpfs.
+    data: std::ffi::CString,
+    /// A descriptor number the parent holds open (on /dev/null) so the child can put its
+    /// O_PATH descriptor of the covered `dir` there, under a number known in advance.
+    slot: RawFd,
+    /// `(source through /proc/self/fd/SLOT, target in the tmpfs, kind)`.
+    entries: Vec<(std::ffi::CString, std::ffi::CString, ChildEntry)>,
+    create: Vec<(std::ffi::CString, bool)>,
+}
+
+enum ChildEntry {
+    Dir,
+    File,
+    Symlink(std::ffi::CString),
+}
+
+impl ChildRoom {
+    /// Async-signal-safe. The descriptor is opened here, after the mount namespace was
+    /// unshared, because bind mounts only take sources of the caller's own namespace.
+    fn make(&self) -> Result<(), i32> {
+        // SAFETY: raw syscalls on NUL-terminated buffers prepared before the fork.
+        unsafe {
+            let fd = libc::open(
+                self.dir.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(errno());
+            }
+            let moved = libc::dup3(fd, self.slot, libc::O_CLOEXEC);
+            libc::close(fd);
+            check(moved)?;
+            check(libc::mount(
+                c"mirrord".as_ptr(),
+                self.dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                self.data.as_ptr().cast(),
+            ))?;
+            for (source, target, kind) in &self.entries {
+                match kind {
+                    ChildEntry::Symlink(to) => check(libc::symlink(to.as_ptr(), target.as_ptr()))?,
+                    ChildEntry::Dir => {
+                        check(libc::mkdir(target.as_ptr(), 0o755))?;
+                        bind_recursive(source, target)?;
+                    }
+                    ChildEntry::File => {
+                        create_file(target)?;
+                        bind_recursive(source, target)?;
+                    }
+                }
+            }
+            for (path, is_dir) in &self.create {
+                if *is_dir {
+                    check(libc::mkdir(path.as_ptr(), 0o755))?;
+                } else {
+                    create_file(path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An empty regular file at `path`, as a bind target. Async-signal-safe.
+fn create_file(path: &std::ffi::CStr) -> Result<(), i32> {
+    // SAFETY: raw syscalls on a NUL-terminated buffer.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd < 0 {
+            return Err(errno());
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+/// `mount --rbind source target`: submounts come along. Async-signal-safe.
+fn bind_recursive(source: &std::ffi::CStr, target: &std::ffi::CStr) -> Result<(), i32> {
+    // SAFETY: raw syscall on NUL-terminated buffers.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// The child's side of `room`, with `slot` as its descriptor number.
+fn child_room(room: &Room, slot: RawFd) -> Result<ChildRoom, LaunchError> {
+    let covered = std::path::PathBuf::from(format!("/proc/self/fd/{slot}"));
+    let entries = room
+        .entries
+        .iter()
+        .map(|(name, kind)| {
+            let kind = match kind {
+                RoomEntry::Dir => ChildEntry::Dir,
+                RoomEntry::File => ChildEntry::File,
+                RoomEntry::Symlink(to) => ChildEntry::Symlink(c_path(to)?),
+            };
+            Ok((
+                c_path(&covered.join(name))?,
+                c_path(&room.dir.join(name))?,
+                kind,
+            ))
+        })
+        .collect::<Result<_, LaunchError>>()?;
+    let create = room
+        .create
+        .iter()
+        .map(|(path, is_dir)| Ok((c_path(path)?, *is_dir)))
+        .collect::<Result<_, LaunchError>>()?;
+    Ok(ChildRoom {
+        dir: c_path(&room.dir)?,
+        data: c_string(
+            format!("mode={:04o}", room.mode & 0o7777).as_bytes(),
+            "pass the tmpfs options",
+        )?,
+        slot,
+        entries,
+        create,
+    })
 }
 
 /// Bind-mounts each source over its target. Async-signal-safe.
@@ -351,6 +520,15 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         return Ok((None, Vec::new()));
     };
     let binds = c_path_pairs(&fuse.binds)?;
+    let mut slots = Vec::new();
+    let mut rooms = Vec::new();
+    for room in &fuse.rooms {
+        let slot: OwnedFd = File::open("/dev/null")
+            .map_err(io_err("reserve a descriptor for an overlay"))?
+            .into();
+        rooms.push(child_room(room, slot.as_raw_fd())?);
+        slots.push(slot);
+    }
     let (mounted_rx, mounted_tx) = pipe(OFlag::O_CLOEXEC)?;
     let (served_rx, served_tx) = pipe(OFlag::O_CLOEXEC)?;
     let child = ChildFuse {
@@ -359,6 +537,7 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         data: c_string(fuse.data.as_bytes(), "pass the mount options")?,
         flags: fuse.flags.bits(),
         binds,
+        rooms,
         mounted_tx: mounted_tx.as_raw_fd(),
         served_rx: served_rx.as_raw_fd(),
     };
@@ -374,7 +553,8 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         })
         .map_err(io_err("start the file-system handover thread"))?;
     // Kept open by the caller until `spawn` returns, so the child has them across the fork.
-    Ok((Some(child), vec![mounted_tx, served_rx]))
+    slots.extend([mounted_tx, served_rx]);
+    Ok((Some(child), slots))
 }
 
 fn check(ret: libc::c_int) -> Result<(), i32> {

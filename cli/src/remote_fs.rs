@@ -13,7 +13,7 @@ use mirrord_protocol::fs::{FileKind, FsRequest, FsResponse};
 use mirrord_protocol::{RemoteError, Request, Response};
 
 use crate::client::{AgentClient, ClientError};
-use crate::launcher::FuseMount;
+use crate::launcher::{FuseMount, Room, RoomEntry};
 
 /// How much of the target's file system the command sees (`--fs-mode`, `feature.fs.mode`).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -139,7 +139,7 @@ pub async fn prepare(
             return None;
         }
     };
-    let binds = overlays(client, settings, mountpoint.path()).await;
+    let (binds, rooms) = overlays(client, settings, mountpoint.path()).await;
     let options = Options {
         writable: settings.mode == FsMode::Write,
         mountpoint: Some(mountpoint.path().to_owned()),
@@ -159,6 +159,7 @@ pub async fn prepare(
         data: mirrord_fusefs::mount_data(raw, uid, gid),
         flags,
         binds,
+        rooms,
         serve: Box::new(move || match mirrord_fusefs::serve_fd(fs, device) {
             Ok(served) => {
                 // Served until this process exits: joining would wait for every process still
@@ -245,14 +246,16 @@ pub async fn hosts_text(
     Ok(text)
 }
 
-/// `(path in the mount, local path)` for every overlay that exists on both sides with the same
-/// kind (a bind mount needs an existing local path of the same kind). A missing default overlay
-/// is skipped quietly; a missing one the user asked for is reported.
+/// `(path in the mount, local path)` for every overlay that exists in the target, with the
+/// room to make for those whose local path does not exist (a bind mount needs an existing
+/// local path of the same kind). A default overlay missing in the target is skipped quietly;
+/// one the user asked for is reported, as is a local path of another kind.
 async fn overlays(
     client: &AgentClient,
     settings: &FsSettings,
     root: &Path,
-) -> Vec<(PathBuf, PathBuf)> {
+) -> (Vec<(PathBuf, PathBuf)>, Vec<Room>) {
+    let mut rooms: Vec<Room> = Vec::new();
     let defaults = DEFAULT_OVERLAYS
         .iter()
         .filter(|_| settings.mode != FsMode::Local)
@@ -287,10 +290,18 @@ async fn overlays(
                 continue;
             }
         };
+        let inside = root.join(path.strip_prefix("/").unwrap_or(&path));
         match std::fs::metadata(&path) {
-            Ok(local) if local.is_dir() == remote_is_dir => {
-                let inside = root.join(path.strip_prefix("/").unwrap_or(&path));
-                binds.push((inside, path));
+            Ok(local) if local.is_dir() == remote_is_dir => binds.push((inside, path)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                match plan_room(&mut rooms, &path, remote_is_dir) {
+                    Ok(()) => binds.push((inside, path)),
+                    Err(why) => eprintln!(
+                        "mirrord: {} does not exist here and {why}; the target's is at $MIRRORD_REMOTE_ROOT{}",
+                        path.display(),
+                        path.display()
+                    ),
+                }
             }
             _ if asked => eprintln!(
                 "mirrord: {} has no local counterpart of the same kind to overlay; the target's is at $MIRRORD_REMOTE_ROOT{}",
@@ -300,12 +311,141 @@ async fn overlays(
             _ => {}
         }
     }
-    binds
+    (binds, rooms)
+}
+
+/// Most entries a directory may have to be covered by a [`Room`]: each is bound back one by one.
+const MAX_ROOM_ENTRIES: usize = 4096;
+
+/// Adds to `rooms` what makes `path` (missing here) exist in the command's mount namespace:
+/// its nearest existing ancestor covered by a tmpfs that holds the ancestor's entries again,
+/// and the missing path below it. Fails, saying why, rather than cover `/`.
+fn plan_room(rooms: &mut Vec<Room>, path: &Path, is_dir: bool) -> Result<(), String> {
+    let ancestor = path
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.exists())
+        .ok_or("none of its parents exists")?;
+    if !ancestor.is_dir() {
+        return Err(format!("{} is not a directory", ancestor.display()));
+    }
+    let dir = std::fs::canonicalize(ancestor)
+        .map_err(|error| format!("{} cannot be resolved: {error}", ancestor.display()))?;
+    if dir == Path::new("/") {
+        return Err("making room for it would cover /".to_owned());
+    }
+    let missing = path
+        .strip_prefix(ancestor)
+        .map_err(|_| format!("{} is not below {}", path.display(), ancestor.display()))?;
+    let room = match rooms.iter().position(|room| room.dir == dir) {
+        Some(index) => &mut rooms[index],
+        None => {
+            rooms.push(room_for(&dir)?);
+            let last = rooms.len() - 1;
+            &mut rooms[last]
+        }
+    };
+    let mut below = dir.clone();
+    let count = missing.components().count();
+    for (index, component) in missing.components().enumerate() {
+        below.push(component);
+        let entry_is_dir = index + 1 < count || is_dir;
+        if !room.create.iter().any(|(made, _)| *made == below) {
+            room.create.push((below.clone(), entry_is_dir));
+        }
+    }
+    Ok(())
+}
+
+/// A [`Room`] over `dir` with its current entries, nothing to create yet.
+fn room_for(dir: &Path) -> Result<Room, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let unreadable = |error: std::io::Error| format!("{} cannot be read: {error}", dir.display());
+    let mode = std::fs::metadata(dir)
+        .map_err(unreadable)?
+        .permissions()
+        .mode();
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let kind = entry.file_type().map_err(unreadable)?;
+        let kind = if kind.is_symlink() {
+            RoomEntry::Symlink(std::fs::read_link(entry.path()).map_err(unreadable)?)
+        } else if kind.is_dir() {
+            RoomEntry::Dir
+        } else {
+            RoomEntry::File
+        };
+        entries.push((entry.file_name(), kind));
+        if entries.len() > MAX_ROOM_ENTRIES {
+            return Err(format!(
+                "{} has over {MAX_ROOM_ENTRIES} entries to keep visible",
+                dir.display()
+            ));
+        }
+    }
+    Ok(Room {
+        dir: dir.to_owned(),
+        mode,
+        entries,
+        create: Vec::new(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_covers_the_nearest_ancestor_and_keeps_its_entries() {
+        let base = std::env::temp_dir().join(format!("mirrord-room-test-{}", std::process::id()));
+        let run = base.join("run");
+        std::fs::create_dir_all(run.join("lock")).unwrap();
+        std::fs::write(run.join("file"), "x").unwrap();
+        std::os::unix::fs::symlink("file", run.join("link")).unwrap();
+        std::os::unix::fs::symlink(&run, base.join("var-run")).unwrap();
+        let mut rooms = Vec::new();
+        let sa = base.join("var-run/secrets/kubernetes.io/serviceaccount");
+        plan_room(&mut rooms, &sa, true).unwrap();
+        plan_room(&mut rooms, &base.join("var-run/secrets/extra.conf"), false).unwrap();
+        let result = rooms.clone();
+        std::fs::remove_dir_all(&base).unwrap();
+
+        let [room] = result.as_slice() else {
+            panic!("one room for one ancestor: {result:?}")
+        };
+        let run = std::fs::canonicalize(std::env::temp_dir())
+            .unwrap()
+            .join(run.strip_prefix(std::env::temp_dir()).unwrap());
+        assert_eq!(room.dir, run, "symlinks resolved");
+        let mut entries = room.entries.clone();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            entries,
+            vec![
+                ("file".into(), RoomEntry::File),
+                ("link".into(), RoomEntry::Symlink("file".into())),
+                ("lock".into(), RoomEntry::Dir),
+            ]
+        );
+        assert_eq!(
+            room.create,
+            vec![
+                (run.join("secrets"), true),
+                (run.join("secrets/kubernetes.io"), true),
+                (run.join("secrets/kubernetes.io/serviceaccount"), true),
+                (run.join("secrets/extra.conf"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn room_is_never_made_over_the_root() {
+        let mut rooms = Vec::new();
+        let error = plan_room(&mut rooms, Path::new("/mirrord-no-such-dir/x"), true).unwrap_err();
+        assert!(error.contains("cover /"), "{error}");
+        assert!(rooms.is_empty());
+    }
 
     #[test]
     fn finds_the_mount_device_in_mountinfo() {

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 53] = [
+    let tests: [(&str, Test); 54] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -173,6 +173,10 @@ fn tests() -> Vec<Trial> {
         (
             "fs_overlays_follow_the_mode",
             files::fs_overlays_follow_the_mode,
+        ),
+        (
+            "fs_service_account_without_a_local_path",
+            files::fs_service_account_without_a_local_path,
         ),
         (
             "fs_nothing_mounted_after_kill_9",

@@ -268,6 +268,62 @@ pub fn fs_overlays_follow_the_mode(scene: &Scene, cluster: &Cluster) -> Result<(
     Ok(())
 }
 
+/// The pod's service-account directory appears at its own path although this machine has no
+/// `/var/run/secrets`: mirrord makes room over the nearest existing ancestor (`/run`) in the
+/// command's mount namespace only, keeping every entry of the local `/run` visible there.
+pub fn fs_service_account_without_a_local_path(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let pod = standard_pod(cluster)?;
+    ensure!(
+        !std::path::Path::new("/run/secrets").exists(),
+        "the world already has /run/secrets"
+    );
+    // The pod's own /run (a tmpfs of its mount namespace), holding its token as a kubelet would.
+    in_pod(
+        &pod,
+        &format!(
+            "mount -t tmpfs pod-run /run && mkdir -p {SA} && echo pod-token > {SA}/token && \
+             echo default > {SA}/namespace"
+        ),
+    )?;
+    let local_run = |extra: &[&str]| -> Result<Vec<String>, Failed> {
+        let mut names: Vec<String> = std::fs::read_dir("/run")?
+            .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.extend(extra.iter().map(|name| name.to_string()));
+        names.sort();
+        Ok(names)
+    };
+    let before = local_run(&[])?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!("cat {SA}/token {SA}/namespace && echo --- && ls -A /run && test -d /run/lock"),
+    )?;
+    let (files, listing) = out.stdout.split_once("---\n").unwrap_or_default();
+    let mut listed: Vec<String> = listing.lines().map(str::to_owned).collect();
+    listed.sort();
+    ensure!(
+        out.code == 0 && files == "pod-token\ndefault\n",
+        "service account: {}",
+        out.describe()
+    );
+    ensure!(
+        listed == local_run(&["secrets"])?,
+        "the command's /run is not the local /run plus secrets: {listed:?} vs {before:?}"
+    );
+    ensure!(
+        local_run(&[])? == before,
+        "the local /run changed: {:?}",
+        local_run(&[])?
+    );
+    Ok(())
+}
+
 /// After `kill -9` of mirrord no FUSE mount exists anywhere we can see, and the next run sweeps
 /// the empty mount-point directory the killed one could not remove.
 pub fn fs_nothing_mounted_after_kill_9(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
