@@ -16,7 +16,6 @@ use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::{Hosts, TokioResolver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 /// The DNS port, for both UDP and TCP.
@@ -27,48 +26,6 @@ const RAW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest UDP answer this side accepts from a nameserver (the EDNS size it advertises).
 const MAX_UDP_ANSWER: usize = 4096;
-
-/// Where an answer goes: called on the resolver's thread with the answer (None when there is
-/// nothing to send back).
-pub type Reply = Box<dyn FnOnce(Option<Vec<u8>>) + Send>;
-
-/// A [`DnsResolver`] on a thread of its own with a single-threaded runtime. hickory hands each
-/// query through several tasks; on a multi-thread runtime each hand-over may wake another
-/// thread, which measured 160–360 µs per query here against about 100 µs on one thread. For the
-/// same reason an answer is handed straight to its [`Reply`] instead of back to a task.
-pub struct DnsService {
-    jobs: mpsc::UnboundedSender<(Vec<u8>, Reply)>,
-}
-
-impl DnsService {
-    /// Starts the thread, which inherits the caller's network namespace: call it from a thread
-    /// in the network to resolve in. It ends when the service is dropped.
-    pub fn start(resolv_conf: Option<Vec<u8>>, hosts: Option<Vec<u8>>) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (jobs, mut queue) = mpsc::unbounded_channel::<(Vec<u8>, Reply)>();
-        std::thread::Builder::new()
-            .name("agent-dns".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let resolver =
-                        Arc::new(DnsResolver::new(resolv_conf.as_deref(), hosts.as_deref()));
-                    while let Some((query, reply)) = queue.recv().await {
-                        let resolver = resolver.clone();
-                        tokio::spawn(async move { reply(resolver.answer(&query).await) });
-                    }
-                });
-            })?;
-        Ok(DnsService { jobs })
-    }
-
-    /// Resolves `query` and calls `reply` with the answer, as [`DnsResolver::answer`] gives it;
-    /// `reply` is dropped uncalled when the thread is gone.
-    pub fn submit(&self, query: Vec<u8>, reply: Reply) {
-        let _ = self.jobs.send((query, reply));
-    }
-}
 
 /// A resolver built from one resolv.conf and one hosts file.
 pub struct DnsResolver {

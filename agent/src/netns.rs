@@ -17,8 +17,12 @@ use nix::sched::CloneFlags;
 
 use crate::target::Target;
 
-/// Worker threads: the agent mostly shovels bytes between sockets, so a few suffice.
-const WORKERS: usize = 2;
+/// Worker threads. One: the agent mostly shovels bytes between sockets, which one core keeps
+/// up with, and every hand-over between tasks on different workers can cost a thread wake-up,
+/// which on a VM with idle cores dominates small round trips. Measured with the CLI also at one
+/// worker, against both at two: uncached lookups in bench/dns.sh 412 µs p50 against 509 µs,
+/// and bench/network.sh's throughput 49% of a veth's against 36%.
+const WORKERS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {

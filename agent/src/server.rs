@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
-use crate::dns::DnsService;
+use crate::dns::DnsResolver;
 use crate::files;
 use crate::link::{FrameReader, LinkError, Streams, write_loop};
 use crate::target::Target;
@@ -61,9 +61,8 @@ impl From<ProtocolError> for SessionError {
 struct Agent {
     config: Config,
     target: Target,
-    /// Started on the first DNS query, from the target's files as they are then; None when
-    /// its thread could not start (queries then fail as SERVFAIL in the CLI).
-    dns: tokio::sync::OnceCell<Option<DnsService>>,
+    /// Built on the first DNS query, from the target's files as they are then.
+    dns: tokio::sync::OnceCell<DnsResolver>,
 }
 
 /// Serves sessions on `listener` until no client has been connected for the idle TTL.
@@ -182,32 +181,6 @@ async fn session_loop(
                 let _ = out_tx.send(AgentMessage::Pong { nonce }).await;
             }
             ClientMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
-            ClientMessage::Request {
-                id,
-                request: Request::Dns(query),
-            } => {
-                let out_tx = out_tx.clone();
-                let reply: crate::dns::Reply = Box::new(move |answer| {
-                    // Garbage without even an ID gets no answer, as from a nameserver: the
-                    // client times out as it would there. A full queue means the session is
-                    // drowning anyway; the client's resolver retries.
-                    let response = Ok(Response::Dns(answer.unwrap_or_default()));
-                    let _ = out_tx.try_send(AgentMessage::Response { id, response });
-                });
-                match agent.dns.get() {
-                    Some(Some(service)) => service.submit(query, reply),
-                    Some(None) => reply(None),
-                    None => {
-                        let agent = agent.clone();
-                        tokio::spawn(async move {
-                            match agent.dns.get_or_init(|| pod_resolver(&agent)).await {
-                                Some(service) => service.submit(query, reply),
-                                None => reply(None),
-                            }
-                        });
-                    }
-                }
-            }
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
@@ -289,11 +262,16 @@ fn io_error(error: &std::io::Error, what: &str) -> RemoteError {
 
 async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, RemoteError> {
     match request {
-        // Answered by the session loop itself, straight from the resolver's thread.
-        Request::Dns(_) => Err(RemoteError {
-            errno: libc::EINVAL,
-            message: "DNS queries are not answered here".to_owned(),
-        }),
+        // Resolved on this runtime, not a blocking thread: hickory is async, and its sockets
+        // must be in the target's network namespace, as this runtime's threads are.
+        Request::Dns(query) => {
+            let resolver = agent.dns.get_or_init(|| pod_resolver(agent)).await;
+            // Garbage without even an ID gets no answer, as from a nameserver: the client times
+            // out as it would there.
+            Ok(Response::Dns(
+                resolver.answer(&query).await.unwrap_or_default(),
+            ))
+        }
         Request::TargetInfo => {
             blocking(agent, |agent| {
                 let target = &agent.target;
@@ -353,9 +331,8 @@ async fn blocking(
         })
 }
 
-/// The target's resolver: its resolv.conf and hosts file, read inside its root. Runs on this
-/// runtime, whose threads are in the target's network namespace, so the resolver's is too.
-async fn pod_resolver(agent: &Arc<Agent>) -> Option<DnsService> {
+/// The target's resolver: its resolv.conf and hosts file, read inside its root.
+async fn pod_resolver(agent: &Arc<Agent>) -> DnsResolver {
     let agent = agent.clone();
     let files = tokio::task::spawn_blocking(move || {
         let read = |path: &str| {
@@ -367,9 +344,7 @@ async fn pod_resolver(agent: &Arc<Agent>) -> Option<DnsService> {
     })
     .await;
     let (resolv_conf, hosts) = files.unwrap_or_default();
-    DnsService::start(resolv_conf, hosts)
-        .inspect_err(|error| warn!(%error, "cannot start the DNS thread"))
-        .ok()
+    DnsResolver::new(resolv_conf.as_deref(), hosts.as_deref())
 }
 
 fn remote(error: &dyn std::fmt::Display, errno: i32) -> RemoteError {

@@ -20,7 +20,14 @@ fn main() {
         .without_time()
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One worker: every hand-over between tasks on different workers can cost a thread
+    // wake-up, which dominates small round trips (DNS lookups, new connections) on machines
+    // with idle cores, while one core keeps up with the data (see agent/src/netns.rs).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("mirrord: cannot start: {error}");
