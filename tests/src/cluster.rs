@@ -50,6 +50,9 @@ pub const CLUSTER_OPTIONS: &str = "ndots:5";
 /// TXT record [`WEB_TXT`].
 pub const WEB_NAME: &str = "web.default.svc.cluster.local";
 
+/// An alias of [`WEB_NAME`] (a CNAME record), as an ExternalName service would be.
+pub const ALIAS_NAME: &str = "api.default.svc.cluster.local";
+
 /// SRV name of `web`'s HTTP port, Kubernetes style.
 pub const WEB_SRV_NAME: &str = "_http._tcp.web.default.svc.cluster.local";
 
@@ -280,6 +283,7 @@ impl Cluster {
         .arg(format!("--srv-host={WEB_SRV_NAME},{WEB_NAME},{HTTP_PORT}"))
         .arg(format!("--srv-host={WEB_NAME},{WEB_NAME},{HTTP_PORT}"))
         .arg(format!("--txt-record={WEB_NAME},{WEB_TXT}"))
+        .arg(format!("--cname={ALIAS_NAME},{WEB_NAME}"))
         .arg(format!(
             "--txt-record={BIG_TXT_NAME},{}",
             big_txt_strings().join(",")

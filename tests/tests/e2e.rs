@@ -65,7 +65,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 54] = [
+    let tests: [(&str, Test); 56] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -235,6 +235,11 @@ fn tests() -> Vec<Trial> {
             dns::dns_big_answer_truncated_then_tcp,
         ),
         ("dns_ttl_is_preserved", dns::dns_ttl_is_preserved),
+        (
+            "dns_cname_chain_and_raw_query_types",
+            dns::dns_cname_chain_and_raw_query_types,
+        ),
+        ("dns_go_pure_resolver", dns::dns_go_pure_resolver),
         (
             "dns_unknown_name_is_nxdomain_at_once",
             dns::dns_unknown_name_is_nxdomain_at_once,

@@ -6,8 +6,8 @@
 
 use libtest_mimic::Failed;
 use mirrord_tests::cluster::{
-    BIG_TXT_NAME, BROKEN_DOMAIN, CLUSTER_OPTIONS, CLUSTER_SEARCH, DNS_TTL, DnsServer, HTTP_PORT,
-    WEB_NAME, WEB_SRV_NAME, WEB_TXT, WILDCARD_DOMAIN, big_txt_strings,
+    ALIAS_NAME, BIG_TXT_NAME, BROKEN_DOMAIN, CLUSTER_OPTIONS, CLUSTER_SEARCH, DNS_TTL, DnsServer,
+    HTTP_PORT, WEB_NAME, WEB_SRV_NAME, WEB_TXT, WILDCARD_DOMAIN, big_txt_strings,
 };
 use mirrord_tests::process::{Run, SHORT};
 use mirrord_tests::world::{HOST_ONLY_ADDR, HOST_ONLY_NAME};
@@ -623,6 +623,120 @@ pub fn dns_200_concurrent_lookups(scene: &Scene, cluster: &Cluster) -> Result<()
     ensure!(
         out.code == 0 && out.stdout == format!("{{'{}': 200}}\n", cluster.ip()),
         "200 concurrent lookups: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// A CNAME comes back with its chain and TTLs, and a query type the resolver API does not
+/// cover (ANY) is passed to the pod's nameserver as it is and answered by it.
+pub fn dns_cname_chain_and_raw_query_types(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let web_ip = cluster.ip().to_string();
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &["dig", "+noall", "+answer", "+nottlunits", ALIAS_NAME, "A"],
+    )?;
+    let records: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let shape: Vec<(&str, &str, &str)> = records
+        .iter()
+        .filter_map(|r| Some((*r.first()?, *r.get(3)?, *r.get(4)?)))
+        .collect();
+    ensure!(
+        out.code == 0
+            && shape
+                == vec![
+                    (
+                        format!("{ALIAS_NAME}.").as_str(),
+                        "CNAME",
+                        format!("{WEB_NAME}.").as_str()
+                    ),
+                    (format!("{WEB_NAME}.").as_str(), "A", web_ip.as_str()),
+                ]
+            && records.iter().all(|r| r
+                .get(1)
+                .and_then(|ttl| ttl.parse::<u32>().ok())
+                .is_some_and(|ttl| ttl > 0 && ttl <= DNS_TTL)),
+        "dig {ALIAS_NAME}: {}",
+        out.describe()
+    );
+    let out = exec(scene, &w.pod, &[], &["getent", "hosts", "api"])?;
+    ensure!(
+        out.code == 0 && out.stdout.starts_with(&format!("{web_ip} ")),
+        "getent hosts api: {}",
+        out.describe()
+    );
+    // ANY: forwarded as is; the pod's nameserver answers with what it has for the name.
+    let direct = w.dns.dig(&["+noall", "+answer", WEB_NAME, "ANY"])?.stdout;
+    let out = exec(
+        scene,
+        &w.pod,
+        &[],
+        &["dig", "+noall", "+answer", WEB_NAME, "ANY"],
+    )?;
+    let types = |text: &str| -> Vec<String> {
+        let mut types: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(3).map(str::to_owned))
+            .collect();
+        types.sort();
+        types
+    };
+    ensure!(
+        out.code == 0 && !types(&out.stdout).is_empty() && types(&out.stdout) == types(&direct),
+        "dig ANY through mirrord: {} (directly: {direct})",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// Go's own resolver (CGO_ENABLED=0: it reads /etc/resolv.conf itself and speaks DNS on its
+/// own, no libc) resolves the service's short name like the pod would.
+pub fn dns_go_pure_resolver(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let w = dns_world(cluster)?;
+    let dir = scene.temp_dir().join("go-resolver");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("main.go"),
+        "package main\n\nimport (\n\t\"context\"\n\t\"fmt\"\n\t\"net\"\n\t\"os\"\n)\n\n\
+         func main() {\n\tr := &net.Resolver{PreferGo: true}\n\
+         \taddrs, err := r.LookupHost(context.Background(), os.Args[1])\n\
+         \tif err != nil {\n\t\tfmt.Println(\"error:\", err)\n\t\tos.Exit(1)\n\t}\n\
+         \tfmt.Println(addrs[0])\n}\n",
+    )?;
+    let binary = dir.join("resolve");
+    let mut build = std::process::Command::new("go");
+    build
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg("main.go")
+        .current_dir(&dir)
+        .env("CGO_ENABLED", "0");
+    let built = build
+        .run(std::time::Duration::from_secs(300))
+        .map_err(|error| {
+            Failed::from(format!(
+                "go build (Go is needed for this test, as for tests/cluster): {error}"
+            ))
+        })?;
+    ensure!(built.code == 0, "go build: {}", built.describe());
+    let binary = binary.to_string_lossy().into_owned();
+    let out = exec(scene, &w.pod, CLUSTER, &[&binary, "web"])?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{}\n", cluster.ip()),
+        "Go resolver, web: {}",
+        out.describe()
+    );
+    let out = exec(scene, &w.pod, CLUSTER, &[&binary, UNKNOWN])?;
+    ensure!(
+        out.code == 1 && out.stdout.contains("no such host"),
+        "Go resolver, unknown name: {}",
         out.describe()
     );
     Ok(())
