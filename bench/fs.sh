@@ -34,7 +34,7 @@ t=$(date +%s%N); cat $R/srv/big.bin > /dev/null; cold=$(ms $t)
 t=$(date +%s%N); cat $R/srv/big.bin > /dev/null; warm=$(ms $t)
 t=$(date +%s%N); n=$(find $R/srv/tree | wc -l); find=$(ms $t)
 [ "$n" = 10101 ] || { echo "find saw $n entries" >&2; exit 1; }
-t=$(date +%s%N); git -C $R/srv/repo status --porcelain > /dev/null; git=$(ms $t)
+t=$(date +%s%N); git -c safe.directory="*" -C $R/srv/repo status --porcelain > /dev/null; git=$(ms $t)
 echo $cold $warm $find $git
 ROUND
 # sshfs speaks SFTP over its stdin/stdout to an sftp-server in the pod mount namespace.
@@ -44,7 +44,7 @@ chmod +x /tmp/sftp-server.sh /tmp/sshfs.sh
 : > /tmp/mirrord.txt; : > /tmp/sshfs.txt
 for _ in $(seq "$RUNS"); do
   # A fresh session each round, so the first read is cold.
-  target/release/mirrord exec -t pid/$POD --fs-mode local -- sh -c "git config --global --add safe.directory \"*\" 2>/dev/null; sh /tmp/round.sh \$MIRRORD_REMOTE_ROOT" >> /tmp/mirrord.txt
+  target/release/mirrord exec -t pid/$POD --fs-mode local -- sh -c "sh /tmp/round.sh \$MIRRORD_REMOTE_ROOT" >> /tmp/mirrord.txt
   unshare --mount --propagation private -- sh -c "
     mkdir -p /tmp/sshfs && socat EXEC:/tmp/sftp-server.sh EXEC:/tmp/sshfs.sh &
     for _ in \$(seq 200); do mountpoint -q /tmp/sshfs && break; sleep 0.02; done

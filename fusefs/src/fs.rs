@@ -41,7 +41,23 @@ struct Inner {
     /// The latest attributes seen for each inode and when: `open` right after a lookup (the
     /// common case) reuses them instead of asking the agent again.
     recent: Mutex<HashMap<u64, (Attr, std::time::Instant)>>,
+    /// Read-only mounts: whole directory listings by directory path, fetched when lookups
+    /// keep missing in a directory (git's index refresh stats every tracked file one by one),
+    /// so the next lookups there are answered without a round trip while the attribute TTL
+    /// lasts — the staleness the kernel's own attribute cache already has.
+    listings: Mutex<Listings>,
 }
+
+/// See [`Inner::listings`].
+#[derive(Default)]
+struct Listings {
+    fetched: HashMap<String, (Arc<HashMap<String, Attr>>, std::time::Instant)>,
+    /// When a lookup in a directory last went to the agent.
+    missed: HashMap<String, std::time::Instant>,
+}
+
+/// Listings kept before expired ones are dropped (then all of them).
+const MAX_LISTINGS: usize = 4096;
 
 impl RemoteFs {
     /// `runtime` runs the agent calls; it must outlive the mount.
@@ -55,6 +71,7 @@ impl RemoteFs {
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 recent: Mutex::new(HashMap::new()),
+                listings: Mutex::new(Listings::default()),
             }),
         }
     }
@@ -124,6 +141,65 @@ impl Inner {
     fn forget_recent(&self, ino: u64) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.remove(&ino);
+    }
+
+    fn listings(&self) -> MutexGuard<'_, Listings> {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fresh listing of `dir`, if one was fetched within the attribute TTL.
+    fn listing(&self, dir: &str) -> Option<Arc<HashMap<String, Attr>>> {
+        let listings = self.listings();
+        let (listing, fetched) = listings.fetched.get(dir)?;
+        (fetched.elapsed() < self.options.attr_ttl).then(|| listing.clone())
+    }
+
+    /// Whether a lookup in `dir` should fetch the whole listing: a read-only mount, and
+    /// another lookup there already went to the agent within the attribute TTL.
+    fn worth_listing(&self, dir: &str) -> bool {
+        if self.options.writable {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut listings = self.listings();
+        let repeated = listings
+            .missed
+            .insert(dir.to_owned(), now)
+            .is_some_and(|last| now.duration_since(last) < self.options.attr_ttl);
+        if listings.missed.len() > MAX_LISTINGS {
+            let ttl = self.options.attr_ttl;
+            listings
+                .missed
+                .retain(|_, last| now.duration_since(*last) < ttl);
+        }
+        repeated
+    }
+
+    fn store_listing(&self, dir: &str, entries: &[DirEntry]) -> Arc<HashMap<String, Attr>> {
+        let listing: Arc<HashMap<String, Attr>> = Arc::new(
+            entries
+                .iter()
+                .map(|entry| (entry.name.clone(), entry.attr))
+                .collect(),
+        );
+        if self.options.writable {
+            return listing;
+        }
+        let now = std::time::Instant::now();
+        let mut listings = self.listings();
+        if listings.fetched.len() >= MAX_LISTINGS {
+            let ttl = self.options.attr_ttl;
+            listings
+                .fetched
+                .retain(|_, (_, fetched)| now.duration_since(*fetched) < ttl);
+            if listings.fetched.len() >= MAX_LISTINGS {
+                listings.fetched.clear();
+            }
+        }
+        listings
+            .fetched
+            .insert(dir.to_owned(), (listing.clone(), now));
+        listing
     }
 
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
@@ -350,11 +426,26 @@ impl fuser::Filesystem for RemoteFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let path = match self.child(parent, name) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
+        let (dir, name) = match (self.path(parent), name.to_str()) {
+            (Ok(dir), Some(name)) => (dir, name.to_owned()),
+            (Err(errno), _) => return reply.error(errno),
+            (_, None) => return reply.error(Errno::EINVAL),
         };
+        let path = join(&dir, &name);
         self.spawn(|inner| async move {
+            let mut listing = inner.listing(&dir);
+            if listing.is_none() && inner.worth_listing(&dir) {
+                // Failing to list (no read permission, say) just means asking for the name.
+                if let Ok(entries) = inner.list(&dir).await {
+                    listing = Some(inner.store_listing(&dir, &entries));
+                }
+            }
+            if let Some(listing) = listing {
+                return match listing.get(&name) {
+                    Some(attr) => inner.entry(&path, attr, reply),
+                    None => reply.error(Errno::ENOENT),
+                };
+            }
             let stat = FsRequest::Stat {
                 path: path.clone(),
                 follow: false,
@@ -718,6 +809,8 @@ impl fuser::Filesystem for RemoteFs {
         };
         self.spawn(|inner| async move {
             reply_or!(reply, inner.list(&path).await, |entries| {
+                // The names a reader of the directory goes on to look up, as fresh as the rest.
+                inner.store_listing(&path, &entries);
                 let fh = inner.next_fh.fetch_add(1, Ordering::Relaxed);
                 inner.dirs().insert(fh, Arc::new(entries));
                 reply.opened(FileHandle(fh), FopenFlags::empty())
