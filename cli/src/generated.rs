@@ -19,7 +19,8 @@ impl GeneratedFile {
     /// Writes `contents` for `target`, which must exist (a bind needs an existing path), so a
     /// machine without it keeps running the command without the replacement.
     pub fn write(name: &str, target: &Path, contents: &str) -> std::io::Result<GeneratedFile> {
-        sweep_stale();
+        // Left only by a mirrord killed between writing them and starting the command.
+        sweep_stale(PREFIX, |path| std::fs::remove_file(path));
         // metadata follows symlinks: /etc/resolv.conf is often one, and the bind lands on its
         // destination, which must exist too.
         std::fs::metadata(target)?;
@@ -44,8 +45,9 @@ impl Drop for GeneratedFile {
     }
 }
 
-/// Removes generated files of runs killed before their command started (their pid is gone).
-fn sweep_stale() {
+/// Removes what runs that were killed left in the temp directory: entries named
+/// `PREFIX` + pid (+ `-` + anything) whose pid no longer exists, each with `remove`.
+pub fn sweep_stale(prefix: &str, remove: fn(&Path) -> std::io::Result<()>) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -53,14 +55,13 @@ fn sweep_stale() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|name| name.strip_prefix(PREFIX))
-            .and_then(|rest| rest.split_once('-'))
-            .map(|(pid, _)| pid)
+            .and_then(|name| name.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
         else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = remove(&entry.path());
         }
     }
 }

@@ -55,7 +55,8 @@ pub struct MountPoint {
 
 impl MountPoint {
     fn create() -> std::io::Result<MountPoint> {
-        sweep_stale();
+        // Only empty directories go, so nothing that is not ours can be lost.
+        crate::generated::sweep_stale(MOUNTPOINT_PREFIX, |path| std::fs::remove_dir(path));
         let path = std::env::temp_dir().join(format!("{MOUNTPOINT_PREFIX}{}", std::process::id()));
         std::fs::create_dir(&path)?;
         Ok(MountPoint { path })
@@ -69,26 +70,6 @@ impl MountPoint {
 impl Drop for MountPoint {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
-/// Removes mount points left by runs that were killed (their pid is gone); only empty ones,
-/// so nothing that is not ours can be lost.
-fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|name| name.strip_prefix(MOUNTPOINT_PREFIX))
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir(entry.path());
-        }
     }
 }
 

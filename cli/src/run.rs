@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use mirrord_protocol::TargetInfo;
+use mirrord_tunnel::rules::OutgoingFilter;
 
 use crate::args::{EnvFormat, SessionArgs};
 use crate::client::AgentClient;
@@ -257,27 +258,38 @@ fn net_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<NetSettin
         OutgoingFeature::Enabled(enabled) => settings.outgoing = *enabled,
         OutgoingFeature::Detailed(outgoing) => {
             settings.udp = outgoing.udp.unwrap_or(true);
-            settings.filter = match &outgoing.filter {
+            settings.filter = match filter_side(&outgoing.filter, "outgoing")? {
                 None => None,
-                Some(FilterConfig {
-                    remote: Some(remote),
-                    local: None,
-                }) => Some(mirrord_tunnel::rules::OutgoingFilter::Remote(
-                    remote.clone(),
-                )),
-                Some(FilterConfig {
-                    remote: None,
-                    local: Some(local),
-                }) => Some(mirrord_tunnel::rules::OutgoingFilter::Local(local.clone())),
-                Some(_) => bail!(
-                    "feature.network.outgoing.filter takes exactly one of \"remote\" or \"local\""
-                ),
+                Some((true, entries)) => Some(OutgoingFilter::Remote(entries)),
+                Some((false, entries)) => Some(OutgoingFilter::Local(entries)),
             };
         }
     }
     settings.outgoing &= !args.no_outgoing;
     settings.udp &= !args.no_udp;
     Ok(settings)
+}
+
+/// `feature.network.FEATURE.filter`: `(true, entries)` for `remote`, `(false, entries)` for
+/// `local`; both or neither is an error.
+fn filter_side(
+    filter: &Option<FilterConfig>,
+    feature: &str,
+) -> anyhow::Result<Option<(bool, Vec<String>)>> {
+    match filter {
+        None => Ok(None),
+        Some(FilterConfig {
+            remote: Some(remote),
+            local: None,
+        }) => Ok(Some((true, remote.clone()))),
+        Some(FilterConfig {
+            remote: None,
+            local: Some(local),
+        }) => Ok(Some((false, local.clone()))),
+        Some(_) => {
+            bail!("feature.network.{feature}.filter takes exactly one of \"remote\" or \"local\"")
+        }
+    }
 }
 
 /// `--no-dns` wins over `feature.network.dns`; a filter entry that is not a name is an error
@@ -288,19 +300,10 @@ fn dns_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<DnsSettin
         DnsFeature::Enabled(enabled) => settings.enabled = *enabled,
         DnsFeature::Detailed(dns) => {
             settings.enabled = dns.enabled.unwrap_or(true);
-            settings.rule = match &dns.filter {
+            settings.rule = match filter_side(&dns.filter, "dns")? {
                 None => None,
-                Some(FilterConfig {
-                    remote: Some(remote),
-                    local: None,
-                }) => Some(NameRule::Remote(remote.clone())),
-                Some(FilterConfig {
-                    remote: None,
-                    local: Some(local),
-                }) => Some(NameRule::Local(local.clone())),
-                Some(_) => {
-                    bail!("feature.network.dns.filter takes exactly one of \"remote\" or \"local\"")
-                }
+                Some((true, entries)) => Some(NameRule::Remote(entries)),
+                Some((false, entries)) => Some(NameRule::Local(entries)),
             };
             if let Some(rule) = &settings.rule {
                 NameFilter::parse(rule)?;
@@ -528,6 +531,46 @@ mod tests {
             filter.overrides,
             vec![("L".into(), "file".into()), ("K".into(), "flag".into())]
         );
+    }
+
+    #[test]
+    fn dns_settings_read_the_filter_and_refuse_what_is_not_a_name() {
+        let config = Config::parse(
+            r#"{"feature": {"network": {"dns": {"filter": {"local": ["laptop.test", "*.corp.example"]}}}}}"#,
+        )
+        .unwrap();
+        let settings = dns_settings(&SessionArgs::default(), &config).unwrap();
+        assert!(settings.enabled);
+        assert_eq!(
+            settings.rule,
+            Some(NameRule::Local(vec![
+                "laptop.test".into(),
+                "*.corp.example".into()
+            ]))
+        );
+        let no_dns = SessionArgs {
+            no_dns: true,
+            ..SessionArgs::default()
+        };
+        assert!(!dns_settings(&no_dns, &config).unwrap().enabled);
+        for (json, error) in [
+            (
+                r#"{"feature": {"network": {"dns": {"filter": {"local": [], "remote": []}}}}}"#,
+                "feature.network.dns.filter takes exactly one",
+            ),
+            (
+                r#"{"feature": {"network": {"dns": {"filter": {"remote": ["db:5432"]}}}}}"#,
+                "expected a host name",
+            ),
+        ] {
+            let config = Config::parse(json).unwrap();
+            let message = dns_settings(&SessionArgs::default(), &config)
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(error), "{message}");
+        }
+        let off = Config::parse(r#"{"feature": {"network": {"dns": false}}}"#).unwrap();
+        assert!(!dns_settings(&SessionArgs::default(), &off).unwrap().enabled);
     }
 
     #[test]
