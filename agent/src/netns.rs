@@ -3,8 +3,8 @@
 //! request from a thread that failed to enter that namespace.
 //!
 //! A network namespace belongs to a thread, and a socket keeps the namespace it was created in
-//! for its whole life. So the runtime's workers and blocking-pool threads (DNS lookups in
-//! `spawn_blocking` included) join the namespace as they start. The thread that calls
+//! for its whole life. So the runtime's workers (DNS lookups run there) and blocking-pool
+//! threads join the namespace as they start. The thread that calls
 //! `Runtime::block_on` is the caller's and keeps the caller's namespace: that is where the
 //! agent's own listener for the CLI belongs, while work for the pod runs in spawned tasks.
 
