@@ -312,12 +312,28 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
         entries.push(DirEntry {
             name: text.to_owned(),
             attr,
+            xattrs: xattr_names_at(dir.as_raw_fd(), &c_name),
         });
     }
     Ok(DirPage {
         entries,
         next: None,
     })
+}
+
+/// The extended attribute names of `name` in `dir` itself (a symlink is not followed: the
+/// name is one component of a confined directory), if readable and short.
+fn xattr_names_at(dir: RawFd, name: &CString) -> Option<Vec<u8>> {
+    let mut path = format!("/proc/self/fd/{dir}/").into_bytes();
+    path.extend_from_slice(name.as_bytes_with_nul());
+    let mut buf = vec![0u8; mirrord_protocol::fs::MAX_DIR_XATTRS];
+    // SAFETY: `path` is NUL-terminated (it ends with the name's NUL); `buf` is writable for
+    // its length.
+    let n = unsafe { libc::llistxattr(path.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len()) };
+    // ERANGE (too long for the page), ENOTSUP, EACCES…: the client asks when it needs them.
+    let n = usize::try_from(n).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }
 
 fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {

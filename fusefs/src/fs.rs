@@ -52,12 +52,16 @@ struct Inner {
 #[derive(Default)]
 struct Listings {
     fetched: HashMap<String, (Arc<HashMap<String, Attr>>, std::time::Instant)>,
+    /// The extended attribute names listings carried, by path.
+    xattrs: HashMap<String, (Arc<Vec<u8>>, std::time::Instant)>,
     /// When a lookup in a directory last went to the agent.
     missed: HashMap<String, std::time::Instant>,
 }
 
 /// Listings kept before expired ones are dropped (then all of them).
 const MAX_LISTINGS: usize = 4096;
+/// Paths whose extended attribute names are kept, likewise.
+const MAX_XATTR_LISTS: usize = 64 * 1024;
 
 impl RemoteFs {
     /// `runtime` runs the agent calls; it must outlive the mount.
@@ -199,7 +203,30 @@ impl Inner {
         listings
             .fetched
             .insert(dir.to_owned(), (listing.clone(), now));
+        if listings.xattrs.len() + entries.len() > MAX_XATTR_LISTS {
+            let ttl = self.options.attr_ttl;
+            listings
+                .xattrs
+                .retain(|_, (_, fetched)| now.duration_since(*fetched) < ttl);
+            if listings.xattrs.len() + entries.len() > MAX_XATTR_LISTS {
+                listings.xattrs.clear();
+            }
+        }
+        for entry in entries {
+            if let Some(names) = &entry.xattrs {
+                listings
+                    .xattrs
+                    .insert(join(dir, &entry.name), (Arc::new(names.clone()), now));
+            }
+        }
         listing
+    }
+
+    /// The extended attribute names of `path` from a listing within the attribute TTL.
+    fn xattr_names(&self, path: &str) -> Option<Arc<Vec<u8>>> {
+        let listings = self.listings();
+        let (names, fetched) = listings.xattrs.get(path)?;
+        (fetched.elapsed() < self.options.attr_ttl).then(|| names.clone())
     }
 
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
@@ -432,9 +459,16 @@ impl fuser::Filesystem for RemoteFs {
             (_, None) => return reply.error(Errno::EINVAL),
         };
         let path = join(&dir, &name);
+        // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
+        if let Some(listing) = self.inner.listing(&dir) {
+            return match listing.get(&name) {
+                Some(attr) => self.inner.entry(&path, attr, reply),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         self.spawn(|inner| async move {
-            let mut listing = inner.listing(&dir);
-            if listing.is_none() && inner.worth_listing(&dir) {
+            let mut listing = None;
+            if inner.worth_listing(&dir) {
                 // Failing to list (no read permission, say) just means asking for the name.
                 if let Ok(entries) = inner.list(&dir).await {
                     listing = Some(inner.store_listing(&dir, &entries));
@@ -945,6 +979,14 @@ impl fuser::Filesystem for RemoteFs {
             Err(errno) => return reply.error(errno),
         };
         let name = std::os::unix::ffi::OsStrExt::as_bytes(name).to_vec();
+        if let Some(names) = self.inner.xattr_names(&path)
+            && !names
+                .split(|&b| b == 0)
+                .any(|listed| listed == name.as_slice())
+        {
+            // Known absent: `ls -l` probes two names per file, almost always absent.
+            return reply.error(Errno::NO_XATTR);
+        }
         self.spawn(|inner| async move {
             let request = FsRequest::GetXattr { path, name };
             reply_or!(reply, inner.data_call(request).await, |value| xattr_reply(
@@ -958,6 +1000,9 @@ impl fuser::Filesystem for RemoteFs {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
         };
+        if let Some(names) = self.inner.xattr_names(&path) {
+            return xattr_reply(reply, size, &names);
+        }
         self.spawn(|inner| async move {
             let request = FsRequest::ListXattr { path };
             reply_or!(reply, inner.data_call(request).await, |names| xattr_reply(

@@ -12,6 +12,9 @@ pub const MAX_DIR_PAGE: u32 = 1024;
 pub const MAX_FILE_WRITE: u32 = crate::frame::MAX_FILE_READ;
 /// Most bytes of one extended attribute value or name list (the kernel's `XATTR_SIZE_MAX`).
 pub const MAX_XATTR: u32 = 64 * 1024;
+/// Most bytes of a [`DirEntry`]'s extended attribute names; longer lists are left out (the
+/// client then asks for them), so a full page still fits in a frame.
+pub const MAX_DIR_XATTRS: usize = 256;
 
 /// One file-system request; answered by one [`FsResponse`] or a `RemoteError` carrying errno.
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -162,6 +165,10 @@ pub struct DirEntry {
     /// One path component, never `.` or `..`.
     pub name: String,
     pub attr: Attr,
+    /// The entry's own extended attribute names as `llistxattr` gives them (each
+    /// NUL-terminated), when they could be read and fit in [`MAX_DIR_XATTRS`]: with them a
+    /// client answers probes for absent names (`ls -l` makes two per file) itself.
+    pub xattrs: Option<Vec<u8>>,
 }
 
 /// One page of a directory listing.
@@ -300,6 +307,7 @@ mod tests {
                 entries: vec![DirEntry {
                     name: "ü".into(),
                     attr: attr(FileKind::File),
+                    xattrs: Some(b"user.a\0".to_vec()),
                 }],
                 next: Some(1),
             }),
@@ -355,6 +363,7 @@ mod tests {
         let entry = DirEntry {
             name: "n".repeat(255),
             attr: attr(FileKind::File),
+            xattrs: Some(vec![b'x'; MAX_DIR_XATTRS]),
         };
         let page = FsResponse::Dir(DirPage {
             entries: vec![entry; MAX_DIR_PAGE as usize],

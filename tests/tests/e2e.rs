@@ -65,7 +65,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 56] = [
+    let tests: [(&str, Test); 57] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -174,6 +174,7 @@ fn tests() -> Vec<Trial> {
             "fs_overlays_follow_the_mode",
             files::fs_overlays_follow_the_mode,
         ),
+        ("fs_extended_attributes", files::fs_extended_attributes),
         (
             "fs_service_account_without_a_local_path",
             files::fs_service_account_without_a_local_path,

@@ -70,6 +70,47 @@ pub fn fs_ls_cat_find_grep(scene: &Scene, cluster: &Cluster) -> Result<(), Faile
     Ok(())
 }
 
+/// Extended attributes read the same after a directory listing (which carries their names,
+/// so absent ones are answered without asking the agent) as on a first, direct lookup.
+pub fn fs_extended_attributes(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(
+        &pod,
+        &format!(
+            "mkdir {POD_FILE_DIR}/x && echo a > {POD_FILE_DIR}/x/tagged && echo b > {POD_FILE_DIR}/x/plain && \
+             python3 -c \"import os; os.setxattr('{POD_FILE_DIR}/x/tagged', 'user.color', b'blue')\""
+        ),
+    )?;
+    // Probes each file twice: before any listing of the directory, then after one.
+    let script = format!(
+        "import errno, os, sys\n\
+         d = os.path.join(os.environ['MIRRORD_REMOTE_ROOT'], '{}/x')\n\
+         def probe(round):\n\
+         \x20   for name in ('tagged', 'plain'):\n\
+         \x20       p = os.path.join(d, name)\n\
+         \x20       try:\n\
+         \x20           value = os.getxattr(p, 'user.color').decode()\n\
+         \x20       except OSError as e:\n\
+         \x20           value = errno.errorcode[e.errno]\n\
+         \x20       print(round, name, sorted(os.listxattr(p)), value)\n\
+         probe('direct')\n\
+         os.listdir(d)\n\
+         probe('listed')\n",
+        POD_FILE_DIR.trim_start_matches('/')
+    );
+    let out = exec(scene, &pod, &[], &["python3", "-c", &script])?;
+    let expected = "direct tagged ['user.color'] blue\n\
+                    direct plain [] ENODATA\n\
+                    listed tagged ['user.color'] blue\n\
+                    listed plain [] ENODATA\n";
+    ensure!(
+        out.code == 0 && out.stdout == expected,
+        "extended attributes: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
 /// `tail -f` of a file the pod appends to shows the new line (within the attribute TTL).
 pub fn fs_tail_follows_pod_appends(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
