@@ -321,15 +321,33 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
     })
 }
 
+/// listxattrat(2) (Linux 6.13; the same number on every architecture since the syscall table
+/// was unified), which names the file relative to a directory without a path walk through
+/// /proc.
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
 /// The extended attribute names of `name` in `dir` itself (a symlink is not followed: the
 /// name is one component of a confined directory), if readable and short.
 fn xattr_names_at(dir: RawFd, name: &CString) -> Option<Vec<u8>> {
-    let mut path = format!("/proc/self/fd/{dir}/").into_bytes();
-    path.extend_from_slice(name.as_bytes_with_nul());
     let mut buf = vec![0u8; mirrord_protocol::fs::MAX_DIR_XATTRS];
-    // SAFETY: `path` is NUL-terminated (it ends with the name's NUL); `buf` is writable for
-    // its length.
-    let n = unsafe { libc::llistxattr(path.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: `name` is NUL-terminated and `dir` is live; `buf` is writable for its length.
+    let mut n = unsafe {
+        libc::syscall(
+            SYS_LISTXATTRAT,
+            dir,
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            buf.as_mut_ptr(),
+            buf.len(),
+        ) as isize
+    };
+    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // An older kernel: the same file through the directory's magic link.
+        let mut path = format!("/proc/self/fd/{dir}/").into_bytes();
+        path.extend_from_slice(name.as_bytes_with_nul());
+        // SAFETY: `path` ends with the name's NUL; `buf` is writable for its length.
+        n = unsafe { libc::llistxattr(path.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
     // ERANGE (too long for the page), ENOTSUP, EACCES…: the client asks when it needs them.
     let n = usize::try_from(n).ok()?;
     buf.truncate(n);
