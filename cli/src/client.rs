@@ -222,8 +222,9 @@ impl AgentClient {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The map stays consistent across a panic elsewhere; poisoning carries no information here.
+/// A poison-tolerant lock, for state that stays consistent across a panic elsewhere (every
+/// update is one operation), where poisoning carries no information.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -20,7 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::{DNSClass, RData, Record, RecordType};
 
-use crate::client::AgentClient;
+use crate::client::{AgentClient, lock};
+use crate::net::{read_rules, write_rules};
 
 /// The stub's address inside the launched process's network namespace, next to
 /// [`crate::net::HOST_LOOPBACK`] in the benchmarking range no cluster hands out.
@@ -325,7 +326,7 @@ impl DnsStub {
         conf: &TargetResolvConf,
         rules: Arc<RwLock<Rules>>,
     ) -> DnsStub {
-        let filter_names = lock_read(&rules)
+        let filter_names = read_rules(&rules)
             .names()
             .iter()
             .map(|name| normalize(name))
@@ -458,7 +459,7 @@ impl DnsStub {
             .flatten()
             .copied()
             .collect();
-        rules_write(&self.rules).learn(filter_name, &all);
+        write_rules(&self.rules).learn(filter_name, &all);
     }
 
     /// Answers the datagrams of one UDP flow to the stub, each as soon as it is resolved (a
@@ -512,25 +513,6 @@ impl DnsStub {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these leaves plain data behind, still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock_read(rules: &RwLock<Rules>) -> std::sync::RwLockReadGuard<'_, Rules> {
-    rules
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn rules_write(rules: &RwLock<Rules>) -> std::sync::RwLockWriteGuard<'_, Rules> {
-    rules
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

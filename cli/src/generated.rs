@@ -19,8 +19,10 @@ impl GeneratedFile {
     /// Writes `contents` for `target`, which must exist (a bind needs an existing path), so a
     /// machine without it keeps running the command without the replacement.
     pub fn write(name: &str, target: &Path, contents: &str) -> std::io::Result<GeneratedFile> {
-        // Left only by a mirrord killed between writing them and starting the command.
-        sweep_stale(PREFIX, |path| std::fs::remove_file(path));
+        // Left only by a mirrord killed between writing them and starting the command; one
+        // scan of the temp directory per run is enough.
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep_stale(PREFIX, |path| std::fs::remove_file(path)));
         // metadata follows symlinks: /etc/resolv.conf is often one, and the bind lands on its
         // destination, which must exist too.
         std::fs::metadata(target)?;

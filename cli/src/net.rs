@@ -220,11 +220,21 @@ fn is_stub(dst: SocketAddr) -> bool {
 }
 
 fn route(rules: &RwLock<Rules>, protocol: Protocol, dst: SocketAddr) -> Route {
+    read_rules(rules).route(protocol, dst)
+}
+
+/// The shared rules, for routing; a panic while learning leaves them as they were: usable.
+pub(crate) fn read_rules(rules: &RwLock<Rules>) -> std::sync::RwLockReadGuard<'_, Rules> {
     rules
         .read()
-        // A panic while learning leaves the rules as they were: still usable.
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .route(protocol, dst)
+}
+
+/// The shared rules, for the DNS stub to teach them names' addresses.
+pub(crate) fn write_rules(rules: &RwLock<Rules>) -> std::sync::RwLockWriteGuard<'_, Rules> {
+    rules
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Where a local or host-loopback flow connects from this machine.
