@@ -520,14 +520,14 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         return Ok((None, Vec::new()));
     };
     let binds = c_path_pairs(&fuse.binds)?;
-    let mut slots = Vec::new();
+    let mut held = Vec::new();
     let mut rooms = Vec::new();
     for room in &fuse.rooms {
         let slot: OwnedFd = File::open("/dev/null")
             .map_err(io_err("reserve a descriptor for an overlay"))?
             .into();
         rooms.push(child_room(room, slot.as_raw_fd())?);
-        slots.push(slot);
+        held.push(slot);
     }
     let (mounted_rx, mounted_tx) = pipe(OFlag::O_CLOEXEC)?;
     let (served_rx, served_tx) = pipe(OFlag::O_CLOEXEC)?;
@@ -553,8 +553,8 @@ fn prepare_fuse(fuse: Option<FuseMount>) -> Result<(Option<ChildFuse>, Vec<Owned
         })
         .map_err(io_err("start the file-system handover thread"))?;
     // Kept open by the caller until `spawn` returns, so the child has them across the fork.
-    slots.extend([mounted_tx, served_rx]);
-    Ok((Some(child), slots))
+    held.extend([mounted_tx, served_rx]);
+    Ok((Some(child), held))
 }
 
 fn check(ret: libc::c_int) -> Result<(), i32> {
