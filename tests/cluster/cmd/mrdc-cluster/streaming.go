@@ -81,10 +81,19 @@ func (p *processProvider) RunInContainer(ctx context.Context, namespace, podName
 		if in := attach.Stdin(); in != nil {
 			go func() { _, _ = io.Copy(tty, in) }()
 		}
+		drained := make(chan struct{})
 		if out := attach.Stdout(); out != nil {
-			go func() { _, _ = io.Copy(out, tty) }()
+			// The copy ends when every holder of the terminal's other side has exited (EIO).
+			go func() { _, _ = io.Copy(out, tty); close(drained) }()
+		} else {
+			close(drained)
 		}
-		return waitExec(ctx, cmd)
+		err = waitExec(ctx, cmd)
+		select { // the output written just before exit is still in the terminal: deliver it first
+		case <-drained:
+		case <-ctx.Done():
+		}
+		return err
 	}
 	var wg sync.WaitGroup
 	if in := attach.Stdin(); in != nil {
