@@ -35,8 +35,8 @@ pub const DEFAULT_OVERLAYS: &[&str] = &[
     "/var/run/secrets/kubernetes.io/serviceaccount",
 ];
 
-/// Name prefix of mount-point directories in the temp directory.
-const MOUNTPOINT_PREFIX: &str = "mirrord-remote-root-";
+/// Name prefix of the directories in the temp directory that hold a mount point (`root`).
+const MOUNTPOINT_PREFIX: &str = "mirrord-remote-";
 
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
@@ -50,16 +50,28 @@ pub struct FsSettings {
 
 /// The empty directory the remote root is mounted on; removed on drop.
 pub struct MountPoint {
+    /// `$TMPDIR/mirrord-remote-PID`, holding only the mount point: `$MIRRORD_REMOTE_ROOT/..`
+    /// is a directory of ours and `/..` of the pod is two levels up, where the pod's top-level
+    /// names (`etc`, `var`…) are not found.
+    dir: PathBuf,
     path: PathBuf,
 }
 
 impl MountPoint {
     fn create() -> std::io::Result<MountPoint> {
         // Only empty directories go, so nothing that is not ours can be lost.
-        crate::generated::sweep_stale(MOUNTPOINT_PREFIX, |path| std::fs::remove_dir(path));
-        let path = std::env::temp_dir().join(format!("{MOUNTPOINT_PREFIX}{}", std::process::id()));
-        std::fs::create_dir(&path)?;
-        Ok(MountPoint { path })
+        crate::generated::sweep_stale(MOUNTPOINT_PREFIX, |dir| {
+            let _ = std::fs::remove_dir(dir.join("root"));
+            std::fs::remove_dir(dir)
+        });
+        let dir = std::env::temp_dir().join(format!("{MOUNTPOINT_PREFIX}{}", std::process::id()));
+        std::fs::create_dir(&dir)?;
+        let path = dir.join("root");
+        if let Err(error) = std::fs::create_dir(&path) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(error);
+        }
+        Ok(MountPoint { dir, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -70,6 +82,7 @@ impl MountPoint {
 impl Drop for MountPoint {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -431,9 +444,9 @@ mod tests {
     #[test]
     fn finds_the_mount_device_in_mountinfo() {
         let mountinfo = "22 1 254:1 / / rw,relatime - ext4 /dev/vda rw\n\
-                         97 22 0:61 / /tmp/mirrord-remote-root-7 ro,nosuid - fuse mirrord ro\n";
+                         97 22 0:61 / /tmp/mirrord-remote-7/root ro,nosuid - fuse mirrord ro\n";
         assert_eq!(
-            mount_device(mountinfo, Path::new("/tmp/mirrord-remote-root-7")),
+            mount_device(mountinfo, Path::new("/tmp/mirrord-remote-7/root")),
             Some("0:61")
         );
         assert_eq!(mount_device(mountinfo, Path::new("/tmp/other")), None);

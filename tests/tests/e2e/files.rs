@@ -251,11 +251,23 @@ pub fn fs_escape_attempts_stay_in_the_pod(scene: &Scene, cluster: &Cluster) -> R
              $R{POD_FILE_DIR}/../etc/shadow $R/../${{R##*/}}/etc/shadow 2>&1"
         ),
     )?;
-    // (`$R/..` itself is the local parent directory, resolved by the local kernel: DESIGN.md,
-    // "Confinement". Every path that stays inside the mount must be the pod's.)
+    // (`$R/..` itself is resolved by the local kernel: DESIGN.md, "Confinement". Every path
+    // that stays inside the mount must be the pod's.)
     ensure!(
         out.code == 0 && out.stdout == POD_SHADOW.repeat(4),
         "escape attempts: {}",
+        out.describe()
+    );
+    // The pod's `/etc/shadow` written with one `..` too many is not found; never the host's.
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        "cat $MIRRORD_REMOTE_ROOT/../../etc/shadow",
+    )?;
+    ensure!(
+        out.code != 0 && out.stdout.is_empty() && out.stderr.contains("No such file or directory"),
+        "$MIRRORD_REMOTE_ROOT/../../etc/shadow: {}",
         out.describe()
     );
     let out = mirrord_sh(scene, &pod, &[], "cat /etc/shadow")?;
@@ -380,7 +392,7 @@ pub fn fs_nothing_mounted_after_kill_9(scene: &Scene, cluster: &Cluster) -> Resu
         line == pod.pod_only_content(),
         "the command did not read the pod's file: {line:?}"
     );
-    let leftover = std::env::temp_dir().join(format!("mirrord-remote-root-{}", mirrord.id()));
+    let leftover = std::env::temp_dir().join(format!("mirrord-remote-{}", mirrord.id()));
     mirrord.kill()?;
     mirrord.wait()?;
     thread::sleep(Duration::from_millis(300));
