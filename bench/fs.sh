@@ -21,11 +21,14 @@ unshare --net --mount --uts --propagation private -- sh -c "hostname bench-pod &
 POD=$!
 trap "kill $POD 2>/dev/null || true" EXIT
 for _ in $(seq 200); do tr "\0" "\n" < /proc/$POD/environ 2>/dev/null | grep -q ^POD= && break; sleep 0.01; done
-# The pod s data: a 256 MiB file, 10,000 files in 100 directories, a git repository of 2,000 files.
+# The pod s data: a 256 MiB file, 10,000 files in 100 directories, a git repository of 2,000 files
+# whose index is settled as in any repository used for a while (files written in the second the
+# index was, are "racily clean" to git and read again until a later git command refreshes it).
 nsenter -t $POD -m sh -c "cd /srv && head -c 268435456 /dev/urandom > big.bin &&
   mkdir tree && cd tree && for d in \$(seq 100); do mkdir d\$d; (cd d\$d && seq 100 | sed s/^/f/ | xargs touch); done &&
   cd /srv && git init -q repo && cd repo && for d in \$(seq 40); do mkdir d\$d; for f in \$(seq 50); do echo \$d-\$f > d\$d/f\$f; done; done &&
-  git add . && git -c user.name=b -c user.email=b@b commit -qm init"
+  git add . && git -c user.name=b -c user.email=b@b commit -qm init &&
+  sleep 1 && git status --porcelain"
 # One round: prints cold-read-ms warm-read-ms find-ms git-status-ms for the tree at $1.
 cat > /tmp/round.sh <<"ROUND"
 R=$1

@@ -275,7 +275,7 @@ impl Inner {
 
     /// Replies with a new entry for `path`, counting the kernel's lookup of it.
     fn entry(&self, path: &str, attr: &Attr, reply: ReplyEntry) {
-        let ino = self.inodes().lookup(path);
+        let ino = self.inodes().lookup(path, attr);
         self.remember(ino, attr);
         let attr = file_attr(ino, attr);
         reply.entry_with_ttls(
@@ -920,7 +920,7 @@ impl fuser::Filesystem for RemoteFs {
                     let entry = &entries[(i - 2) as usize];
                     let path = join(&dir, &entry.name);
                     // Every entry the kernel receives counts as one lookup of it.
-                    let child = inodes.lookup(&path);
+                    let child = inodes.lookup(&path, &entry.attr);
                     self.inner.remember(child, &entry.attr);
                     let attr = file_attr(child, &entry.attr);
                     let full = reply.add(
@@ -1033,7 +1033,7 @@ impl fuser::Filesystem for RemoteFs {
             };
             reply_or!(reply, inner.attr_call(request).await, |attr| {
                 let mut inodes = inner.inodes();
-                let ino = inodes.lookup(&path);
+                let ino = inodes.lookup(&path, &attr);
                 inodes.reopened(ino, (attr.mtime, attr.size));
                 drop(inodes);
                 reply.created(

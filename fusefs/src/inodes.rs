@@ -1,19 +1,52 @@
 //! The inode table: which pod path each kernel inode number stands for, and how many kernel
 //! lookups keep it alive. Pure bookkeeping; it never talks to the agent or the kernel.
+//!
+//! A file that is not a directory is numbered with its remote inode number when that number is
+//! free, so `stat` shows the pod's `st_ino`: tools that cache stat data (git's index) find their
+//! entries unchanged, and hard links share one number. Directories, and files whose number is
+//! taken by another live file (one on another device of the pod), get numbers of our own.
 
 use std::collections::HashMap;
+
+use mirrord_protocol::fs::{Attr, FileKind};
 
 /// The kernel's number for the mount's root directory.
 pub const ROOT_INO: u64 = 1;
 
+/// Where our own numbers start: far above the inode numbers file systems hand out.
+const OWN_NUMBERS: u64 = 1 << 62;
+
+/// A remote file: its device and inode number.
+type Identity = (u64, u64);
+
 #[derive(Debug)]
 struct Node {
     path: String,
+    /// Further names of a hard-linked file, looked up through other paths.
+    other_paths: Vec<String>,
+    /// Set for nodes that are not directories: the remote file they stand for.
+    identity: Option<Identity>,
     /// Lookups the kernel holds; the node goes when `forget` brings this to zero.
     lookups: u64,
     /// (mtime, size) when the file was last opened, to tell whether its cached pages are
     /// still good.
     cache_key: Option<CacheKey>,
+}
+
+impl Node {
+    fn new(path: &str, identity: Option<Identity>) -> Node {
+        Node {
+            path: path.to_owned(),
+            other_paths: Vec::new(),
+            identity,
+            lookups: 1,
+            cache_key: None,
+        }
+    }
+
+    fn paths_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        std::iter::once(&mut self.path).chain(self.other_paths.iter_mut())
+    }
 }
 
 /// What must be unchanged for the kernel to keep a file's page cache across opens.
@@ -23,6 +56,7 @@ pub type CacheKey = (mirrord_protocol::fs::Timestamp, u64);
 pub struct Inodes {
     by_ino: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
+    by_identity: HashMap<Identity, u64>,
     next: u64,
 }
 
@@ -41,17 +75,17 @@ pub fn join(parent: &str, name: &str) -> String {
     }
 }
 
+fn identity(attr: &Attr) -> Option<Identity> {
+    (attr.kind != FileKind::Dir).then_some((attr.dev, attr.ino))
+}
+
 impl Inodes {
     pub fn new() -> Self {
-        let root = Node {
-            path: "/".to_owned(),
-            lookups: 1,
-            cache_key: None,
-        };
         Inodes {
-            by_ino: HashMap::from([(ROOT_INO, root)]),
+            by_ino: HashMap::from([(ROOT_INO, Node::new("/", None))]),
             by_path: HashMap::from([("/".to_owned(), ROOT_INO)]),
-            next: ROOT_INO + 1,
+            by_identity: HashMap::new(),
+            next: OWN_NUMBERS,
         }
     }
 
@@ -64,26 +98,47 @@ impl Inodes {
         self.by_path.get(path).copied()
     }
 
-    /// Counts one kernel lookup of `path` and returns its number (a new one if needed).
-    pub fn lookup(&mut self, path: &str) -> u64 {
+    /// Counts one kernel lookup of `path`, whose attributes are `attr`, and returns its number:
+    /// the one it has while it is the same file, a new one when the name now holds another.
+    pub fn lookup(&mut self, path: &str, attr: &Attr) -> u64 {
+        let identity = identity(attr);
         if let Some(ino) = self.by_path.get(path)
             && let Some(node) = self.by_ino.get_mut(ino)
+            && (node.identity == identity || *ino == ROOT_INO)
         {
             node.lookups += 1;
             return *ino;
         }
-        let ino = self.next;
-        self.next += 1;
-        self.by_ino.insert(
-            ino,
-            Node {
-                path: path.to_owned(),
-                lookups: 1,
-                cache_key: None,
-            },
-        );
+        if let Some(id) = identity
+            && let Some(&ino) = self.by_identity.get(&id)
+            && let Some(node) = self.by_ino.get_mut(&ino)
+        {
+            // Another name of a file we know: a hard link.
+            node.lookups += 1;
+            if !node.paths_mut().any(|p| p == path) {
+                node.other_paths.push(path.to_owned());
+            }
+            self.by_path.insert(path.to_owned(), ino);
+            return ino;
+        }
+        let ino = match identity {
+            Some((_, remote)) if remote > ROOT_INO && !self.by_ino.contains_key(&remote) => remote,
+            _ => self.own_number(),
+        };
+        self.by_ino.insert(ino, Node::new(path, identity));
         self.by_path.insert(path.to_owned(), ino);
+        if let Some(id) = identity {
+            self.by_identity.insert(id, ino);
+        }
         ino
+    }
+
+    fn own_number(&mut self) -> u64 {
+        while self.by_ino.contains_key(&self.next) {
+            self.next += 1;
+        }
+        self.next += 1;
+        self.next - 1
     }
 
     /// The kernel dropped `n` lookups of `ino`.
@@ -95,19 +150,46 @@ impl Inodes {
             return;
         };
         node.lookups = node.lookups.saturating_sub(n);
-        if node.lookups == 0 {
-            let path = std::mem::take(&mut node.path);
-            self.by_ino.remove(&ino);
-            if self.by_path.get(&path) == Some(&ino) {
-                self.by_path.remove(&path);
+        if node.lookups > 0 {
+            return;
+        }
+        let Some(mut node) = self.by_ino.remove(&ino) else {
+            return;
+        };
+        for path in node.paths_mut() {
+            if self.by_path.get(path.as_str()) == Some(&ino) {
+                self.by_path.remove(path.as_str());
             }
+        }
+        if let Some(id) = node.identity
+            && self.by_identity.get(&id) == Some(&ino)
+        {
+            self.by_identity.remove(&id);
         }
     }
 
     /// `path` was removed: a later lookup of the name gets a fresh number, while the old one
-    /// lives on (with a path that no longer resolves) until the kernel forgets it.
+    /// lives on until the kernel forgets it, under another of its names if it has one (or a
+    /// path that no longer resolves).
     pub fn removed(&mut self, path: &str) {
-        self.by_path.remove(path);
+        let Some(ino) = self.by_path.remove(path) else {
+            return;
+        };
+        let Some(node) = self.by_ino.get_mut(&ino) else {
+            return;
+        };
+        if node.path == path {
+            if let Some(other) = node.other_paths.pop() {
+                node.path = other;
+            } else if let Some(id) = node.identity
+                && self.by_identity.get(&id) == Some(&ino)
+            {
+                // Its last name is gone: a file found later with the same number is another.
+                self.by_identity.remove(&id);
+            }
+        } else {
+            node.other_paths.retain(|p| p != path);
+        }
     }
 
     /// `from` was renamed to `to`: it and everything below it move; whatever `to` named before
@@ -124,8 +206,10 @@ impl Inodes {
         for (old, ino) in moved {
             self.by_path.remove(&old);
             let new = format!("{to}{}", &old[from.len()..]);
-            if let Some(node) = self.by_ino.get_mut(&ino) {
-                node.path = new.clone();
+            if let Some(node) = self.by_ino.get_mut(&ino)
+                && let Some(path) = node.paths_mut().find(|p| **p == old)
+            {
+                *path = new.clone();
             }
             self.by_path.insert(new, ino);
         }
@@ -154,30 +238,108 @@ mod tests {
     use super::*;
     use mirrord_protocol::fs::Timestamp;
 
+    fn attr(kind: FileKind, dev: u64, ino: u64) -> Attr {
+        let epoch = Timestamp { secs: 0, nanos: 0 };
+        Attr {
+            ino,
+            dev,
+            kind,
+            size: 0,
+            blocks: 0,
+            mode: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            atime: epoch,
+            mtime: epoch,
+            ctime: epoch,
+        }
+    }
+
+    fn file(ino: u64) -> Attr {
+        attr(FileKind::File, 7, ino)
+    }
+
+    fn dir(ino: u64) -> Attr {
+        attr(FileKind::Dir, 7, ino)
+    }
+
     #[test]
     fn lookups_are_counted_and_forgotten() {
         let mut t = Inodes::new();
-        let a = t.lookup("/a");
-        assert_eq!(t.lookup("/a"), a);
+        let a = t.lookup("/a", &dir(50));
+        assert_eq!(t.lookup("/a", &dir(50)), a);
         assert_eq!(t.path(a), Some("/a"));
         t.forget(a, 1);
         assert_eq!(t.path(a), Some("/a"));
         t.forget(a, 1);
         assert_eq!(t.path(a), None);
         assert_eq!(t.peek("/a"), None);
-        assert_ne!(t.lookup("/a"), a, "numbers are never reused");
+        assert_ne!(
+            t.lookup("/a", &dir(50)),
+            a,
+            "our own numbers are never reused"
+        );
         t.forget(ROOT_INO, 100);
         assert_eq!(t.path(ROOT_INO), Some("/"));
+        assert_eq!(t.lookup("/", &dir(2)), ROOT_INO);
+    }
+
+    #[test]
+    fn files_show_the_remote_inode_number_unless_it_is_taken() {
+        let mut t = Inodes::new();
+        assert_eq!(t.lookup("/f", &file(1234)), 1234);
+        assert_eq!(t.lookup("/f", &file(1234)), 1234);
+        // The same number on another device of the pod is another file.
+        let other = t.lookup("/proc/x", &attr(FileKind::File, 8, 1234));
+        assert!(other >= OWN_NUMBERS, "{other}");
+        // Directories and the root's number are never taken from the pod.
+        assert!(t.lookup("/d", &dir(99)) >= OWN_NUMBERS);
+        assert!(t.lookup("/one", &file(1)) >= OWN_NUMBERS);
+        // Once forgotten, the number is the file's again.
+        t.forget(1234, 2);
+        assert_eq!(t.lookup("/f", &file(1234)), 1234);
+    }
+
+    #[test]
+    fn hard_links_share_a_number_and_outlive_one_name() {
+        let mut t = Inodes::new();
+        let a = t.lookup("/a", &file(40));
+        assert_eq!(t.lookup("/b", &file(40)), a);
+        assert_eq!(t.peek("/b"), Some(a));
+        t.removed("/a");
+        assert_eq!(t.path(a), Some("/b"), "the other name serves the file");
+        assert_eq!(t.peek("/a"), None);
+        t.forget(a, 2);
+        assert_eq!(t.peek("/b"), None);
+        assert!(t.path(a).is_none());
+    }
+
+    #[test]
+    fn a_name_holding_another_file_gets_another_number() {
+        let mut t = Inodes::new();
+        let old = t.lookup("/f", &file(10));
+        // Replaced behind our back (an editor's rename over it): the new file's number.
+        let new = t.lookup("/f", &file(11));
+        assert_eq!(new, 11);
+        assert_eq!(t.peek("/f"), Some(new));
+        t.forget(old, 1);
+        assert_eq!(t.peek("/f"), Some(new));
+        // A name that became a directory.
+        let d = t.lookup("/f", &dir(11));
+        assert!(d >= OWN_NUMBERS && d != new);
     }
 
     #[test]
     fn renames_move_whole_subtrees_and_replace_the_target() {
         let mut t = Inodes::new();
-        let d = t.lookup("/d");
-        let f = t.lookup("/d/f");
-        let g = t.lookup("/d/sub/g");
-        let other = t.lookup("/dx");
-        let victim = t.lookup("/e");
+        let d = t.lookup("/d", &dir(2));
+        let f = t.lookup("/d/f", &file(3));
+        let g = t.lookup("/d/sub/g", &file(4));
+        let other = t.lookup("/dx", &dir(5));
+        let victim = t.lookup("/e", &dir(6));
         t.renamed("/d", "/e");
         assert_eq!(t.path(d), Some("/e"));
         assert_eq!(t.path(f), Some("/e/f"));
@@ -188,23 +350,32 @@ mod tests {
         t.forget(victim, 1);
         assert_eq!(t.peek("/e"), Some(d));
         assert_eq!(t.len(), 6 - 1);
+        assert_eq!(t.lookup("/e/f", &file(3)), f);
     }
 
     #[test]
     fn removed_names_get_fresh_numbers() {
         let mut t = Inodes::new();
-        let a = t.lookup("/a");
+        let a = t.lookup("/a", &dir(9));
         t.removed("/a");
-        let b = t.lookup("/a");
+        let b = t.lookup("/a", &dir(9));
         assert_ne!(a, b);
         t.forget(a, 1);
         assert_eq!(t.peek("/a"), Some(b));
+        // A file removed and created again under the same name and number is another file.
+        let f = t.lookup("/f", &file(20));
+        t.removed("/f");
+        let g = t.lookup("/f", &file(20));
+        assert_ne!(
+            f, g,
+            "{f} is still live, so the new file cannot have its number"
+        );
     }
 
     #[test]
     fn page_cache_is_kept_only_while_mtime_and_size_hold() {
         let mut t = Inodes::new();
-        let a = t.lookup("/a");
+        let a = t.lookup("/a", &file(30));
         let k1 = (Timestamp { secs: 1, nanos: 0 }, 10);
         assert!(!t.reopened(a, k1));
         assert!(t.reopened(a, k1));

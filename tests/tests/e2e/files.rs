@@ -170,6 +170,26 @@ pub fn fs_git_in_a_pod_repository(scene: &Scene, cluster: &Cluster) -> Result<()
         "git: {}",
         out.describe()
     );
+    // Files show the pod's inode numbers, which git's index recorded (so a clean work tree is
+    // not read again), and hard links are one file.
+    let in_pod_inodes = in_pod(
+        &pod,
+        &format!("cd {POD_FILE_DIR}/repo && ln file1 link1 && stat -c %i file1 file2 link1"),
+    )?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "cd $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/repo && stat -c %i file1 file2 link1 && \
+             [ file1 -ef link1 ] && [ ! file1 -ef file2 ] && echo same"
+        ),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{in_pod_inodes}same\n"),
+        "inode numbers (the pod's: {in_pod_inodes:?}): {}",
+        out.describe()
+    );
     Ok(())
 }
 
