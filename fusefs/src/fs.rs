@@ -36,22 +36,48 @@ struct Inner {
     inodes: Mutex<Inodes>,
     /// Listings of open directories, by handle: read in full at `opendir`, so `readdir` calls
     /// (a few KiB each) never wait for the agent and offsets stay stable.
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     /// The latest attributes seen for each inode and when: `open` right after a lookup (the
     /// common case) reuses them instead of asking the agent again.
     recent: Mutex<HashMap<u64, (Attr, std::time::Instant)>>,
-    /// Read-only mounts: whole directory listings by directory path, fetched when lookups
-    /// keep missing in a directory (git's index refresh stats every tracked file one by one),
-    /// so the next lookups there are answered without a round trip while the attribute TTL
-    /// lasts — the staleness the kernel's own attribute cache already has.
+    /// Read-only mounts: whole directory listings by directory path, fetched at `opendir`,
+    /// ahead of a tree walk, or when lookups keep missing in a directory (git's index refresh
+    /// stats every tracked file one by one). While the attribute TTL lasts they answer lookups
+    /// and `opendir` without a round trip — the staleness the kernel's own attribute cache
+    /// already has.
     listings: Mutex<Listings>,
 }
+
+/// A directory's entries in the agent's order, and where each name is.
+struct Listing {
+    entries: Vec<DirEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Listing {
+    fn new(entries: Vec<DirEntry>) -> Listing {
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| (entry.name.clone(), i))
+            .collect();
+        Listing { entries, by_name }
+    }
+
+    fn get(&self, name: &str) -> Option<&Attr> {
+        self.by_name.get(name).map(|&i| &self.entries[i].attr)
+    }
+}
+
+/// A listing being fetched, shared by everyone who wants it meanwhile.
+type PendingListing = Arc<tokio::sync::OnceCell<Result<Arc<Listing>, Errno>>>;
 
 /// See [`Inner::listings`].
 #[derive(Default)]
 struct Listings {
-    fetched: HashMap<String, (Arc<HashMap<String, Attr>>, std::time::Instant)>,
+    fetched: HashMap<String, (Arc<Listing>, std::time::Instant)>,
+    pending: HashMap<String, PendingListing>,
     /// The extended attribute names listings carried, by path.
     xattrs: HashMap<String, (Arc<Vec<u8>>, std::time::Instant)>,
     /// When a lookup in a directory last went to the agent.
@@ -60,6 +86,9 @@ struct Listings {
 
 /// Listings kept before expired ones are dropped (then all of them).
 const MAX_LISTINGS: usize = 4096;
+/// Sibling directories listed ahead of a reader walking a tree (`find`, `grep -r`, `du`), so
+/// the agent lists the next ones while the kernel and the reader work through this one.
+const WALK_AHEAD: usize = 8;
 /// Paths whose extended attribute names are kept, likewise.
 const MAX_XATTR_LISTS: usize = 64 * 1024;
 
@@ -152,7 +181,7 @@ impl Inner {
     }
 
     /// The fresh listing of `dir`, if one was fetched within the attribute TTL.
-    fn listing(&self, dir: &str) -> Option<Arc<HashMap<String, Attr>>> {
+    fn listing(&self, dir: &str) -> Option<Arc<Listing>> {
         let listings = self.listings();
         let (listing, fetched) = listings.fetched.get(dir)?;
         (fetched.elapsed() < self.options.attr_ttl).then(|| listing.clone())
@@ -179,13 +208,8 @@ impl Inner {
         repeated
     }
 
-    fn store_listing(&self, dir: &str, entries: &[DirEntry]) -> Arc<HashMap<String, Attr>> {
-        let listing: Arc<HashMap<String, Attr>> = Arc::new(
-            entries
-                .iter()
-                .map(|entry| (entry.name.clone(), entry.attr))
-                .collect(),
-        );
+    fn store_listing(&self, dir: &str, entries: Vec<DirEntry>) -> Arc<Listing> {
+        let listing = Arc::new(Listing::new(entries));
         if self.options.writable {
             return listing;
         }
@@ -203,6 +227,7 @@ impl Inner {
         listings
             .fetched
             .insert(dir.to_owned(), (listing.clone(), now));
+        let entries = &listing.entries;
         if listings.xattrs.len() + entries.len() > MAX_XATTR_LISTS {
             let ttl = self.options.attr_ttl;
             listings
@@ -212,14 +237,90 @@ impl Inner {
                 listings.xattrs.clear();
             }
         }
-        for entry in entries {
+        for entry in entries.iter() {
             if let Some(names) = &entry.xattrs {
                 listings
                     .xattrs
                     .insert(join(dir, &entry.name), (Arc::new(names.clone()), now));
             }
         }
+        drop(listings);
         listing
+    }
+
+    /// The listing of `dir` on a read-only mount: the fresh one if there is one, else the one
+    /// being fetched, else fetched now (and kept).
+    async fn shared_listing(&self, dir: &str) -> Result<Arc<Listing>, Errno> {
+        if let Some(listing) = self.listing(dir) {
+            return Ok(listing);
+        }
+        let pending = self
+            .listings()
+            .pending
+            .entry(dir.to_owned())
+            .or_default()
+            .clone();
+        let result = pending
+            .get_or_init(|| async {
+                let entries = self.list(dir).await?;
+                Ok(self.store_listing(dir, entries))
+            })
+            .await
+            .clone();
+        let mut listings = self.listings();
+        if listings
+            .pending
+            .get(dir)
+            .is_some_and(|p| Arc::ptr_eq(p, &pending))
+        {
+            listings.pending.remove(dir);
+        }
+        result
+    }
+
+    /// `dir` was just opened: if its parent was listed, a tree walk is likely under way, so
+    /// the next few sibling directories are listed now, before the walk reaches them.
+    fn list_ahead(self: &Arc<Self>, dir: &str) {
+        if self.options.writable {
+            return;
+        }
+        let Some((parent, name)) = dir.rsplit_once('/') else {
+            return;
+        };
+        let parent = if parent.is_empty() { "/" } else { parent };
+        let Some(listing) = self.listing(parent) else {
+            return;
+        };
+        let Some(&at) = listing.by_name.get(name) else {
+            return;
+        };
+        let siblings = listing.entries[at + 1..]
+            .iter()
+            .filter(|entry| entry.attr.kind == FileKind::Dir)
+            .take(WALK_AHEAD)
+            .map(|entry| join(parent, &entry.name));
+        for sibling in siblings {
+            let known = {
+                let listings = self.listings();
+                listings.pending.contains_key(&sibling)
+                    || listings
+                        .fetched
+                        .get(&sibling)
+                        .is_some_and(|(_, at)| at.elapsed() < self.options.attr_ttl)
+            };
+            if !known {
+                let inner = self.clone();
+                // A failure here is the walk's to see when it opens the directory itself.
+                self.runtime
+                    .spawn(async move { inner.shared_listing(&sibling).await.map(drop) });
+            }
+        }
+    }
+
+    fn open_listing(&self, listing: Arc<Listing>, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs().insert(fh, listing);
+        reply.opened(FileHandle(fh), FopenFlags::empty())
     }
 
     /// The extended attribute names of `path` from a listing within the attribute TTL.
@@ -229,7 +330,7 @@ impl Inner {
         (fetched.elapsed() < self.options.attr_ttl).then(|| names.clone())
     }
 
-    fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
+    fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -471,7 +572,7 @@ impl fuser::Filesystem for RemoteFs {
             if inner.worth_listing(&dir) {
                 // Failing to list (no read permission, say) just means asking for the name.
                 if let Ok(entries) = inner.list(&dir).await {
-                    listing = Some(inner.store_listing(&dir, &entries));
+                    listing = Some(inner.store_listing(&dir, entries));
                 }
             }
             if let Some(listing) = listing {
@@ -841,15 +942,25 @@ impl fuser::Filesystem for RemoteFs {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
         };
-        self.spawn(|inner| async move {
-            reply_or!(reply, inner.list(&path).await, |entries| {
-                // The names a reader of the directory goes on to look up, as fresh as the rest.
-                inner.store_listing(&path, &entries);
-                let fh = inner.next_fh.fetch_add(1, Ordering::Relaxed);
-                inner.dirs().insert(fh, Arc::new(entries));
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+        if self.inner.options.writable {
+            // Always the directory as it is now: a writer expects to see what it just did.
+            return self.spawn(|inner| async move {
+                let listing = inner.list(&path).await.map(Listing::new);
+                reply_or!(reply, listing, |listing| inner
+                    .open_listing(Arc::new(listing), reply));
             });
-        });
+        }
+        if let Some(listing) = self.inner.listing(&path) {
+            self.inner.open_listing(listing, reply);
+        } else {
+            let path = path.clone();
+            self.spawn(|inner| async move {
+                // The names a reader of the directory goes on to look up, as fresh as the rest.
+                let listing = inner.shared_listing(&path).await;
+                reply_or!(reply, listing, |listing| inner.open_listing(listing, reply));
+            });
+        }
+        self.inner.list_ahead(&path);
     }
 
     fn readdir(
@@ -860,12 +971,13 @@ impl fuser::Filesystem for RemoteFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (Some(entries), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
+        let (Some(listing), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
         else {
             return reply.error(Errno::EBADF);
         };
         let inodes = self.inner.inodes();
         // Offsets: entry i of [., .., listing…] carries i + 1, the offset to resume after it.
+        let entries = &listing.entries;
         let total = entries.len() as u64 + 2;
         for i in offset..total {
             let full = match i {
@@ -897,12 +1009,13 @@ impl fuser::Filesystem for RemoteFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (Some(entries), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
+        let (Some(listing), Ok(dir)) = (self.inner.dirs().get(&fh.0).cloned(), self.path(ino))
         else {
             return reply.error(Errno::EBADF);
         };
         let ttl = self.inner.options.entry_ttl;
         let mut inodes = self.inner.inodes();
+        let entries = &listing.entries;
         let total = entries.len() as u64 + 2;
         for i in offset..total {
             let full = match i {

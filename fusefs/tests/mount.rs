@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mirrord_fusefs::{Backend, BoxFuture, Options, RemoteFs, mount};
@@ -18,6 +18,8 @@ const IN_NAMESPACE: &str = "MIRRORD_FUSEFS_TEST_IN_NAMESPACE";
 /// as from an agent that went away without closing the connection.
 struct InProcess {
     root: PathBuf,
+    /// The directories listed (`ReadDir`), in order.
+    listed: Arc<Mutex<Vec<String>>>,
 }
 
 fn request_path(request: &FsRequest) -> &str {
@@ -44,6 +46,9 @@ fn request_path(request: &FsRequest) -> &str {
 impl Backend for InProcess {
     fn call(&self, request: FsRequest) -> BoxFuture<Result<FsResponse, RemoteError>> {
         let root = self.root.clone();
+        if let FsRequest::ReadDir { path, .. } = &request {
+            self.listed.lock().unwrap().push(path.clone());
+        }
         Box::pin(async move {
             if request_path(&request).contains("stall") && matches!(request, FsRequest::Read { .. })
             {
@@ -179,6 +184,20 @@ fn mount_scene(
     scene: &Scene,
     writable: bool,
 ) -> (tokio::runtime::Runtime, mirrord_fusefs::Mounted) {
+    let (runtime, mounted, _) = mount_scene_with(scene, writable, Duration::from_millis(200));
+    (runtime, mounted)
+}
+
+/// Mounts with attribute and entry TTLs of `ttl`; also returns the directories listed.
+fn mount_scene_with(
+    scene: &Scene,
+    writable: bool,
+    ttl: Duration,
+) -> (
+    tokio::runtime::Runtime,
+    mirrord_fusefs::Mounted,
+    Arc<Mutex<Vec<String>>>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -186,16 +205,20 @@ fn mount_scene(
         .expect("a runtime");
     let options = Options {
         writable,
-        attr_ttl: Duration::from_millis(200),
-        entry_ttl: Duration::from_millis(200),
+        attr_ttl: ttl,
+        entry_ttl: ttl,
         request_timeout: Duration::from_secs(2),
         fs_name: fs_name(),
         mountpoint: None,
     };
-    let backend = Arc::new(InProcess { root: scene.pod() });
+    let listed = Arc::new(Mutex::new(Vec::new()));
+    let backend = Arc::new(InProcess {
+        root: scene.pod(),
+        listed: listed.clone(),
+    });
     let fs = RemoteFs::new(backend, runtime.handle().clone(), options);
     let mounted = mount(fs, &scene.mnt()).expect("mount");
-    (runtime, mounted)
+    (runtime, mounted, listed)
 }
 
 fn mounted_here() -> bool {
@@ -287,6 +310,50 @@ fn read_only_mount_shows_the_pod_and_refuses_writes() {
 
         mounted.unmount().expect("unmount");
         assert!(!mounted_here());
+        drop(runtime);
+    });
+}
+
+/// A tree walk finds every entry while each directory is listed once, the next siblings before
+/// the walk reaches them; a directory changed in the pod shows the change once the TTL is over.
+#[test]
+fn tree_walks_list_ahead_and_listings_last_one_ttl() {
+    in_private_mount_namespace("tree_walks_list_ahead_and_listings_last_one_ttl", || {
+        let scene = Scene::new("walk");
+        // Long enough that nothing listed during the walk expires before it is used.
+        let ttl = Duration::from_secs(3);
+        let (runtime, mounted, listed) = mount_scene_with(&scene, false, ttl);
+        let m = mounted.mountpoint().to_owned();
+        let count = |path: &str| listed.lock().unwrap().iter().filter(|p| *p == path).count();
+
+        // The walk starts at the first directory in the listing's own order (`ls -f`).
+        let first = ok(&m, "ls -f $M/tree | grep '^d' | head -n 1");
+        ok(&m, &format!("ls $M/tree/{}", first.trim()));
+        std::thread::sleep(Duration::from_millis(300));
+        let opened = format!("/tree/{}", first.trim());
+        let ahead = listed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with("/tree/d") && **p != opened)
+            .count();
+        assert_eq!(ahead, 8, "listed: {:?}", listed.lock().unwrap());
+
+        assert_eq!(
+            ok(&m, "find $M/tree | wc -l").trim(),
+            (1 + 30 * 2 + 3000).to_string()
+        );
+        for d in 0..30 {
+            for dir in [format!("/tree/d{d}"), format!("/tree/d{d}/sub")] {
+                assert_eq!(count(&dir), 1, "{dir}: {:?}", listed.lock().unwrap());
+            }
+        }
+
+        std::fs::write(scene.pod().join("tree/d3/new-in-pod"), "x").unwrap();
+        std::thread::sleep(ttl + Duration::from_millis(100));
+        assert!(ok(&m, "ls $M/tree/d3").contains("new-in-pod"));
+
+        mounted.unmount().expect("unmount");
         drop(runtime);
     });
 }
