@@ -58,15 +58,16 @@ impl Outgoing for ClientMessage {
 pub struct FrameReader<R> {
     io: R,
     decoder: FrameDecoder,
-    buf: Box<[u8]>,
 }
+
+/// Bytes asked of the socket at least, when no frame says how many are coming.
+const READ_CHUNK: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
         Self {
             io,
             decoder: FrameDecoder::new(),
-            buf: vec![0; 64 * 1024].into_boxed_slice(),
         }
     }
 
@@ -77,11 +78,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(message) = self.decoder.next()? {
                 return Ok(message);
             }
-            let n = self.io.read(&mut self.buf).await?;
+            // Straight into the decoder's buffer: a 1 MiB file read is copied once, not twice.
+            let n = self.io.read_buf(self.decoder.spare(READ_CHUNK)).await?;
             if n == 0 {
                 return Err(LinkError::Closed);
             }
-            self.decoder.push(&self.buf[..n]);
         }
     }
 }

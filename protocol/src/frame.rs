@@ -61,6 +61,29 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The buffer to append received bytes to (a reader fills its spare capacity, so bytes
+    /// land here without a second copy), with room for the rest of the frame being received,
+    /// or for `min` bytes. The room is bounded by [`MAX_FRAME_LEN`]: an oversized header is
+    /// refused by [`FrameDecoder::next`] before anyone asks for room.
+    pub fn spare(&mut self, min: usize) -> &mut Vec<u8> {
+        self.compact();
+        let pending = &self.buf[self.start..];
+        let missing = match pending.split_first_chunk::<HEADER_LEN>() {
+            Some((header, rest)) => {
+                let len = (u32::from_be_bytes(*header) as usize).min(MAX_FRAME_LEN);
+                len.saturating_sub(rest.len())
+            }
+            None => 0,
+        };
+        self.buf.reserve(missing.max(min));
+        &mut self.buf
+    }
+
+    fn compact(&mut self) {
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
@@ -68,7 +91,6 @@ impl FrameDecoder {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.buf.extend_from_slice(bytes);
     }
 
     /// Next complete message, `Ok(None)` when more bytes are needed. An oversized length is
@@ -279,6 +301,36 @@ mod tests {
             assert_eq!(got, msgs, "cut at {cut}");
             assert_eq!(dec.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn spare_room_holds_the_rest_of_the_frame_being_received() {
+        let msgs = every_agent_message();
+        let bytes = encode_all(&msgs);
+        let mut dec = FrameDecoder::new();
+        let mut got = Vec::new();
+        // A reader appending odd-sized pieces into the decoder's own buffer.
+        for piece in bytes.chunks(7) {
+            let buf = dec.spare(1);
+            assert!(buf.capacity() - buf.len() >= 1);
+            buf.extend_from_slice(piece);
+            got.extend(decode_all::<AgentMessage>(&mut dec));
+        }
+        assert_eq!(got, msgs);
+        assert_eq!(dec.buffered(), 0);
+        // Once a big frame's header is in, there is room for all of it at once.
+        let mut big = Vec::new();
+        let data = AgentMessage::Stream(StreamFrame::Data {
+            id: StreamId(1),
+            bytes: vec![7; MAX_DATA_CHUNK],
+        });
+        encode(&data, &mut big).unwrap();
+        let buf = dec.spare(1);
+        buf.extend_from_slice(&big[..10]);
+        let buf = dec.spare(1);
+        assert!(buf.capacity() - buf.len() >= big.len() - 10);
+        buf.extend_from_slice(&big[10..]);
+        assert_eq!(dec.next::<AgentMessage>().unwrap(), Some(data));
     }
 
     #[test]
