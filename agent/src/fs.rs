@@ -285,6 +285,7 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
     let proc_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
     let mut entries = Vec::new();
     let mut index = 0u64;
+    let mut xattr_buf = vec![0u8; mirrord_protocol::fs::MAX_DIR_XATTRS];
     for entry in std::fs::read_dir(proc_path).map_err(&at)? {
         let name = entry.map_err(&at)?.file_name();
         if index < offset {
@@ -312,7 +313,7 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
         entries.push(DirEntry {
             name: text.to_owned(),
             attr,
-            xattrs: xattr_names_at(dir.as_raw_fd(), &c_name),
+            xattrs: xattr_names_at(dir.as_raw_fd(), &c_name, &mut xattr_buf),
         });
     }
     Ok(DirPage {
@@ -327,9 +328,8 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
 const SYS_LISTXATTRAT: libc::c_long = 465;
 
 /// The extended attribute names of `name` in `dir` itself (a symlink is not followed: the
-/// name is one component of a confined directory), if readable and short.
-fn xattr_names_at(dir: RawFd, name: &CString) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; mirrord_protocol::fs::MAX_DIR_XATTRS];
+/// name is one component of a confined directory), if readable and no longer than `buf`.
+fn xattr_names_at(dir: RawFd, name: &CString, buf: &mut [u8]) -> Option<Vec<u8>> {
     // SAFETY: `name` is NUL-terminated and `dir` is live; `buf` is writable for its length.
     let mut n = unsafe {
         libc::syscall(
@@ -350,8 +350,8 @@ fn xattr_names_at(dir: RawFd, name: &CString) -> Option<Vec<u8>> {
     }
     // ERANGE (too long for the page), ENOTSUP, EACCES…: the client asks when it needs them.
     let n = usize::try_from(n).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    // Most files have none: an empty Vec costs no allocation.
+    Some(buf.get(..n)?.to_vec())
 }
 
 fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {

@@ -21,7 +21,7 @@ use mirrord_protocol::fs::{
 };
 use tokio::runtime::Handle;
 
-use crate::inodes::{Inodes, ROOT_INO, join};
+use crate::inodes::{Inodes, ROOT_INO, join, parent_and_name};
 use crate::{Backend, MAX_IO, Options};
 
 /// The file system; cheap to share, all state behind one `Arc`.
@@ -78,8 +78,6 @@ type PendingListing = Arc<tokio::sync::OnceCell<Result<Arc<Listing>, Errno>>>;
 struct Listings {
     fetched: HashMap<String, (Arc<Listing>, std::time::Instant)>,
     pending: HashMap<String, PendingListing>,
-    /// The extended attribute names listings carried, by path.
-    xattrs: HashMap<String, (Arc<Vec<u8>>, std::time::Instant)>,
     /// When a lookup in a directory last went to the agent.
     missed: HashMap<String, std::time::Instant>,
 }
@@ -89,8 +87,6 @@ const MAX_LISTINGS: usize = 4096;
 /// Sibling directories listed ahead of a reader walking a tree (`find`, `grep -r`, `du`), so
 /// the agent lists the next ones while the kernel and the reader work through this one.
 const WALK_AHEAD: usize = 8;
-/// Paths whose extended attribute names are kept, likewise.
-const MAX_XATTR_LISTS: usize = 64 * 1024;
 
 impl RemoteFs {
     /// `runtime` runs the agent calls; it must outlive the mount.
@@ -227,24 +223,6 @@ impl Inner {
         listings
             .fetched
             .insert(dir.to_owned(), (listing.clone(), now));
-        let entries = &listing.entries;
-        if listings.xattrs.len() + entries.len() > MAX_XATTR_LISTS {
-            let ttl = self.options.attr_ttl;
-            listings
-                .xattrs
-                .retain(|_, (_, fetched)| now.duration_since(*fetched) < ttl);
-            if listings.xattrs.len() + entries.len() > MAX_XATTR_LISTS {
-                listings.xattrs.clear();
-            }
-        }
-        for entry in entries.iter() {
-            if let Some(names) = &entry.xattrs {
-                listings
-                    .xattrs
-                    .insert(join(dir, &entry.name), (Arc::new(names.clone()), now));
-            }
-        }
-        drop(listings);
         listing
     }
 
@@ -284,10 +262,9 @@ impl Inner {
         if self.options.writable {
             return;
         }
-        let Some((parent, name)) = dir.rsplit_once('/') else {
+        let Some((parent, name)) = parent_and_name(dir) else {
             return;
         };
-        let parent = if parent.is_empty() { "/" } else { parent };
         let Some(listing) = self.listing(parent) else {
             return;
         };
@@ -323,11 +300,13 @@ impl Inner {
         reply.opened(FileHandle(fh), FopenFlags::empty())
     }
 
-    /// The extended attribute names of `path` from a listing within the attribute TTL.
-    fn xattr_names(&self, path: &str) -> Option<Arc<Vec<u8>>> {
-        let listings = self.listings();
-        let (names, fetched) = listings.xattrs.get(path)?;
-        (fetched.elapsed() < self.options.attr_ttl).then(|| names.clone())
+    /// The extended attribute names of `path` from its directory's listing within the
+    /// attribute TTL.
+    fn xattr_names(&self, path: &str) -> Option<Vec<u8>> {
+        let (dir, name) = parent_and_name(path)?;
+        let listing = self.listing(dir)?;
+        let &at = listing.by_name.get(name)?;
+        listing.entries[at].xattrs.clone()
     }
 
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {

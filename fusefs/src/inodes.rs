@@ -75,6 +75,15 @@ pub fn join(parent: &str, name: &str) -> String {
     }
 }
 
+/// The directory holding `path` and its last component; `None` for `/`.
+pub fn parent_and_name(path: &str) -> Option<(&str, &str)> {
+    let (parent, name) = path.rsplit_once('/')?;
+    if name.is_empty() {
+        return None;
+    }
+    Some((if parent.is_empty() { "/" } else { parent }, name))
+}
+
 fn identity(attr: &Attr) -> Option<Identity> {
     (attr.kind != FileKind::Dir).then_some((attr.dev, attr.ino))
 }
@@ -383,5 +392,8 @@ mod tests {
         assert!(!t.reopened(a, (Timestamp { secs: 1, nanos: 1 }, 11)));
         assert_eq!(join("/", "x"), "/x");
         assert_eq!(join("/a", "x"), "/a/x");
+        assert_eq!(parent_and_name("/x"), Some(("/", "x")));
+        assert_eq!(parent_and_name("/a/x"), Some(("/a", "x")));
+        assert_eq!(parent_and_name("/"), None);
     }
 }
