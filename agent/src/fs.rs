@@ -78,7 +78,11 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
     }
     match request {
         FsRequest::Stat { path, follow } => stat(root, &path, follow).map(FsResponse::Attr),
-        FsRequest::ReadDir { path, offset } => read_dir(root, &path, offset).map(FsResponse::Dir),
+        FsRequest::ReadDir {
+            path,
+            offset,
+            xattrs,
+        } => read_dir(root, &path, offset, xattrs).map(FsResponse::Dir),
         FsRequest::Read { path, offset, len } => read(root, &path, offset, len),
         FsRequest::ReadLink { path } => {
             let (dir, name) = parent(root, &path)?;
@@ -278,7 +282,7 @@ fn attr(st: &libc::stat) -> Attr {
 /// Lists one page. Pages are addressed by entry index in `readdir` order; the CLI reads a whole
 /// listing in one go, so a directory changing between pages can at worst repeat or skip an
 /// entry of that listing, as `readdir(3)` may.
-fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
+fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPage, FsError> {
     let dir = open_in_root(root, path, read_flags() | OFlag::O_DIRECTORY)?;
     let at = io_err("readdir", path);
     // The magic link reopens exactly the directory just resolved, with no lookup by name.
@@ -313,7 +317,9 @@ fn read_dir(root: &Path, path: &str, offset: u64) -> Result<DirPage, FsError> {
         entries.push(DirEntry {
             name: text.to_owned(),
             attr,
-            xattrs: xattr_names_at(dir.as_raw_fd(), &c_name, &mut xattr_buf),
+            xattrs: xattrs
+                .then(|| xattr_names_at(dir.as_raw_fd(), &c_name, &mut xattr_buf))
+                .flatten(),
         });
     }
     Ok(DirPage {
@@ -684,11 +690,16 @@ mod tests {
                 FsRequest::ReadDir {
                     path: s("/many/"),
                     offset,
+                    xattrs: false,
                 },
             ) else {
                 panic!("readdir")
             };
             assert!(page.entries.len() <= MAX_DIR_PAGE as usize);
+            assert!(
+                page.entries.iter().all(|e| e.xattrs.is_none()),
+                "not asked for"
+            );
             names.extend(page.entries.iter().map(|e| {
                 assert_eq!((e.attr.kind, e.attr.size), (FileKind::File, 1));
                 e.name.clone()
@@ -701,12 +712,29 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), n);
+        let Ok(FsResponse::Dir(page)) = call(
+            &t.0,
+            FsRequest::ReadDir {
+                path: s("/many"),
+                offset: 0,
+                xattrs: true,
+            },
+        ) else {
+            panic!("readdir with xattrs")
+        };
+        // Every file system here lists names (none, for these files).
+        assert!(
+            page.entries.iter().all(|e| e.xattrs == Some(vec![])),
+            "{:?}",
+            page.entries.first()
+        );
         assert_eq!(
             call(
                 &t.0,
                 FsRequest::ReadDir {
                     path: s("etc/shadow"),
-                    offset: 0
+                    offset: 0,
+                    xattrs: false,
                 }
             ),
             Err(libc::ENOTDIR)

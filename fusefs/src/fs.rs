@@ -80,6 +80,8 @@ struct Listings {
     pending: HashMap<String, PendingListing>,
     /// When a lookup in a directory last went to the agent.
     missed: HashMap<String, std::time::Instant>,
+    /// When an extended attribute probe in a directory last went to the agent.
+    xattr_missed: HashMap<String, std::time::Instant>,
 }
 
 /// Listings kept before expired ones are dropped (then all of them).
@@ -167,6 +169,28 @@ impl Inner {
             .map(|(attr, _)| *attr)
     }
 
+    /// Attributes of `ino` (at `path`) seen within the attribute TTL, from a lookup or from
+    /// its directory's listing.
+    fn known_attr(&self, ino: u64, path: &str) -> Option<Attr> {
+        self.recent(ino).or_else(|| {
+            let (dir, name) = parent_and_name(path)?;
+            self.listing(dir)?.get(name).copied()
+        })
+    }
+
+    /// Replies to `open`: the kernel keeps the file's cached pages if its mtime and size are
+    /// those of the previous open.
+    fn opened(&self, ino: u64, attr: &Attr, reply: ReplyOpen) {
+        self.remember(ino, attr);
+        let unchanged = self.inodes().reopened(ino, (attr.mtime, attr.size));
+        let flags = if unchanged {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(0), flags)
+    }
+
     fn forget_recent(&self, ino: u64) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.remove(&ino);
@@ -186,20 +210,32 @@ impl Inner {
     /// Whether a lookup in `dir` should fetch the whole listing: a read-only mount, and
     /// another lookup there already went to the agent within the attribute TTL.
     fn worth_listing(&self, dir: &str) -> bool {
+        self.repeated_miss(dir, |listings| &mut listings.missed)
+    }
+
+    /// Whether an extended attribute probe in `dir` should list the directory with every
+    /// entry's names, likewise (`ls -l` probes every file; one `getfattr` needs one answer).
+    fn worth_xattr_listing(&self, dir: &str) -> bool {
+        self.repeated_miss(dir, |listings| &mut listings.xattr_missed)
+    }
+
+    fn repeated_miss(
+        &self,
+        dir: &str,
+        misses: impl Fn(&mut Listings) -> &mut HashMap<String, std::time::Instant>,
+    ) -> bool {
         if self.options.writable {
             return false;
         }
         let now = std::time::Instant::now();
+        let ttl = self.options.attr_ttl;
         let mut listings = self.listings();
-        let repeated = listings
-            .missed
+        let misses = misses(&mut listings);
+        let repeated = misses
             .insert(dir.to_owned(), now)
-            .is_some_and(|last| now.duration_since(last) < self.options.attr_ttl);
-        if listings.missed.len() > MAX_LISTINGS {
-            let ttl = self.options.attr_ttl;
-            listings
-                .missed
-                .retain(|_, last| now.duration_since(*last) < ttl);
+            .is_some_and(|last| now.duration_since(last) < ttl);
+        if misses.len() > MAX_LISTINGS {
+            misses.retain(|_, last| now.duration_since(*last) < ttl);
         }
         repeated
     }
@@ -240,7 +276,7 @@ impl Inner {
             .clone();
         let result = pending
             .get_or_init(|| async {
-                let entries = self.list(dir).await?;
+                let entries = self.list(dir, false).await?;
                 Ok(self.store_listing(dir, entries))
             })
             .await
@@ -301,12 +337,24 @@ impl Inner {
     }
 
     /// The extended attribute names of `path` from its directory's listing within the
-    /// attribute TTL.
+    /// attribute TTL, if that listing carries them.
     fn xattr_names(&self, path: &str) -> Option<Vec<u8>> {
         let (dir, name) = parent_and_name(path)?;
         let listing = self.listing(dir)?;
         let &at = listing.by_name.get(name)?;
         listing.entries[at].xattrs.clone()
+    }
+
+    /// [`Inner::xattr_names`], listing the directory with them first when probes there
+    /// repeat.
+    async fn xattr_names_listed(&self, path: &str) -> Option<Vec<u8>> {
+        let (dir, _) = parent_and_name(path)?;
+        if self.worth_xattr_listing(dir) {
+            // Failing to list just means asking about the one file.
+            let entries = self.list(dir, true).await.ok()?;
+            self.store_listing(dir, entries);
+        }
+        self.xattr_names(path)
     }
 
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
@@ -366,13 +414,15 @@ impl Inner {
         );
     }
 
-    async fn list(&self, path: &str) -> Result<Vec<DirEntry>, Errno> {
+    /// The whole directory `path`, with each entry's extended attribute names if `xattrs`.
+    async fn list(&self, path: &str, xattrs: bool) -> Result<Vec<DirEntry>, Errno> {
         let mut entries = Vec::new();
         let mut offset = 0;
         loop {
             let request = FsRequest::ReadDir {
                 path: path.to_owned(),
                 offset,
+                xattrs,
             };
             let FsResponse::Dir(page) = self.call(request).await? else {
                 return Err(Errno::EIO);
@@ -550,7 +600,7 @@ impl fuser::Filesystem for RemoteFs {
             let mut listing = None;
             if inner.worth_listing(&dir) {
                 // Failing to list (no read permission, say) just means asking for the name.
-                if let Ok(entries) = inner.list(&dir).await {
+                if let Ok(entries) = inner.list(&dir, false).await {
                     listing = Some(inner.store_listing(&dir, entries));
                 }
             }
@@ -804,28 +854,17 @@ impl fuser::Filesystem for RemoteFs {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
         };
+        // Attributes from a lookup or a listing within the TTL: answered here, no round trip.
+        if let Some(attr) = self.inner.known_attr(ino.0, &path) {
+            return self.inner.opened(ino.0, &attr, reply);
+        }
         self.spawn(|inner| async move {
-            let attr = match inner.recent(ino.0) {
-                Some(attr) => Ok(attr),
-                None => {
-                    inner
-                        .attr_call(FsRequest::Stat {
-                            path,
-                            follow: false,
-                        })
-                        .await
-                }
+            let stat = FsRequest::Stat {
+                path,
+                follow: false,
             };
-            reply_or!(reply, attr, |attr| {
-                inner.remember(ino.0, &attr);
-                let unchanged = inner.inodes().reopened(ino.0, (attr.mtime, attr.size));
-                let flags = if unchanged {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(0), flags)
-            });
+            reply_or!(reply, inner.attr_call(stat).await, |attr| inner
+                .opened(ino.0, &attr, reply));
         });
     }
 
@@ -924,7 +963,7 @@ impl fuser::Filesystem for RemoteFs {
         if self.inner.options.writable {
             // Always the directory as it is now: a writer expects to see what it just did.
             return self.spawn(|inner| async move {
-                let listing = inner.list(&path).await.map(Listing::new);
+                let listing = inner.list(&path, false).await.map(Listing::new);
                 reply_or!(reply, listing, |listing| inner
                     .open_listing(Arc::new(listing), reply));
             });
@@ -1012,8 +1051,8 @@ impl fuser::Filesystem for RemoteFs {
                     let entry = &entries[(i - 2) as usize];
                     let path = join(&dir, &entry.name);
                     // Every entry the kernel receives counts as one lookup of it.
+                    // (No `remember`: the listing itself holds the attributes for `open`.)
                     let child = inodes.lookup(&path, &entry.attr);
-                    self.inner.remember(child, &entry.attr);
                     let attr = file_attr(child, &entry.attr);
                     let full = reply.add(
                         INodeNo(child),
@@ -1072,14 +1111,17 @@ impl fuser::Filesystem for RemoteFs {
         };
         let name = std::os::unix::ffi::OsStrExt::as_bytes(name).to_vec();
         if let Some(names) = self.inner.xattr_names(&path)
-            && !names
-                .split(|&b| b == 0)
-                .any(|listed| listed == name.as_slice())
+            && !lists(&names, &name)
         {
             // Known absent: `ls -l` probes two names per file, almost always absent.
             return reply.error(Errno::NO_XATTR);
         }
         self.spawn(|inner| async move {
+            if let Some(names) = inner.xattr_names_listed(&path).await
+                && !lists(&names, &name)
+            {
+                return reply.error(Errno::NO_XATTR);
+            }
             let request = FsRequest::GetXattr { path, name };
             reply_or!(reply, inner.data_call(request).await, |value| xattr_reply(
                 reply, size, &value
@@ -1096,6 +1138,9 @@ impl fuser::Filesystem for RemoteFs {
             return xattr_reply(reply, size, &names);
         }
         self.spawn(|inner| async move {
+            if let Some(names) = inner.xattr_names_listed(&path).await {
+                return xattr_reply(reply, size, &names);
+            }
             let request = FsRequest::ListXattr { path };
             reply_or!(reply, inner.data_call(request).await, |names| xattr_reply(
                 reply, size, &names
@@ -1163,6 +1208,11 @@ impl RemoteFs {
 }
 
 /// xattr replies: `size` 0 asks for the length only; a smaller buffer than needed is ERANGE.
+/// Whether the NUL-separated extended attribute `names` include `name`.
+fn lists(names: &[u8], name: &[u8]) -> bool {
+    names.split(|&b| b == 0).any(|listed| listed == name)
+}
+
 fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
     match u32::try_from(value.len()) {
         Ok(len) if size == 0 => reply.size(len),

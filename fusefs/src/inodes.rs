@@ -68,11 +68,12 @@ impl Default for Inodes {
 
 /// `parent`'s child `name`, in the pod's absolute form.
 pub fn join(parent: &str, name: &str) -> String {
-    if parent == "/" {
-        format!("/{name}")
-    } else {
-        format!("{parent}/{name}")
-    }
+    let parent = if parent == "/" { "" } else { parent };
+    let mut path = String::with_capacity(parent.len() + 1 + name.len());
+    path.push_str(parent);
+    path.push('/');
+    path.push_str(name);
+    path
 }
 
 /// The directory holding `path` and its last component; `None` for `/`.

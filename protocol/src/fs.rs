@@ -23,8 +23,13 @@ pub enum FsRequest {
     /// → [`FsResponse::Attr`]
     Stat { path: String, follow: bool },
     /// Entries of the directory `path` with their `lstat` attributes, without `.` and `..`,
-    /// starting at entry number `offset`. → [`FsResponse::Dir`]
-    ReadDir { path: String, offset: u64 },
+    /// starting at entry number `offset`; with each entry's extended attribute names when
+    /// `xattrs` (a syscall per entry, so only asked for when wanted). → [`FsResponse::Dir`]
+    ReadDir {
+        path: String,
+        offset: u64,
+        xattrs: bool,
+    },
     /// Up to `len` bytes (at most [`crate::frame::MAX_FILE_READ`]) from `offset`; fewer bytes
     /// mean end of file. → [`FsResponse::Data`]
     Read { path: String, offset: u64, len: u32 },
@@ -166,8 +171,8 @@ pub struct DirEntry {
     pub name: String,
     pub attr: Attr,
     /// The entry's own extended attribute names as `llistxattr` gives them (each
-    /// NUL-terminated), when they could be read and fit in [`MAX_DIR_XATTRS`]: with them a
-    /// client answers probes for absent names (`ls -l` makes two per file) itself.
+    /// NUL-terminated), when asked for, readable and no longer than [`MAX_DIR_XATTRS`]: with
+    /// them a client answers probes for absent names (`ls -l` makes two per file) itself.
     pub xattrs: Option<Vec<u8>>,
 }
 
@@ -231,6 +236,7 @@ mod tests {
             FsRequest::ReadDir {
                 path: "/".into(),
                 offset: 1024,
+                xattrs: true,
             },
             FsRequest::Read {
                 path: p(),

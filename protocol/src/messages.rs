@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use bincode::{Decode, Encode};
 
 /// Bumped on any incompatible change to the messages below; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Identifies one multiplexed stream on a connection. The CLI opens odd ids, the agent even ids
 /// (see [`crate::mux::Side`]), so both ends can open streams without agreeing first.
