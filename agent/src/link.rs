@@ -4,10 +4,11 @@
 //! stream plumbing.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bincode::{Decode, Encode};
-use mirrord_protocol::frame::{self, FrameDecoder, MAX_DATA_CHUNK};
+use mirrord_protocol::frame::{self, Bulk, FrameDecoder, MAX_DATA_CHUNK, PartialFrame};
 use mirrord_protocol::mux::{DataVerdict, Mux, Side};
 use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RemoteError, StreamFrame, StreamId, StreamTarget,
@@ -58,6 +59,8 @@ impl Outgoing for ClientMessage {
 pub struct FrameReader<R> {
     io: R,
     decoder: FrameDecoder,
+    /// A frame whose bulk is being received into a buffer of its own.
+    partial: Option<PartialFrame>,
 }
 
 /// Bytes asked of the socket at least, when no frame says how many are coming.
@@ -68,17 +71,40 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             io,
             decoder: FrameDecoder::new(),
+            partial: None,
         }
     }
 
-    /// The next message; `LinkError::Closed` at a clean end of stream. Cancel-safe: a message
-    /// is only taken out of the decoder once complete.
-    pub async fn next<M: Decode<()>>(&mut self) -> Result<M, LinkError> {
+    /// The next message; `LinkError::Closed` at a clean end of stream. Cancel-safe: every byte
+    /// read is kept in the reader until its message is complete.
+    pub async fn next<M: Decode<()> + Bulk>(&mut self) -> Result<M, LinkError> {
         loop {
+            if let Some(partial) = &mut self.partial {
+                let missing = partial.missing();
+                if missing == 0 {
+                    let Some(partial) = self.partial.take() else {
+                        continue;
+                    };
+                    return Ok(partial.finish()?);
+                }
+                // A bulk (a file read, say) lands in its own buffer, read once, never moved.
+                let n = (&mut self.io)
+                    .take(missing as u64)
+                    .read_buf(&mut partial.bulk)
+                    .await?;
+                if n == 0 {
+                    return Err(LinkError::Closed);
+                }
+                continue;
+            }
             if let Some(message) = self.decoder.next()? {
                 return Ok(message);
             }
-            // Straight into the decoder's buffer: a 1 MiB file read is copied once, not twice.
+            if let Some(partial) = self.decoder.split_off_bulk()? {
+                self.partial = Some(partial);
+                continue;
+            }
+            // Straight into the decoder's buffer, with no copy from a buffer of our own.
             let n = self.io.read_buf(self.decoder.spare(READ_CHUNK)).await?;
             if n == 0 {
                 return Err(LinkError::Closed);
@@ -88,25 +114,46 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Encodes and writes messages from `outgoing` until every sender is gone, batching whatever is
-/// queued into one write so small frames do not each cost a syscall.
-pub async fn write_loop<M: Encode, W: AsyncWrite + Unpin>(
+/// queued into one write so small frames do not each cost a syscall. A message's bulk is
+/// written from its own buffer, right after the batch that ends with its frame.
+pub async fn write_loop<M: Encode + Bulk, W: AsyncWrite + Unpin>(
     mut io: W,
     mut outgoing: mpsc::Receiver<M>,
 ) -> Result<(), LinkError> {
     let mut buf = Vec::with_capacity(WRITE_BATCH);
-    while let Some(message) = outgoing.recv().await {
+    while let Some(mut message) = outgoing.recv().await {
         buf.clear();
-        frame::encode(&message, &mut buf)?;
-        while buf.len() < WRITE_BATCH {
+        let mut bulk = frame::encode_with_bulk(&mut message, &mut buf)?;
+        while bulk.is_empty() && buf.len() < WRITE_BATCH {
             match outgoing.try_recv() {
-                Ok(message) => frame::encode(&message, &mut buf)?,
+                Ok(mut message) => bulk = frame::encode_with_bulk(&mut message, &mut buf)?,
                 Err(_) => break,
             }
         }
-        io.write_all(&buf).await?;
+        write_both(&mut io, &buf, &bulk).await?;
     }
     io.shutdown().await?;
     Ok(())
+}
+
+/// Writes `head` then `tail`, in one vectored write when the writer takes it.
+async fn write_both<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut head: &[u8],
+    mut tail: &[u8],
+) -> std::io::Result<()> {
+    while !head.is_empty() {
+        let n = io
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        tail = &tail[n - from_head..];
+    }
+    io.write_all(tail).await
 }
 
 /// A datagram socket a stream can carry: each direction one datagram per `Data` frame.

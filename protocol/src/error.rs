@@ -16,6 +16,8 @@ pub enum ProtocolError {
     Decode(String),
     #[error("a frame carried {extra} bytes after its message")]
     TrailingBytes { extra: usize },
+    #[error("a frame carried bulk bytes for a message that has no place for them")]
+    UnexpectedBulk,
     #[error("{0}")]
     Rejected(RejectReason),
     #[error("unexpected message: {0}")]

@@ -1,6 +1,9 @@
-//! Length-prefixed framing: each frame is a 4-byte big-endian payload length followed by one
-//! bincode-encoded message. The decoder checks every untrusted length before buffering or
-//! allocating for it and never panics on hostile bytes; it never reads or writes a socket.
+//! Length-prefixed framing: each frame is an 8-byte header (the big-endian lengths of the
+//! message and of its bulk), one bincode-encoded message, then the bulk: the bytes of the
+//! message's one large byte field (a file read, a stream chunk), sent apart so that neither side
+//! copies them into or out of the encoded message; the field itself is encoded empty. The
+//! decoder checks every untrusted length before buffering or allocating for it and never panics
+//! on hostile bytes; it never reads or writes a socket.
 
 use bincode::config::{Configuration, Limit, Varint};
 
@@ -13,7 +16,16 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// Most bytes one `ReadFile` may ask for, so the answer always fits in a frame.
 pub const MAX_FILE_READ: u32 = 1024 * 1024;
 
-const HEADER_LEN: usize = 4;
+const HEADER_LEN: usize = 8;
+
+/// Byte fields at least this long travel as a frame's bulk.
+pub const BULK_MIN: usize = 16 * 1024;
+
+/// A message with (in some variants) one large byte field that may travel as bulk.
+pub trait Bulk {
+    /// The field, in the variants that have one.
+    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>>;
+}
 
 /// The limit makes bincode refuse any length inside a frame that claims more than a frame could
 /// hold, so a hostile `Vec` length cannot make the decoder allocate gigabytes.
@@ -21,8 +33,38 @@ fn config() -> Configuration<bincode::config::LittleEndian, Varint, Limit<MAX_FR
     bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
 }
 
-/// Appends one frame (header and payload) to `out`. On error `out` is left as it was.
+/// Appends one frame (header and message, no bulk) to `out`. On error `out` is left as it was.
 pub fn encode<M: bincode::Encode>(msg: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    encode_frame(msg, 0, out)
+}
+
+/// Appends one frame to `out` and returns its bulk: the message's large byte field, taken out
+/// of it, which the caller must write right after `out` (empty when the message has none). On
+/// error `out` and the message are left as they were.
+pub fn encode_with_bulk<M: bincode::Encode + Bulk>(
+    msg: &mut M,
+    out: &mut Vec<u8>,
+) -> Result<Vec<u8>, ProtocolError> {
+    let bulk = match msg.bulk_mut() {
+        Some(field) if field.len() >= BULK_MIN => std::mem::take(field),
+        _ => return encode_frame(msg, 0, out).map(|()| Vec::new()),
+    };
+    match encode_frame(msg, bulk.len(), out) {
+        Ok(()) => Ok(bulk),
+        Err(error) => {
+            if let Some(field) = msg.bulk_mut() {
+                *field = bulk;
+            }
+            Err(error)
+        }
+    }
+}
+
+fn encode_frame<M: bincode::Encode>(
+    msg: &M,
+    bulk_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     let written = match bincode::encode_into_std_write(msg, out, config()) {
@@ -32,18 +74,64 @@ pub fn encode<M: bincode::Encode>(msg: &M, out: &mut Vec<u8>) -> Result<(), Prot
             return Err(ProtocolError::Encode(e.to_string()));
         }
     };
-    let len = match u32::try_from(written) {
-        Ok(len) if written <= MAX_FRAME_LEN => len,
-        _ => {
-            out.truncate(start);
-            return Err(ProtocolError::FrameTooLarge {
-                len: written,
-                max: MAX_FRAME_LEN,
-            });
-        }
-    };
-    out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    let total = written + bulk_len;
+    if total > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(ProtocolError::FrameTooLarge {
+            len: total,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    // Both fit in u32: each is at most MAX_FRAME_LEN.
+    out[start..start + 4].copy_from_slice(&(written as u32).to_be_bytes());
+    out[start + 4..start + HEADER_LEN].copy_from_slice(&(bulk_len as u32).to_be_bytes());
     Ok(())
+}
+
+/// A frame whose message is in but whose bulk is still arriving: the reader appends the rest
+/// of the bulk straight to [`PartialFrame::bulk`].
+#[derive(Debug)]
+pub struct PartialFrame {
+    message: Vec<u8>,
+    pub bulk: Vec<u8>,
+    bulk_len: usize,
+}
+
+impl PartialFrame {
+    /// Bulk bytes still to come.
+    pub fn missing(&self) -> usize {
+        self.bulk_len.saturating_sub(self.bulk.len())
+    }
+
+    /// The message, with its bulk in place; only once nothing is missing.
+    pub fn finish<M: bincode::Decode<()> + Bulk>(self) -> Result<M, ProtocolError> {
+        if self.bulk.len() != self.bulk_len {
+            return Err(ProtocolError::Decode("a frame's bulk is incomplete".into()));
+        }
+        decode_message(&self.message, self.bulk)
+    }
+}
+
+/// Decodes one whole message and puts `bulk` (if any) in its field, which must be there and
+/// have come empty.
+fn decode_message<M: bincode::Decode<()> + Bulk>(
+    payload: &[u8],
+    bulk: Vec<u8>,
+) -> Result<M, ProtocolError> {
+    let (mut msg, used) = bincode::decode_from_slice::<M, _>(payload, config())
+        .map_err(|e| ProtocolError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(ProtocolError::TrailingBytes {
+            extra: payload.len() - used,
+        });
+    }
+    if !bulk.is_empty() {
+        match msg.bulk_mut() {
+            Some(field) if field.is_empty() => *field = bulk,
+            _ => return Err(ProtocolError::UnexpectedBulk),
+        }
+    }
+    Ok(msg)
 }
 
 /// Reassembles frames from arbitrarily split bytes.
@@ -66,18 +154,15 @@ impl FrameDecoder {
     }
 
     /// The buffer to append received bytes to (a reader fills its spare capacity, so bytes
-    /// land here without a second copy), with room for the rest of the frame being received,
+    /// land here without a second copy), with room for the rest of the message being received,
     /// or for `min` bytes. The room is bounded by [`MAX_FRAME_LEN`]: an oversized header is
-    /// refused by [`FrameDecoder::next`] before anyone asks for room.
+    /// refused by [`FrameDecoder::next`] before anyone asks for room. No room is made for a
+    /// bulk: [`FrameDecoder::split_off_bulk`] gives it a buffer of its own.
     pub fn spare(&mut self, min: usize) -> &mut Vec<u8> {
         self.compact();
-        let pending = &self.buf[self.start..];
-        let missing = match pending.split_first_chunk::<HEADER_LEN>() {
-            Some((header, rest)) => {
-                let len = (u32::from_be_bytes(*header) as usize).min(MAX_FRAME_LEN);
-                len.saturating_sub(rest.len())
-            }
-            None => 0,
+        let missing = match self.header() {
+            Ok(Some((len, _))) => (HEADER_LEN + len).saturating_sub(self.buffered()),
+            _ => 0,
         };
         self.buf.reserve(missing.max(min));
         &mut self.buf
@@ -93,34 +178,61 @@ impl FrameDecoder {
         }
     }
 
-    /// Next complete message, `Ok(None)` when more bytes are needed. An oversized length is
-    /// rejected as soon as its 4-byte header is seen, before its payload is waited for. A frame
-    /// that fails to decode is consumed, but callers should treat any error as fatal for the
-    /// connection.
-    // Not an `Iterator`: the item type is chosen per call and errors are part of the result.
-    #[allow(clippy::should_implement_trait)]
-    pub fn next<M: bincode::Decode<()>>(&mut self) -> Result<Option<M>, ProtocolError> {
-        let pending = &self.buf[self.start..];
-        let Some((header, rest)) = pending.split_first_chunk::<HEADER_LEN>() else {
+    /// The next frame's (message, bulk) lengths once its header is in, checked.
+    fn header(&self) -> Result<Option<(usize, usize)>, ProtocolError> {
+        let Some(&[a, b, c, d, e, f, g, h]) = self.buf[self.start..].first_chunk::<HEADER_LEN>()
+        else {
             return Ok(None);
         };
-        let len = u32::from_be_bytes(*header) as usize;
-        if len > MAX_FRAME_LEN {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        let bulk = u32::from_be_bytes([e, f, g, h]) as usize;
+        if len.saturating_add(bulk) > MAX_FRAME_LEN {
             return Err(ProtocolError::FrameTooLarge {
-                len,
+                len: len.saturating_add(bulk),
                 max: MAX_FRAME_LEN,
             });
         }
-        let Some(payload) = rest.get(..len) else {
+        Ok(Some((len, bulk)))
+    }
+
+    /// Next complete message, `Ok(None)` when more bytes are needed. An oversized length is
+    /// rejected as soon as its header is seen, before its payload is waited for. A frame that
+    /// fails to decode is consumed, but callers should treat any error as fatal for the
+    /// connection.
+    // Not an `Iterator`: the item type is chosen per call and errors are part of the result.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next<M: bincode::Decode<()> + Bulk>(&mut self) -> Result<Option<M>, ProtocolError> {
+        let Some((len, bulk_len)) = self.header()? else {
             return Ok(None);
         };
-        let decoded = bincode::decode_from_slice::<M, _>(payload, config());
-        self.start += HEADER_LEN + len;
-        let (msg, used) = decoded.map_err(|e| ProtocolError::Decode(e.to_string()))?;
-        if used != len {
-            return Err(ProtocolError::TrailingBytes { extra: len - used });
+        let Some(frame) = self.buf[self.start + HEADER_LEN..].get(..len + bulk_len) else {
+            return Ok(None);
+        };
+        let (payload, bulk) = frame.split_at(len);
+        let decoded = decode_message(payload, bulk.to_vec());
+        self.start += HEADER_LEN + len + bulk_len;
+        decoded.map(Some)
+    }
+
+    /// When the next frame's message is in but not all of its bulk: the frame, taken out with
+    /// the part of the bulk that has come, for the reader to receive the rest into it directly.
+    pub fn split_off_bulk(&mut self) -> Result<Option<PartialFrame>, ProtocolError> {
+        let Some((len, bulk_len)) = self.header()? else {
+            return Ok(None);
+        };
+        let pending = &self.buf[self.start + HEADER_LEN..];
+        if bulk_len == 0 || pending.len() < len || pending.len() >= len + bulk_len {
+            return Ok(None);
         }
-        Ok(Some(msg))
+        let message = pending[..len].to_vec();
+        let mut bulk = Vec::with_capacity(bulk_len);
+        bulk.extend_from_slice(&pending[len..]);
+        self.start = self.buf.len();
+        Ok(Some(PartialFrame {
+            message,
+            bulk,
+            bulk_len,
+        }))
     }
 
     /// Bytes received but not yet returned as messages.
@@ -256,7 +368,7 @@ mod tests {
         out
     }
 
-    fn decode_all<M: bincode::Decode<()>>(dec: &mut FrameDecoder) -> Vec<M> {
+    fn decode_all<M: bincode::Decode<()> + Bulk>(dec: &mut FrameDecoder) -> Vec<M> {
         let mut got = Vec::new();
         while let Some(m) = dec.next::<M>().expect("valid frames decode") {
             got.push(m);
@@ -363,13 +475,18 @@ mod tests {
         );
     }
 
+    /// A frame header claiming `len` message bytes and `bulk` bulk bytes.
+    fn header(len: u32, bulk: u32) -> Vec<u8> {
+        [len.to_be_bytes(), bulk.to_be_bytes()].concat()
+    }
+
     #[test]
     fn oversized_length_rejected_from_the_header_alone() {
         let mut dec = FrameDecoder::new();
-        let len = (MAX_FRAME_LEN + 1) as u32;
-        dec.push(&len.to_be_bytes()[..3]);
+        let oversized = header((MAX_FRAME_LEN + 1) as u32, 0);
+        dec.push(&oversized[..7]);
         assert_eq!(dec.next::<ClientMessage>(), Ok(None));
-        dec.push(&len.to_be_bytes()[3..]);
+        dec.push(&oversized[7..]);
         assert_eq!(
             dec.next::<ClientMessage>(),
             Err(ProtocolError::FrameTooLarge {
@@ -380,12 +497,69 @@ mod tests {
         // Nothing beyond the header was needed to decide.
         assert_eq!(dec.buffered(), HEADER_LEN);
 
+        for (len, bulk) in [
+            (u32::MAX, 0),
+            (0, u32::MAX),
+            (u32::MAX, u32::MAX),
+            (1, MAX_FRAME_LEN as u32),
+        ] {
+            let mut dec = FrameDecoder::new();
+            dec.push(&header(len, bulk));
+            assert!(matches!(
+                dec.next::<AgentMessage>(),
+                Err(ProtocolError::FrameTooLarge { .. })
+            ));
+            assert!(dec.split_off_bulk().is_err());
+        }
+    }
+
+    #[test]
+    fn a_bulk_arriving_apart_is_received_into_its_own_buffer() {
+        let read = AgentMessage::Response {
+            id: 9,
+            response: Ok(Response::Fs(crate::fs::FsResponse::Data(
+                (0..MAX_FILE_READ).map(|i| i as u8).collect(),
+            ))),
+        };
+        let mut out = Vec::new();
+        let bulk = encode_with_bulk(&mut read.clone(), &mut out).unwrap();
+        assert_eq!(bulk.len(), MAX_FILE_READ as usize);
+        assert!(out.len() < 64, "the message is encoded without its bytes");
+        out.extend_from_slice(&bulk);
         let mut dec = FrameDecoder::new();
-        dec.push(&u32::MAX.to_be_bytes());
-        assert!(matches!(
+        // The message and the first bytes of the bulk, then the rest as a reader would add it.
+        dec.push(&out[..out.len() - bulk.len() + 1000]);
+        assert_eq!(dec.next::<AgentMessage>(), Ok(None));
+        let mut partial = dec.split_off_bulk().unwrap().expect("message is in");
+        assert_eq!(
+            (partial.bulk.len(), partial.missing()),
+            (1000, bulk.len() - 1000)
+        );
+        assert_eq!(dec.buffered(), 0);
+        partial.bulk.extend_from_slice(&bulk[1000..]);
+        assert_eq!(partial.finish::<AgentMessage>(), Ok(read));
+        // Small fields stay inside their message.
+        let mut out = Vec::new();
+        let mut ping = ClientMessage::Stream(StreamFrame::Data {
+            id: StreamId(1),
+            bytes: vec![1; 100],
+        });
+        assert_eq!(encode_with_bulk(&mut ping, &mut out), Ok(vec![]));
+        assert_eq!(&out[4..8], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_bulk_for_a_message_without_a_place_for_it_is_refused() {
+        let mut out = Vec::new();
+        encode(&AgentMessage::Ping { nonce: 1 }, &mut out).unwrap();
+        out[4..8].copy_from_slice(&3u32.to_be_bytes());
+        out.extend_from_slice(&[1, 2, 3]);
+        let mut dec = FrameDecoder::new();
+        dec.push(&out);
+        assert_eq!(
             dec.next::<AgentMessage>(),
-            Err(ProtocolError::FrameTooLarge { .. })
-        ));
+            Err(ProtocolError::UnexpectedBulk)
+        );
     }
 
     #[test]
@@ -430,7 +604,7 @@ mod tests {
             252, // varint: a u32 follows
         ];
         payload.extend_from_slice(&u32::MAX.to_le_bytes());
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        let mut frame = header(payload.len() as u32, 0);
         frame.extend_from_slice(&payload);
         let mut dec = FrameDecoder::new();
         dec.push(&frame);
@@ -443,13 +617,14 @@ mod tests {
     #[test]
     fn garbage_payload_is_a_decode_error() {
         let mut dec = FrameDecoder::new();
-        dec.push(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+        dec.push(&header(3, 0));
+        dec.push(&[0xff, 0xff, 0xff]);
         assert!(matches!(
             dec.next::<ClientMessage>(),
             Err(ProtocolError::Decode(_))
         ));
         // An empty frame holds no message.
-        dec.push(&[0, 0, 0, 0]);
+        dec.push(&header(0, 0));
         assert!(matches!(
             dec.next::<AgentMessage>(),
             Err(ProtocolError::Decode(_))

@@ -197,10 +197,30 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
+impl crate::frame::Bulk for FsRequest {
+    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            FsRequest::Write { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+}
+
+impl crate::frame::Bulk for FsResponse {
+    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            FsResponse::Data(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{FrameDecoder, MAX_FILE_READ, MAX_FRAME_LEN, encode};
+    use crate::frame::{
+        Bulk, FrameDecoder, MAX_FILE_READ, MAX_FRAME_LEN, encode, encode_with_bulk,
+    };
     use crate::messages::{AgentMessage, ClientMessage, Request, Response};
 
     fn attr(kind: FileKind) -> Attr {
@@ -338,11 +358,19 @@ mod tests {
         out
     }
 
-    fn round_trip<M: bincode::Encode + bincode::Decode<()> + PartialEq + std::fmt::Debug>(msg: M) {
+    /// In a frame of its own, then with its bulk (if any) apart.
+    fn round_trip<M>(msg: M)
+    where
+        M: bincode::Encode + bincode::Decode<()> + Bulk + Clone + PartialEq + std::fmt::Debug,
+    {
         let mut out = Vec::new();
         assert_eq!(encode(&msg, &mut out), Ok(()), "{msg:?}");
+        let mut split = msg.clone();
+        let bulk = encode_with_bulk(&mut split, &mut out).expect("encodes");
+        out.extend_from_slice(&bulk);
         let mut dec = FrameDecoder::new();
         dec.push(&out);
+        assert_eq!(dec.next::<M>(), Ok(Some(msg.clone())));
         assert_eq!(dec.next::<M>(), Ok(Some(msg)));
         assert_eq!(dec.buffered(), 0);
     }

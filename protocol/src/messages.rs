@@ -31,6 +31,36 @@ pub enum ClientMessage {
     Stream(StreamFrame),
 }
 
+impl crate::frame::Bulk for ClientMessage {
+    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            ClientMessage::Request {
+                request: Request::Fs(request),
+                ..
+            } => request.bulk_mut(),
+            ClientMessage::Stream(StreamFrame::Data { bytes, .. }) => Some(bytes),
+            _ => None,
+        }
+    }
+}
+
+impl crate::frame::Bulk for AgentMessage {
+    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            AgentMessage::Response {
+                response: Ok(Response::FileData(bytes)),
+                ..
+            } => Some(bytes),
+            AgentMessage::Response {
+                response: Ok(Response::Fs(response)),
+                ..
+            } => response.bulk_mut(),
+            AgentMessage::Stream(StreamFrame::Data { bytes, .. }) => Some(bytes),
+            _ => None,
+        }
+    }
+}
+
 /// Agent → CLI.
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub enum AgentMessage {
