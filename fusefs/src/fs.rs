@@ -597,13 +597,12 @@ impl fuser::Filesystem for RemoteFs {
             };
         }
         self.spawn(|inner| async move {
-            let mut listing = None;
-            if inner.worth_listing(&dir) {
-                // Failing to list (no read permission, say) just means asking for the name.
-                if let Ok(entries) = inner.list(&dir, false).await {
-                    listing = Some(inner.store_listing(&dir, entries));
-                }
-            }
+            // Failing to list (no read permission, say) just means asking for the name.
+            let listing = if inner.worth_listing(&dir) {
+                inner.shared_listing(&dir).await.ok()
+            } else {
+                None
+            };
             if let Some(listing) = listing {
                 return match listing.get(&name) {
                     Some(attr) => inner.entry(&path, attr, reply),
