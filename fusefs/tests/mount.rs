@@ -320,8 +320,9 @@ fn read_only_mount_shows_the_pod_and_refuses_writes() {
 fn tree_walks_list_ahead_and_listings_last_one_ttl() {
     in_private_mount_namespace("tree_walks_list_ahead_and_listings_last_one_ttl", || {
         let scene = Scene::new("walk");
-        // Long enough that nothing listed during the walk expires before it is used.
-        let ttl = Duration::from_secs(3);
+        // Long enough that nothing listed during the walk expires before it is used, even on
+        // a loaded machine.
+        let ttl = Duration::from_secs(5);
         let (runtime, mounted, listed) = mount_scene_with(&scene, false, ttl);
         let m = mounted.mountpoint().to_owned();
         let count = |path: &str| listed.lock().unwrap().iter().filter(|p| *p == path).count();
@@ -329,14 +330,23 @@ fn tree_walks_list_ahead_and_listings_last_one_ttl() {
         // The walk starts at the first directory in the listing's own order (`ls -f`).
         let first = ok(&m, "ls -f $M/tree | grep '^d' | head -n 1");
         ok(&m, &format!("ls $M/tree/{}", first.trim()));
-        std::thread::sleep(Duration::from_millis(300));
         let opened = format!("/tree/{}", first.trim());
-        let ahead = listed
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|p| p.starts_with("/tree/d") && **p != opened)
-            .count();
+        let ahead = || {
+            listed
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.starts_with("/tree/d") && **p != opened)
+                .count()
+        };
+        // The listings ahead are asked for in the background: wait until they have been.
+        for _ in 0..100 {
+            if ahead() >= 8 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ahead = ahead();
         assert_eq!(ahead, 8, "listed: {:?}", listed.lock().unwrap());
 
         assert_eq!(
