@@ -65,8 +65,12 @@ impl Listing {
         Listing { entries, by_name }
     }
 
+    fn entry(&self, name: &str) -> Option<&DirEntry> {
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
     fn get(&self, name: &str) -> Option<&Attr> {
-        self.by_name.get(name).map(|&i| &self.entries[i].attr)
+        self.entry(name).map(|entry| &entry.attr)
     }
 }
 
@@ -172,10 +176,14 @@ impl Inner {
     /// Attributes of `ino` (at `path`) seen within the attribute TTL, from a lookup or from
     /// its directory's listing.
     fn known_attr(&self, ino: u64, path: &str) -> Option<Attr> {
-        self.recent(ino).or_else(|| {
-            let (dir, name) = parent_and_name(path)?;
-            self.listing(dir)?.get(name).copied()
-        })
+        self.recent(ino)
+            .or_else(|| self.listed(path, |entry| Some(entry.attr)))
+    }
+
+    /// `f` of `path`'s entry in its directory's listing within the attribute TTL.
+    fn listed<T>(&self, path: &str, f: impl FnOnce(&DirEntry) -> Option<T>) -> Option<T> {
+        let (dir, name) = parent_and_name(path)?;
+        f(self.listing(dir)?.entry(name)?)
     }
 
     /// Replies to `open`: the kernel keeps the file's cached pages if its mtime and size are
@@ -313,14 +321,8 @@ impl Inner {
             .take(WALK_AHEAD)
             .map(|entry| join(parent, &entry.name));
         for sibling in siblings {
-            let known = {
-                let listings = self.listings();
-                listings.pending.contains_key(&sibling)
-                    || listings
-                        .fetched
-                        .get(&sibling)
-                        .is_some_and(|(_, at)| at.elapsed() < self.options.attr_ttl)
-            };
+            let known =
+                self.listing(&sibling).is_some() || self.listings().pending.contains_key(&sibling);
             if !known {
                 let inner = self.clone();
                 // A failure here is the walk's to see when it opens the directory itself.
@@ -339,15 +341,15 @@ impl Inner {
     /// The extended attribute names of `path` from its directory's listing within the
     /// attribute TTL, if that listing carries them.
     fn xattr_names(&self, path: &str) -> Option<Vec<u8>> {
-        let (dir, name) = parent_and_name(path)?;
-        let listing = self.listing(dir)?;
-        let &at = listing.by_name.get(name)?;
-        listing.entries[at].xattrs.clone()
+        self.listed(path, |entry| entry.xattrs.clone())
     }
 
-    /// [`Inner::xattr_names`], listing the directory with them first when probes there
-    /// repeat.
+    /// [`Inner::xattr_names`], listing the directory with them first when they are not known
+    /// and probes there repeat.
     async fn xattr_names_listed(&self, path: &str) -> Option<Vec<u8>> {
+        if let Some(names) = self.xattr_names(path) {
+            return Some(names);
+        }
         let (dir, _) = parent_and_name(path)?;
         if self.worth_xattr_listing(dir) {
             // Failing to list just means asking about the one file.
@@ -398,6 +400,15 @@ impl Inner {
         match self.call(request).await? {
             FsResponse::Done => Ok(()),
             _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Replies to the lookup of `name` (at `path`) from its directory's `listing`: the entry,
+    /// or ENOENT when the listing does not have it.
+    fn entry_from(&self, listing: &Listing, path: &str, name: &str, reply: ReplyEntry) {
+        match listing.get(name) {
+            Some(attr) => self.entry(path, attr, reply),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
@@ -591,10 +602,7 @@ impl fuser::Filesystem for RemoteFs {
         let path = join(&dir, &name);
         // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
         if let Some(listing) = self.inner.listing(&dir) {
-            return match listing.get(&name) {
-                Some(attr) => self.inner.entry(&path, attr, reply),
-                None => reply.error(Errno::ENOENT),
-            };
+            return self.inner.entry_from(&listing, &path, &name, reply);
         }
         self.spawn(|inner| async move {
             // Failing to list (no read permission, say) just means asking for the name.
@@ -604,10 +612,7 @@ impl fuser::Filesystem for RemoteFs {
                 None
             };
             if let Some(listing) = listing {
-                return match listing.get(&name) {
-                    Some(attr) => inner.entry(&path, attr, reply),
-                    None => reply.error(Errno::ENOENT),
-                };
+                return inner.entry_from(&listing, &path, &name, reply);
             }
             let stat = FsRequest::Stat {
                 path: path.clone(),
@@ -1206,12 +1211,12 @@ impl RemoteFs {
     }
 }
 
-/// xattr replies: `size` 0 asks for the length only; a smaller buffer than needed is ERANGE.
 /// Whether the NUL-separated extended attribute `names` include `name`.
 fn lists(names: &[u8], name: &[u8]) -> bool {
     names.split(|&b| b == 0).any(|listed| listed == name)
 }
 
+/// xattr replies: `size` 0 asks for the length only; a smaller buffer than needed is ERANGE.
 fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
     match u32::try_from(value.len()) {
         Ok(len) if size == 0 => reply.size(len),
