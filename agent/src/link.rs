@@ -79,23 +79,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// read is kept in the reader until its message is complete.
     pub async fn next<M: Decode<()> + Bulk>(&mut self) -> Result<M, LinkError> {
         loop {
-            if let Some(partial) = &mut self.partial {
-                let missing = partial.missing();
-                if missing == 0 {
-                    let Some(partial) = self.partial.take() else {
-                        continue;
-                    };
-                    return Ok(partial.finish()?);
-                }
+            if let Some(partial) = &mut self.partial
+                && partial.missing() > 0
+            {
                 // A bulk (a file read, say) lands in its own buffer, read once, never moved.
                 let n = (&mut self.io)
-                    .take(missing as u64)
+                    .take(partial.missing() as u64)
                     .read_buf(&mut partial.bulk)
                     .await?;
                 if n == 0 {
                     return Err(LinkError::Closed);
                 }
                 continue;
+            }
+            if let Some(partial) = self.partial.take() {
+                return Ok(partial.finish()?);
             }
             if let Some(message) = self.decoder.next()? {
                 return Ok(message);

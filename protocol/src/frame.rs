@@ -9,7 +9,7 @@ use bincode::config::{Configuration, Limit, Varint};
 
 use crate::error::ProtocolError;
 
-/// Most payload bytes in one frame (the 4-byte header excluded).
+/// Most bytes in one frame, message and bulk together (the 8-byte header excluded).
 pub const MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
 /// Most bytes in one `StreamFrame::Data`, so one busy stream cannot hog the connection.
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
