@@ -5,6 +5,7 @@
 
 pub mod confine;
 pub mod dns;
+pub mod endpoint;
 pub mod files;
 pub mod fs;
 pub mod link;

@@ -1,13 +1,13 @@
 //! `mirrord-agent`: parses arguments and runs the agent library.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use mirrord_agent::endpoint::Endpoint;
 use mirrord_agent::report::one_line;
 use mirrord_agent::{netns, server, target::Target};
 
@@ -16,10 +16,11 @@ use mirrord_agent::{netns, server, target::Target};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Address to accept sessions on. Port 0 picks a free port; the chosen address is printed
-    /// as `listening on ADDR` on stdout.
+    /// Address to accept sessions on: HOST:PORT, unix:PATH, or unix:@NAME for an abstract Unix
+    /// socket. Port 0 picks a free port; the address is printed as `listening on ADDR` on
+    /// stdout once the agent accepts sessions.
     #[arg(long, default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    listen: Endpoint,
     /// Serve this process's namespaces (network, UTS), root and environment instead of the
     /// agent's own.
     #[arg(long)]
@@ -71,18 +72,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::open(args.target_pid)?;
     // Bound here, on the main thread, which stays in the agent's own network namespace: the
     // CLI reaches the agent there, while the runtime's threads live in the target's.
-    let listener = std::net::TcpListener::bind(args.listen)
+    let listener = args
+        .listen
+        .bind()
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    listener.set_nonblocking(true)?;
-    let address = listener.local_addr()?;
     let runtime = netns::runtime_in(&target)?;
     let config = server::Config {
         token,
         idle_ttl: Duration::from_secs(args.idle_ttl),
     };
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        println!("listening on {address}");
+        let listener = listener.into_async()?;
+        println!("listening on {}", listener.endpoint());
         // Run on a worker thread: the block_on thread itself never joined the namespace.
         tokio::spawn(server::run(listener, config, target)).await?
     })?;

@@ -15,12 +15,13 @@ use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RemoteError, Request, Response, StreamFrame,
     StreamTarget, TargetInfo,
 };
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
 use crate::dns::DnsResolver;
+use crate::endpoint::{Listener, ReadHalf, WriteHalf};
 use crate::files;
 use crate::link::{FrameReader, LinkError, Streams, write_loop};
 use crate::target::Target;
@@ -69,7 +70,7 @@ struct Agent {
 ///
 /// Every socket the sessions open is created on the calling runtime's threads, so running this
 /// on a runtime that joined the target's network namespace puts all of them in the pod.
-pub async fn run(listener: TcpListener, config: Config, target: Target) -> std::io::Result<()> {
+pub async fn run(listener: Listener, config: Config, target: Target) -> std::io::Result<()> {
     let agent = Arc::new(Agent {
         config,
         target,
@@ -82,12 +83,12 @@ pub async fn run(listener: TcpListener, config: Config, target: Target) -> std::
         let idle_deadline = idle_since.map(|since| since + agent.config.idle_ttl);
         tokio::select! {
             accepted = listener.accept() => {
-                let (socket, peer) = accepted?;
+                let (read_half, write_half, peer) = accepted?;
                 active.fetch_add(1, Ordering::SeqCst);
                 idle_since = None;
                 let (agent, active, session_ended) = (agent.clone(), active.clone(), session_ended.clone());
                 tokio::spawn(async move {
-                    match serve(socket, &agent).await {
+                    match serve(read_half, write_half, &agent).await {
                         Ok(()) => info!(%peer, "session ended"),
                         Err(error) => warn!(%peer, "session ended: {error}"),
                     }
@@ -108,9 +109,11 @@ pub async fn run(listener: TcpListener, config: Config, target: Target) -> std::
     }
 }
 
-async fn serve(socket: TcpStream, agent: &Arc<Agent>) -> Result<(), SessionError> {
-    socket.set_nodelay(true).map_err(LinkError::from)?;
-    let (read_half, mut write_half) = socket.into_split();
+async fn serve(
+    read_half: ReadHalf,
+    mut write_half: WriteHalf,
+    agent: &Arc<Agent>,
+) -> Result<(), SessionError> {
     let mut reader = FrameReader::new(read_half);
 
     let hello: ClientMessage = timeout(HANDSHAKE_TIMEOUT, reader.next())
@@ -151,7 +154,7 @@ async fn serve(socket: TcpStream, agent: &Arc<Agent>) -> Result<(), SessionError
 }
 
 async fn session_loop(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<ReadHalf>,
     agent: &Arc<Agent>,
     out_tx: &mpsc::Sender<AgentMessage>,
     streams: &Arc<Streams<AgentMessage>>,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use mirrord_agent::endpoint::{Endpoint, ReadHalf};
 use mirrord_agent::link::{
     Datagrams, FrameReader, LinkError, OpenError, StreamRx, Streams, write_loop,
 };
@@ -18,8 +19,6 @@ use mirrord_protocol::{
     StreamTarget, TargetInfo,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout};
 
@@ -74,13 +73,14 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to `addr` and completes the handshake, within [`CONNECT_TIMEOUT`].
-    pub async fn connect(addr: &str, token: &[u8]) -> Result<AgentClient, ClientError> {
+    /// Connects to `endpoint` and completes the handshake, within [`CONNECT_TIMEOUT`].
+    pub async fn connect(endpoint: &Endpoint, token: &[u8]) -> Result<AgentClient, ClientError> {
+        let addr = &endpoint.to_string();
         let no_answer = || ClientError::NoAnswer {
             addr: addr.to_owned(),
         };
-        let socket = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(socket)) => socket,
+        let (read_half, write_half) = match timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            Ok(Ok(halves)) => halves,
             Ok(Err(source)) => {
                 return Err(ClientError::Unreachable {
                     addr: addr.to_owned(),
@@ -89,8 +89,6 @@ impl AgentClient {
             }
             Err(_) => return Err(no_answer()),
         };
-        socket.set_nodelay(true).ok();
-        let (read_half, write_half) = socket.into_split();
         let mut reader = FrameReader::new(read_half);
         let (out_tx, out_rx) = mpsc::channel(1024);
         tokio::spawn(async move {
@@ -239,7 +237,7 @@ struct Session {
 /// Dispatches the agent's messages until the connection ends; then every pending request
 /// fails with `Lost` (its sender is dropped) and every stream is reset.
 async fn read_loop(
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<ReadHalf>,
     out_tx: mpsc::Sender<ClientMessage>,
     session: Session,
 ) {

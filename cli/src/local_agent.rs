@@ -1,5 +1,6 @@
 //! Starts a `mirrord-agent` on this machine for a `pid/` or `targetless` target, with a fresh
-//! random token, and stops it when the session ends. It never leaves an agent behind: the agent
+//! random token, listening on an abstract Unix socket of a random name (no file to leave
+//! behind, and less CPU per byte than loopback TCP), and stops it when the session ends. It never leaves an agent behind: the agent
 //! is killed on every exit path, and by the kernel if this process dies.
 
 use std::ffi::OsString;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use mirrord_agent::endpoint::Endpoint;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -30,13 +32,13 @@ pub enum LocalAgentError {
     Failed(String),
     #[error("the agent did not start within {START_TIMEOUT:?}")]
     Timeout,
-    #[error("cannot make a session token: {0}")]
+    #[error("cannot make a session token or socket name: {0}")]
     Token(getrandom::Error),
 }
 
 pub struct LocalAgent {
     child: Child,
-    pub addr: String,
+    pub addr: Endpoint,
     pub token: Vec<u8>,
 }
 
@@ -52,14 +54,11 @@ fn agent_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("mirrord-agent"))
 }
 
-fn fresh_token() -> Result<Vec<u8>, LocalAgentError> {
-    let mut bytes = [0u8; 32];
+/// `N` random bytes in hex.
+fn random_hex<const N: usize>() -> Result<String, LocalAgentError> {
+    let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(LocalAgentError::Token)?;
-    Ok(bytes
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<String>()
-        .into_bytes())
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 impl LocalAgent {
@@ -68,7 +67,7 @@ impl LocalAgent {
     pub async fn start(target: &Target, idle_ttl: u64) -> Result<LocalAgent, LocalAgentError> {
         let mut args: Vec<OsString> = vec![
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            format!("unix:@mirrord-agent-{}", random_hex::<8>()?).into(),
             "--idle-ttl".into(),
             idle_ttl.to_string().into(),
         ];
@@ -82,7 +81,7 @@ impl LocalAgent {
             }
             args.extend(["--target-pid".into(), pid.to_string().into()]);
         }
-        let token = fresh_token()?;
+        let token = random_hex::<32>()?.into_bytes();
         let path = agent_path();
         let mut command = Command::new(&path);
         command
@@ -125,7 +124,7 @@ impl LocalAgent {
                 tokio::select! {
                     line = stdout.next_line() => match line {
                         Ok(Some(line)) => if let Some(addr) = line.strip_prefix("listening on ") {
-                            return Ok(addr.trim().to_owned());
+                            return addr.trim().parse::<Endpoint>().map_err(|error| LocalAgentError::Failed(error.to_string()));
                         },
                         // Stdout closed before the address: the agent is exiting.
                         _ => break,

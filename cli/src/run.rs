@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use mirrord_agent::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_tunnel::rules::OutgoingFilter;
 
@@ -40,7 +41,7 @@ const LOCAL_AGENT_TTL: u64 = 60;
 /// How a session reaches its agent.
 enum AgentSource {
     Local { target: Target, idle_ttl: u64 },
-    Remote { addr: String, token: Vec<u8> },
+    Remote { addr: Endpoint, token: Vec<u8> },
 }
 
 /// A connected session: the agent we may have started, and the client talking to it.
@@ -162,8 +163,11 @@ fn agent_source(args: &SessionArgs, config: &Config) -> anyhow::Result<AgentSour
                 "--agent-addr needs the agent's token: pass --agent-token or set MIRRORD_AGENT_TOKEN"
             );
         };
+        let addr = addr
+            .parse()
+            .map_err(|error| anyhow::anyhow!("--agent-addr: {error}"))?;
         return Ok(AgentSource::Remote {
-            addr: addr.clone(),
+            addr,
             token: token.trim().as_bytes().to_vec(),
         });
     }
@@ -585,5 +589,15 @@ mod tests {
         };
         let error = agent_source(&args, &Config::default()).err().unwrap();
         assert!(error.to_string().contains("--agent-token"));
+        let args = SessionArgs {
+            agent_addr: Some("agent.example".into()),
+            agent_token: Some("t".into()),
+            ..SessionArgs::default()
+        };
+        let error = agent_source(&args, &Config::default()).err().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "--agent-addr: `agent.example` is not an address: use HOST:PORT, unix:PATH or unix:@NAME"
+        );
     }
 }

@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
@@ -306,7 +305,8 @@ impl Drop for Scene {
 /// A `mirrord-agent` started by hand (as a user would for `--agent-addr`), killed on drop.
 pub struct HandStartedAgent {
     child: Child,
-    addr: SocketAddr,
+    /// As the agent printed it: `HOST:PORT` or `unix:…`.
+    addr: String,
     stderr: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -345,7 +345,7 @@ impl HandStartedAgent {
             .map(|stdout| first_line(stdout, timeout));
         let mut agent = HandStartedAgent {
             child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            addr: String::new(),
             stderr,
         };
         let line = match line {
@@ -358,9 +358,9 @@ impl HandStartedAgent {
                 });
             }
         };
-        match line.trim().strip_prefix("listening on ").map(str::parse) {
-            Some(Ok(addr)) => {
-                agent.addr = addr;
+        match line.trim().strip_prefix("listening on ") {
+            Some(addr) if !addr.is_empty() => {
+                agent.addr = addr.to_owned();
                 Ok(agent)
             }
             _ => Err(FixtureError::NotReady {
@@ -371,8 +371,8 @@ impl HandStartedAgent {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     pub fn pid(&self) -> u32 {

@@ -975,13 +975,26 @@ fn hand_started_agent_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result
     // The agent reads its token from a file, mirrord from the environment.
     let token_file = scene.temp_dir().join("agent-token");
     std::fs::write(&token_file, "hand-token\n")?;
-    let mut cmd = scene.agent()?;
-    cmd.args(["--target-pid", &pod.pid().to_string(), "--token-file"])
-        .arg(&token_file);
-    let agent = HandStartedAgent::start(cmd, SHORT)?;
+    // It listens on a Unix socket file; one left by a killed agent is replaced.
+    let socket = scene.temp_dir().join("agent.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket)?);
+    let listen = format!("unix:{}", socket.display());
+    let agent_cmd = || -> Result<_, Failed> {
+        let mut cmd = scene.agent()?;
+        cmd.args(["--target-pid", &pod.pid().to_string(), "--token-file"])
+            .arg(&token_file)
+            .args(["--listen", &listen]);
+        Ok(cmd)
+    };
+    let agent = HandStartedAgent::start(agent_cmd()?, SHORT)?;
+    ensure!(
+        agent.addr() == listen,
+        "the agent listens on {}",
+        agent.addr()
+    );
 
     let mut cmd = scene.mirrord()?;
-    cmd.args(["exec", "--agent-addr", &agent.addr().to_string(), "--"])
+    cmd.args(["exec", "--agent-addr", agent.addr(), "--"])
         .args(["sh", "-c", "hostname; printenv POD_VAR"])
         .env("MIRRORD_AGENT_TOKEN", "hand-token");
     let out = cmd.run(RUN)?;
@@ -990,6 +1003,17 @@ fn hand_started_agent_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result
         "via --agent-addr: {}\nagent stderr: {}",
         out.describe(),
         agent.stderr()
+    );
+
+    // A second agent on the live socket refuses in one line instead of stealing it.
+    let out = agent_cmd()?.run(SHORT)?;
+    ensure!(
+        out.code == 1
+            && out.stderr.trim_end().lines().count() == 1
+            && out.stderr.contains(&format!("cannot listen on {listen}"))
+            && out.stderr.contains("in use"),
+        "a second agent on {listen}: {}",
+        out.describe()
     );
     Ok(())
 }
@@ -1102,7 +1126,7 @@ fn rootless_user_via_agent_addr(scene: &Scene, cluster: &Cluster) -> Result<(), 
     cmd.args([
         "exec",
         "--agent-addr",
-        &agent.addr().to_string(),
+        agent.addr(),
         "--agent-token",
         "rootless-token",
         "--",

@@ -89,7 +89,7 @@ pub fn agent_death_mid_session_is_reported(scene: &Scene, cluster: &Cluster) -> 
     let pod = standard_pod(cluster)?;
     let agent = start_agent(scene, &pod, TOKEN)?;
     let mut cmd = scene.mirrord()?;
-    cmd.args(["exec", "--agent-addr", &agent.addr().to_string(), "--"])
+    cmd.args(["exec", "--agent-addr", agent.addr(), "--"])
         .args(["sh", "-c", "echo started; sleep 2; echo \"done $POD_VAR\""])
         .env("MIRRORD_AGENT_TOKEN", TOKEN)
         .stderr(Stdio::piped());
@@ -177,7 +177,7 @@ pub fn agent_survives_garbage_and_honours_idle_ttl(
     cmd.args([
         "exec",
         "--agent-addr",
-        &agent.addr().to_string(),
+        agent.addr(),
         "--",
         "printenv",
         "POD_VAR",
@@ -213,7 +213,7 @@ pub fn agent_reads_pod_files(scene: &Scene, cluster: &Cluster) -> Result<(), Fai
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let client = AgentClient::connect(&agent.addr().to_string(), TOKEN.as_bytes()).await?;
+        let client = AgentClient::connect(&agent.addr().parse()?, TOKEN.as_bytes()).await?;
         let read = |path: String| {
             let client = &client;
             async move {

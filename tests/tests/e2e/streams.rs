@@ -39,7 +39,7 @@ pub fn agent_streams_reach_the_cluster_through_the_pod(
         .build()?;
     let outcome = runtime.block_on(async {
         let client =
-            Arc::new(AgentClient::connect(&agent.addr().to_string(), TOKEN.as_bytes()).await?);
+            Arc::new(AgentClient::connect(&agent.addr().parse()?, TOKEN.as_bytes()).await?);
 
         let body = http_get(&client, server.addr(), "/big.bin").await?;
         if body != big {

@@ -1,0 +1,284 @@
+//! Where a session's connection runs: TCP (`HOST:PORT`), or a Unix stream socket
+//! (`unix:PATH`, or `unix:@NAME` for an abstract one, which leaves no file behind). A local
+//! agent is reached over an abstract Unix socket: without TCP's segments and acknowledgements,
+//! a file read costs the agent a third less CPU than over loopback TCP.
+
+use std::fmt;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::SocketAddr as UnixAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// The reading half of a connection, whatever carries it.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a connection, whatever carries it.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    UnixPath(PathBuf),
+    UnixAbstract(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not an address: use HOST:PORT, unix:PATH or unix:@NAME")]
+pub struct BadEndpoint(String);
+
+impl FromStr for Endpoint {
+    type Err = BadEndpoint;
+
+    fn from_str(text: &str) -> Result<Endpoint, BadEndpoint> {
+        let bad = || BadEndpoint(text.to_owned());
+        match text.strip_prefix("unix:") {
+            Some(rest) => match rest.strip_prefix('@') {
+                Some("") => Err(bad()),
+                Some(name) => Ok(Endpoint::UnixAbstract(name.to_owned())),
+                None if rest.is_empty() => Err(bad()),
+                None => Ok(Endpoint::UnixPath(PathBuf::from(rest))),
+            },
+            None if text
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()) =>
+            {
+                Ok(Endpoint::Tcp(text.to_owned()))
+            }
+            None => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => f.write_str(addr),
+            Endpoint::UnixPath(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::UnixAbstract(name) => write!(f, "unix:@{name}"),
+        }
+    }
+}
+
+impl Endpoint {
+    fn unix_addr(&self) -> std::io::Result<Option<UnixAddr>> {
+        match self {
+            Endpoint::Tcp(_) => Ok(None),
+            Endpoint::UnixPath(path) => UnixAddr::from_pathname(path).map(Some),
+            Endpoint::UnixAbstract(name) => UnixAddr::from_abstract_name(name).map(Some),
+        }
+    }
+
+    /// Opens a connection, split into its halves.
+    pub async fn connect(&self) -> std::io::Result<(ReadHalf, WriteHalf)> {
+        match self.unix_addr()? {
+            None => {
+                let Endpoint::Tcp(addr) = self else {
+                    unreachable!("only TCP endpoints have no Unix address")
+                };
+                Ok(split_tcp(TcpStream::connect(addr).await?))
+            }
+            Some(addr) => {
+                // A Unix connect completes at once (or fails): nothing to wait for.
+                let socket = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+                socket.set_nonblocking(true)?;
+                Ok(split_unix(UnixStream::from_std(socket)?))
+            }
+        }
+    }
+
+    /// Binds a listener without a runtime, so the caller chooses the thread (and with it the
+    /// network namespace) it binds in. Port 0 picks a free port.
+    pub fn bind(&self) -> std::io::Result<BoundListener> {
+        match self.unix_addr()? {
+            None => {
+                let listener = std::net::TcpListener::bind(self.to_string())?;
+                listener.set_nonblocking(true)?;
+                let shown = Endpoint::Tcp(listener.local_addr()?.to_string());
+                Ok(BoundListener {
+                    socket: BoundSocket::Tcp(listener),
+                    endpoint: shown,
+                })
+            }
+            Some(addr) => {
+                let listener = bind_unix(self, &addr)?;
+                listener.set_nonblocking(true)?;
+                Ok(BoundListener {
+                    socket: BoundSocket::Unix(listener),
+                    endpoint: self.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// Binds `addr`, replacing a socket file that nobody listens on any more (left by an agent that
+/// was killed); a live one is left alone and the bind fails with "address in use".
+fn bind_unix(
+    endpoint: &Endpoint,
+    addr: &UnixAddr,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
+    match StdListener::bind_addr(addr) {
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            let Endpoint::UnixPath(path) = endpoint else {
+                return Err(error);
+            };
+            match StdStream::connect_addr(addr) {
+                Err(refused) if refused.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?;
+                    StdListener::bind_addr(addr)
+                }
+                _ => Err(error),
+            }
+        }
+        bound => bound,
+    }
+}
+
+fn split_tcp(socket: TcpStream) -> (ReadHalf, WriteHalf) {
+    // Small frames (a lookup, a DNS answer) must not wait for Nagle.
+    socket.set_nodelay(true).ok();
+    let (read, write) = socket.into_split();
+    (Box::new(read), Box::new(write))
+}
+
+fn split_unix(socket: UnixStream) -> (ReadHalf, WriteHalf) {
+    let (read, write) = socket.into_split();
+    (Box::new(read), Box::new(write))
+}
+
+enum BoundSocket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// A bound listener not yet registered with a runtime.
+pub struct BoundListener {
+    socket: BoundSocket,
+    /// The bound address, with the port chosen for port 0.
+    endpoint: Endpoint,
+}
+
+impl BoundListener {
+    /// Registers the listener with the current runtime.
+    pub fn into_async(self) -> std::io::Result<Listener> {
+        let socket = match self.socket {
+            BoundSocket::Tcp(listener) => ListenerSocket::Tcp(TcpListener::from_std(listener)?),
+            BoundSocket::Unix(listener) => ListenerSocket::Unix(UnixListener::from_std(listener)?),
+        };
+        Ok(Listener {
+            socket,
+            endpoint: self.endpoint,
+        })
+    }
+}
+
+enum ListenerSocket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Accepts connections; a Unix socket file it bound is removed when it is dropped.
+pub struct Listener {
+    socket: ListenerSocket,
+    endpoint: Endpoint,
+}
+
+impl Listener {
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The next connection, split, and who made it (for logs).
+    pub async fn accept(&self) -> std::io::Result<(ReadHalf, WriteHalf, String)> {
+        match &self.socket {
+            ListenerSocket::Tcp(listener) => {
+                let (socket, peer) = listener.accept().await?;
+                let (read, write) = split_tcp(socket);
+                Ok((read, write, peer.to_string()))
+            }
+            ListenerSocket::Unix(listener) => {
+                let (socket, _) = listener.accept().await?;
+                let (read, write) = split_unix(socket);
+                Ok((read, write, self.endpoint.to_string()))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Endpoint::UnixPath(path) = &self.endpoint {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_print_back() {
+        for text in [
+            "127.0.0.1:0",
+            "localhost:7777",
+            "[::1]:9",
+            "unix:/run/agent.sock",
+            "unix:@mirrord-agent-1",
+        ] {
+            let endpoint: Endpoint = text.parse().unwrap();
+            assert_eq!(endpoint.to_string(), text);
+        }
+        assert_eq!(
+            "unix:@x".parse::<Endpoint>().unwrap(),
+            Endpoint::UnixAbstract("x".into())
+        );
+    }
+
+    #[test]
+    fn malformed_addresses_are_refused_with_the_forms_that_work() {
+        for text in ["", "unix:", "unix:@", "127.0.0.1", "host:port", ":80"] {
+            let error = text.parse::<Endpoint>().unwrap_err().to_string();
+            assert!(
+                error.contains("HOST:PORT, unix:PATH or unix:@NAME"),
+                "{error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unix_path_listener_serves_and_removes_its_file() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir =
+            std::env::temp_dir().join(format!("mirrord-endpoint-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let endpoint = Endpoint::UnixPath(dir.join("agent.sock"));
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        let (_, mut write) = endpoint.connect().await.unwrap();
+        write.write_all(b"hello").await.unwrap();
+        let (mut read, _, peer) = listener.accept().await.unwrap();
+        let mut got = [0u8; 5];
+        read.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            (&got, peer.as_str()),
+            (b"hello", endpoint.to_string().as_str())
+        );
+        let in_use = endpoint.bind().err().map(|error| error.kind());
+        assert_eq!(in_use, Some(std::io::ErrorKind::AddrInUse));
+        drop(listener);
+        assert!(!dir.join("agent.sock").exists());
+
+        // A file left by a listener that is gone (a killed agent) is replaced.
+        let stale = std::os::unix::net::UnixListener::bind(dir.join("agent.sock")).unwrap();
+        drop(stale);
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        let (_, mut write) = endpoint.connect().await.unwrap();
+        write.write_all(b"again").await.unwrap();
+        listener.accept().await.unwrap();
+        drop(listener);
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}
