@@ -22,6 +22,7 @@ use mirrord_protocol::fs::{
 use tokio::runtime::Handle;
 
 use crate::inodes::{Inodes, ROOT_INO, join, parent_and_name};
+use crate::readers::Readers;
 use crate::{Backend, MAX_IO, Options};
 
 /// The file system; cheap to share, all state behind one `Arc`.
@@ -47,6 +48,8 @@ struct Inner {
     /// and `opendir` without a round trip — the staleness the kernel's own attribute cache
     /// already has.
     listings: Mutex<Listings>,
+    /// Which processes walk trees without looking at files: their listings carry names only.
+    readers: Mutex<Readers>,
 }
 
 /// A directory's entries in the agent's order, and where each name is.
@@ -107,6 +110,7 @@ impl RemoteFs {
                 next_fh: AtomicU64::new(1),
                 recent: Mutex::new(HashMap::new()),
                 listings: Mutex::new(Listings::default()),
+                readers: Mutex::new(Readers::default()),
             }),
         }
     }
@@ -359,6 +363,17 @@ impl Inner {
         self.xattr_names(path)
     }
 
+    fn readers(&self) -> MutexGuard<'_, Readers> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `pid` is being answered a lookup of `attr`'s file.
+    fn looked_up(&self, pid: u32, attr: Option<&Attr>) {
+        if attr.is_some_and(|attr| attr.kind != FileKind::Dir) {
+            self.readers().looked_at_file(pid);
+        }
+    }
+
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -593,7 +608,8 @@ impl fuser::Filesystem for RemoteFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let pid = req.pid();
         let (dir, name) = match (self.path(parent), name.to_str()) {
             (Ok(dir), Some(name)) => (dir, name.to_owned()),
             (Err(errno), _) => return reply.error(errno),
@@ -602,6 +618,7 @@ impl fuser::Filesystem for RemoteFs {
         let path = join(&dir, &name);
         // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
         if let Some(listing) = self.inner.listing(&dir) {
+            self.inner.looked_up(pid, listing.get(&name));
             return self.inner.entry_from(&listing, &path, &name, reply);
         }
         self.spawn(|inner| async move {
@@ -612,14 +629,17 @@ impl fuser::Filesystem for RemoteFs {
                 None
             };
             if let Some(listing) = listing {
+                inner.looked_up(pid, listing.get(&name));
                 return inner.entry_from(&listing, &path, &name, reply);
             }
             let stat = FsRequest::Stat {
                 path: path.clone(),
                 follow: false,
             };
-            reply_or!(reply, inner.attr_call(stat).await, |attr| inner
-                .entry(&path, &attr, reply));
+            reply_or!(reply, inner.attr_call(stat).await, |attr| {
+                inner.looked_up(pid, Some(&attr));
+                inner.entry(&path, &attr, reply)
+            });
         });
     }
 
@@ -1025,7 +1045,7 @@ impl fuser::Filesystem for RemoteFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1036,9 +1056,14 @@ impl fuser::Filesystem for RemoteFs {
             return reply.error(Errno::EBADF);
         };
         let ttl = self.inner.options.entry_ttl;
-        let mut inodes = self.inner.inodes();
         let entries = &listing.entries;
-        let total = entries.len() as u64 + 2;
+        let mut total = entries.len() as u64 + 2;
+        if offset == 0 && self.inner.readers().names_only(req.pid()) {
+            // Only `.` and `..` here. The kernel asks for the rest with plain readdir, unless a
+            // lookup in this directory has asked it for attributes since.
+            total = 2;
+        }
+        let mut inodes = self.inner.inodes();
         for i in offset..total {
             let full = match i {
                 // The kernel skips `.` and `..` here: no lookup is counted for them.

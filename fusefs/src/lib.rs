@@ -11,6 +11,7 @@
 mod fs;
 pub mod inodes;
 pub mod links;
+mod readers;
 
 use std::future::Future;
 use std::io;

@@ -368,6 +368,46 @@ fn tree_walks_list_ahead_and_listings_last_one_ttl() {
     });
 }
 
+/// A walk that only wants names (`find`) gets listings without attributes from its second
+/// directory on; one that looks at the files gets them back. Either way every name, type,
+/// mode and size is the pod's.
+#[test]
+fn walkers_see_the_pods_names_types_and_sizes() {
+    in_private_mount_namespace("walkers_see_the_pods_names_types_and_sizes", || {
+        let scene = Scene::new("walkers");
+        let (runtime, mounted, _) = mount_scene_with(&scene, false, Duration::from_secs(5));
+        let m = mounted.mountpoint().to_owned();
+        let pod = scene.pod();
+        let in_pod = |format: &str| {
+            ok(
+                &pod,
+                &format!("find $M/tree -printf '{format}' | LC_ALL=C sort"),
+            )
+        };
+        let in_mount = |format: &str| {
+            ok(
+                &m,
+                &format!("find $M/tree -printf '{format}' | LC_ALL=C sort"),
+            )
+        };
+        // Names and types only (from the listing's entry types).
+        let names = "%y %P\\n";
+        assert_eq!(in_mount(names), in_pod(names));
+        assert_eq!(in_mount(names).lines().count(), 1 + 30 * 2 + 3000);
+        // The same walk asking for every file's mode and size: from its first file lookup on,
+        // the listings carry attributes again.
+        let stats = "%y %m %s %P\\n";
+        assert_eq!(in_mount(stats), in_pod(stats));
+        // A fresh walker, then `stat` of files in the directories it read by name.
+        ok(&m, "find $M/tree/d4 $M/tree/d5 $M/tree/d6 > /dev/null");
+        let stat = "stat -c '%F %a %s %n' $M/tree/d6/sub $M/tree/d6/sub/f7 | sed 's, /.*/tree/, ,'";
+        assert_eq!(ok(&m, stat), ok(&pod, stat));
+
+        mounted.unmount().expect("unmount");
+        drop(runtime);
+    });
+}
+
 #[test]
 fn writable_mount_changes_the_pods_files() {
     in_private_mount_namespace("writable_mount_changes_the_pods_files", || {
