@@ -1,7 +1,8 @@
 //! Starts a `mirrord-agent` on this machine for a `pid/` or `targetless` target, with a fresh
 //! random token, listening on an abstract Unix socket of a random name (no file to leave
-//! behind, and less CPU per byte than loopback TCP), and stops it when the session ends. It never leaves an agent behind: the agent
-//! is killed on every exit path, and by the kernel if this process dies.
+//! behind, and less CPU per byte than loopback TCP), and stops it when the session ends. It
+//! never leaves an agent behind: the agent is killed on every exit path, and by the kernel if
+//! this process dies.
 
 use std::ffi::OsString;
 use std::path::PathBuf;

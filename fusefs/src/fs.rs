@@ -367,8 +367,8 @@ impl Inner {
         self.readers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `pid` is being answered a lookup of `attr`'s file.
-    fn looked_up(&self, pid: u32, attr: Option<&Attr>) {
+    /// Notes that `pid` looked up the file whose attributes are `attr` (`None`: no such file).
+    fn note_lookup(&self, pid: u32, attr: Option<&Attr>) {
         if attr.is_some_and(|attr| attr.kind != FileKind::Dir) {
             self.readers().looked_at_file(pid);
         }
@@ -618,7 +618,7 @@ impl fuser::Filesystem for RemoteFs {
         let path = join(&dir, &name);
         // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
         if let Some(listing) = self.inner.listing(&dir) {
-            self.inner.looked_up(pid, listing.get(&name));
+            self.inner.note_lookup(pid, listing.get(&name));
             return self.inner.entry_from(&listing, &path, &name, reply);
         }
         self.spawn(|inner| async move {
@@ -629,7 +629,7 @@ impl fuser::Filesystem for RemoteFs {
                 None
             };
             if let Some(listing) = listing {
-                inner.looked_up(pid, listing.get(&name));
+                inner.note_lookup(pid, listing.get(&name));
                 return inner.entry_from(&listing, &path, &name, reply);
             }
             let stat = FsRequest::Stat {
@@ -637,7 +637,7 @@ impl fuser::Filesystem for RemoteFs {
                 follow: false,
             };
             reply_or!(reply, inner.attr_call(stat).await, |attr| {
-                inner.looked_up(pid, Some(&attr));
+                inner.note_lookup(pid, Some(&attr));
                 inner.entry(&path, &attr, reply)
             });
         });
