@@ -4,18 +4,28 @@
 //! a file read costs the agent a third less CPU than over loopback TCP.
 
 use std::fmt;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::SocketAddr as UnixAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// The reading half of a connection, whatever carries it.
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
-/// The writing half of a connection, whatever carries it.
-pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+/// The writing half of a connection, whatever carries it; it can also take bytes from a pipe
+/// without copying them through memory ([`WriteHalf::splice_from`]).
+pub struct WriteHalf(WriteSocket);
+
+enum WriteSocket {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Unix(tokio::net::unix::OwnedWriteHalf),
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -141,12 +151,99 @@ fn split_tcp(socket: TcpStream) -> (ReadHalf, WriteHalf) {
     // Small frames (a lookup, a DNS answer) must not wait for Nagle.
     socket.set_nodelay(true).ok();
     let (read, write) = socket.into_split();
-    (Box::new(read), Box::new(write))
+    (Box::new(read), WriteHalf(WriteSocket::Tcp(write)))
 }
 
 fn split_unix(socket: UnixStream) -> (ReadHalf, WriteHalf) {
     let (read, write) = socket.into_split();
-    (Box::new(read), Box::new(write))
+    (Box::new(read), WriteHalf(WriteSocket::Unix(write)))
+}
+
+impl WriteHalf {
+    /// Moves `len` bytes from `pipe` into the connection. The socket takes references to the
+    /// pipe's pages rather than a copy of them.
+    pub async fn splice_from(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        mut len: usize,
+    ) -> std::io::Result<()> {
+        while len > 0 {
+            let moved = match &self.0 {
+                WriteSocket::Tcp(half) => {
+                    let socket: &TcpStream = half.as_ref();
+                    socket.writable().await?;
+                    socket.try_io(Interest::WRITABLE, || splice(pipe, socket.as_raw_fd(), len))
+                }
+                WriteSocket::Unix(half) => {
+                    let socket: &UnixStream = half.as_ref();
+                    socket.writable().await?;
+                    socket.try_io(Interest::WRITABLE, || splice(pipe, socket.as_raw_fd(), len))
+                }
+            };
+            match moved {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => len -= n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `splice` from `pipe` into `socket`; `WouldBlock` when the socket is full.
+fn splice(pipe: BorrowedFd<'_>, socket: RawFd, len: usize) -> std::io::Result<usize> {
+    // SAFETY: both descriptors are open for the call; no offsets (neither is seekable).
+    let n = unsafe {
+        libc::splice(
+            pipe.as_raw_fd(),
+            std::ptr::null_mut(),
+            socket,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+macro_rules! each_socket {
+    ($self:ident, $half:ident => $body:expr) => {
+        match &mut $self.get_mut().0 {
+            WriteSocket::Tcp($half) => $body,
+            WriteSocket::Unix($half) => $body,
+        }
+    };
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        each_socket!(self, half => Pin::new(half).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        each_socket!(self, half => Pin::new(half).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each_socket!(self, half => Pin::new(half).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each_socket!(self, half => Pin::new(half).poll_shutdown(cx))
+    }
 }
 
 enum BoundSocket {

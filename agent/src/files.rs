@@ -9,6 +9,7 @@ use std::path::Path;
 use nix::fcntl::OFlag;
 
 use crate::confine::{ConfineError, open_in_root};
+use crate::piped::{PIPED_MIN, PipedBytes};
 
 /// Largest single read served; `len` comes from the wire, and this keeps one request from
 /// making the agent allocate gigabytes. Shorter reads are normal `pread` semantics.
@@ -43,20 +44,57 @@ impl FileError {
 /// Reads up to `len` bytes (at most [`MAX_READ_LEN`]) at `offset` of `path` inside `root`;
 /// fewer bytes mean end of file.
 pub fn read_file(root: &Path, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, FileError> {
+    let (file, _) = open_for_reading(root, path)?;
+    read_at(&file, offset, len.min(MAX_READ_LEN) as usize).map_err(io_err("read", path))
+}
+
+/// A file's bytes on their way to the client.
+pub enum FileBytes {
+    /// In a pipe, to be spliced into the connection (large reads of regular files).
+    Piped(PipedBytes),
+    Copied(Vec<u8>),
+}
+
+/// As [`read_file`], with the bytes of a large read of a regular file left in a pipe.
+pub fn read_file_piped(
+    root: &Path,
+    path: &str,
+    offset: u64,
+    len: u32,
+) -> Result<FileBytes, FileError> {
+    let (file, meta) = open_for_reading(root, path)?;
+    let len = len.min(MAX_READ_LEN) as usize;
+    // Only regular files: splicing from a FIFO would consume what a failed attempt leaves.
+    if meta.is_file()
+        && len >= PIPED_MIN
+        && let Some(piped) =
+            PipedBytes::from_file(&file, offset, len).map_err(io_err("read", path))?
+    {
+        return Ok(FileBytes::Piped(piped));
+    }
+    read_at(&file, offset, len)
+        .map(FileBytes::Copied)
+        .map_err(io_err("read", path))
+}
+
+fn open_for_reading(root: &Path, path: &str) -> Result<(File, std::fs::Metadata), FileError> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up;
     // it changes nothing for regular files. O_NOCTTY: a pod's tty must not become ours.
     let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
     let file = open_in_root(root, path, flags)?;
-    let io_err = |op, source| FileError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    };
-    let meta = file.metadata().map_err(|e| io_err("stat", e))?;
+    let meta = file.metadata().map_err(io_err("stat", path))?;
     if meta.is_dir() {
         return Err(FileError::IsDirectory(path.to_owned()));
     }
-    read_at(&file, offset, len.min(MAX_READ_LEN) as usize).map_err(|e| io_err("read", e))
+    Ok((file, meta))
+}
+
+fn io_err<'a>(op: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> FileError + 'a {
+    move |source| FileError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// `pread` until `want` bytes or end of file: one `pread` may return less on some files. The
@@ -134,6 +172,62 @@ mod tests {
         assert_eq!(errno("fifo"), Some(libc::ESPIPE));
         let err = read_file(r, "etc", 0, 1).err().map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("etc: is a directory"));
+    }
+
+    /// The bytes of a piped read, drained from its pipe, or of a copied one.
+    fn bytes_of(read: FileBytes) -> (bool, Vec<u8>) {
+        use std::io::Read;
+        match read {
+            FileBytes::Copied(bytes) => (false, bytes),
+            FileBytes::Piped(piped) => {
+                let mut pipe = File::from(piped.pipe().try_clone_to_owned().unwrap());
+                let mut bytes = vec![0; piped.len()];
+                let mut filled = 0;
+                while filled < bytes.len() {
+                    filled += pipe.read(&mut bytes[filled..]).unwrap();
+                }
+                (true, bytes)
+            }
+        }
+    }
+
+    #[test]
+    fn piped_reads_hold_exactly_the_bytes_a_copied_read_would() {
+        let root = Root::new("piped");
+        let r = &root.0;
+        let content: Vec<u8> = (0..3 * MAX_READ_LEN + 777)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        std::fs::write(r.join("big"), &content).unwrap();
+        let mib = MAX_READ_LEN as u64;
+        // (offset, len): aligned, unaligned, the short tail, past the end, small.
+        for (offset, len) in [
+            (0, mib),
+            (mib, mib),
+            (100, mib),
+            (3 * mib, mib),
+            (9 * mib, mib),
+            (5, 1000),
+        ] {
+            let (piped, got) = bytes_of(read_file_piped(r, "big", offset, len as u32).unwrap());
+            let expected = read_file(r, "big", offset, len as u32).unwrap();
+            assert_eq!(got, expected, "at {offset}+{len}");
+            if offset == 0 {
+                assert!(piped, "a large aligned read of a regular file goes by pipe");
+            }
+            if len < PIPED_MIN as u64 {
+                assert!(!piped, "a small read is copied");
+            }
+        }
+        // Not a regular file: never spliced (a FIFO would lose what a failed attempt took).
+        let errno = read_file_piped(r, "fifo", 0, MAX_READ_LEN)
+            .err()
+            .map(|e| e.errno());
+        assert_eq!(errno, Some(libc::ESPIPE));
+        let errno = read_file_piped(r, "etc", 0, MAX_READ_LEN)
+            .err()
+            .map(|e| e.errno());
+        assert_eq!(errno, Some(libc::EISDIR));
     }
 
     #[test]

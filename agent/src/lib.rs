@@ -10,6 +10,7 @@ pub mod files;
 pub mod fs;
 pub mod link;
 pub mod netns;
+pub mod piped;
 pub mod report;
 pub mod server;
 pub mod target;

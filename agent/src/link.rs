@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bincode::{Decode, Encode};
+use bincode::Decode;
 use mirrord_protocol::frame::{self, Bulk, FrameDecoder, MAX_DATA_CHUNK, PartialFrame};
 use mirrord_protocol::mux::{DataVerdict, Mux, Side};
 use mirrord_protocol::{
@@ -15,6 +15,9 @@ use mirrord_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::endpoint::WriteHalf;
+use crate::piped::PipedBytes;
 
 /// How many bytes of queued messages one write to the socket may carry.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -38,8 +41,41 @@ pub enum OpenError {
     Lost,
 }
 
+/// What follows a frame's message on the wire: its bulk, from memory or from a pipe.
+pub enum BulkOut {
+    Bytes(Vec<u8>),
+    Piped(PipedBytes),
+}
+
+impl BulkOut {
+    fn is_empty(&self) -> bool {
+        match self {
+            BulkOut::Bytes(bytes) => bytes.is_empty(),
+            BulkOut::Piped(piped) => piped.is_empty(),
+        }
+    }
+}
+
+/// Something the writer sends as one frame.
+pub trait Outbound: Send + 'static {
+    /// Appends the frame to `out` and returns the bulk to write right after it.
+    fn encode_into(self, out: &mut Vec<u8>) -> Result<BulkOut, ProtocolError>;
+}
+
+impl Outbound for AgentMessage {
+    fn encode_into(mut self, out: &mut Vec<u8>) -> Result<BulkOut, ProtocolError> {
+        frame::encode_with_bulk(&mut self, out).map(BulkOut::Bytes)
+    }
+}
+
+impl Outbound for ClientMessage {
+    fn encode_into(mut self, out: &mut Vec<u8>) -> Result<BulkOut, ProtocolError> {
+        frame::encode_with_bulk(&mut self, out).map(BulkOut::Bytes)
+    }
+}
+
 /// A message type that can carry a stream frame: each direction wraps frames in its own enum.
-pub trait Outgoing: Encode + Send + 'static {
+pub trait Outgoing: Outbound {
     fn stream(frame: StreamFrame) -> Self;
 }
 
@@ -114,21 +150,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// Encodes and writes messages from `outgoing` until every sender is gone, batching whatever is
 /// queued into one write so small frames do not each cost a syscall. A message's bulk is
 /// written from its own buffer, right after the batch that ends with its frame.
-pub async fn write_loop<M: Encode + Bulk, W: AsyncWrite + Unpin>(
-    mut io: W,
+pub async fn write_loop<M: Outbound>(
+    mut io: WriteHalf,
     mut outgoing: mpsc::Receiver<M>,
 ) -> Result<(), LinkError> {
     let mut buf = Vec::with_capacity(WRITE_BATCH);
-    while let Some(mut message) = outgoing.recv().await {
+    while let Some(message) = outgoing.recv().await {
         buf.clear();
-        let mut bulk = frame::encode_with_bulk(&mut message, &mut buf)?;
+        let mut bulk = message.encode_into(&mut buf)?;
         while bulk.is_empty() && buf.len() < WRITE_BATCH {
             match outgoing.try_recv() {
-                Ok(mut message) => bulk = frame::encode_with_bulk(&mut message, &mut buf)?,
+                Ok(message) => bulk = message.encode_into(&mut buf)?,
                 Err(_) => break,
             }
         }
-        write_both(&mut io, &buf, &bulk).await?;
+        match bulk {
+            BulkOut::Bytes(bytes) => write_both(&mut io, &buf, &bytes).await?,
+            BulkOut::Piped(piped) => {
+                io.write_all(&buf).await?;
+                io.splice_from(piped.pipe(), piped.len()).await?;
+            }
+        }
     }
     io.shutdown().await?;
     Ok(())

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mirrord_protocol::frame::MAX_FILE_READ;
+use mirrord_protocol::frame::{self, MAX_FILE_READ};
+use mirrord_protocol::fs::{FsRequest, FsResponse};
 use mirrord_protocol::handshake::accept_hello;
 use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
 use mirrord_protocol::mux::Side;
@@ -23,7 +24,9 @@ use tracing::{debug, info, warn};
 use crate::dns::DnsResolver;
 use crate::endpoint::{Listener, ReadHalf, WriteHalf};
 use crate::files;
-use crate::link::{FrameReader, LinkError, Streams, write_loop};
+use crate::files::FileBytes;
+use crate::link::{BulkOut, FrameReader, LinkError, Outbound, Outgoing, Streams, write_loop};
+use crate::piped::PipedBytes;
 use crate::target::Target;
 
 /// A client that connects but says nothing is dropped after this long.
@@ -119,10 +122,10 @@ async fn serve(
     let hello: ClientMessage = timeout(HANDSHAKE_TIMEOUT, reader.next())
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
-    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(1024);
+    let (out_tx, out_rx) = mpsc::channel::<AgentOut>(1024);
     match accept_hello(&hello, &agent.config.token) {
         Ok(welcome) => {
-            out_tx.try_send(AgentMessage::Welcome(welcome)).ok();
+            out_tx.try_send(AgentMessage::Welcome(welcome).into()).ok();
         }
         Err(reason) => {
             // Say why before closing, so the CLI can print it instead of "connection reset".
@@ -156,8 +159,8 @@ async fn serve(
 async fn session_loop(
     reader: &mut FrameReader<ReadHalf>,
     agent: &Arc<Agent>,
-    out_tx: &mpsc::Sender<AgentMessage>,
-    streams: &Arc<Streams<AgentMessage>>,
+    out_tx: &mpsc::Sender<AgentOut>,
+    streams: &Arc<Streams<AgentOut>>,
 ) -> Result<(), SessionError> {
     let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
     loop {
@@ -168,7 +171,7 @@ async fn session_loop(
                 match keepalive.poll(std::time::Instant::now()) {
                     KeepaliveAction::Idle => {}
                     KeepaliveAction::SendPing { nonce } => {
-                        let _ = out_tx.send(AgentMessage::Ping { nonce }).await;
+                        let _ = out_tx.send(AgentMessage::Ping { nonce }.into()).await;
                     }
                     KeepaliveAction::PeerDead => return Err(SessionError::PeerDead),
                 }
@@ -181,14 +184,23 @@ async fn session_loop(
                 return Err(ProtocolError::UnexpectedMessage("a second hello").into());
             }
             ClientMessage::Ping { nonce } => {
-                let _ = out_tx.send(AgentMessage::Pong { nonce }).await;
+                let _ = out_tx.send(AgentMessage::Pong { nonce }.into()).await;
             }
             ClientMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
-                    let response = answer(&agent, request).await;
-                    let _ = out_tx.send(AgentMessage::Response { id, response }).await;
+                    let out = match request {
+                        Request::Fs(FsRequest::Read { path, offset, len }) => {
+                            read(&agent, id, path, offset, len).await
+                        }
+                        request => AgentMessage::Response {
+                            id,
+                            response: answer(&agent, request).await,
+                        }
+                        .into(),
+                    };
+                    let _ = out_tx.send(out).await;
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {
@@ -317,6 +329,67 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, Remote
     }
 }
 
+/// What the session's writer sends: a message, or the answer to a file read whose bytes wait
+/// in a pipe, to be spliced into the connection after it.
+pub enum AgentOut {
+    Message(AgentMessage),
+    FileData { id: u64, data: PipedBytes },
+}
+
+impl From<AgentMessage> for AgentOut {
+    fn from(message: AgentMessage) -> Self {
+        AgentOut::Message(message)
+    }
+}
+
+impl Outbound for AgentOut {
+    fn encode_into(self, out: &mut Vec<u8>) -> Result<BulkOut, ProtocolError> {
+        match self {
+            AgentOut::Message(message) => message.encode_into(out),
+            AgentOut::FileData { id, data } => {
+                let mut message = AgentMessage::Response {
+                    id,
+                    response: Ok(Response::Fs(FsResponse::Data(Vec::new()))),
+                };
+                frame::encode_with_bulk_len(&mut message, data.len(), out)?;
+                Ok(BulkOut::Piped(data))
+            }
+        }
+    }
+}
+
+impl Outgoing for AgentOut {
+    fn stream(frame: StreamFrame) -> Self {
+        AgentOut::Message(AgentMessage::Stream(frame))
+    }
+}
+
+/// A file read: its bytes in a pipe when they can go that way, else read and copied.
+async fn read(agent: &Arc<Agent>, id: u64, path: String, offset: u64, len: u32) -> AgentOut {
+    let agent = agent.clone();
+    let work = move || {
+        let len = len.min(MAX_FILE_READ);
+        let response = match files::read_file_piped(&agent.target.root(), &path, offset, len) {
+            Ok(FileBytes::Piped(data)) => return AgentOut::FileData { id, data },
+            Ok(FileBytes::Copied(bytes)) => Ok(Response::Fs(FsResponse::Data(bytes))),
+            Err(error) => Err(remote(&error, error.errno())),
+        };
+        AgentMessage::Response { id, response }.into()
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| {
+            AgentMessage::Response {
+                id,
+                response: Err(RemoteError {
+                    errno: libc::EIO,
+                    message: format!("agent task failed: {error}"),
+                }),
+            }
+            .into()
+        })
+}
+
 /// Runs `work` where it may block: it reads /proc or the target's files, which can hang on a
 /// slow filesystem.
 async fn blocking(
@@ -354,5 +427,63 @@ fn remote(error: &dyn std::fmt::Display, errno: i32) -> RemoteError {
     RemoteError {
         errno,
         message: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+    use std::io::Write;
+
+    /// A file read whose bytes wait in a pipe reaches the client whole and in its place among
+    /// the other messages, over either kind of connection.
+    #[tokio::test]
+    async fn piped_file_data_arrives_in_order_over_tcp_and_unix() {
+        let path =
+            std::env::temp_dir().join(format!("mirrord-server-piped-{}", std::process::id()));
+        let content: Vec<u8> = (0..(3 << 20) + 5).map(|i: u32| (i % 249) as u8).collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&content)
+            .unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let name = format!("unix:@mirrord-server-test-{}", std::process::id());
+        for endpoint in [
+            "127.0.0.1:0".parse::<Endpoint>().unwrap(),
+            name.parse().unwrap(),
+        ] {
+            let listener = endpoint.bind().unwrap().into_async().unwrap();
+            let (read_half, _keep) = listener.endpoint().connect().await.unwrap();
+            let (_, write_half, _) = listener.accept().await.unwrap();
+            let (out_tx, out_rx) = mpsc::channel::<AgentOut>(16);
+            let writer = tokio::spawn(write_loop(write_half, out_rx));
+            let mut sent = Vec::new();
+            for (id, offset) in [(1u64, 0u64), (2, 1 << 20), (3, 3 << 20)] {
+                let data = PipedBytes::from_file(&file, offset, 1 << 20)
+                    .unwrap()
+                    .unwrap();
+                let len = data.len();
+                out_tx.send(AgentOut::FileData { id, data }).await.unwrap();
+                out_tx
+                    .send(AgentMessage::Pong { nonce: id }.into())
+                    .await
+                    .unwrap();
+                sent.push((id, content[offset as usize..offset as usize + len].to_vec()));
+            }
+            drop(out_tx);
+            let mut reader = FrameReader::new(read_half);
+            for (id, bytes) in sent {
+                let expected = AgentMessage::Response {
+                    id,
+                    response: Ok(Response::Fs(FsResponse::Data(bytes))),
+                };
+                assert_eq!(reader.next::<AgentMessage>().await.unwrap(), expected);
+                let pong = reader.next::<AgentMessage>().await.unwrap();
+                assert_eq!(pong, AgentMessage::Pong { nonce: id });
+            }
+            writer.await.unwrap().unwrap();
+        }
+        std::fs::remove_file(path).unwrap();
     }
 }

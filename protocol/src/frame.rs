@@ -60,6 +60,20 @@ pub fn encode_with_bulk<M: bincode::Encode + Bulk>(
     }
 }
 
+/// Appends one frame whose bulk, `bulk_len` bytes, the caller writes after `out` from
+/// elsewhere (a pipe). The message's bulk field must be there and empty: the receiver puts
+/// the bulk into it. On error `out` is left as it was.
+pub fn encode_with_bulk_len<M: bincode::Encode + Bulk>(
+    msg: &mut M,
+    bulk_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    match msg.bulk_mut() {
+        Some(field) if field.is_empty() => encode_frame(msg, bulk_len, out),
+        _ => Err(ProtocolError::UnexpectedBulk),
+    }
+}
+
 fn encode_frame<M: bincode::Encode>(
     msg: &M,
     bulk_len: usize,
@@ -560,6 +574,40 @@ mod tests {
             dec.next::<AgentMessage>(),
             Err(ProtocolError::UnexpectedBulk)
         );
+    }
+
+    #[test]
+    fn a_bulk_written_from_elsewhere_lands_in_the_messages_field() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut msg = AgentMessage::Response {
+            id: 9,
+            response: Ok(Response::Fs(crate::fs::FsResponse::Data(Vec::new()))),
+        };
+        let mut out = Vec::new();
+        encode_with_bulk_len(&mut msg, data.len(), &mut out).unwrap();
+        out.extend_from_slice(&data);
+        let mut dec = FrameDecoder::new();
+        dec.push(&out);
+        let expected = AgentMessage::Response {
+            id: 9,
+            response: Ok(Response::Fs(crate::fs::FsResponse::Data(data))),
+        };
+        assert_eq!(dec.next::<AgentMessage>(), Ok(Some(expected)));
+
+        // Only into an empty field of a message that has one.
+        let mut ping = AgentMessage::Ping { nonce: 1 };
+        let mut full = AgentMessage::Response {
+            id: 1,
+            response: Ok(Response::Fs(crate::fs::FsResponse::Data(vec![1]))),
+        };
+        let mut out = Vec::new();
+        for msg in [&mut ping, &mut full] {
+            assert_eq!(
+                encode_with_bulk_len(msg, 10, &mut out),
+                Err(ProtocolError::UnexpectedBulk)
+            );
+        }
+        assert!(out.is_empty());
     }
 
     #[test]
