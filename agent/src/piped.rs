@@ -1,7 +1,9 @@
 //! File bytes that go to the client without passing through the agent's memory: `splice` moves
 //! references to the file's cached pages into a pipe, and from the pipe into the socket. A
 //! `pread` and a `write` of the same megabyte copy it twice; this halves the agent's CPU per
-//! byte of a large read.
+//! byte of a large read. The pages are the file's own until the client has received them, so
+//! a write to the file meanwhile can show in the bytes sent, as it can in a `pread` that races
+//! the write.
 
 use std::fs::File;
 use std::io;
@@ -74,12 +76,17 @@ impl PipedBytes {
 }
 
 /// A pipe that holds `len` bytes, or `None` if it cannot be made that big (the per-user pipe
-/// limits). Both ends non-blocking: a full or empty pipe is an answer, never a wait.
+/// limits) or made at all for lack of descriptors. Both ends non-blocking: a full or empty pipe is an answer, never a wait.
 fn pipe_for(len: usize) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            // Out of descriptors: the read can still be copied.
+            Some(libc::EMFILE | libc::ENFILE) => Ok(None),
+            _ => Err(error),
+        };
     }
     // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
     let (read_end, write_end) =
