@@ -72,26 +72,22 @@ impl fmt::Display for Endpoint {
 }
 
 impl Endpoint {
-    fn unix_addr(&self) -> std::io::Result<Option<UnixAddr>> {
+    /// The Unix socket address; `None` for TCP.
+    fn unix_addr(&self) -> Option<std::io::Result<UnixAddr>> {
         match self {
-            Endpoint::Tcp(_) => Ok(None),
-            Endpoint::UnixPath(path) => UnixAddr::from_pathname(path).map(Some),
-            Endpoint::UnixAbstract(name) => UnixAddr::from_abstract_name(name).map(Some),
+            Endpoint::Tcp(_) => None,
+            Endpoint::UnixPath(path) => Some(UnixAddr::from_pathname(path)),
+            Endpoint::UnixAbstract(name) => Some(UnixAddr::from_abstract_name(name)),
         }
     }
 
     /// Opens a connection, split into its halves.
     pub async fn connect(&self) -> std::io::Result<(ReadHalf, WriteHalf)> {
-        match self.unix_addr()? {
-            None => {
-                let Endpoint::Tcp(addr) = self else {
-                    unreachable!("only TCP endpoints have no Unix address")
-                };
-                Ok(split_tcp(TcpStream::connect(addr).await?))
-            }
+        match self.unix_addr() {
+            None => Ok(split_tcp(TcpStream::connect(self.to_string()).await?)),
             Some(addr) => {
                 // A Unix connect completes at once (or fails): nothing to wait for.
-                let socket = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+                let socket = std::os::unix::net::UnixStream::connect_addr(&addr?)?;
                 socket.set_nonblocking(true)?;
                 Ok(split_unix(UnixStream::from_std(socket)?))
             }
@@ -101,7 +97,7 @@ impl Endpoint {
     /// Binds a listener without a runtime, so the caller chooses the thread (and with it the
     /// network namespace) it binds in. Port 0 picks a free port.
     pub fn bind(&self) -> std::io::Result<BoundListener> {
-        match self.unix_addr()? {
+        match self.unix_addr() {
             None => {
                 let listener = std::net::TcpListener::bind(self.to_string())?;
                 listener.set_nonblocking(true)?;
@@ -112,7 +108,7 @@ impl Endpoint {
                 })
             }
             Some(addr) => {
-                let listener = bind_unix(self, &addr)?;
+                let listener = bind_unix(self, &addr?)?;
                 listener.set_nonblocking(true)?;
                 Ok(BoundListener {
                     socket: BoundSocket::Unix(listener),
