@@ -149,7 +149,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Encodes and writes messages from `outgoing` until every sender is gone, batching whatever is
 /// queued into one write so small frames do not each cost a syscall. A message's bulk is
-/// written from its own buffer, right after the batch that ends with its frame.
+/// written right after the batch that ends with its frame: from its own buffer, or spliced
+/// from the pipe that holds it.
 pub async fn write_loop<M: Outbound>(
     mut io: WriteHalf,
     mut outgoing: mpsc::Receiver<M>,
