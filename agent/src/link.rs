@@ -79,12 +79,6 @@ pub trait Outgoing: Outbound {
     fn stream(frame: StreamFrame) -> Self;
 }
 
-impl Outgoing for AgentMessage {
-    fn stream(frame: StreamFrame) -> Self {
-        AgentMessage::Stream(frame)
-    }
-}
-
 impl Outgoing for ClientMessage {
     fn stream(frame: StreamFrame) -> Self {
         ClientMessage::Stream(frame)

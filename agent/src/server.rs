@@ -366,36 +366,25 @@ impl Outgoing for AgentOut {
 
 /// A file read: its bytes in a pipe when they can go that way, else read and copied.
 async fn read(agent: &Arc<Agent>, id: u64, path: String, offset: u64, len: u32) -> AgentOut {
-    let agent = agent.clone();
-    let work = move || {
-        let len = len.min(MAX_FILE_READ);
-        let response = match files::read_file_piped(&agent.target.root(), &path, offset, len) {
-            Ok(FileBytes::Piped(data)) => return AgentOut::FileData { id, data },
-            Ok(FileBytes::Copied(bytes)) => Ok(Response::Fs(FsResponse::Data(bytes))),
-            Err(error) => Err(remote(&error, error.errno())),
-        };
-        AgentMessage::Response { id, response }.into()
+    let read = blocking(agent, move |agent| {
+        files::read_file_piped(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
+            .map_err(|error| remote(&error, error.errno()))
+    })
+    .await;
+    let response = match read {
+        Ok(FileBytes::Piped(data)) => return AgentOut::FileData { id, data },
+        Ok(FileBytes::Copied(bytes)) => Ok(Response::Fs(FsResponse::Data(bytes))),
+        Err(error) => Err(error),
     };
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|error| {
-            AgentMessage::Response {
-                id,
-                response: Err(RemoteError {
-                    errno: libc::EIO,
-                    message: format!("agent task failed: {error}"),
-                }),
-            }
-            .into()
-        })
+    AgentMessage::Response { id, response }.into()
 }
 
 /// Runs `work` where it may block: it reads /proc or the target's files, which can hang on a
 /// slow filesystem.
-async fn blocking(
+async fn blocking<T: Send + 'static>(
     agent: &Arc<Agent>,
-    work: impl FnOnce(&Agent) -> Result<Response, RemoteError> + Send + 'static,
-) -> Result<Response, RemoteError> {
+    work: impl FnOnce(&Agent) -> Result<T, RemoteError> + Send + 'static,
+) -> Result<T, RemoteError> {
     let agent = agent.clone();
     tokio::task::spawn_blocking(move || work(&agent))
         .await

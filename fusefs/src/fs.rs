@@ -1057,12 +1057,13 @@ impl fuser::Filesystem for RemoteFs {
         };
         let ttl = self.inner.options.entry_ttl;
         let entries = &listing.entries;
-        let mut total = entries.len() as u64 + 2;
-        if offset == 0 && self.inner.readers().names_only(req.pid()) {
+        let total = if offset == 0 && self.inner.readers().names_only(req.pid()) {
             // Only `.` and `..` here. The kernel asks for the rest with plain readdir, unless a
             // lookup in this directory has asked it for attributes since.
-            total = 2;
-        }
+            2
+        } else {
+            entries.len() as u64 + 2
+        };
         let mut inodes = self.inner.inodes();
         for i in offset..total {
             let full = match i {

@@ -378,18 +378,15 @@ fn walkers_see_the_pods_names_types_and_sizes() {
         let (runtime, mounted, _) = mount_scene_with(&scene, false, Duration::from_secs(5));
         let m = mounted.mountpoint().to_owned();
         let pod = scene.pod();
-        let in_pod = |format: &str| {
+        // `find -printf FORMAT` over the tree under `root`, sorted.
+        let walk = |root: &Path, format: &str| {
             ok(
-                &pod,
+                root,
                 &format!("find $M/tree -printf '{format}' | LC_ALL=C sort"),
             )
         };
-        let in_mount = |format: &str| {
-            ok(
-                &m,
-                &format!("find $M/tree -printf '{format}' | LC_ALL=C sort"),
-            )
-        };
+        let in_pod = |format: &str| walk(&pod, format);
+        let in_mount = |format: &str| walk(&m, format);
         // Names and types only (from the listing's entry types).
         let names = "%y %P\\n";
         assert_eq!(in_mount(names), in_pod(names));
