@@ -9,7 +9,7 @@ use std::path::Path;
 use nix::fcntl::OFlag;
 
 use crate::confine::{ConfineError, open_in_root};
-use crate::piped::{PIPED_MIN, PipedBytes};
+use mirrord_link::piped::{PIPED_MIN, PipedBytes};
 
 /// Largest single read served; `len` comes from the wire, and this keeps one request from
 /// making the agent allocate gigabytes. Shorter reads are normal `pread` semantics.

@@ -4,13 +4,8 @@
 //! target's root, and nothing to a client that did not present the session token.
 
 pub mod confine;
-pub mod dns;
-pub mod endpoint;
 pub mod files;
 pub mod fs;
-pub mod link;
 pub mod netns;
-pub mod piped;
-pub mod report;
 pub mod server;
 pub mod target;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use mirrord_agent::endpoint::Endpoint;
-use mirrord_agent::report::one_line;
 use mirrord_agent::{netns, server, target::Target};
+use mirrord_link::endpoint::Endpoint;
+use mirrord_link::report::one_line;
 
 /// The remote half of mirrord: serves a target process's network, environment, hostname and
 /// files to mirrord sessions that present the token.

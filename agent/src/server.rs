@@ -7,10 +7,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mirrord_protocol::frame::{self, MAX_FILE_READ};
+use mirrord_dns::DnsResolver;
+use mirrord_link::endpoint::{Listener, ReadHalf, WriteHalf};
+use mirrord_link::frames::{BulkOut, FrameReader, LinkError, Outbound, write_loop};
+use mirrord_link::greet::{GreetError, greet};
+use mirrord_link::inbox::Inbox;
+use mirrord_link::piped::PipedBytes;
+use mirrord_link::streams::{Outgoing, Streams};
+use mirrord_protocol::bulk::MAX_FILE_READ;
+use mirrord_protocol::frame;
 use mirrord_protocol::fs::{FsRequest, FsResponse};
+use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::accept_hello;
-use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
 use mirrord_protocol::mux::Side;
 use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RemoteError, Request, Response, StreamFrame,
@@ -21,20 +29,12 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
-use crate::dns::DnsResolver;
-use crate::endpoint::{Listener, ReadHalf, WriteHalf};
 use crate::files;
 use crate::files::FileBytes;
-use crate::link::{BulkOut, FrameReader, LinkError, Outbound, Outgoing, Streams, write_loop};
-use crate::piped::PipedBytes;
 use crate::target::Target;
 
-/// A client that connects but says nothing is dropped after this long.
+/// A client that connects but does not greet and say hello within this is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Silence after which a ping is sent.
-pub const PING_INTERVAL: Duration = Duration::from_secs(5);
-/// A peer silent this long after a ping is dead.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a connect to a remote address may take before the stream fails with ETIMEDOUT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,12 +46,16 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("no hello within {HANDSHAKE_TIMEOUT:?}")]
+    #[error("no greeting and hello within {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
+    #[error("the client's greeting: {0}")]
+    Greeting(#[from] GreetError),
+    #[error(
+        "the client ({software}) speaks protocol {client}, this agent speaks {PROTOCOL_VERSION}"
+    )]
+    OtherVersion { software: String, client: u32 },
     #[error("handshake refused: {0:?}")]
     Refused(mirrord_protocol::RejectReason),
-    #[error("the client stopped answering pings")]
-    PeerDead,
     #[error(transparent)]
     Link(#[from] LinkError),
 }
@@ -113,35 +117,45 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
 }
 
 async fn serve(
-    read_half: ReadHalf,
+    mut read_half: ReadHalf,
     mut write_half: WriteHalf,
     agent: &Arc<Agent>,
 ) -> Result<(), SessionError> {
-    let mut reader = FrameReader::new(read_half);
-
-    let hello: ClientMessage = timeout(HANDSHAKE_TIMEOUT, reader.next())
-        .await
-        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let ours = Greeting::ours(concat!("mirrord-agent ", env!("CARGO_PKG_VERSION")));
+    let (client, hello) = timeout(HANDSHAKE_TIMEOUT, async {
+        let client = greet(&mut read_half, &mut write_half, &ours).await?;
+        if !client.compatible() {
+            // The client read our greeting too, and tells its user; nothing more to say.
+            return Ok((client, None));
+        }
+        let mut reader = FrameReader::new(read_half);
+        let hello: ClientMessage = reader.next().await?;
+        Ok::<_, SessionError>((client, Some((reader, hello))))
+    })
+    .await
+    .map_err(|_| SessionError::HandshakeTimeout)??;
+    let Some((reader, hello)) = hello else {
+        return Err(SessionError::OtherVersion {
+            software: client.software,
+            client: client.version,
+        });
+    };
     let (out_tx, out_rx) = mpsc::channel::<AgentOut>(1024);
-    match accept_hello(&hello, &agent.config.token) {
-        Ok(welcome) => {
-            out_tx.try_send(AgentMessage::Welcome(welcome).into()).ok();
-        }
-        Err(reason) => {
-            // Say why before closing, so the CLI can print it instead of "connection reset".
-            let mut buf = Vec::new();
-            mirrord_protocol::frame::encode(&AgentMessage::Rejected(reason.clone()), &mut buf)?;
-            use tokio::io::AsyncWriteExt;
-            write_half.write_all(&buf).await.map_err(LinkError::from)?;
-            write_half.shutdown().await.map_err(LinkError::from)?;
-            return Err(SessionError::Refused(reason));
-        }
+    if let Err(reason) = accept_hello(&hello, &agent.config.token) {
+        // Say why before closing, so the CLI can print it instead of "connection reset".
+        let mut buf = Vec::new();
+        frame::encode(&AgentMessage::Rejected(reason.clone()), &mut buf)?;
+        use tokio::io::AsyncWriteExt;
+        write_half.write_all(&buf).await.map_err(LinkError::from)?;
+        write_half.shutdown().await.map_err(LinkError::from)?;
+        return Err(SessionError::Refused(reason));
     }
+    out_tx.try_send(AgentMessage::Welcome.into()).ok();
     info!("session open");
     let writer = tokio::spawn(write_loop(write_half, out_rx));
     let streams = Streams::new(Side::Agent, out_tx.clone());
 
-    let result = session_loop(&mut reader, agent, &out_tx, &streams).await;
+    let result = session_loop(Inbox::new(reader), agent, &out_tx, &streams).await;
     streams.reset_all();
     drop(out_tx);
     drop(streams);
@@ -157,36 +171,18 @@ async fn serve(
 }
 
 async fn session_loop(
-    reader: &mut FrameReader<ReadHalf>,
+    mut inbox: Inbox<ReadHalf>,
     agent: &Arc<Agent>,
     out_tx: &mpsc::Sender<AgentOut>,
     streams: &Arc<Streams<AgentOut>>,
 ) -> Result<(), SessionError> {
-    let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
     loop {
-        let deadline = Instant::from_std(keepalive.next_deadline());
-        let message: ClientMessage = tokio::select! {
-            message = reader.next() => message?,
-            () = sleep_until(deadline) => {
-                match keepalive.poll(std::time::Instant::now()) {
-                    KeepaliveAction::Idle => {}
-                    KeepaliveAction::SendPing { nonce } => {
-                        let _ = out_tx.send(AgentMessage::Ping { nonce }.into()).await;
-                    }
-                    KeepaliveAction::PeerDead => return Err(SessionError::PeerDead),
-                }
-                continue;
-            }
-        };
-        keepalive.on_receive(std::time::Instant::now());
-        match message {
+        match inbox.next::<ClientMessage, _>(out_tx).await? {
             ClientMessage::Hello(_) => {
                 return Err(ProtocolError::UnexpectedMessage("a second hello").into());
             }
-            ClientMessage::Ping { nonce } => {
-                let _ = out_tx.send(AgentMessage::Pong { nonce }.into()).await;
-            }
-            ClientMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
+            // The inbox answers these itself.
+            ClientMessage::Ping { .. } | ClientMessage::Pong { .. } => {}
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
@@ -308,14 +304,6 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, Remote
             })
             .await
         }
-        Request::ReadFile { path, offset, len } => {
-            blocking(agent, move |agent| {
-                files::read_file(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
-                    .map(Response::FileData)
-                    .map_err(|error| remote(&error, error.errno()))
-            })
-            .await
-        }
         // Writable: the client proved the session token and chose its mode; its FUSE mount
         // refuses writes itself in read-only mode (see `fs` for the agent's own guard).
         Request::Fs(request) => {
@@ -422,7 +410,7 @@ fn remote(error: &dyn std::fmt::Display, errno: i32) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::Endpoint;
+    use mirrord_link::endpoint::Endpoint;
     use std::io::Write;
 
     /// A file read whose bytes wait in a pipe reaches the client whole and in its place among

@@ -7,12 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mirrord_agent::endpoint::{Endpoint, ReadHalf};
-use mirrord_agent::link::{
-    Datagrams, FrameReader, LinkError, OpenError, StreamRx, Streams, write_loop,
-};
+use mirrord_link::endpoint::{Endpoint, ReadHalf, WriteHalf};
+use mirrord_link::frames::{FrameReader, LinkError, write_loop};
+use mirrord_link::greet::{GreetError, greet};
+use mirrord_link::inbox::Inbox;
+use mirrord_link::streams::{Datagrams, OpenError, StreamRx, Streams};
+use mirrord_protocol::bulk::MAX_FILE_READ;
+use mirrord_protocol::fs::{FsRequest, FsResponse};
+use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::{check_welcome, client_hello};
-use mirrord_protocol::keepalive::{Keepalive, KeepaliveAction};
 use mirrord_protocol::mux::Side;
 use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RejectReason, RemoteError, Request, Response,
@@ -20,12 +23,10 @@ use mirrord_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep_until, timeout};
+use tokio::time::timeout;
 
 /// Connecting and the handshake together must finish within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const PING_INTERVAL: Duration = Duration::from_secs(5);
-const PEER_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -43,13 +44,17 @@ pub enum ClientError {
     )]
     BadToken { addr: String },
     #[error(
-        "the agent at {addr} speaks protocol version {agent}, this mirrord speaks {client}; use an agent and CLI of the same release"
+        "the agent at {addr} speaks protocol {agent} ({software}), this mirrord speaks {PROTOCOL_VERSION}; use an agent of the same release as this mirrord"
     )]
-    VersionMismatch {
+    OtherVersion {
         addr: String,
         agent: u32,
-        client: u32,
+        software: String,
     },
+    #[error(
+        "the agent at {addr} did not greet as mirrord does: it is not a mirrord agent, or one older than protocol {PROTOCOL_VERSION}; use an agent of the same release as this mirrord"
+    )]
+    NotAnAgent { addr: String },
     #[error("the agent at {addr} broke the protocol: {source}")]
     Protocol { addr: String, source: ProtocolError },
     #[error("the connection to the agent was lost")]
@@ -73,22 +78,51 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to `endpoint` and completes the handshake, within [`CONNECT_TIMEOUT`].
+    /// Connects to `endpoint` and completes the greeting and handshake, within
+    /// [`CONNECT_TIMEOUT`].
     pub async fn connect(endpoint: &Endpoint, token: &[u8]) -> Result<AgentClient, ClientError> {
-        let addr = &endpoint.to_string();
+        let addr = endpoint.to_string();
+        let halves = match timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            Ok(Ok(halves)) => halves,
+            Ok(Err(source)) => return Err(ClientError::Unreachable { addr, source }),
+            Err(_) => return Err(ClientError::NoAnswer { addr }),
+        };
+        AgentClient::start(halves, &addr, token).await
+    }
+
+    /// Starts a session over a connection already made (`addr` names it in errors): the
+    /// greeting, then the handshake, within [`CONNECT_TIMEOUT`].
+    pub async fn start(
+        (mut read_half, mut write_half): (ReadHalf, WriteHalf),
+        addr: &str,
+        token: &[u8],
+    ) -> Result<AgentClient, ClientError> {
         let no_answer = || ClientError::NoAnswer {
             addr: addr.to_owned(),
         };
-        let (read_half, write_half) = match timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-            Ok(Ok(halves)) => halves,
-            Ok(Err(source)) => {
-                return Err(ClientError::Unreachable {
+        let ours = Greeting::ours(concat!("mirrord ", env!("CARGO_PKG_VERSION")));
+        let agent = match timeout(
+            CONNECT_TIMEOUT,
+            greet(&mut read_half, &mut write_half, &ours),
+        )
+        .await
+        {
+            Ok(Ok(agent)) => agent,
+            Ok(Err(GreetError::NotMirrord(_) | GreetError::Closed)) => {
+                return Err(ClientError::NotAnAgent {
                     addr: addr.to_owned(),
-                    source,
                 });
             }
+            Ok(Err(GreetError::Io(_))) => return Err(ClientError::Lost),
             Err(_) => return Err(no_answer()),
         };
+        if !agent.compatible() {
+            return Err(ClientError::OtherVersion {
+                addr: addr.to_owned(),
+                agent: agent.version,
+                software: agent.software,
+            });
+        }
         let mut reader = FrameReader::new(read_half);
         let (out_tx, out_rx) = mpsc::channel(1024);
         tokio::spawn(async move {
@@ -115,13 +149,6 @@ impl AgentClient {
             ProtocolError::Rejected(RejectReason::BadToken) => ClientError::BadToken {
                 addr: addr.to_owned(),
             },
-            ProtocolError::Rejected(RejectReason::VersionMismatch { agent, client }) => {
-                ClientError::VersionMismatch {
-                    addr: addr.to_owned(),
-                    agent,
-                    client,
-                }
-            }
             source => ClientError::Protocol {
                 addr: addr.to_owned(),
                 source,
@@ -136,7 +163,7 @@ impl AgentClient {
             streams: streams.clone(),
             ended_tx,
         };
-        tokio::spawn(read_loop(reader, out_tx.clone(), session));
+        tokio::spawn(read_loop(Inbox::new(reader), out_tx.clone(), session));
         Ok(AgentClient {
             out_tx,
             pending,
@@ -163,6 +190,20 @@ impl AgentClient {
             .await
             .map_err(|_| ClientError::Lost)?
             .map_err(ClientError::Remote)
+    }
+
+    /// The first [`MAX_FILE_READ`] bytes of one of the target's files (configuration files:
+    /// resolv.conf, hosts).
+    pub async fn read_small_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let read = FsRequest::Read {
+            path: path.to_owned(),
+            offset: 0,
+            len: MAX_FILE_READ,
+        };
+        match self.request(Request::Fs(read)).await? {
+            Response::Fs(FsResponse::Data(data)) => Ok(data),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
     }
 
     pub async fn target_info(&self) -> Result<TargetInfo, ClientError> {
@@ -237,7 +278,7 @@ struct Session {
 /// Dispatches the agent's messages until the connection ends; then every pending request
 /// fails with `Lost` (its sender is dropped) and every stream is reset.
 async fn read_loop(
-    mut reader: FrameReader<ReadHalf>,
+    mut inbox: Inbox<ReadHalf>,
     out_tx: mpsc::Sender<ClientMessage>,
     session: Session,
 ) {
@@ -246,44 +287,27 @@ async fn read_loop(
         streams,
         ended_tx,
     } = session;
-    let mut keepalive = Keepalive::new(PING_INTERVAL, PEER_TIMEOUT, std::time::Instant::now());
     let ended = loop {
-        let deadline = tokio::time::Instant::from_std(keepalive.next_deadline());
-        let message = tokio::select! {
-            message = reader.next::<AgentMessage>() => message,
-            () = sleep_until(deadline) => {
-                match keepalive.poll(std::time::Instant::now()) {
-                    KeepaliveAction::Idle => {}
-                    KeepaliveAction::SendPing { nonce } => {
-                        let _ = out_tx.send(ClientMessage::Ping { nonce }).await;
-                    }
-                    KeepaliveAction::PeerDead => break "the agent stopped answering pings".to_owned(),
-                }
-                continue;
-            }
-        };
-        let message = match message {
+        let message = match inbox.next::<AgentMessage, _>(&out_tx).await {
             Ok(message) => message,
             Err(LinkError::Closed) => break "the agent closed the connection".to_owned(),
+            Err(LinkError::PeerDead) => break "the agent stopped answering pings".to_owned(),
             Err(error) => break error.to_string(),
         };
-        keepalive.on_receive(std::time::Instant::now());
         match message {
             AgentMessage::Response { id, response } => {
                 if let Some(answer_tx) = lock(&pending).remove(&id) {
                     let _ = answer_tx.send(response);
                 }
             }
-            AgentMessage::Ping { nonce } => {
-                let _ = out_tx.send(ClientMessage::Pong { nonce }).await;
-            }
-            AgentMessage::Pong { nonce } => keepalive.on_pong(nonce, std::time::Instant::now()),
+            // The inbox answers these itself.
+            AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => {}
             AgentMessage::Stream(frame) => {
                 if let Err(error) = streams.on_frame(frame) {
                     break error.to_string();
                 }
             }
-            AgentMessage::Welcome(_) | AgentMessage::Rejected(_) => {
+            AgentMessage::Welcome | AgentMessage::Rejected(_) => {
                 break "the agent sent a message out of place".to_owned();
             }
         }

@@ -6,29 +6,28 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use mirrord_agent::dns::{DnsResolver, reply_to};
+use mirrord_dns::{DnsResolver, reply_to};
 use mirrord_netstack::{NewTcp, UdpFlow};
 use mirrord_protocol::{Request, Response};
-use mirrord_tunnel::rules::Rules;
+use mirrord_routing::SharedRules;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::{DNSClass, RData, Record, RecordType};
 
 use crate::client::{AgentClient, lock};
-use crate::net::{read_rules, write_rules};
 
 /// The stub's address inside the launched process's network namespace, next to
 /// [`crate::net::HOST_LOOPBACK`] in the benchmarking range no cluster hands out.
 pub const STUB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 253);
 
 /// The DNS port the stub answers on, over UDP and TCP.
-pub const STUB_PORT: u16 = mirrord_agent::dns::DNS_PORT;
+pub const STUB_PORT: u16 = mirrord_dns::DNS_PORT;
 
 /// A UDP answer to a query without EDNS must fit in this (RFC 1035 §4.2.1).
 const CLASSIC_UDP_LIMIT: usize = 512;
@@ -200,14 +199,8 @@ impl TargetResolvConf {
 
 /// Reads the target's resolv.conf through the agent; an empty one when it has none.
 pub async fn target_resolv_conf(client: &AgentClient) -> TargetResolvConf {
-    let read = Request::ReadFile {
-        path: "/etc/resolv.conf".to_owned(),
-        offset: 0,
-        len: mirrord_protocol::frame::MAX_FILE_READ,
-    };
-    match client.request(read).await {
-        Ok(Response::FileData(data)) => TargetResolvConf::parse(&String::from_utf8_lossy(&data)),
-        Ok(_) => TargetResolvConf::default(),
+    match client.read_small_file("/etc/resolv.conf").await {
+        Ok(data) => TargetResolvConf::parse(&String::from_utf8_lossy(&data)),
         Err(error) => {
             tracing::debug!(%error, "the target has no readable resolv.conf");
             TargetResolvConf::default()
@@ -313,7 +306,7 @@ pub struct DnsStub {
     /// This machine's resolver, for local names; built on first use.
     local: tokio::sync::OnceCell<DnsResolver>,
     cache: Mutex<Cache>,
-    rules: Arc<RwLock<Rules>>,
+    rules: SharedRules,
     /// Names of the outgoing filter, normalized.
     filter_names: Vec<String>,
     learned: Mutex<Learned>,
@@ -324,13 +317,9 @@ impl DnsStub {
         client: Arc<AgentClient>,
         filter: Option<NameFilter>,
         conf: &TargetResolvConf,
-        rules: Arc<RwLock<Rules>>,
+        rules: SharedRules,
     ) -> DnsStub {
-        let filter_names = read_rules(&rules)
-            .names()
-            .iter()
-            .map(|name| normalize(name))
-            .collect();
+        let filter_names = rules.names().iter().map(|name| normalize(name)).collect();
         DnsStub {
             client,
             filter,
@@ -459,7 +448,7 @@ impl DnsStub {
             .flatten()
             .copied()
             .collect();
-        write_rules(&self.rules).learn(filter_name, &all);
+        self.rules.learn(filter_name, &all);
     }
 
     /// Answers the datagrams of one UDP flow to the stub, each as soon as it is resolved (a

@@ -4,9 +4,9 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use mirrord_agent::report::one_line;
 use mirrord_cli::args::{Cli, Command};
 use mirrord_cli::run;
+use mirrord_link::report::one_line;
 
 fn main() {
     tracing_subscriber::fmt()

@@ -4,13 +4,14 @@
 //! loopback. It never changes the host's own network configuration.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ipnet::IpNet;
-use mirrord_agent::link::Datagrams;
+use mirrord_link::streams::Datagrams;
 use mirrord_netstack::{Event, NetStack, NewTcp, UdpFlow};
 use mirrord_protocol::TargetInfo;
-use mirrord_tunnel::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
+use mirrord_routing::SharedRules;
+use mirrord_routing::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
 use mirrord_tunnel::{TunDevice, TunPlan, TunReceiver};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -57,14 +58,14 @@ impl Default for NetSettings {
 pub struct Network {
     receiver: TunReceiver,
     /// Shared with the DNS stub, which teaches it the addresses of the filter's names.
-    rules: Arc<RwLock<Rules>>,
+    rules: SharedRules,
     dns: Option<Arc<DnsStub>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("invalid outgoing filter: {0}")]
-    Rules(#[from] mirrord_tunnel::rules::RuleError),
+    Rules(#[from] mirrord_routing::rules::RuleError),
     #[error("{0}")]
     Tunnel(#[from] mirrord_tunnel::TunError),
     #[error("cannot serve the network tunnel: {0}")]
@@ -124,7 +125,7 @@ pub fn prepare(
         plan,
         Network {
             receiver,
-            rules: Arc::new(RwLock::new(rules)),
+            rules: SharedRules::new(rules),
             dns: None,
         },
     )))
@@ -219,24 +220,6 @@ fn is_stub(dst: SocketAddr) -> bool {
     dst == SocketAddr::from((crate::dns::STUB_ADDR, crate::dns::STUB_PORT))
 }
 
-fn route(rules: &RwLock<Rules>, protocol: Protocol, dst: SocketAddr) -> Route {
-    read_rules(rules).route(protocol, dst)
-}
-
-/// The shared rules, for routing; a panic while learning leaves them as they were: usable.
-pub(crate) fn read_rules(rules: &RwLock<Rules>) -> std::sync::RwLockReadGuard<'_, Rules> {
-    rules
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The shared rules, for the DNS stub to teach them names' addresses.
-pub(crate) fn write_rules(rules: &RwLock<Rules>) -> std::sync::RwLockWriteGuard<'_, Rules> {
-    rules
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Where a local or host-loopback flow connects from this machine.
 fn local_target(route: Route, dst: SocketAddr) -> SocketAddr {
     match route {
@@ -247,9 +230,9 @@ fn local_target(route: Route, dst: SocketAddr) -> SocketAddr {
 }
 
 /// Connects the far side first, so the app's connect succeeds or fails as the real one did.
-async fn tcp(new: NewTcp, rules: &RwLock<Rules>, client: &AgentClient) {
+async fn tcp(new: NewTcp, rules: &SharedRules, client: &AgentClient) {
     let dst = new.dst;
-    let route = route(rules, Protocol::Tcp, dst);
+    let route = rules.route(Protocol::Tcp, dst);
     tracing::debug!(src = %new.src, %dst, ?route, "new TCP flow");
     match route {
         Route::Remote => match client.connect_tcp(dst).await {
@@ -303,9 +286,9 @@ impl Datagrams for FlowDatagrams {
     }
 }
 
-async fn udp(flow: UdpFlow, rules: &RwLock<Rules>, client: &AgentClient) {
+async fn udp(flow: UdpFlow, rules: &SharedRules, client: &AgentClient) {
     let dst = flow.dst;
-    let route = route(rules, Protocol::Udp, dst);
+    let route = rules.route(Protocol::Udp, dst);
     tracing::debug!(src = %flow.src, %dst, ?route, "new UDP flow");
     match route {
         Route::Remote => match client.connect_udp(dst).await {

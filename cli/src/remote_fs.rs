@@ -215,14 +215,13 @@ pub async fn hosts_text(
         .as_deref()
         .is_some_and(|fuse| fuse.binds.iter().any(|(_, local)| local == hosts));
     let mut text = if pod_hosts {
-        let read = FsRequest::Read {
-            path: "/etc/hosts".to_owned(),
-            offset: 0,
-            len: mirrord_protocol::frame::MAX_FILE_READ,
-        };
-        match client.request(Request::Fs(read)).await {
-            Ok(Response::Fs(FsResponse::Data(data))) => String::from_utf8_lossy(&data).into_owned(),
-            _ => return Err(std::io::Error::other("cannot read the target's /etc/hosts")),
+        match client.read_small_file("/etc/hosts").await {
+            Ok(data) => String::from_utf8_lossy(&data).into_owned(),
+            Err(error) => {
+                return Err(std::io::Error::other(format!(
+                    "cannot read the target's /etc/hosts: {error}"
+                )));
+            }
         }
     } else {
         std::fs::read_to_string("/etc/hosts")?

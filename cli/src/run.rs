@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use mirrord_agent::endpoint::Endpoint;
+use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
-use mirrord_tunnel::rules::OutgoingFilter;
+use mirrord_routing::rules::OutgoingFilter;
 
 use crate::args::{EnvFormat, SessionArgs};
 use crate::client::AgentClient;

@@ -85,7 +85,7 @@ pub enum FuseError {
 }
 
 /// Largest read or write the kernel sends in one request, and what one agent request carries.
-pub const MAX_IO: u32 = mirrord_protocol::frame::MAX_FILE_READ;
+pub const MAX_IO: u32 = mirrord_protocol::bulk::MAX_FILE_READ;
 
 /// Opens a new FUSE connection (`/dev/fuse`), for [`mount_data`] and [`serve_fd`].
 pub fn open_device() -> Result<OwnedFd, FuseError> {

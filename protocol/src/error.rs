@@ -37,19 +37,12 @@ pub enum ProtocolError {
     },
     #[error("the peer granted stream {} more credit than the window allows", .id.0)]
     CreditOverflow { id: StreamId },
-    #[error("the peer stopped answering keepalive pings")]
-    PeerDead,
 }
 
 /// One line a user can act on; the CLI prints it as is.
 impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::VersionMismatch { agent, client } => write!(
-                f,
-                "the agent speaks protocol version {agent} but this mirrord speaks version \
-                 {client}; use an agent built from the same mirrord release"
-            ),
             Self::BadToken => f.write_str("the agent rejected the session token"),
             Self::HelloExpected => {
                 f.write_str("the agent expected a Hello as the first message of the session")
@@ -64,14 +57,7 @@ mod tests {
 
     #[test]
     fn rejection_reads_as_one_line() {
-        let reasons = [
-            RejectReason::VersionMismatch {
-                agent: 2,
-                client: 1,
-            },
-            RejectReason::BadToken,
-            RejectReason::HelloExpected,
-        ];
+        let reasons = [RejectReason::BadToken, RejectReason::HelloExpected];
         for reason in reasons {
             let line = ProtocolError::Rejected(reason).to_string();
             assert!(!line.is_empty() && !line.contains('\n'), "{line:?}");

@@ -7,25 +7,10 @@
 
 use bincode::config::{Configuration, Limit, Varint};
 
+use crate::bulk::{BULK_MIN, Bulk, MAX_FRAME_LEN};
 use crate::error::ProtocolError;
 
-/// Most bytes in one frame, message and bulk together (the 8-byte header excluded).
-pub const MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
-/// Most bytes in one `StreamFrame::Data`, so one busy stream cannot hog the connection.
-pub const MAX_DATA_CHUNK: usize = 64 * 1024;
-/// Most bytes one `ReadFile` may ask for, so the answer always fits in a frame.
-pub const MAX_FILE_READ: u32 = 1024 * 1024;
-
 const HEADER_LEN: usize = 8;
-
-/// Byte fields at least this long travel as a frame's bulk.
-pub const BULK_MIN: usize = 16 * 1024;
-
-/// A message with (in some variants) one large byte field that may travel as bulk.
-pub trait Bulk {
-    /// The field, in the variants that have one.
-    fn bulk_mut(&mut self) -> Option<&mut Vec<u8>>;
-}
 
 /// The limit makes bincode refuse any length inside a frame that claims more than a frame could
 /// hold, so a hostile `Vec` length cannot make the decoder allocate gigabytes.
@@ -260,16 +245,14 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::bulk::{MAX_DATA_CHUNK, MAX_FILE_READ};
     use crate::messages::*;
 
     fn every_client_message() -> Vec<ClientMessage> {
         let addr: SocketAddr = ([10, 0, 0, 7], 8080).into();
         let addr6: SocketAddr = "[fd00::1]:443".parse().unwrap_or(addr);
         let mut msgs = vec![
-            ClientMessage::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                token: vec![7; 32],
-            }),
+            ClientMessage::Hello(Hello { token: vec![7; 32] }),
             ClientMessage::Ping { nonce: u64::MAX },
             ClientMessage::Pong { nonce: 0 },
             ClientMessage::Request {
@@ -278,11 +261,11 @@ mod tests {
             },
             ClientMessage::Request {
                 id: 2,
-                request: Request::ReadFile {
+                request: Request::Fs(crate::fs::FsRequest::Read {
                     path: "/etc/hostname".into(),
                     offset: 1 << 40,
                     len: MAX_FILE_READ,
-                },
+                }),
             },
             ClientMessage::Stream(StreamFrame::Open {
                 id: StreamId(3),
@@ -328,14 +311,7 @@ mod tests {
 
     fn every_agent_message() -> Vec<AgentMessage> {
         let mut msgs = vec![
-            AgentMessage::Welcome(Welcome {
-                version: PROTOCOL_VERSION,
-                agent_version: "0.1.0".into(),
-            }),
-            AgentMessage::Rejected(RejectReason::VersionMismatch {
-                agent: 1,
-                client: 9,
-            }),
+            AgentMessage::Welcome,
             AgentMessage::Rejected(RejectReason::BadToken),
             AgentMessage::Rejected(RejectReason::HelloExpected),
             AgentMessage::Ping { nonce: 42 },
@@ -360,7 +336,9 @@ mod tests {
             },
             AgentMessage::Response {
                 id: 3,
-                response: Ok(Response::FileData(b"hello\n".to_vec())),
+                response: Ok(Response::Fs(crate::fs::FsResponse::Data(
+                    b"hello\n".to_vec(),
+                ))),
             },
             AgentMessage::Response {
                 id: 4,
@@ -409,11 +387,11 @@ mod tests {
         let msgs = [
             ClientMessage::Request {
                 id: 9,
-                request: Request::ReadFile {
+                request: Request::Fs(crate::fs::FsRequest::Read {
                     path: "/proc/self/environ".into(),
                     offset: 3,
                     len: 100,
-                },
+                }),
             },
             ClientMessage::Ping { nonce: 5 },
         ];
@@ -614,7 +592,11 @@ mod tests {
     fn largest_file_read_fits_in_a_frame() {
         let msg = AgentMessage::Response {
             id: u64::MAX,
-            response: Ok(Response::FileData(vec![0xff; MAX_FILE_READ as usize])),
+            response: Ok(Response::Fs(crate::fs::FsResponse::Data(vec![
+                0xff;
+                MAX_FILE_READ
+                    as usize
+            ]))),
         };
         let mut out = Vec::new();
         assert_eq!(encode(&msg, &mut out), Ok(()));

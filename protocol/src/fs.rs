@@ -6,10 +6,10 @@
 use bincode::{Decode, Encode};
 
 /// Most entries in one [`DirPage`]. With names of at most 255 bytes and one [`Attr`] each, a page
-/// stays far under [`crate::frame::MAX_FRAME_LEN`].
+/// stays far under [`crate::bulk::MAX_FRAME_LEN`].
 pub const MAX_DIR_PAGE: u32 = 1024;
 /// Most bytes one [`FsRequest::Write`] may carry, so the request always fits in a frame.
-pub const MAX_FILE_WRITE: u32 = crate::frame::MAX_FILE_READ;
+pub const MAX_FILE_WRITE: u32 = crate::bulk::MAX_FILE_READ;
 /// Most bytes of one extended attribute value or name list (the kernel's `XATTR_SIZE_MAX`).
 pub const MAX_XATTR: u32 = 64 * 1024;
 /// Most bytes of a [`DirEntry`]'s extended attribute names; longer lists are left out (the
@@ -30,7 +30,7 @@ pub enum FsRequest {
         offset: u64,
         xattrs: bool,
     },
-    /// Up to `len` bytes (at most [`crate::frame::MAX_FILE_READ`]) from `offset`; fewer bytes
+    /// Up to `len` bytes (at most [`crate::bulk::MAX_FILE_READ`]) from `offset`; fewer bytes
     /// mean end of file. → [`FsResponse::Data`]
     Read { path: String, offset: u64, len: u32 },
     /// The raw target of the symlink `path`. → [`FsResponse::Data`]
@@ -197,7 +197,7 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
-impl crate::frame::Bulk for FsRequest {
+impl crate::bulk::Bulk for FsRequest {
     fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             FsRequest::Write { data, .. } => Some(data),
@@ -206,7 +206,7 @@ impl crate::frame::Bulk for FsRequest {
     }
 }
 
-impl crate::frame::Bulk for FsResponse {
+impl crate::bulk::Bulk for FsResponse {
     fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             FsResponse::Data(data) => Some(data),
@@ -218,9 +218,8 @@ impl crate::frame::Bulk for FsResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{
-        Bulk, FrameDecoder, MAX_FILE_READ, MAX_FRAME_LEN, encode, encode_with_bulk,
-    };
+    use crate::bulk::{Bulk, MAX_FILE_READ, MAX_FRAME_LEN};
+    use crate::frame::{FrameDecoder, encode, encode_with_bulk};
     use crate::messages::{AgentMessage, ClientMessage, Request, Response};
 
     fn attr(kind: FileKind) -> Attr {

@@ -1,59 +1,41 @@
-//! The session handshake: the CLI's `Hello` carries the protocol version and the session token,
-//! the agent answers `Welcome` or `Rejected`. These functions only judge messages; sending,
-//! timeouts and closing the connection belong to the caller.
+//! The session handshake, after the [`crate::greeting`]s agreed on the version: the CLI's
+//! `Hello` carries the session token, the agent answers `Welcome` or `Rejected`. These functions
+//! only judge messages; sending, timeouts and closing the connection belong to the caller.
 
 use subtle::ConstantTimeEq;
 
 use crate::error::ProtocolError;
-use crate::messages::{
-    AgentMessage, ClientMessage, Hello, PROTOCOL_VERSION, RejectReason, Welcome,
-};
+use crate::messages::{AgentMessage, ClientMessage, Hello, RejectReason};
 
 /// The first message a client sends.
 pub fn client_hello(token: &[u8]) -> ClientMessage {
     ClientMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
         token: token.to_vec(),
     })
 }
 
-/// The agent's check of the first message: version first, then token compared in constant time
-/// so a client cannot learn the token byte by byte from response times.
+/// The agent's check of the first message: the token, compared in constant time so a client
+/// cannot learn the token byte by byte from response times.
 ///
 /// An empty `expected_token` accepts nobody: an agent started without a token must fail closed
 /// rather than open a session to anyone who can reach it.
-pub fn accept_hello(first: &ClientMessage, expected_token: &[u8]) -> Result<Welcome, RejectReason> {
+pub fn accept_hello(first: &ClientMessage, expected_token: &[u8]) -> Result<(), RejectReason> {
     let ClientMessage::Hello(hello) = first else {
         return Err(RejectReason::HelloExpected);
     };
-    if hello.version != PROTOCOL_VERSION {
-        return Err(RejectReason::VersionMismatch {
-            agent: PROTOCOL_VERSION,
-            client: hello.version,
-        });
-    }
     // `ct_eq` on slices of different lengths is false without comparing contents; the length of
     // the token is not secret.
     let token_ok: bool = hello.token.as_slice().ct_eq(expected_token).into();
     if expected_token.is_empty() || !token_ok {
         return Err(RejectReason::BadToken);
     }
-    Ok(Welcome {
-        version: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-    })
+    Ok(())
 }
 
 /// The client's check of the agent's reply to `Hello`.
-pub fn check_welcome(reply: AgentMessage) -> Result<Welcome, ProtocolError> {
+pub fn check_welcome(reply: AgentMessage) -> Result<(), ProtocolError> {
     match reply {
-        AgentMessage::Welcome(welcome) if welcome.version == PROTOCOL_VERSION => Ok(welcome),
-        AgentMessage::Welcome(welcome) => {
-            Err(ProtocolError::Rejected(RejectReason::VersionMismatch {
-                agent: welcome.version,
-                client: PROTOCOL_VERSION,
-            }))
-        }
+        AgentMessage::Welcome => Ok(()),
         AgentMessage::Rejected(reason) => Err(ProtocolError::Rejected(reason)),
         AgentMessage::Ping { .. } => Err(ProtocolError::UnexpectedMessage("Ping before Welcome")),
         AgentMessage::Pong { .. } => Err(ProtocolError::UnexpectedMessage("Pong before Welcome")),
@@ -73,13 +55,8 @@ mod tests {
 
     #[test]
     fn right_token_accepted() {
-        let welcome = accept_hello(&client_hello(TOKEN), TOKEN).expect("right token");
-        assert_eq!(welcome.version, PROTOCOL_VERSION);
-        assert_eq!(welcome.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(
-            check_welcome(AgentMessage::Welcome(welcome.clone())),
-            Ok(welcome)
-        );
+        assert_eq!(accept_hello(&client_hello(TOKEN), TOKEN), Ok(()));
+        assert_eq!(check_welcome(AgentMessage::Welcome), Ok(()));
     }
 
     #[test]
@@ -104,21 +81,6 @@ mod tests {
     }
 
     #[test]
-    fn wrong_version_rejected_before_token() {
-        let hello = ClientMessage::Hello(Hello {
-            version: PROTOCOL_VERSION + 1,
-            token: b"wrong".to_vec(),
-        });
-        assert_eq!(
-            accept_hello(&hello, TOKEN),
-            Err(RejectReason::VersionMismatch {
-                agent: PROTOCOL_VERSION,
-                client: PROTOCOL_VERSION + 1
-            })
-        );
-    }
-
-    #[test]
     fn non_hello_first_message_rejected() {
         let firsts = [
             ClientMessage::Ping { nonce: 1 },
@@ -139,35 +101,18 @@ mod tests {
 
     #[test]
     fn check_welcome_on_each_reply() {
-        for reason in [
-            RejectReason::BadToken,
-            RejectReason::HelloExpected,
-            RejectReason::VersionMismatch {
-                agent: 7,
-                client: PROTOCOL_VERSION,
-            },
-        ] {
+        for reason in [RejectReason::BadToken, RejectReason::HelloExpected] {
             assert_eq!(
                 check_welcome(AgentMessage::Rejected(reason.clone())),
                 Err(ProtocolError::Rejected(reason))
             );
         }
-        assert_eq!(
-            check_welcome(AgentMessage::Welcome(Welcome {
-                version: PROTOCOL_VERSION + 1,
-                agent_version: "9.9.9".into(),
-            })),
-            Err(ProtocolError::Rejected(RejectReason::VersionMismatch {
-                agent: PROTOCOL_VERSION + 1,
-                client: PROTOCOL_VERSION
-            }))
-        );
         let others = [
             AgentMessage::Ping { nonce: 1 },
             AgentMessage::Pong { nonce: 1 },
             AgentMessage::Response {
                 id: 1,
-                response: Ok(crate::messages::Response::FileData(vec![])),
+                response: Ok(crate::messages::Response::Dns(vec![])),
             },
             AgentMessage::Stream(StreamFrame::Opened { id: StreamId(2) }),
         ];

@@ -4,6 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+/// Silence after which a side pings its peer.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A peer silent this long after a ping is dead.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepaliveAction {
     /// Nothing to do before [`Keepalive::next_deadline`].

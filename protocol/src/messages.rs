@@ -5,9 +5,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use bincode::{Decode, Encode};
 
-/// Bumped on any incompatible change to the messages below; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
-
 /// Identifies one multiplexed stream on a connection. The CLI opens odd ids, the agent even ids
 /// (see [`crate::mux::Side`]), so both ends can open streams without agreeing first.
 #[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +28,7 @@ pub enum ClientMessage {
     Stream(StreamFrame),
 }
 
-impl crate::frame::Bulk for ClientMessage {
+impl crate::bulk::Bulk for ClientMessage {
     fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             ClientMessage::Request {
@@ -44,13 +41,9 @@ impl crate::frame::Bulk for ClientMessage {
     }
 }
 
-impl crate::frame::Bulk for AgentMessage {
+impl crate::bulk::Bulk for AgentMessage {
     fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
-            AgentMessage::Response {
-                response: Ok(Response::FileData(bytes)),
-                ..
-            } => Some(bytes),
             AgentMessage::Response {
                 response: Ok(Response::Fs(response)),
                 ..
@@ -65,7 +58,7 @@ impl crate::frame::Bulk for AgentMessage {
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub enum AgentMessage {
     /// The handshake succeeded; the session is open.
-    Welcome(Welcome),
+    Welcome,
     /// The handshake failed; the agent closes the connection after sending this.
     Rejected(RejectReason),
     Ping {
@@ -81,25 +74,14 @@ pub enum AgentMessage {
     Stream(StreamFrame),
 }
 
+/// The session token. Versions were compared before, in the [`crate::greeting`].
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub struct Hello {
-    pub version: u32,
     pub token: Vec<u8>,
-}
-
-#[derive(Encode, Decode, Debug, Clone, PartialEq)]
-pub struct Welcome {
-    pub version: u32,
-    /// The agent's crate version, for diagnostics only.
-    pub agent_version: String,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
 pub enum RejectReason {
-    VersionMismatch {
-        agent: u32,
-        client: u32,
-    },
     BadToken,
     /// The first message was not a `Hello`.
     HelloExpected,
@@ -110,9 +92,6 @@ pub enum RejectReason {
 pub enum Request {
     /// The target's environment and hostname.
     TargetInfo,
-    /// Up to `len` bytes of a file of the target, from `offset`; the path is resolved inside the
-    /// target's root and can never leave it.
-    ReadFile { path: String, offset: u64, len: u32 },
     /// A file-system operation of the FUSE mount (see [`crate::fs`]).
     Fs(crate::fs::FsRequest),
     /// One DNS query message (RFC 1035 wire format), resolved in the target's network with the
@@ -123,8 +102,6 @@ pub enum Request {
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub enum Response {
     TargetInfo(TargetInfo),
-    /// File bytes; shorter than asked at end of file.
-    FileData(Vec<u8>),
     Fs(crate::fs::FsResponse),
     /// The DNS response message to a [`Request::Dns`], in wire format; failures are DNS
     /// response codes inside it (NXDOMAIN, SERVFAIL…), not a [`RemoteError`].

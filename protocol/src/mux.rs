@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
+use crate::bulk::MAX_DATA_CHUNK;
 use crate::error::ProtocolError;
-use crate::frame::MAX_DATA_CHUNK;
 use crate::messages::{StreamFrame, StreamId};
 
 /// Send credit each side has on a new stream, and the most it may ever hold.

@@ -10,7 +10,6 @@
 //!    wraps it in a [`TunDevice`].
 
 mod device;
-pub mod rules;
 mod setup;
 
 pub use device::{MAX_PACKET, TunDevice};

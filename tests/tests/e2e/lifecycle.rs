@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use libtest_mimic::Failed;
 use mirrord_cli::client::{AgentClient, ClientError};
-use mirrord_protocol::{Request, Response};
 use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE};
 use mirrord_tests::process::{Run, SHORT};
 use mirrord_tests::{Cluster, Pty, Scene};
@@ -165,11 +164,14 @@ pub fn agent_survives_garbage_and_honours_idle_ttl(
         socket.set_read_timeout(Some(SHORT))?;
         socket.write_all(bytes)?;
         let mut reply = Vec::new();
-        // The agent closes the connection; a reset is as good as an end of stream here.
+        // The agent greets every connection, then closes it on garbage; a reset is as good as
+        // an end of stream here. Its greeting (magic, version, name length, name) is all it says.
         let _ = socket.read_to_end(&mut reply);
         ensure!(
-            reply.is_empty(),
-            "the agent answered garbage {bytes:?} with {reply:?}"
+            reply.starts_with(b"mirrord\0")
+                && reply.len() > 12
+                && reply.len() == 13 + usize::from(reply[12]),
+            "the agent answered garbage {bytes:?} with more than its greeting: {reply:?}"
         );
     }
 
@@ -216,15 +218,7 @@ pub fn agent_reads_pod_files(scene: &Scene, cluster: &Cluster) -> Result<(), Fai
         let client = AgentClient::connect(&agent.addr().parse()?, TOKEN.as_bytes()).await?;
         let read = |path: String| {
             let client = &client;
-            async move {
-                client
-                    .request(Request::ReadFile {
-                        path,
-                        offset: 0,
-                        len: 4096,
-                    })
-                    .await
-            }
+            async move { client.read_small_file(&path).await }
         };
         for path in [
             pod_only.clone(),
@@ -232,7 +226,7 @@ pub fn agent_reads_pod_files(scene: &Scene, cluster: &Cluster) -> Result<(), Fai
             format!("{POD_FILE_DIR}/../../{pod_only}"),
         ] {
             match read(path.clone()).await? {
-                Response::FileData(data) if data == pod.pod_only_content().as_bytes() => {}
+                data if data == pod.pod_only_content().as_bytes() => {}
                 other => return Err(Failed::from(format!("{path}: {other:?}"))),
             }
         }
