@@ -255,6 +255,11 @@ impl Inner {
     /// Replies with a new entry for `path`, counting the kernel's lookup of it.
     fn entry(&self, path: &str, attr: &Attr, reply: ReplyEntry) {
         let ino = self.inodes().lookup(path, attr);
+        self.numbered_entry(ino, attr, reply)
+    }
+
+    /// Replies with the entry of `ino`, whose lookup the inode table has already counted.
+    fn numbered_entry(&self, ino: u64, attr: &Attr, reply: ReplyEntry) {
         self.cache().remember(ino, attr, Instant::now());
         let attr = file_attr(ino, attr);
         reply.entry_with_ttls(
@@ -608,18 +613,13 @@ impl fuser::Filesystem for RemoteFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Mkdir {
-                path: path.clone(),
+        let request = |path| {
+            Ok(FsRequest::Mkdir {
+                path,
                 mode: mode & !umask & 0o7777,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| inner
-                .entry(&path, &attr, reply));
-        });
+            })
+        };
+        self.make(parent, name, reply, request, Inner::numbered_entry);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -638,21 +638,11 @@ impl fuser::Filesystem for RemoteFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, link_name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
+        let request = |path| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
+            Ok(FsRequest::Symlink { path, target })
         };
-        let Some(target) = target.to_str().map(str::to_owned) else {
-            return reply.error(Errno::EINVAL);
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Symlink {
-                path: path.clone(),
-                target,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| inner
-                .entry(&path, &attr, reply));
-        });
+        self.make(parent, link_name, reply, request, Inner::numbered_entry);
     }
 
     fn rename(
@@ -1015,34 +1005,72 @@ impl fuser::Filesystem for RemoteFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Create {
-                path: path.clone(),
+        let request = |path| {
+            Ok(FsRequest::Create {
+                path,
                 mode: mode & !umask & 0o7777,
                 exclusive: flags & libc::O_EXCL != 0,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| {
-                let mut inodes = inner.inodes();
-                let ino = inodes.lookup(&path, &attr);
-                inodes.reopened(ino, (attr.mtime, attr.size));
-                drop(inodes);
-                reply.created(
-                    &inner.options.entry_ttl,
-                    &file_attr(ino, &attr),
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::empty(),
-                )
-            });
+            })
+        };
+        self.make(parent, name, reply, request, |inner, ino, attr, reply| {
+            // create is also an open: the next open compares its state with this one.
+            inner.inodes().reopened(ino, (attr.mtime, attr.size));
+            reply.created(
+                &inner.options.entry_ttl,
+                &file_attr(ino, attr),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::empty(),
+            )
         });
     }
 }
 
+/// The replies of the calls that make a file (mkdir, symlink, create), which fail alike.
+trait MadeReply: Send + 'static {
+    fn error(self, errno: Errno);
+}
+
+impl MadeReply for ReplyEntry {
+    fn error(self, errno: Errno) {
+        ReplyEntry::error(self, errno)
+    }
+}
+
+impl MadeReply for ReplyCreate {
+    fn error(self, errno: Errno) {
+        ReplyCreate::error(self, errno)
+    }
+}
+
 impl RemoteFs {
+    /// What mkdir, symlink and create share: on a writable mount, the agent makes `name` in
+    /// `parent` as `request` (given the new path) says; the inode table numbers the new file,
+    /// counting the kernel's lookup of it, and `made` replies with it.
+    fn make<R: MadeReply>(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: R,
+        request: impl FnOnce(String) -> Result<FsRequest, Errno>,
+        made: impl FnOnce(&Inner, u64, &Attr, R) + Send + 'static,
+    ) {
+        let made_at = self
+            .writable()
+            .and_then(|()| self.child(parent, name))
+            .and_then(|path| Ok((path.clone(), request(path)?)));
+        let (path, request) = match made_at {
+            Ok(made_at) => made_at,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            reply_or!(reply, inner.attr_call(request).await, |attr| {
+                let ino = inner.inodes().lookup(&path, &attr);
+                made(&inner, ino, &attr, reply)
+            });
+        });
+    }
+
     fn remove(
         &self,
         parent: INodeNo,
