@@ -29,7 +29,7 @@ use crate::readers::Readers;
 const MAX_LISTINGS: usize = 4096;
 /// Sibling directories listed ahead of a reader walking a tree (`find`, `grep -r`, `du`), so
 /// the agent lists the next ones while the kernel and the reader work through this one.
-pub const WALK_AHEAD: usize = 8;
+const WALK_AHEAD: usize = 8;
 
 /// A directory's entries in the agent's order, and where each name is.
 #[derive(Debug)]
@@ -106,7 +106,9 @@ pub struct Cache<F> {
     /// The latest attributes seen for each inode and when: `open` right after a lookup (the
     /// common case) reuses them instead of asking the agent again.
     recent: HashMap<u64, (Attr, Instant)>,
+    /// Listings by directory path, and when each was fetched (read-only mounts only).
     fetched: HashMap<String, (Arc<Listing>, Instant)>,
+    /// Listing fetches under way, by directory path.
     fetching: HashMap<String, F>,
     /// When a lookup in a directory last went to the agent.
     missed: HashMap<String, Instant>,
