@@ -1,6 +1,9 @@
 //! The `fuser::Filesystem`: turns kernel requests into agent requests. Every handler checks its
 //! arguments, takes the reply object into a task on the runtime and returns at once, so the
 //! session thread never waits for the agent.
+//!
+//! What can be answered without the agent, and which listings to fetch, is decided by the
+//! policy in `cache.rs`; the handlers here act on its answers, make the agent calls and reply.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -8,7 +11,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
@@ -21,8 +24,8 @@ use mirrord_protocol::fs::{
 };
 use tokio::runtime::Handle;
 
-use crate::inodes::{Inodes, ROOT_INO, join, parent_and_name};
-use crate::readers::Readers;
+use crate::cache::{Cache, Listed, Listing, Lookup, Xattrs};
+use crate::inodes::{Inodes, ROOT_INO, join};
 use crate::{Backend, MAX_IO, Options};
 
 /// The file system; cheap to share, all state behind one `Arc`.
@@ -39,67 +42,18 @@ struct Inner {
     /// (a few KiB each) never wait for the agent and offsets stay stable.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
-    /// The latest attributes seen for each inode and when: `open` right after a lookup (the
-    /// common case) reuses them instead of asking the agent again.
-    recent: Mutex<HashMap<u64, (Attr, std::time::Instant)>>,
-    /// Read-only mounts: whole directory listings by directory path, fetched at `opendir`,
-    /// ahead of a tree walk, or when lookups keep missing in a directory (git's index refresh
-    /// stats every tracked file one by one). While the attribute TTL lasts they answer lookups
-    /// and `opendir` without a round trip — the staleness the kernel's own attribute cache
-    /// already has.
-    listings: Mutex<Listings>,
-    /// Which processes walk trees without looking at files: their listings carry names only.
-    readers: Mutex<Readers>,
+    /// What the agent said recently and when to ask again (see `cache.rs`). Never held across
+    /// an await, nor while taking another lock.
+    cache: Mutex<Cache<PendingListing>>,
 }
 
-/// A directory's entries in the agent's order, and where each name is.
-struct Listing {
-    entries: Vec<DirEntry>,
-    by_name: HashMap<String, usize>,
-}
-
-impl Listing {
-    fn new(entries: Vec<DirEntry>) -> Listing {
-        let by_name = entries
-            .iter()
-            .enumerate()
-            .map(|(i, entry)| (entry.name.clone(), i))
-            .collect();
-        Listing { entries, by_name }
-    }
-
-    fn entry(&self, name: &str) -> Option<&DirEntry> {
-        self.by_name.get(name).map(|&i| &self.entries[i])
-    }
-
-    fn get(&self, name: &str) -> Option<&Attr> {
-        self.entry(name).map(|entry| &entry.attr)
-    }
-}
-
-/// A listing being fetched, shared by everyone who wants it meanwhile.
+/// A listing being fetched: whoever awaits it first runs the fetch, the others share its result.
 type PendingListing = Arc<tokio::sync::OnceCell<Result<Arc<Listing>, Errno>>>;
-
-/// See [`Inner::listings`].
-#[derive(Default)]
-struct Listings {
-    fetched: HashMap<String, (Arc<Listing>, std::time::Instant)>,
-    pending: HashMap<String, PendingListing>,
-    /// When a lookup in a directory last went to the agent.
-    missed: HashMap<String, std::time::Instant>,
-    /// When an extended attribute probe in a directory last went to the agent.
-    xattr_missed: HashMap<String, std::time::Instant>,
-}
-
-/// Listings kept before expired ones are dropped (then all of them).
-const MAX_LISTINGS: usize = 4096;
-/// Sibling directories listed ahead of a reader walking a tree (`find`, `grep -r`, `du`), so
-/// the agent lists the next ones while the kernel and the reader work through this one.
-const WALK_AHEAD: usize = 8;
 
 impl RemoteFs {
     /// `runtime` runs the agent calls; it must outlive the mount.
     pub fn new(backend: Arc<dyn Backend>, runtime: Handle, options: Options) -> Self {
+        let cache = Mutex::new(Cache::new(options.attr_ttl, options.writable));
         RemoteFs {
             inner: Arc::new(Inner {
                 backend,
@@ -108,9 +62,7 @@ impl RemoteFs {
                 inodes: Mutex::new(Inodes::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
-                recent: Mutex::new(HashMap::new()),
-                listings: Mutex::new(Listings::default()),
-                readers: Mutex::new(Readers::default()),
+                cache,
             }),
         }
     }
@@ -163,37 +115,15 @@ impl Inner {
         self.inodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remember(&self, ino: u64, attr: &Attr) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.insert(ino, (*attr, std::time::Instant::now()));
-    }
-
-    /// Attributes seen within the attribute TTL: as fresh as what the kernel itself trusts.
-    fn recent(&self, ino: u64) -> Option<Attr> {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent
-            .get(&ino)
-            .filter(|(_, seen)| seen.elapsed() < self.options.attr_ttl)
-            .map(|(attr, _)| *attr)
-    }
-
-    /// Attributes of `ino` (at `path`) seen within the attribute TTL, from a lookup or from
-    /// its directory's listing.
-    fn known_attr(&self, ino: u64, path: &str) -> Option<Attr> {
-        self.recent(ino)
-            .or_else(|| self.listed(path, |entry| Some(entry.attr)))
-    }
-
-    /// `f` of `path`'s entry in its directory's listing within the attribute TTL.
-    fn listed<T>(&self, path: &str, f: impl FnOnce(&DirEntry) -> Option<T>) -> Option<T> {
-        let (dir, name) = parent_and_name(path)?;
-        f(self.listing(dir)?.entry(name)?)
+    fn cache(&self) -> MutexGuard<'_, Cache<PendingListing>> {
+        // Likewise: each of its maps is updated by single operations.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replies to `open`: the kernel keeps the file's cached pages if its mtime and size are
     /// those of the previous open.
     fn opened(&self, ino: u64, attr: &Attr, reply: ReplyOpen) {
-        self.remember(ino, attr);
+        self.cache().remember(ino, attr, Instant::now());
         let unchanged = self.inodes().reopened(ino, (attr.mtime, attr.size));
         let flags = if unchanged {
             FopenFlags::FOPEN_KEEP_CACHE
@@ -203,136 +133,47 @@ impl Inner {
         reply.opened(FileHandle(0), flags)
     }
 
-    fn forget_recent(&self, ino: u64) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.remove(&ino);
-    }
-
-    fn listings(&self) -> MutexGuard<'_, Listings> {
-        self.listings.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The fresh listing of `dir`, if one was fetched within the attribute TTL.
-    fn listing(&self, dir: &str) -> Option<Arc<Listing>> {
-        let listings = self.listings();
-        let (listing, fetched) = listings.fetched.get(dir)?;
-        (fetched.elapsed() < self.options.attr_ttl).then(|| listing.clone())
-    }
-
-    /// Whether a lookup in `dir` should fetch the whole listing: a read-only mount, and
-    /// another lookup there already went to the agent within the attribute TTL.
-    fn worth_listing(&self, dir: &str) -> bool {
-        self.repeated_miss(dir, |listings| &mut listings.missed)
-    }
-
-    /// Whether an extended attribute probe in `dir` should list the directory with every
-    /// entry's names, likewise (`ls -l` probes every file; one `getfattr` needs one answer).
-    fn worth_xattr_listing(&self, dir: &str) -> bool {
-        self.repeated_miss(dir, |listings| &mut listings.xattr_missed)
-    }
-
-    fn repeated_miss(
-        &self,
-        dir: &str,
-        misses: impl Fn(&mut Listings) -> &mut HashMap<String, std::time::Instant>,
-    ) -> bool {
-        if self.options.writable {
-            return false;
-        }
-        let now = std::time::Instant::now();
-        let ttl = self.options.attr_ttl;
-        let mut listings = self.listings();
-        let misses = misses(&mut listings);
-        let repeated = misses
-            .insert(dir.to_owned(), now)
-            .is_some_and(|last| now.duration_since(last) < ttl);
-        if misses.len() > MAX_LISTINGS {
-            misses.retain(|_, last| now.duration_since(*last) < ttl);
-        }
-        repeated
-    }
-
-    fn store_listing(&self, dir: &str, entries: Vec<DirEntry>) -> Arc<Listing> {
-        let listing = Arc::new(Listing::new(entries));
-        if self.options.writable {
-            return listing;
-        }
-        let now = std::time::Instant::now();
-        let mut listings = self.listings();
-        if listings.fetched.len() >= MAX_LISTINGS {
-            let ttl = self.options.attr_ttl;
-            listings
-                .fetched
-                .retain(|_, (_, fetched)| now.duration_since(*fetched) < ttl);
-            if listings.fetched.len() >= MAX_LISTINGS {
-                listings.fetched.clear();
-            }
-        }
-        listings
-            .fetched
-            .insert(dir.to_owned(), (listing.clone(), now));
-        listing
-    }
-
     /// The listing of `dir` on a read-only mount: the fresh one if there is one, else the one
     /// being fetched, else fetched now (and kept).
     async fn shared_listing(&self, dir: &str) -> Result<Arc<Listing>, Errno> {
-        if let Some(listing) = self.listing(dir) {
-            return Ok(listing);
+        let listed = self
+            .cache()
+            .listing_or_fetch(dir, Instant::now(), PendingListing::default);
+        match listed {
+            Listed::Fresh(listing) => Ok(listing),
+            Listed::Fetching(pending) => self.fetched_listing(dir, pending).await,
         }
-        let pending = self
-            .listings()
-            .pending
-            .entry(dir.to_owned())
-            .or_default()
-            .clone();
+    }
+
+    /// The result of the fetch `pending` of `dir`'s listing, running it unless someone else
+    /// already is.
+    async fn fetched_listing(
+        &self,
+        dir: &str,
+        pending: PendingListing,
+    ) -> Result<Arc<Listing>, Errno> {
         let result = pending
             .get_or_init(|| async {
                 let entries = self.list(dir, false).await?;
-                Ok(self.store_listing(dir, entries))
+                Ok(self.cache().store(dir, entries, Instant::now()))
             })
             .await
             .clone();
-        let mut listings = self.listings();
-        if listings
-            .pending
-            .get(dir)
-            .is_some_and(|p| Arc::ptr_eq(p, &pending))
-        {
-            listings.pending.remove(dir);
-        }
+        self.cache()
+            .fetch_ended(dir, |other| Arc::ptr_eq(other, &pending));
         result
     }
 
-    /// `dir` was just opened: if its parent was listed, a tree walk is likely under way, so
-    /// the next few sibling directories are listed now, before the walk reaches them.
+    /// `dir` was just opened: fetches the sibling listings a tree walk is likely to want next.
     fn list_ahead(self: &Arc<Self>, dir: &str) {
-        if self.options.writable {
-            return;
-        }
-        let Some((parent, name)) = parent_and_name(dir) else {
-            return;
-        };
-        let Some(listing) = self.listing(parent) else {
-            return;
-        };
-        let Some(&at) = listing.by_name.get(name) else {
-            return;
-        };
-        let siblings = listing.entries[at + 1..]
-            .iter()
-            .filter(|entry| entry.attr.kind == FileKind::Dir)
-            .take(WALK_AHEAD)
-            .map(|entry| join(parent, &entry.name));
-        for sibling in siblings {
-            let known =
-                self.listing(&sibling).is_some() || self.listings().pending.contains_key(&sibling);
-            if !known {
-                let inner = self.clone();
-                // A failure here is the walk's to see when it opens the directory itself.
-                self.runtime
-                    .spawn(async move { inner.shared_listing(&sibling).await.map(drop) });
-            }
+        let ahead = self
+            .cache()
+            .walk_ahead(dir, Instant::now(), PendingListing::default);
+        for (sibling, pending) in ahead {
+            let inner = self.clone();
+            // A failure here is the walk's to see when it opens the directory itself.
+            self.runtime
+                .spawn(async move { inner.fetched_listing(&sibling, pending).await.map(drop) });
         }
     }
 
@@ -342,38 +183,22 @@ impl Inner {
         reply.opened(FileHandle(fh), FopenFlags::empty())
     }
 
-    /// The extended attribute names of `path` from its directory's listing within the
-    /// attribute TTL, if that listing carries them.
-    fn xattr_names(&self, path: &str) -> Option<Vec<u8>> {
-        self.listed(path, |entry| entry.xattrs.clone())
-    }
-
-    /// [`Inner::xattr_names`], listing the directory with them first when they are not known
-    /// and probes there repeat.
-    async fn xattr_names_listed(&self, path: &str) -> Option<Vec<u8>> {
-        if let Some(names) = self.xattr_names(path) {
-            return Some(names);
-        }
-        let (dir, _) = parent_and_name(path)?;
-        if self.worth_xattr_listing(dir) {
-            // Failing to list just means asking about the one file.
-            let entries = self.list(dir, true).await.ok()?;
-            self.store_listing(dir, entries);
-        }
-        self.xattr_names(path)
-    }
-
-    fn readers(&self) -> MutexGuard<'_, Readers> {
-        self.readers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Notes that `pid` looked up the file whose attributes are `attr` (`None`: no such file).
-    fn note_lookup(&self, pid: u32, attr: Option<&Attr>) {
-        if attr.is_some_and(|attr| attr.kind != FileKind::Dir) {
-            self.readers().looked_at_file(pid);
+    /// The extended attribute names of `path`, found as `probe` says: known, or from its
+    /// directory listed now with every entry's names. `None`: ask about the one file.
+    async fn xattr_names(&self, path: &str, probe: Xattrs) -> Option<Vec<u8>> {
+        match probe {
+            Xattrs::Known(names) => Some(names),
+            Xattrs::Ask => None,
+            Xattrs::ListDir(dir) => {
+                // Failing to list just means asking about the one file.
+                let entries = self.list(&dir, true).await.ok()?;
+                let now = Instant::now();
+                let mut cache = self.cache();
+                cache.store(&dir, entries, now);
+                cache.xattr_names(path, now)
+            }
         }
     }
-
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -418,10 +243,10 @@ impl Inner {
         }
     }
 
-    /// Replies to the lookup of `name` (at `path`) from its directory's `listing`: the entry,
-    /// or ENOENT when the listing does not have it.
-    fn entry_from(&self, listing: &Listing, path: &str, name: &str, reply: ReplyEntry) {
-        match listing.get(name) {
+    /// Replies to a lookup of `path` answered from its directory's listing: the entry, or
+    /// ENOENT when the listing does not have it.
+    fn listed_entry(&self, path: &str, attr: Option<&Attr>, reply: ReplyEntry) {
+        match attr {
             Some(attr) => self.entry(path, attr, reply),
             None => reply.error(Errno::ENOENT),
         }
@@ -430,7 +255,12 @@ impl Inner {
     /// Replies with a new entry for `path`, counting the kernel's lookup of it.
     fn entry(&self, path: &str, attr: &Attr, reply: ReplyEntry) {
         let ino = self.inodes().lookup(path, attr);
-        self.remember(ino, attr);
+        self.numbered_entry(ino, attr, reply)
+    }
+
+    /// Replies with the entry of `ino`, whose lookup the inode table has already counted.
+    fn numbered_entry(&self, ino: u64, attr: &Attr, reply: ReplyEntry) {
+        self.cache().remember(ino, attr, Instant::now());
         let attr = file_attr(ino, attr);
         reply.entry_with_ttls(
             &self.options.attr_ttl,
@@ -616,28 +446,26 @@ impl fuser::Filesystem for RemoteFs {
             (_, None) => return reply.error(Errno::EINVAL),
         };
         let path = join(&dir, &name);
-        // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
-        if let Some(listing) = self.inner.listing(&dir) {
-            self.inner.note_lookup(pid, listing.get(&name));
-            return self.inner.entry_from(&listing, &path, &name, reply);
-        }
+        let lookup = self.inner.cache().lookup(&dir, &name, pid, Instant::now());
+        let fetch_listing = match lookup {
+            // Answered right here when a listing knows: a hop to the runtime costs a wake-up.
+            Lookup::Listed(attr) => return self.inner.listed_entry(&path, attr.as_ref(), reply),
+            Lookup::FetchListing => true,
+            Lookup::Ask => false,
+        };
         self.spawn(|inner| async move {
             // Failing to list (no read permission, say) just means asking for the name.
-            let listing = if inner.worth_listing(&dir) {
-                inner.shared_listing(&dir).await.ok()
-            } else {
-                None
-            };
-            if let Some(listing) = listing {
-                inner.note_lookup(pid, listing.get(&name));
-                return inner.entry_from(&listing, &path, &name, reply);
+            if fetch_listing && let Ok(listing) = inner.shared_listing(&dir).await {
+                let attr = listing.attr(&name);
+                inner.cache().looked_up(pid, attr);
+                return inner.listed_entry(&path, attr, reply);
             }
             let stat = FsRequest::Stat {
                 path: path.clone(),
                 follow: false,
             };
             reply_or!(reply, inner.attr_call(stat).await, |attr| {
-                inner.note_lookup(pid, Some(&attr));
+                inner.cache().looked_up(pid, Some(&attr));
                 inner.entry(&path, &attr, reply)
             });
         });
@@ -661,7 +489,7 @@ impl fuser::Filesystem for RemoteFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inner.forget_recent(ino.0);
+        self.inner.cache().forget(ino.0);
         self.inner.inodes().forget(ino.0, nlookup);
     }
 
@@ -710,7 +538,7 @@ impl fuser::Filesystem for RemoteFs {
                 follow: false,
             };
             reply_or!(reply, inner.attr_call(stat).await, |attr| {
-                inner.remember(ino.0, &attr);
+                inner.cache().remember(ino.0, &attr, Instant::now());
                 reply.attr(&inner.options.attr_ttl, &file_attr(ino.0, &attr))
             });
         });
@@ -785,18 +613,13 @@ impl fuser::Filesystem for RemoteFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Mkdir {
-                path: path.clone(),
+        let request = |path| {
+            Ok(FsRequest::Mkdir {
+                path,
                 mode: mode & !umask & 0o7777,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| inner
-                .entry(&path, &attr, reply));
-        });
+            })
+        };
+        self.make(parent, name, reply, request, Inner::numbered_entry);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -815,21 +638,11 @@ impl fuser::Filesystem for RemoteFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, link_name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
+        let request = |path| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
+            Ok(FsRequest::Symlink { path, target })
         };
-        let Some(target) = target.to_str().map(str::to_owned) else {
-            return reply.error(Errno::EINVAL);
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Symlink {
-                path: path.clone(),
-                target,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| inner
-                .entry(&path, &attr, reply));
-        });
+        self.make(parent, link_name, reply, request, Inner::numbered_entry);
     }
 
     fn rename(
@@ -879,7 +692,8 @@ impl fuser::Filesystem for RemoteFs {
             Err(errno) => return reply.error(errno),
         };
         // Attributes from a lookup or a listing within the TTL: answered here, no round trip.
-        if let Some(attr) = self.inner.known_attr(ino.0, &path) {
+        let known = self.inner.cache().known_attr(ino.0, &path, Instant::now());
+        if let Some(attr) = known {
             return self.inner.opened(ino.0, &attr, reply);
         }
         self.spawn(|inner| async move {
@@ -992,7 +806,8 @@ impl fuser::Filesystem for RemoteFs {
                     .open_listing(Arc::new(listing), reply));
             });
         }
-        if let Some(listing) = self.inner.listing(&path) {
+        let fresh = self.inner.cache().listing(&path, Instant::now());
+        if let Some(listing) = fresh {
             self.inner.open_listing(listing, reply);
         } else {
             let path = path.clone();
@@ -1019,7 +834,7 @@ impl fuser::Filesystem for RemoteFs {
         };
         let inodes = self.inner.inodes();
         // Offsets: entry i of [., .., listing…] carries i + 1, the offset to resume after it.
-        let entries = &listing.entries;
+        let entries = listing.entries();
         let total = entries.len() as u64 + 2;
         for i in offset..total {
             let full = match i {
@@ -1056,8 +871,8 @@ impl fuser::Filesystem for RemoteFs {
             return reply.error(Errno::EBADF);
         };
         let ttl = self.inner.options.entry_ttl;
-        let entries = &listing.entries;
-        let total = if offset == 0 && self.inner.readers().names_only(req.pid()) {
+        let entries = listing.entries();
+        let total = if offset == 0 && self.inner.cache().names_only(req.pid()) {
             // Only `.` and `..` here. The kernel asks for the rest with plain readdir, unless a
             // lookup in this directory has asked it for attributes since.
             2
@@ -1140,14 +955,15 @@ impl fuser::Filesystem for RemoteFs {
             Err(errno) => return reply.error(errno),
         };
         let name = std::os::unix::ffi::OsStrExt::as_bytes(name).to_vec();
-        if let Some(names) = self.inner.xattr_names(&path)
-            && !lists(&names, &name)
+        let probe = self.inner.cache().xattrs(&path, Instant::now());
+        if let Xattrs::Known(names) = &probe
+            && !lists(names, &name)
         {
             // Known absent: `ls -l` probes two names per file, almost always absent.
             return reply.error(Errno::NO_XATTR);
         }
         self.spawn(|inner| async move {
-            if let Some(names) = inner.xattr_names_listed(&path).await
+            if let Some(names) = inner.xattr_names(&path, probe).await
                 && !lists(&names, &name)
             {
                 return reply.error(Errno::NO_XATTR);
@@ -1164,11 +980,12 @@ impl fuser::Filesystem for RemoteFs {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
         };
-        if let Some(names) = self.inner.xattr_names(&path) {
-            return xattr_reply(reply, size, &names);
+        let probe = self.inner.cache().xattrs(&path, Instant::now());
+        if let Xattrs::Known(names) = &probe {
+            return xattr_reply(reply, size, names);
         }
         self.spawn(|inner| async move {
-            if let Some(names) = inner.xattr_names_listed(&path).await {
+            if let Some(names) = inner.xattr_names(&path, probe).await {
                 return xattr_reply(reply, size, &names);
             }
             let request = FsRequest::ListXattr { path };
@@ -1188,34 +1005,72 @@ impl fuser::Filesystem for RemoteFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let path = match self.writable().and_then(|()| self.child(parent, name)) {
-            Ok(path) => path,
-            Err(errno) => return reply.error(errno),
-        };
-        self.spawn(|inner| async move {
-            let request = FsRequest::Create {
-                path: path.clone(),
+        let request = |path| {
+            Ok(FsRequest::Create {
+                path,
                 mode: mode & !umask & 0o7777,
                 exclusive: flags & libc::O_EXCL != 0,
-            };
-            reply_or!(reply, inner.attr_call(request).await, |attr| {
-                let mut inodes = inner.inodes();
-                let ino = inodes.lookup(&path, &attr);
-                inodes.reopened(ino, (attr.mtime, attr.size));
-                drop(inodes);
-                reply.created(
-                    &inner.options.entry_ttl,
-                    &file_attr(ino, &attr),
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::empty(),
-                )
-            });
+            })
+        };
+        self.make(parent, name, reply, request, |inner, ino, attr, reply| {
+            // create is also an open: the next open compares its state with this one.
+            inner.inodes().reopened(ino, (attr.mtime, attr.size));
+            reply.created(
+                &inner.options.entry_ttl,
+                &file_attr(ino, attr),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::empty(),
+            )
         });
     }
 }
 
+/// The replies of the calls that make a file (mkdir, symlink, create), which fail alike.
+trait MadeReply: Send + 'static {
+    fn error(self, errno: Errno);
+}
+
+impl MadeReply for ReplyEntry {
+    fn error(self, errno: Errno) {
+        ReplyEntry::error(self, errno)
+    }
+}
+
+impl MadeReply for ReplyCreate {
+    fn error(self, errno: Errno) {
+        ReplyCreate::error(self, errno)
+    }
+}
+
 impl RemoteFs {
+    /// What mkdir, symlink and create share: on a writable mount, the agent makes `name` in
+    /// `parent` as `request` (given the new path) says; the inode table numbers the new file,
+    /// counting the kernel's lookup of it, and `made` replies with it.
+    fn make<R: MadeReply>(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: R,
+        request: impl FnOnce(String) -> Result<FsRequest, Errno>,
+        made: impl FnOnce(&Inner, u64, &Attr, R) + Send + 'static,
+    ) {
+        let made_at = self
+            .writable()
+            .and_then(|()| self.child(parent, name))
+            .and_then(|path| Ok((path.clone(), request(path)?)));
+        let (path, request) = match made_at {
+            Ok(made_at) => made_at,
+            Err(errno) => return reply.error(errno),
+        };
+        self.spawn(|inner| async move {
+            reply_or!(reply, inner.attr_call(request).await, |attr| {
+                let ino = inner.inodes().lookup(&path, &attr);
+                made(&inner, ino, &attr, reply)
+            });
+        });
+    }
+
     fn remove(
         &self,
         parent: INodeNo,

@@ -8,6 +8,7 @@
 //! `/dev/fuse`, has that process call `mount(2)` with [`mount_data`], and then serves the
 //! already-mounted descriptor with [`serve_fd`].
 
+mod cache;
 mod fs;
 pub mod inodes;
 pub mod links;
