@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::OFlag;
 
+use crate::error::{Error, io_err};
+
 /// Symlinks followed in one resolution before giving up with `ELOOP` (the kernel's limit too).
 pub const MAX_SYMLINKS: u32 = 40;
 /// Longest accepted request, as the kernel's `PATH_MAX` (which counts the terminating NUL).
@@ -35,43 +37,6 @@ const CREATE_MODE: u64 = 0o644;
 /// `openat2` returns `EAGAIN` when a rename or mount raced a `..` lookup; retrying is the
 /// documented answer, and a bounded count keeps a hostile pod from pinning the agent.
 const OPENAT2_RETRIES: usize = 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfineError {
-    #[error("empty path")]
-    EmptyPath,
-    #[error("path contains a NUL byte")]
-    NulByte,
-    #[error("path or path component too long")]
-    NameTooLong,
-    #[error("{0}: no such file or directory")]
-    NotFound(String),
-    #[error("{0}: not a directory")]
-    NotADirectory(String),
-    #[error("{0}: too many levels of symbolic links")]
-    TooManySymlinks(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl ConfineError {
-    /// The errno a POSIX call would have failed with, for the file protocol's error replies.
-    pub fn errno(&self) -> i32 {
-        match self {
-            ConfineError::EmptyPath | ConfineError::NotFound(_) => libc::ENOENT,
-            ConfineError::NulByte => libc::EINVAL,
-            ConfineError::NameTooLong => libc::ENAMETOOLONG,
-            ConfineError::NotADirectory(_) => libc::ENOTDIR,
-            ConfineError::TooManySymlinks(_) => libc::ELOOP,
-            ConfineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        }
-    }
-}
 
 /// What a path names, as seen without following a final symlink (`lstat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,15 +92,15 @@ fn steps(path: &[u8]) -> Vec<Step> {
 }
 
 /// Rejects what no kernel path call would accept, before anything is looked up.
-fn validate(requested: &str) -> Result<(), ConfineError> {
+fn validate(requested: &str) -> Result<(), Error> {
     if requested.is_empty() {
-        return Err(ConfineError::EmptyPath);
+        return Err(Error::EmptyPath);
     }
     if requested.as_bytes().contains(&0) {
-        return Err(ConfineError::NulByte);
+        return Err(Error::NulByte);
     }
     if requested.len() >= PATH_MAX || requested.split('/').any(|c| c.len() > NAME_MAX) {
-        return Err(ConfineError::NameTooLong);
+        return Err(Error::NameTooLong);
     }
     Ok(())
 }
@@ -152,7 +117,7 @@ pub fn resolve(
     requested: &str,
     follow_final: bool,
     lookup: &mut impl Lookup,
-) -> Result<Resolved, ConfineError> {
+) -> Result<Resolved, Error> {
     validate(requested)?;
     let mut pending: VecDeque<Step> = steps(requested.as_bytes()).into();
     let mut resolved: Vec<OsString> = Vec::new();
@@ -171,7 +136,7 @@ pub fn resolve(
         let last = pending.iter().all(|s| *s == Step::MustBeDir);
         let trailing_slash = last && !pending.is_empty();
         let path: PathBuf = resolved.iter().chain(std::iter::once(&name)).collect();
-        let entry = lookup.entry(&path).map_err(|source| ConfineError::Io {
+        let entry = lookup.entry(&path).map_err(|source| Error::Io {
             op: "lookup",
             path: shown(&path),
             source,
@@ -184,14 +149,14 @@ pub fn resolve(
                     kind: Entry::Other,
                 });
             }
-            Entry::Other => return Err(ConfineError::NotADirectory(shown(&path))),
+            Entry::Other => return Err(Error::NotADirectory(shown(&path))),
             Entry::Missing if last => {
                 return Ok(Resolved {
                     path,
                     kind: Entry::Missing,
                 });
             }
-            Entry::Missing => return Err(ConfineError::NotFound(shown(&path))),
+            Entry::Missing => return Err(Error::NotFound(shown(&path))),
             Entry::Symlink(target) if last && !trailing_slash && !follow_final => {
                 return Ok(Resolved {
                     path,
@@ -201,11 +166,11 @@ pub fn resolve(
             Entry::Symlink(target) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(ConfineError::TooManySymlinks(shown(&path)));
+                    return Err(Error::TooManySymlinks(shown(&path)));
                 }
                 let bytes = target.as_os_str().as_bytes();
                 if bytes.is_empty() {
-                    return Err(ConfineError::NotFound(shown(&path)));
+                    return Err(Error::NotFound(shown(&path)));
                 }
                 // An absolute target starts again from the root, i.e. the pod's `/`; a
                 // relative one continues from the link's directory, which `resolved` still is.
@@ -232,18 +197,18 @@ static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
 /// means the final symlink is not followed; `O_CREAT` creates with mode 0644 minus umask).
 /// No path component, symlink target or concurrent rename can make it open a file outside
 /// `root`.
-pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
+pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, Error> {
     validate(requested)?;
     let root_fd = open_root(root)?;
     if !OPENAT2_MISSING.load(Ordering::Relaxed) {
         match openat2_in_root(root_fd.as_fd(), requested, flags) {
-            Err(ConfineError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
                 OPENAT2_MISSING.store(true, Ordering::Relaxed);
             }
             // Seccomp profiles older than openat2 answer EPERM for it; but EPERM is also a real
             // open(2) answer (O_NOATIME, immutable files), so the walk decides, and openat2
             // stays in use for the next request.
-            Err(ConfineError::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {}
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {}
             done => return done,
         }
     }
@@ -251,14 +216,14 @@ pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, 
 }
 
 /// Follows the root path itself (including the `/proc/PID/root` magic link) exactly once.
-fn open_root(root: &Path) -> Result<OwnedFd, ConfineError> {
-    let io_err = |source| ConfineError::Io {
+fn open_root(root: &Path) -> Result<OwnedFd, Error> {
+    let root_err = |source| Error::Io {
         op: "open root",
         path: root.display().to_string(),
         source,
     };
     let c_root = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| io_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        .map_err(|_| root_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
     // SAFETY: `c_root` is a valid NUL-terminated string that outlives the call.
     let fd = unsafe {
         libc::open(
@@ -267,7 +232,7 @@ fn open_root(root: &Path) -> Result<OwnedFd, ConfineError> {
         )
     };
     if fd < 0 {
-        return Err(io_err(io::Error::last_os_error()));
+        return Err(root_err(io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -289,13 +254,9 @@ struct OpenHow {
     resolve: u64,
 }
 
-fn openat2_in_root(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
-    let io_err = |source| ConfineError::Io {
-        op: "open",
-        path: requested.to_owned(),
-        source,
-    };
-    let c_path = CString::new(requested).map_err(|_| ConfineError::NulByte)?;
+fn openat2_in_root(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, Error> {
+    let open_err = io_err("open", requested);
+    let c_path = CString::new(requested).map_err(|_| Error::NulByte)?;
     let how = OpenHow {
         // Open flags are a non-negative int; the kernel wants them widened to u64.
         flags: (flags | OFlag::O_CLOEXEC).bits() as u32 as u64,
@@ -322,10 +283,10 @@ fn openat2_in_root(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<Fi
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(io_err(err));
+            return Err(open_err(err));
         }
     }
-    Err(io_err(io::Error::from_raw_os_error(libc::EAGAIN)))
+    Err(open_err(io::Error::from_raw_os_error(libc::EAGAIN)))
 }
 
 fn openat_raw(dir: BorrowedFd, name: &OsStr, flags: libc::c_int, mode: u64) -> io::Result<OwnedFd> {
@@ -428,23 +389,19 @@ fn read_link(fd: BorrowedFd) -> io::Result<PathBuf> {
 
 /// The fallback when `openat2` is missing: [`resolve`] over an [`FdWalk`], then one last
 /// `openat` relative to an fd already held.
-fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
+fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, Error> {
     let mut walk = FdWalk {
         root,
         dirs: HashMap::new(),
     };
     let follow_final = !flags.contains(OFlag::O_NOFOLLOW);
     let resolved = resolve(requested, follow_final, &mut walk)?;
-    let io_err = |source| ConfineError::Io {
-        op: "open",
-        path: requested.to_owned(),
-        source,
-    };
+    let open_err = io_err("open", requested);
     let bits = flags.bits();
     let fd = match resolved.kind {
         // Re-opening the held fd through "." can't be redirected by a rename.
         Entry::Dir => {
-            let dir = walk.dir(&resolved.path).map_err(io_err)?;
+            let dir = walk.dir(&resolved.path).map_err(&open_err)?;
             openat_raw(dir, OsStr::new("."), bits, create_mode(flags))
         }
         Entry::Missing if requested.ends_with('/') => {
@@ -459,11 +416,11 @@ fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File,
         // instead of being followed by the kernel, and an unfollowed link gets the kernel's
         // own O_NOFOLLOW answer (ELOOP, or the link itself with O_PATH).
         Entry::Other | Entry::Missing | Entry::Symlink(_) => {
-            let (parent, name) = walk.parent_and_name(&resolved.path).map_err(io_err)?;
+            let (parent, name) = walk.parent_and_name(&resolved.path).map_err(&open_err)?;
             openat_raw(parent, name, bits | libc::O_NOFOLLOW, create_mode(flags))
         }
     }
-    .map_err(io_err)?;
+    .map_err(&open_err)?;
     Ok(File::from(fd))
 }
 
@@ -690,7 +647,7 @@ pub(crate) mod tests {
         t
     }
 
-    type Opener = fn(BorrowedFd, &str, OFlag) -> Result<File, ConfineError>;
+    type Opener = fn(BorrowedFd, &str, OFlag) -> Result<File, Error>;
 
     fn read_with(open: Opener, root: &Path, requested: &str, flags: OFlag) -> Result<String, i32> {
         let root_fd = open_root(root).map_err(|e| e.errno())?;
@@ -707,7 +664,7 @@ pub(crate) mod tests {
         let probe = open_root(&t.0).map(|fd| openat2_in_root(fd.as_fd(), ".", OFlag::O_RDONLY));
         let missing = matches!(
             probe,
-            Ok(Err(ConfineError::Io { ref source, .. })) if source.raw_os_error() == Some(libc::ENOSYS)
+            Ok(Err(Error::Io { ref source, .. })) if source.raw_os_error() == Some(libc::ENOSYS)
         );
         let mut openers: Vec<(&'static str, Opener)> = vec![("walk", open_by_walk)];
         if !missing {

@@ -27,43 +27,11 @@ use mirrord_protocol::fs::{
 };
 use nix::fcntl::OFlag;
 
-use crate::confine::{ConfineError, open_in_root};
+use crate::confine::open_in_root;
+use crate::error::{Error, io_err};
 
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    #[error(transparent)]
-    Confine(#[from] ConfineError),
-    #[error(transparent)]
-    File(#[from] crate::files::FileError),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: {why}")]
-    Refused {
-        path: String,
-        why: &'static str,
-        errno: i32,
-    },
-}
-
-impl FsError {
-    /// The errno a POSIX call would have failed with, for the protocol's error replies.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::Confine(e) => e.errno(),
-            FsError::File(e) => e.errno(),
-            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            FsError::Refused { errno, .. } => *errno,
-        }
-    }
-}
-
-fn refused(path: &str, why: &'static str, errno: i32) -> FsError {
-    FsError::Refused {
+fn refused(path: &str, why: &'static str, errno: i32) -> Error {
+    Error::Refused {
         path: path.to_owned(),
         why,
         errno,
@@ -72,7 +40,7 @@ fn refused(path: &str, why: &'static str, errno: i32) -> FsError {
 
 /// Answers one request on the files under `root` (normally `/proc/PID/root`). Blocks on the
 /// target's file system: call it from a blocking thread.
-pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, FsError> {
+pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, Error> {
     if request.is_write() && !writable {
         return Err(refused("", "read-only session", libc::EROFS));
     }
@@ -142,7 +110,7 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
         }
         FsRequest::Symlink { path, target } => {
             let (dir, name) = parent(root, &path)?;
-            let target = CString::new(target).map_err(|_| ConfineError::NulByte)?;
+            let target = CString::new(target).map_err(|_| Error::NulByte)?;
             let at = io_err("symlink", &path);
             // SAFETY: both strings are NUL-terminated and `dir` is a live fd.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
@@ -165,14 +133,6 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
     }
 }
 
-fn io_err<'a>(op: &'static str, path: &'a str) -> impl Fn(io::Error) -> FsError + 'a {
-    move |source| FsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -189,7 +149,7 @@ fn read_flags() -> OFlag {
 
 /// Opens the directory holding `path`'s last component (resolved inside the root) and returns
 /// it with that component, which is then acted on with `*at` calls and is never `.` or `..`.
-fn parent(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+fn parent(root: &Path, path: &str) -> Result<(File, CString), Error> {
     let trimmed = path.trim_end_matches('/');
     let (dir, name) = match trimmed.rfind('/') {
         Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
@@ -203,14 +163,14 @@ fn parent(root: &Path, path: &str) -> Result<(File, CString), FsError> {
     }
     let dir = if dir.is_empty() { "/" } else { dir };
     let file = open_in_root(root, dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    let name = CString::new(name).map_err(|_| Error::NulByte)?;
     if name.as_bytes().len() > 255 {
-        return Err(ConfineError::NameTooLong.into());
+        return Err(Error::NameTooLong);
     }
     Ok((file, name))
 }
 
-fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, FsError> {
+fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, Error> {
     let mut flags = OFlag::O_PATH;
     if !follow {
         // With O_PATH the kernel hands back the link itself, which fstat then describes.
@@ -282,7 +242,7 @@ fn attr(st: &libc::stat) -> Attr {
 /// Lists one page. Pages are addressed by entry index in `readdir` order; the CLI reads a whole
 /// listing in one go, so a directory changing between pages can at worst repeat or skip an
 /// entry of that listing, as `readdir(3)` may.
-fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPage, FsError> {
+fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPage, Error> {
     let dir = open_in_root(root, path, read_flags() | OFlag::O_DIRECTORY)?;
     let at = io_err("readdir", path);
     // The magic link reopens exactly the directory just resolved, with no lookup by name.
@@ -360,7 +320,7 @@ fn xattr_names_at(dir: RawFd, name: &CString, buf: &mut [u8]) -> Option<Vec<u8>>
     Some(buf.get(..n)?.to_vec())
 }
 
-fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {
+fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, Error> {
     Ok(FsResponse::Data(crate::files::read_file(
         root, path, offset, len,
     )?))
@@ -377,7 +337,7 @@ fn readlinkat(dir: RawFd, name: &CString) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn stat_fs(root: &Path, path: &str) -> Result<StatFs, FsError> {
+fn stat_fs(root: &Path, path: &str) -> Result<StatFs, Error> {
     let file = open_in_root(root, path, OFlag::O_PATH)?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: the fd is live and `st` is a properly sized out-buffer.
@@ -405,15 +365,15 @@ fn fd_path(file: &File) -> CString {
 }
 
 /// Xattrs are read from the file itself (a final symlink not followed, like `lgetxattr`).
-fn xattr_target(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+fn xattr_target(root: &Path, path: &str) -> Result<(File, CString), Error> {
     let file = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let proc_path = fd_path(&file);
     Ok((file, proc_path))
 }
 
-fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, FsError> {
+fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, Error> {
     let (_file, proc_path) = xattr_target(root, path)?;
-    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    let name = CString::new(name).map_err(|_| Error::NulByte)?;
     let mut buf = vec![0u8; MAX_XATTR as usize];
     // SAFETY: both strings are NUL-terminated; `buf` is writable for its length.
     let n = unsafe {
@@ -431,7 +391,7 @@ fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, FsError> {
     Ok(buf)
 }
 
-fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, FsError> {
+fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, Error> {
     let (_file, proc_path) = xattr_target(root, path)?;
     let mut buf = vec![0u8; MAX_XATTR as usize];
     // SAFETY: the path is NUL-terminated; `buf` is writable for its length.
@@ -443,7 +403,7 @@ fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, FsError> {
     Ok(buf)
 }
 
-fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, FsError> {
+fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, Error> {
     let (dir, name) = parent(root, path)?;
     let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     if exclusive {
@@ -465,7 +425,7 @@ fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, F
     fstat(file.as_raw_fd()).map_err(io_err("create", path))
 }
 
-fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse, FsError> {
+fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse, Error> {
     if data.len() > MAX_FILE_WRITE as usize {
         return Err(refused(
             path,
@@ -498,7 +458,7 @@ fn timespec(time: Option<SetTime>) -> libc::timespec {
     }
 }
 
-fn set_attr(root: &Path, path: &str, set: &SetAttr) -> Result<Attr, FsError> {
+fn set_attr(root: &Path, path: &str, set: &SetAttr) -> Result<Attr, Error> {
     let target = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let proc_path = fd_path(&target);
     if let Some(mode) = set.mode {

@@ -6,6 +6,7 @@
 pub mod confine;
 pub mod dns;
 pub mod endpoint;
+pub mod error;
 pub mod files;
 pub mod fs;
 pub mod link;
