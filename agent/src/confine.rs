@@ -18,11 +18,15 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::fcntl::OFlag;
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
+
+use crate::error::{Error, io_err};
 
 /// Symlinks followed in one resolution before giving up with `ELOOP` (the kernel's limit too).
 pub const MAX_SYMLINKS: u32 = 40;
@@ -31,47 +35,10 @@ const PATH_MAX: usize = 4096;
 /// Longest accepted component, as the kernel's `NAME_MAX`.
 const NAME_MAX: usize = 255;
 /// Mode for files created through `O_CREAT`; the agent's umask still applies.
-const CREATE_MODE: u64 = 0o644;
+const CREATE_MODE: Mode = Mode::from_bits_truncate(0o644);
 /// `openat2` returns `EAGAIN` when a rename or mount raced a `..` lookup; retrying is the
 /// documented answer, and a bounded count keeps a hostile pod from pinning the agent.
 const OPENAT2_RETRIES: usize = 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfineError {
-    #[error("empty path")]
-    EmptyPath,
-    #[error("path contains a NUL byte")]
-    NulByte,
-    #[error("path or path component too long")]
-    NameTooLong,
-    #[error("{0}: no such file or directory")]
-    NotFound(String),
-    #[error("{0}: not a directory")]
-    NotADirectory(String),
-    #[error("{0}: too many levels of symbolic links")]
-    TooManySymlinks(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl ConfineError {
-    /// The errno a POSIX call would have failed with, for the file protocol's error replies.
-    pub fn errno(&self) -> i32 {
-        match self {
-            ConfineError::EmptyPath | ConfineError::NotFound(_) => libc::ENOENT,
-            ConfineError::NulByte => libc::EINVAL,
-            ConfineError::NameTooLong => libc::ENAMETOOLONG,
-            ConfineError::NotADirectory(_) => libc::ENOTDIR,
-            ConfineError::TooManySymlinks(_) => libc::ELOOP,
-            ConfineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        }
-    }
-}
 
 /// What a path names, as seen without following a final symlink (`lstat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,15 +94,15 @@ fn steps(path: &[u8]) -> Vec<Step> {
 }
 
 /// Rejects what no kernel path call would accept, before anything is looked up.
-fn validate(requested: &str) -> Result<(), ConfineError> {
+fn validate(requested: &str) -> Result<(), Error> {
     if requested.is_empty() {
-        return Err(ConfineError::EmptyPath);
+        return Err(Error::EmptyPath);
     }
     if requested.as_bytes().contains(&0) {
-        return Err(ConfineError::NulByte);
+        return Err(Error::NulByte);
     }
     if requested.len() >= PATH_MAX || requested.split('/').any(|c| c.len() > NAME_MAX) {
-        return Err(ConfineError::NameTooLong);
+        return Err(Error::NameTooLong);
     }
     Ok(())
 }
@@ -152,7 +119,7 @@ pub fn resolve(
     requested: &str,
     follow_final: bool,
     lookup: &mut impl Lookup,
-) -> Result<Resolved, ConfineError> {
+) -> Result<Resolved, Error> {
     validate(requested)?;
     let mut pending: VecDeque<Step> = steps(requested.as_bytes()).into();
     let mut resolved: Vec<OsString> = Vec::new();
@@ -171,7 +138,7 @@ pub fn resolve(
         let last = pending.iter().all(|s| *s == Step::MustBeDir);
         let trailing_slash = last && !pending.is_empty();
         let path: PathBuf = resolved.iter().chain(std::iter::once(&name)).collect();
-        let entry = lookup.entry(&path).map_err(|source| ConfineError::Io {
+        let entry = lookup.entry(&path).map_err(|source| Error::Io {
             op: "lookup",
             path: shown(&path),
             source,
@@ -184,14 +151,14 @@ pub fn resolve(
                     kind: Entry::Other,
                 });
             }
-            Entry::Other => return Err(ConfineError::NotADirectory(shown(&path))),
+            Entry::Other => return Err(Error::NotADirectory(shown(&path))),
             Entry::Missing if last => {
                 return Ok(Resolved {
                     path,
                     kind: Entry::Missing,
                 });
             }
-            Entry::Missing => return Err(ConfineError::NotFound(shown(&path))),
+            Entry::Missing => return Err(Error::NotFound(shown(&path))),
             Entry::Symlink(target) if last && !trailing_slash && !follow_final => {
                 return Ok(Resolved {
                     path,
@@ -201,11 +168,11 @@ pub fn resolve(
             Entry::Symlink(target) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(ConfineError::TooManySymlinks(shown(&path)));
+                    return Err(Error::TooManySymlinks(shown(&path)));
                 }
                 let bytes = target.as_os_str().as_bytes();
                 if bytes.is_empty() {
-                    return Err(ConfineError::NotFound(shown(&path)));
+                    return Err(Error::NotFound(shown(&path)));
                 }
                 // An absolute target starts again from the root, i.e. the pod's `/`; a
                 // relative one continues from the link's directory, which `resolved` still is.
@@ -232,18 +199,18 @@ static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
 /// means the final symlink is not followed; `O_CREAT` creates with mode 0644 minus umask).
 /// No path component, symlink target or concurrent rename can make it open a file outside
 /// `root`.
-pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
+pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, Error> {
     validate(requested)?;
     let root_fd = open_root(root)?;
     if !OPENAT2_MISSING.load(Ordering::Relaxed) {
         match openat2_in_root(root_fd.as_fd(), requested, flags) {
-            Err(ConfineError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
                 OPENAT2_MISSING.store(true, Ordering::Relaxed);
             }
             // Seccomp profiles older than openat2 answer EPERM for it; but EPERM is also a real
             // open(2) answer (O_NOATIME, immutable files), so the walk decides, and openat2
             // stays in use for the next request.
-            Err(ConfineError::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {}
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {}
             done => return done,
         }
     }
@@ -251,99 +218,51 @@ pub fn open_in_root(root: &Path, requested: &str, flags: OFlag) -> Result<File, 
 }
 
 /// Follows the root path itself (including the `/proc/PID/root` magic link) exactly once.
-fn open_root(root: &Path) -> Result<OwnedFd, ConfineError> {
-    let io_err = |source| ConfineError::Io {
+fn open_root(root: &Path) -> Result<OwnedFd, Error> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(root, flags, Mode::empty()).map_err(|source| Error::Io {
         op: "open root",
         path: root.display().to_string(),
-        source,
-    };
-    let c_root = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| io_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    // SAFETY: `c_root` is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe {
-        libc::open(
-            c_root.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io_err(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+        source: source.into(),
+    })?;
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else (nix 0.29 hands
+    // out a bare RawFd).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn create_mode(flags: OFlag) -> u64 {
+fn create_mode(flags: OFlag) -> Mode {
     if flags.contains(OFlag::O_CREAT) || flags.contains(OFlag::O_TMPFILE) {
         CREATE_MODE
     } else {
-        0
+        Mode::empty()
     }
 }
 
-/// `struct open_how` from `linux/openat2.h`; libc's is `#[non_exhaustive]` and can't be built.
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-fn openat2_in_root(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
-    let io_err = |source| ConfineError::Io {
-        op: "open",
-        path: requested.to_owned(),
-        source,
-    };
-    let c_path = CString::new(requested).map_err(|_| ConfineError::NulByte)?;
-    let how = OpenHow {
-        // Open flags are a non-negative int; the kernel wants them widened to u64.
-        flags: (flags | OFlag::O_CLOEXEC).bits() as u32 as u64,
-        mode: create_mode(flags),
+fn openat2_in_root(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, Error> {
+    let open_err = io_err("open", requested);
+    let c_path = CString::new(requested).map_err(|_| Error::NulByte)?;
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .mode(create_mode(flags))
         // NO_MAGICLINKS: the pod's own /proc is inside the root, and its magic links
         // (/proc/self/root, /proc/N/fd/M) would otherwise lead back out to the agent's view.
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    };
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     for _ in 0..OPENAT2_RETRIES {
-        // SAFETY: `c_path` and `how` outlive the call and `size_of::<OpenHow>()` is its size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                c_path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: a non-negative return of openat2 is a new fd that nobody else owns; fds
-            // fit in a c_int.
-            return Ok(unsafe { File::from_raw_fd(fd as libc::c_int) });
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(io_err(err));
+        match nix::fcntl::openat2(root.as_raw_fd(), c_path.as_c_str(), how) {
+            // SAFETY: openat2 just returned this fd and nobody else owns it (nix 0.29 hands
+            // out a bare RawFd).
+            Ok(fd) => return Ok(unsafe { File::from_raw_fd(fd) }),
+            Err(Errno::EAGAIN) => continue,
+            Err(errno) => return Err(open_err(errno)),
         }
     }
-    Err(io_err(io::Error::from_raw_os_error(libc::EAGAIN)))
+    Err(open_err(Errno::EAGAIN))
 }
 
-fn openat_raw(dir: BorrowedFd, name: &OsStr, flags: libc::c_int, mode: u64) -> io::Result<OwnedFd> {
-    let c_name =
-        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `c_name` is NUL-terminated and outlives the call; `dir` is a live fd.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c_name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by openat(2) and is owned by nobody else.
+fn openat(dir: BorrowedFd, name: &OsStr, flags: OFlag, mode: Mode) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)?;
+    // SAFETY: `fd` was just returned by openat(2) and is owned by nobody else (nix 0.29 hands
+    // out a bare RawFd).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -383,18 +302,13 @@ impl FdWalk<'_> {
 impl Lookup for FdWalk<'_> {
     fn entry(&mut self, path: &Path) -> io::Result<Entry> {
         let (parent, name) = self.parent_and_name(path)?;
-        let fd = match openat_raw(parent, name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+        let fd = match openat(parent, name, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Entry::Missing),
             Err(e) => return Err(e),
         };
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `fd` is live and `st` is a properly sized out-buffer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstat succeeded, so it filled `st`.
-        let mode = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+        let mode = nix::sys::stat::fstat(fd.as_raw_fd())?.st_mode & libc::S_IFMT;
         match mode {
             libc::S_IFDIR => {
                 self.dirs.insert(path.to_owned(), fd);
@@ -406,46 +320,27 @@ impl Lookup for FdWalk<'_> {
     }
 }
 
-/// Reads the target of the symlink `fd` (opened `O_PATH|O_NOFOLLOW`) itself points at.
+/// Reads the target of the symlink `fd` (opened `O_PATH|O_NOFOLLOW`) itself points at: ""
+/// with an O_PATH symlink fd reads that link (Linux 2.6.39+).
 fn read_link(fd: BorrowedFd) -> io::Result<PathBuf> {
-    let mut buf = vec![0u8; PATH_MAX];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; "" with an O_PATH symlink fd reads that
-    // link (Linux 2.6.39+).
-    let n = unsafe {
-        libc::readlinkat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(PathBuf::from(OsString::from_vec(buf)))
+    Ok(nix::fcntl::readlinkat(Some(fd.as_raw_fd()), "")?.into())
 }
 
 /// The fallback when `openat2` is missing: [`resolve`] over an [`FdWalk`], then one last
 /// `openat` relative to an fd already held.
-fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, ConfineError> {
+fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File, Error> {
     let mut walk = FdWalk {
         root,
         dirs: HashMap::new(),
     };
     let follow_final = !flags.contains(OFlag::O_NOFOLLOW);
     let resolved = resolve(requested, follow_final, &mut walk)?;
-    let io_err = |source| ConfineError::Io {
-        op: "open",
-        path: requested.to_owned(),
-        source,
-    };
-    let bits = flags.bits();
+    let open_err = io_err("open", requested);
     let fd = match resolved.kind {
         // Re-opening the held fd through "." can't be redirected by a rename.
         Entry::Dir => {
-            let dir = walk.dir(&resolved.path).map_err(io_err)?;
-            openat_raw(dir, OsStr::new("."), bits, create_mode(flags))
+            let dir = walk.dir(&resolved.path).map_err(&open_err)?;
+            openat(dir, OsStr::new("."), flags, create_mode(flags))
         }
         Entry::Missing if requested.ends_with('/') => {
             let errno = if flags.contains(OFlag::O_CREAT) {
@@ -459,11 +354,11 @@ fn open_by_walk(root: BorrowedFd, requested: &str, flags: OFlag) -> Result<File,
         // instead of being followed by the kernel, and an unfollowed link gets the kernel's
         // own O_NOFOLLOW answer (ELOOP, or the link itself with O_PATH).
         Entry::Other | Entry::Missing | Entry::Symlink(_) => {
-            let (parent, name) = walk.parent_and_name(&resolved.path).map_err(io_err)?;
-            openat_raw(parent, name, bits | libc::O_NOFOLLOW, create_mode(flags))
+            let (parent, name) = walk.parent_and_name(&resolved.path).map_err(&open_err)?;
+            openat(parent, name, flags | OFlag::O_NOFOLLOW, create_mode(flags))
         }
     }
-    .map_err(io_err)?;
+    .map_err(&open_err)?;
     Ok(File::from(fd))
 }
 
@@ -690,7 +585,7 @@ pub(crate) mod tests {
         t
     }
 
-    type Opener = fn(BorrowedFd, &str, OFlag) -> Result<File, ConfineError>;
+    type Opener = fn(BorrowedFd, &str, OFlag) -> Result<File, Error>;
 
     fn read_with(open: Opener, root: &Path, requested: &str, flags: OFlag) -> Result<String, i32> {
         let root_fd = open_root(root).map_err(|e| e.errno())?;
@@ -707,7 +602,7 @@ pub(crate) mod tests {
         let probe = open_root(&t.0).map(|fd| openat2_in_root(fd.as_fd(), ".", OFlag::O_RDONLY));
         let missing = matches!(
             probe,
-            Ok(Err(ConfineError::Io { ref source, .. })) if source.raw_os_error() == Some(libc::ENOSYS)
+            Ok(Err(Error::Io { ref source, .. })) if source.raw_os_error() == Some(libc::ENOSYS)
         );
         let mut openers: Vec<(&'static str, Opener)> = vec![("walk", open_by_walk)];
         if !missing {

@@ -8,42 +8,18 @@ use std::path::Path;
 
 use nix::fcntl::OFlag;
 
-use crate::confine::{ConfineError, open_in_root};
 use mirrord_link::piped::{PIPED_MIN, PipedBytes};
+
+use crate::confine::open_in_root;
+use crate::error::{Error, io_err};
 
 /// Largest single read served; `len` comes from the wire, and this keeps one request from
 /// making the agent allocate gigabytes. Shorter reads are normal `pread` semantics.
 pub const MAX_READ_LEN: u32 = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
-pub enum FileError {
-    #[error(transparent)]
-    Confine(#[from] ConfineError),
-    #[error("{0}: is a directory")]
-    IsDirectory(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl FileError {
-    /// The errno a POSIX call would have failed with, for the file protocol's error replies.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FileError::Confine(e) => e.errno(),
-            FileError::IsDirectory(_) => libc::EISDIR,
-            FileError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        }
-    }
-}
-
 /// Reads up to `len` bytes (at most [`MAX_READ_LEN`]) at `offset` of `path` inside `root`;
 /// fewer bytes mean end of file.
-pub fn read_file(root: &Path, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, FileError> {
+pub fn read_file(root: &Path, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
     let (file, _) = open_for_reading(root, path)?;
     read_at(&file, offset, len.min(MAX_READ_LEN) as usize).map_err(io_err("read", path))
 }
@@ -56,12 +32,7 @@ pub enum FileBytes {
 }
 
 /// As [`read_file`], with the bytes of a large read of a regular file left in a pipe.
-pub fn read_file_piped(
-    root: &Path,
-    path: &str,
-    offset: u64,
-    len: u32,
-) -> Result<FileBytes, FileError> {
+pub fn read_file_piped(root: &Path, path: &str, offset: u64, len: u32) -> Result<FileBytes, Error> {
     let (file, meta) = open_for_reading(root, path)?;
     let len = len.min(MAX_READ_LEN) as usize;
     // Only regular files: splicing from a FIFO would consume what a failed attempt leaves.
@@ -77,24 +48,16 @@ pub fn read_file_piped(
         .map_err(io_err("read", path))
 }
 
-fn open_for_reading(root: &Path, path: &str) -> Result<(File, std::fs::Metadata), FileError> {
+fn open_for_reading(root: &Path, path: &str) -> Result<(File, std::fs::Metadata), Error> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up;
     // it changes nothing for regular files. O_NOCTTY: a pod's tty must not become ours.
     let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
     let file = open_in_root(root, path, flags)?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
     if meta.is_dir() {
-        return Err(FileError::IsDirectory(path.to_owned()));
+        return Err(Error::IsDirectory(path.to_owned()));
     }
     Ok((file, meta))
-}
-
-fn io_err<'a>(op: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> FileError + 'a {
-    move |source| FileError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// `pread` until `want` bytes or end of file: one `pread` may return less on some files. The

@@ -8,16 +8,19 @@
 //! to that descriptor, never following a final symlink, so neither a symlink nor a concurrent
 //! rename can move the operation out of the root.
 //!
+//! System calls go through `nix`; `unsafe` is left only for the xattr calls it does not wrap
+//! (`getxattr`, `listxattr`, `listxattrat`) and for owning the bare fd its `openat` returns.
+//!
 //! Write access: [`serve`] refuses every changing request with `EROFS` unless `writable`. The
 //! CLI's FUSE mount refuses writes itself in read-only mode; the flag is the agent's own guard,
 //! set per call by whoever dispatches (today the session's server passes `true`: the client
 //! proved the session token and picked its mode).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -25,45 +28,17 @@ use mirrord_protocol::fs::{
     Attr, DirEntry, DirPage, FileKind, FsRequest, FsResponse, MAX_DIR_PAGE, MAX_FILE_WRITE,
     MAX_XATTR, SetAttr, SetTime, StatFs, Timestamp,
 };
-use nix::fcntl::OFlag;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FchmodatFlags, Mode, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
-use crate::confine::{ConfineError, open_in_root};
+use crate::confine::open_in_root;
+use crate::error::{Error, io_err};
 
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    #[error(transparent)]
-    Confine(#[from] ConfineError),
-    #[error(transparent)]
-    File(#[from] crate::files::FileError),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: {why}")]
-    Refused {
-        path: String,
-        why: &'static str,
-        errno: i32,
-    },
-}
-
-impl FsError {
-    /// The errno a POSIX call would have failed with, for the protocol's error replies.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::Confine(e) => e.errno(),
-            FsError::File(e) => e.errno(),
-            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            FsError::Refused { errno, .. } => *errno,
-        }
-    }
-}
-
-fn refused(path: &str, why: &'static str, errno: i32) -> FsError {
-    FsError::Refused {
+fn refused(path: &str, why: &'static str, errno: i32) -> Error {
+    Error::Refused {
         path: path.to_owned(),
         why,
         errno,
@@ -72,7 +47,7 @@ fn refused(path: &str, why: &'static str, errno: i32) -> FsError {
 
 /// Answers one request on the files under `root` (normally `/proc/PID/root`). Blocks on the
 /// target's file system: call it from a blocking thread.
-pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, FsError> {
+pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, Error> {
     if request.is_write() && !writable {
         return Err(refused("", "read-only session", libc::EROFS));
     }
@@ -86,8 +61,8 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
         FsRequest::Read { path, offset, len } => read(root, &path, offset, len),
         FsRequest::ReadLink { path } => {
             let (dir, name) = parent(root, &path)?;
-            readlinkat(dir.as_raw_fd(), &name)
-                .map(FsResponse::Data)
+            nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name.as_c_str())
+                .map(|target| FsResponse::Data(target.into_vec()))
                 .map_err(io_err("readlink", &path))
         }
         FsRequest::StatFs { path } => stat_fs(root, &path).map(FsResponse::StatFs),
@@ -103,49 +78,52 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
         FsRequest::Mkdir { path, mode } => {
             let (dir, name) = parent(root, &path)?;
             let at = io_err("mkdir", &path);
-            // SAFETY: `name` is NUL-terminated and `dir` is a live fd.
-            cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777) })
-                .map_err(&at)?;
+            // Every bit of 0o7777 is a `Mode` flag, so nothing the client asked for is dropped.
+            let mode = Mode::from_bits_truncate(mode & 0o7777);
+            nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name.as_c_str(), mode).map_err(&at)?;
             fstatat(dir.as_raw_fd(), &name)
                 .map(FsResponse::Attr)
                 .map_err(at)
         }
         FsRequest::Rmdir { path } => {
             let (dir, name) = parent(root, &path)?;
-            // SAFETY: as above.
-            cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
-                .map(|_| FsResponse::Done)
-                .map_err(io_err("rmdir", &path))
+            nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                name.as_c_str(),
+                UnlinkatFlags::RemoveDir,
+            )
+            .map(|()| FsResponse::Done)
+            .map_err(io_err("rmdir", &path))
         }
         FsRequest::Unlink { path } => {
             let (dir, name) = parent(root, &path)?;
-            // SAFETY: as above.
-            cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
-                .map(|_| FsResponse::Done)
-                .map_err(io_err("unlink", &path))
+            nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                name.as_c_str(),
+                UnlinkatFlags::NoRemoveDir,
+            )
+            .map(|()| FsResponse::Done)
+            .map_err(io_err("unlink", &path))
         }
         FsRequest::Rename { from, to, flags } => {
             let (from_dir, from_name) = parent(root, &from)?;
             let (to_dir, to_name) = parent(root, &to)?;
-            // SAFETY: both names are NUL-terminated and both fds live for the call.
-            cvt(unsafe {
-                libc::renameat2(
-                    from_dir.as_raw_fd(),
-                    from_name.as_ptr(),
-                    to_dir.as_raw_fd(),
-                    to_name.as_ptr(),
-                    flags,
-                )
-            })
-            .map(|_| FsResponse::Done)
+            // Unknown bits go to the kernel as they came, which answers EINVAL for them.
+            nix::fcntl::renameat2(
+                Some(from_dir.as_raw_fd()),
+                from_name.as_c_str(),
+                Some(to_dir.as_raw_fd()),
+                to_name.as_c_str(),
+                RenameFlags::from_bits_retain(flags),
+            )
+            .map(|()| FsResponse::Done)
             .map_err(io_err("rename", &from))
         }
         FsRequest::Symlink { path, target } => {
             let (dir, name) = parent(root, &path)?;
-            let target = CString::new(target).map_err(|_| ConfineError::NulByte)?;
+            let target = CString::new(target).map_err(|_| Error::NulByte)?;
             let at = io_err("symlink", &path);
-            // SAFETY: both strings are NUL-terminated and `dir` is a live fd.
-            cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+            nix::unistd::symlinkat(target.as_c_str(), Some(dir.as_raw_fd()), name.as_c_str())
                 .map_err(&at)?;
             fstatat(dir.as_raw_fd(), &name)
                 .map(FsResponse::Attr)
@@ -165,22 +143,6 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
     }
 }
 
-fn io_err<'a>(op: &'static str, path: &'a str) -> impl Fn(io::Error) -> FsError + 'a {
-    move |source| FsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 /// O_NONBLOCK: a FIFO without a writer must not hang the agent. O_NOCTTY: a pod's tty must not
 /// become the agent's.
 fn read_flags() -> OFlag {
@@ -189,7 +151,7 @@ fn read_flags() -> OFlag {
 
 /// Opens the directory holding `path`'s last component (resolved inside the root) and returns
 /// it with that component, which is then acted on with `*at` calls and is never `.` or `..`.
-fn parent(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+fn parent(root: &Path, path: &str) -> Result<(File, CString), Error> {
     let trimmed = path.trim_end_matches('/');
     let (dir, name) = match trimmed.rfind('/') {
         Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
@@ -203,14 +165,14 @@ fn parent(root: &Path, path: &str) -> Result<(File, CString), FsError> {
     }
     let dir = if dir.is_empty() { "/" } else { dir };
     let file = open_in_root(root, dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    let name = CString::new(name).map_err(|_| Error::NulByte)?;
     if name.as_bytes().len() > 255 {
-        return Err(ConfineError::NameTooLong.into());
+        return Err(Error::NameTooLong);
     }
     Ok((file, name))
 }
 
-fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, FsError> {
+fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, Error> {
     let mut flags = OFlag::O_PATH;
     if !follow {
         // With O_PATH the kernel hands back the link itself, which fstat then describes.
@@ -220,28 +182,15 @@ fn stat(root: &Path, path: &str, follow: bool) -> Result<Attr, FsError> {
     fstat(file.as_raw_fd()).map_err(io_err("stat", path))
 }
 
-fn fstat(fd: RawFd) -> io::Result<Attr> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `fd` is live; `st` is a properly sized out-buffer; "" + AT_EMPTY_PATH describes
-    // `fd` itself, also for O_PATH descriptors of symlinks.
-    cvt(unsafe { libc::fstatat(fd, c"".as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH) })?;
-    // SAFETY: fstatat succeeded, so it filled `st`.
-    Ok(attr(&unsafe { st.assume_init() }))
+/// Describes `fd` itself ("" + AT_EMPTY_PATH), also an O_PATH descriptor of a symlink.
+fn fstat(fd: RawFd) -> nix::Result<Attr> {
+    nix::sys::stat::fstatat(Some(fd), "", AtFlags::AT_EMPTY_PATH).map(|st| attr(&st))
 }
 
-fn fstatat(dir: RawFd, name: &CString) -> io::Result<Attr> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: as in `fstat`; AT_SYMLINK_NOFOLLOW keeps the call on the entry itself.
-    cvt(unsafe {
-        libc::fstatat(
-            dir,
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    // SAFETY: fstatat succeeded, so it filled `st`.
-    Ok(attr(&unsafe { st.assume_init() }))
+/// Describes the entry `name` of `dir` itself: AT_SYMLINK_NOFOLLOW keeps the call off a link's
+/// target.
+fn fstatat(dir: RawFd, name: &CStr) -> nix::Result<Attr> {
+    nix::sys::stat::fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW).map(|st| attr(&st))
 }
 
 fn time(secs: i64, nanos: i64) -> Timestamp {
@@ -282,7 +231,7 @@ fn attr(st: &libc::stat) -> Attr {
 /// Lists one page. Pages are addressed by entry index in `readdir` order; the CLI reads a whole
 /// listing in one go, so a directory changing between pages can at worst repeat or skip an
 /// entry of that listing, as `readdir(3)` may.
-fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPage, FsError> {
+fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPage, Error> {
     let dir = open_in_root(root, path, read_flags() | OFlag::O_DIRECTORY)?;
     let at = io_err("readdir", path);
     // The magic link reopens exactly the directory just resolved, with no lookup by name.
@@ -311,8 +260,8 @@ fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPag
         let attr = match fstatat(dir.as_raw_fd(), &c_name) {
             Ok(attr) => attr,
             // Removed since the listing was read: as if it had never been listed.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(at(e)),
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(at(e.into())),
         };
         entries.push(DirEntry {
             name: text.to_owned(),
@@ -360,40 +309,24 @@ fn xattr_names_at(dir: RawFd, name: &CString, buf: &mut [u8]) -> Option<Vec<u8>>
     Some(buf.get(..n)?.to_vec())
 }
 
-fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, FsError> {
+fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, Error> {
     Ok(FsResponse::Data(crate::files::read_file(
         root, path, offset, len,
     )?))
 }
 
-fn readlinkat(dir: RawFd, name: &CString) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: `buf` is writable for its length; `name` is NUL-terminated; `dir` is live.
-    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
-fn stat_fs(root: &Path, path: &str) -> Result<StatFs, FsError> {
+fn stat_fs(root: &Path, path: &str) -> Result<StatFs, Error> {
     let file = open_in_root(root, path, OFlag::O_PATH)?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: the fd is live and `st` is a properly sized out-buffer.
-    cvt(unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) })
-        .map_err(io_err("statfs", path))?;
-    // SAFETY: fstatvfs succeeded, so it filled `st`.
-    let st = unsafe { st.assume_init() };
+    let st = nix::sys::statvfs::fstatvfs(&file).map_err(io_err("statfs", path))?;
     Ok(StatFs {
-        blocks: st.f_blocks,
-        bfree: st.f_bfree,
-        bavail: st.f_bavail,
-        files: st.f_files,
-        ffree: st.f_ffree,
-        bsize: st.f_bsize.min(u32::MAX as u64) as u32,
-        namelen: st.f_namemax.min(u32::MAX as u64) as u32,
-        frsize: st.f_frsize.min(u32::MAX as u64) as u32,
+        blocks: st.blocks(),
+        bfree: st.blocks_free(),
+        bavail: st.blocks_available(),
+        files: st.files(),
+        ffree: st.files_free(),
+        bsize: st.block_size().min(u32::MAX as u64) as u32,
+        namelen: st.name_max().min(u32::MAX as u64) as u32,
+        frsize: st.fragment_size().min(u32::MAX as u64) as u32,
     })
 }
 
@@ -405,15 +338,15 @@ fn fd_path(file: &File) -> CString {
 }
 
 /// Xattrs are read from the file itself (a final symlink not followed, like `lgetxattr`).
-fn xattr_target(root: &Path, path: &str) -> Result<(File, CString), FsError> {
+fn xattr_target(root: &Path, path: &str) -> Result<(File, CString), Error> {
     let file = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let proc_path = fd_path(&file);
     Ok((file, proc_path))
 }
 
-fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, FsError> {
+fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, Error> {
     let (_file, proc_path) = xattr_target(root, path)?;
-    let name = CString::new(name).map_err(|_| ConfineError::NulByte)?;
+    let name = CString::new(name).map_err(|_| Error::NulByte)?;
     let mut buf = vec![0u8; MAX_XATTR as usize];
     // SAFETY: both strings are NUL-terminated; `buf` is writable for its length.
     let n = unsafe {
@@ -431,7 +364,7 @@ fn get_xattr(root: &Path, path: &str, name: &[u8]) -> Result<Vec<u8>, FsError> {
     Ok(buf)
 }
 
-fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, FsError> {
+fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, Error> {
     let (_file, proc_path) = xattr_target(root, path)?;
     let mut buf = vec![0u8; MAX_XATTR as usize];
     // SAFETY: the path is NUL-terminated; `buf` is writable for its length.
@@ -443,29 +376,23 @@ fn list_xattr(root: &Path, path: &str) -> Result<Vec<u8>, FsError> {
     Ok(buf)
 }
 
-fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, FsError> {
+fn create(root: &Path, path: &str, mode: u32, exclusive: bool) -> Result<Attr, Error> {
     let (dir, name) = parent(root, path)?;
-    let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let mut flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     if exclusive {
-        flags |= libc::O_EXCL;
+        flags |= OFlag::O_EXCL;
     }
-    let flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY;
-    // SAFETY: `name` is NUL-terminated and `dir` is a live fd.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags,
-            (mode & 0o7777) as libc::c_uint,
-        )
-    })
-    .map_err(io_err("create", path))?;
-    // SAFETY: openat just returned this fd and nobody else owns it.
+    let flags = flags | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let mode = Mode::from_bits_truncate(mode & 0o7777);
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name.as_c_str(), flags, mode)
+        .map_err(io_err("create", path))?;
+    // SAFETY: openat just returned this fd and nobody else owns it (nix 0.29 hands out a bare
+    // RawFd); the OwnedFd closes it on every path below.
     let file = unsafe { OwnedFd::from_raw_fd(fd) };
     fstat(file.as_raw_fd()).map_err(io_err("create", path))
 }
 
-fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse, FsError> {
+fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse, Error> {
     if data.len() > MAX_FILE_WRITE as usize {
         return Err(refused(
             path,
@@ -481,57 +408,55 @@ fn write(root: &Path, path: &str, offset: u64, data: &[u8]) -> Result<FsResponse
     Ok(FsResponse::Written(data.len() as u32))
 }
 
-fn timespec(time: Option<SetTime>) -> libc::timespec {
+fn timespec(time: Option<SetTime>) -> TimeSpec {
     match time {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(SetTime::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(SetTime::At(t)) => libc::timespec {
-            tv_sec: t.secs,
-            tv_nsec: i64::from(t.nanos.min(999_999_999)),
-        },
+        None => TimeSpec::UTIME_OMIT,
+        Some(SetTime::Now) => TimeSpec::UTIME_NOW,
+        Some(SetTime::At(t)) => TimeSpec::new(t.secs, i64::from(t.nanos.min(999_999_999))),
     }
 }
 
-fn set_attr(root: &Path, path: &str, set: &SetAttr) -> Result<Attr, FsError> {
+fn set_attr(root: &Path, path: &str, set: &SetAttr) -> Result<Attr, Error> {
     let target = open_in_root(root, path, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let proc_path = fd_path(&target);
     if let Some(mode) = set.mode {
-        // SAFETY: the path is NUL-terminated; it names `target` only.
-        cvt(unsafe { libc::chmod(proc_path.as_ptr(), mode & 0o7777) })
-            .map_err(io_err("chmod", path))?;
+        // The magic link names `target` only; following it is the point.
+        let mode = Mode::from_bits_truncate(mode & 0o7777);
+        nix::sys::stat::fchmodat(
+            None,
+            proc_path.as_c_str(),
+            mode,
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(io_err("chmod", path))?;
     }
     if set.uid.is_some() || set.gid.is_some() {
-        let keep = u32::MAX; // -1: leave unchanged
-        // SAFETY: AT_EMPTY_PATH makes the call act on the O_PATH fd itself (lchown semantics).
-        cvt(unsafe {
-            libc::fchownat(
-                target.as_raw_fd(),
-                c"".as_ptr(),
-                set.uid.unwrap_or(keep),
-                set.gid.unwrap_or(keep),
-                libc::AT_EMPTY_PATH,
-            )
-        })
+        // AT_EMPTY_PATH makes the call act on the O_PATH fd itself (lchown semantics); `None`
+        // is -1, leave unchanged.
+        nix::unistd::fchownat(
+            Some(target.as_raw_fd()),
+            "",
+            set.uid.map(Uid::from_raw),
+            set.gid.map(Gid::from_raw),
+            AtFlags::AT_EMPTY_PATH,
+        )
         .map_err(io_err("chown", path))?;
     }
     if let Some(size) = set.size {
         let size = i64::try_from(size).map_err(|_| refused(path, "size", libc::EFBIG))?;
         let file = open_in_root(root, path, OFlag::O_WRONLY | OFlag::O_NONBLOCK)?;
-        // SAFETY: the fd is live.
-        cvt(unsafe { libc::ftruncate(file.as_raw_fd(), size) })
-            .map_err(io_err("truncate", path))?;
+        nix::unistd::ftruncate(&file, size).map_err(io_err("truncate", path))?;
     }
     if set.atime.is_some() || set.mtime.is_some() {
-        let times = [timespec(set.atime), timespec(set.mtime)];
-        // SAFETY: the path is NUL-terminated and `times` holds two timespecs.
-        cvt(unsafe { libc::utimensat(libc::AT_FDCWD, proc_path.as_ptr(), times.as_ptr(), 0) })
-            .map_err(io_err("utimens", path))?;
+        let (atime, mtime) = (timespec(set.atime), timespec(set.mtime));
+        nix::sys::stat::utimensat(
+            None,
+            proc_path.as_c_str(),
+            &atime,
+            &mtime,
+            UtimensatFlags::FollowSymlink,
+        )
+        .map_err(io_err("utimens", path))?;
     }
     fstat(target.as_raw_fd()).map_err(io_err("stat", path))
 }

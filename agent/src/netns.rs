@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
+use crate::error::{Error, io_err};
 use crate::target::Target;
 
 /// Worker threads. One: the agent mostly shovels bytes between sockets, which one core keeps
@@ -24,27 +25,9 @@ use crate::target::Target;
 /// and bench/network.sh's throughput 49% of a veth's against 36%.
 const WORKERS: usize = 1;
 
-#[derive(Debug, thiserror::Error)]
-pub enum NetnsError {
-    #[error("open {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("entering the network namespace {path}: {source}")]
-    Enter {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("starting the async runtime: {0}")]
-    Runtime(#[source] io::Error),
-}
-
 /// A multi-thread runtime whose workers and blocking threads are in `target`'s network
 /// namespace; for a target without pid, an ordinary runtime in the agent's own.
-pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, NetnsError> {
+pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, Error> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder
         .worker_threads(WORKERS)
@@ -52,18 +35,8 @@ pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, NetnsError
         .enable_all();
     if let Some(pid) = target.pid() {
         let path = format!("/proc/{pid}/ns/net");
-        let ns: Arc<OwnedFd> = Arc::new(
-            File::open(&path)
-                .map_err(|source| NetnsError::Open {
-                    path: path.clone(),
-                    source,
-                })?
-                .into(),
-        );
-        probe(&ns).map_err(|source| NetnsError::Enter {
-            path: path.clone(),
-            source,
-        })?;
+        let ns: Arc<OwnedFd> = Arc::new(File::open(&path).map_err(io_err("open", &path))?.into());
+        probe(&ns).map_err(io_err("entering the network namespace", &path))?;
         builder.on_thread_start(move || {
             if let Err(e) = nix::sched::setns(&*ns, CloneFlags::CLONE_NEWNET) {
                 // The hook can't return an error, and a thread left in the agent's namespace
@@ -75,7 +48,9 @@ pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, NetnsError
             }
         });
     }
-    builder.build().map_err(NetnsError::Runtime)
+    builder
+        .build()
+        .map_err(io_err("starting the async runtime", ""))
 }
 
 /// Joins the namespace on a throwaway thread first, so a refusal (no CAP_SYS_ADMIN, a stale

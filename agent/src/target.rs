@@ -2,44 +2,13 @@
 //! namespace calls it; it must never move the agent's own threads into the target's
 //! namespaces (only short-lived helper threads enter them).
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 
 use nix::sched::CloneFlags;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TargetError {
-    #[error("no process with pid {0}")]
-    NoSuchProcess(u32),
-    #[error("permission denied reading {0} (joining another user's namespaces needs root)")]
-    PermissionDenied(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("hostname {0:?} is not UTF-8")]
-    HostnameNotUtf8(OsString),
-    #[error("helper thread for {0} died")]
-    ThreadPanicked(String),
-}
-
-impl TargetError {
-    /// The errno a client sees when this error answers a request.
-    pub fn errno(&self) -> i32 {
-        match self {
-            TargetError::NoSuchProcess(_) => libc::ESRCH,
-            TargetError::PermissionDenied(_) => libc::EACCES,
-            TargetError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            TargetError::HostnameNotUtf8(_) => libc::EILSEQ,
-            TargetError::ThreadPanicked(_) => libc::EIO,
-        }
-    }
-}
+use crate::error::{Error, io_err};
 
 /// The process whose context is served; `None` means the agent's own namespaces (a targetless
 /// agent, or one already running inside the pod).
@@ -54,7 +23,7 @@ const NAMESPACES: [&str; 3] = ["net", "uts", "mnt"];
 impl Target {
     /// Checks that the process exists and that its namespaces and root can be opened, so a
     /// later failure is not the first sign of missing privileges.
-    pub fn open(pid: Option<u32>) -> Result<Self, TargetError> {
+    pub fn open(pid: Option<u32>) -> Result<Self, Error> {
         let Some(pid) = pid else {
             return Ok(Target { pid: None });
         };
@@ -86,7 +55,7 @@ impl Target {
 
     /// The environment the target was started with. Entries that are not UTF-8, have no `=`
     /// or an empty name are skipped: they can't be carried or set faithfully anyway.
-    pub fn env(&self) -> Result<Vec<(String, String)>, TargetError> {
+    pub fn env(&self) -> Result<Vec<(String, String)>, Error> {
         let Some(pid) = self.pid else {
             return Ok(std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -99,7 +68,7 @@ impl Target {
     }
 
     /// The hostname in the target's UTS namespace.
-    pub fn hostname(&self) -> Result<String, TargetError> {
+    pub fn hostname(&self) -> Result<String, Error> {
         let Some(pid) = self.pid else {
             return own_hostname();
         };
@@ -115,29 +84,23 @@ impl Target {
                 nix::sched::setns(&ns, CloneFlags::CLONE_NEWUTS).map_err(io::Error::from)?;
                 nix::unistd::gethostname().map_err(io::Error::from)
             })
-            .map_err(|e| TargetError::Io {
-                op: "spawn thread for",
-                path: shown.clone(),
-                source: e,
-            })?;
+            .map_err(io_err("spawn thread for", &shown))?;
         let name = worker
             .join()
-            .map_err(|_| TargetError::ThreadPanicked(shown.clone()))?
+            .map_err(|_| Error::ThreadPanicked(shown.clone()))?
             .map_err(|e| self.error("enter", path, e))?;
-        name.into_string().map_err(TargetError::HostnameNotUtf8)
+        name.into_string().map_err(Error::HostnameNotUtf8)
     }
 
     /// Maps the errors a /proc access gives into the messages a user can act on.
-    fn error(&self, op: &'static str, path: PathBuf, source: io::Error) -> TargetError {
+    fn error(&self, op: &'static str, path: PathBuf, source: io::Error) -> Error {
         let pid = self.pid.unwrap_or(0);
         match source.raw_os_error() {
             // ESRCH: the process exited between two reads; ENOENT also covers a zombie's ns
             // files, which are gone before the pid is.
-            Some(libc::ENOENT | libc::ESRCH) => TargetError::NoSuchProcess(pid),
-            Some(libc::EACCES | libc::EPERM) => {
-                TargetError::PermissionDenied(path.display().to_string())
-            }
-            _ => TargetError::Io {
+            Some(libc::ENOENT | libc::ESRCH) => Error::NoSuchProcess(pid),
+            Some(libc::EACCES | libc::EPERM) => Error::PermissionDenied(path.display().to_string()),
+            _ => Error::Io {
                 op,
                 path: path.display().to_string(),
                 source,
@@ -146,13 +109,9 @@ impl Target {
     }
 }
 
-fn own_hostname() -> Result<String, TargetError> {
-    let name = nix::unistd::gethostname().map_err(|e| TargetError::Io {
-        op: "gethostname",
-        path: String::new(),
-        source: e.into(),
-    })?;
-    name.into_string().map_err(TargetError::HostnameNotUtf8)
+fn own_hostname() -> Result<String, Error> {
+    let name = nix::unistd::gethostname().map_err(io_err("gethostname", ""))?;
+    name.into_string().map_err(Error::HostnameNotUtf8)
 }
 
 /// Parses the NUL-separated `NAME=value` list of /proc/PID/environ.
