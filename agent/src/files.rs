@@ -9,32 +9,49 @@ use std::path::Path;
 use nix::fcntl::OFlag;
 
 use mirrord_link::piped::{PIPED_MIN, PipedBytes};
+use mirrord_protocol::bulk::MAX_FILE_READ;
 
 use crate::confine::open_in_root;
 use crate::error::{Error, io_err};
 
-/// Largest single read served; `len` comes from the wire, and this keeps one request from
-/// making the agent allocate gigabytes. Shorter reads are normal `pread` semantics.
-pub const MAX_READ_LEN: u32 = 1 << 20;
-
-/// Reads up to `len` bytes (at most [`MAX_READ_LEN`]) at `offset` of `path` inside `root`;
-/// fewer bytes mean end of file.
-pub fn read_file(root: &Path, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
-    let (file, _) = open_for_reading(root, path)?;
-    read_at(&file, offset, len.min(MAX_READ_LEN) as usize).map_err(io_err("read", path))
-}
-
 /// A file's bytes on their way to the client.
+#[derive(Debug)]
 pub enum FileBytes {
     /// In a pipe, to be spliced into the connection (large reads of regular files).
     Piped(PipedBytes),
     Copied(Vec<u8>),
 }
 
-/// As [`read_file`], with the bytes of a large read of a regular file left in a pipe.
-pub fn read_file_piped(root: &Path, path: &str, offset: u64, len: u32) -> Result<FileBytes, Error> {
+impl FileBytes {
+    /// The bytes in memory, drained from their pipe if they are in one (for the agent's own
+    /// use of a file, and for callers that cannot splice).
+    pub fn into_vec(self) -> io::Result<Vec<u8>> {
+        match self {
+            FileBytes::Copied(bytes) => Ok(bytes),
+            FileBytes::Piped(piped) => {
+                let mut bytes = vec![0; piped.len()];
+                let mut filled = 0;
+                while filled < bytes.len() {
+                    match nix::unistd::read(piped.pipe().as_raw_fd(), &mut bytes[filled..]) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => filled += n,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(errno) => return Err(errno.into()),
+                    }
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// The agent's one way to read a file: up to `len` bytes (at most [`MAX_FILE_READ`], whatever
+/// the wire asked) at `offset` of `path` inside `root`; fewer bytes mean end of file. A large
+/// read of a regular file is left in a pipe, to be spliced into the connection; the rest is
+/// copied.
+pub fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FileBytes, Error> {
     let (file, meta) = open_for_reading(root, path)?;
-    let len = len.min(MAX_READ_LEN) as usize;
+    let len = len.min(MAX_FILE_READ) as usize;
     // Only regular files: splicing from a FIFO would consume what a failed attempt leaves.
     if meta.is_file()
         && len >= PIPED_MIN
@@ -116,6 +133,11 @@ mod tests {
         }
     }
 
+    /// Reads into memory, whichever way the bytes came.
+    fn read_file(root: &Path, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
+        read(root, path, offset, len).map(|bytes| bytes.into_vec().unwrap())
+    }
+
     #[test]
     fn reads_ranges_and_errors_carry_errnos() {
         let root = Root::new("read");
@@ -137,32 +159,15 @@ mod tests {
         assert_eq!(err.as_deref(), Some("etc: is a directory"));
     }
 
-    /// The bytes of a piped read, drained from its pipe, or of a copied one.
-    fn bytes_of(read: FileBytes) -> (bool, Vec<u8>) {
-        use std::io::Read;
-        match read {
-            FileBytes::Copied(bytes) => (false, bytes),
-            FileBytes::Piped(piped) => {
-                let mut pipe = File::from(piped.pipe().try_clone_to_owned().unwrap());
-                let mut bytes = vec![0; piped.len()];
-                let mut filled = 0;
-                while filled < bytes.len() {
-                    filled += pipe.read(&mut bytes[filled..]).unwrap();
-                }
-                (true, bytes)
-            }
-        }
-    }
-
     #[test]
     fn piped_reads_hold_exactly_the_bytes_a_copied_read_would() {
         let root = Root::new("piped");
         let r = &root.0;
-        let content: Vec<u8> = (0..3 * MAX_READ_LEN + 777)
+        let content: Vec<u8> = (0..3 * MAX_FILE_READ + 777)
             .map(|i| (i % 253) as u8)
             .collect();
         std::fs::write(r.join("big"), &content).unwrap();
-        let mib = MAX_READ_LEN as u64;
+        let mib = MAX_FILE_READ as u64;
         // (offset, len): aligned, unaligned, the short tail, past the end, small.
         for (offset, len) in [
             (0, mib),
@@ -172,9 +177,15 @@ mod tests {
             (9 * mib, mib),
             (5, 1000),
         ] {
-            let (piped, got) = bytes_of(read_file_piped(r, "big", offset, len as u32).unwrap());
-            let expected = read_file(r, "big", offset, len as u32).unwrap();
-            assert_eq!(got, expected, "at {offset}+{len}");
+            let bytes = read(r, "big", offset, len as u32).unwrap();
+            let piped = matches!(bytes, FileBytes::Piped(_));
+            let start = (offset as usize).min(content.len());
+            let end = (start + len as usize).min(content.len());
+            assert_eq!(
+                bytes.into_vec().unwrap(),
+                &content[start..end],
+                "at {offset}+{len}"
+            );
             if offset == 0 {
                 assert!(piped, "a large aligned read of a regular file goes by pipe");
             }
@@ -183,13 +194,9 @@ mod tests {
             }
         }
         // Not a regular file: never spliced (a FIFO would lose what a failed attempt took).
-        let errno = read_file_piped(r, "fifo", 0, MAX_READ_LEN)
-            .err()
-            .map(|e| e.errno());
+        let errno = read(r, "fifo", 0, MAX_FILE_READ).err().map(|e| e.errno());
         assert_eq!(errno, Some(libc::ESPIPE));
-        let errno = read_file_piped(r, "etc", 0, MAX_READ_LEN)
-            .err()
-            .map(|e| e.errno());
+        let errno = read(r, "etc", 0, MAX_FILE_READ).err().map(|e| e.errno());
         assert_eq!(errno, Some(libc::EISDIR));
     }
 
@@ -197,10 +204,10 @@ mod tests {
     fn huge_lengths_are_capped() {
         let root = Root::new("big");
         let big = root.0.join("big");
-        std::fs::write(&big, vec![7u8; MAX_READ_LEN as usize + 10]).unwrap();
+        std::fs::write(&big, vec![7u8; MAX_FILE_READ as usize + 10]).unwrap();
         let got = read_file(&root.0, "big", 0, u32::MAX).unwrap();
-        assert_eq!(got.len(), MAX_READ_LEN as usize);
-        let tail = read_file(&root.0, "big", MAX_READ_LEN as u64, u32::MAX).unwrap();
+        assert_eq!(got.len(), MAX_FILE_READ as usize);
+        let tail = read_file(&root.0, "big", MAX_FILE_READ as u64, u32::MAX).unwrap();
         assert_eq!(tail.len(), 10);
     }
 }

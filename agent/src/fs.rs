@@ -36,6 +36,7 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use crate::confine::open_in_root;
 use crate::error::{Error, io_err};
+use crate::files::{self, FileBytes};
 
 fn refused(path: &str, why: &'static str, errno: i32) -> Error {
     Error::Refused {
@@ -45,12 +46,41 @@ fn refused(path: &str, why: &'static str, errno: i32) -> Error {
     }
 }
 
+/// The answer to one request: a response, or a read's bytes, which may wait in a pipe to be
+/// spliced into the connection.
+#[derive(Debug)]
+pub enum Answer {
+    Response(FsResponse),
+    Read(FileBytes),
+}
+
+impl Answer {
+    /// The answer as a response, with a read's bytes in memory.
+    pub fn into_response(self) -> Result<FsResponse, Error> {
+        match self {
+            Answer::Response(response) => Ok(response),
+            Answer::Read(bytes) => bytes
+                .into_vec()
+                .map(FsResponse::Data)
+                .map_err(io_err("read", "")),
+        }
+    }
+}
+
 /// Answers one request on the files under `root` (normally `/proc/PID/root`). Blocks on the
 /// target's file system: call it from a blocking thread.
-pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsResponse, Error> {
+pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<Answer, Error> {
     if request.is_write() && !writable {
         return Err(refused("", "read-only session", libc::EROFS));
     }
+    if let FsRequest::Read { path, offset, len } = request {
+        return files::read(root, &path, offset, len).map(Answer::Read);
+    }
+    respond(root, request).map(Answer::Response)
+}
+
+/// Every request but reads.
+fn respond(root: &Path, request: FsRequest) -> Result<FsResponse, Error> {
     match request {
         FsRequest::Stat { path, follow } => stat(root, &path, follow).map(FsResponse::Attr),
         FsRequest::ReadDir {
@@ -58,7 +88,8 @@ pub fn serve(root: &Path, request: FsRequest, writable: bool) -> Result<FsRespon
             offset,
             xattrs,
         } => read_dir(root, &path, offset, xattrs).map(FsResponse::Dir),
-        FsRequest::Read { path, offset, len } => read(root, &path, offset, len),
+        // `serve` hands every read to `files::read` before calling this.
+        FsRequest::Read { .. } => unreachable!("reads are answered by files::read"),
         FsRequest::ReadLink { path } => {
             let (dir, name) = parent(root, &path)?;
             nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name.as_c_str())
@@ -309,12 +340,6 @@ fn xattr_names_at(dir: RawFd, name: &CString, buf: &mut [u8]) -> Option<Vec<u8>>
     Some(buf.get(..n)?.to_vec())
 }
 
-fn read(root: &Path, path: &str, offset: u64, len: u32) -> Result<FsResponse, Error> {
-    Ok(FsResponse::Data(crate::files::read_file(
-        root, path, offset, len,
-    )?))
-}
-
 fn stat_fs(root: &Path, path: &str) -> Result<StatFs, Error> {
     let file = open_in_root(root, path, OFlag::O_PATH)?;
     let st = nix::sys::statvfs::fstatvfs(&file).map_err(io_err("statfs", path))?;
@@ -483,7 +508,9 @@ mod tests {
     }
 
     fn call(root: &Path, request: FsRequest) -> Result<FsResponse, i32> {
-        serve(root, request, true).map_err(|e| e.errno())
+        serve(root, request, true)
+            .and_then(Answer::into_response)
+            .map_err(|e| e.errno())
     }
 
     fn s(x: &str) -> String {
@@ -881,7 +908,7 @@ mod tests {
         ];
         for change in changes {
             let got = serve(&t.0, change.clone(), false).map_err(|e| e.errno());
-            assert_eq!(got, Err(libc::EROFS), "{change:?}");
+            assert_eq!(got.err(), Some(libc::EROFS), "{change:?}");
         }
         assert_eq!(
             std::fs::read(t.0.join("etc/shadow")).unwrap(),

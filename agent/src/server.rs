@@ -16,7 +16,7 @@ use mirrord_link::piped::PipedBytes;
 use mirrord_link::streams::{Outgoing, Streams};
 use mirrord_protocol::bulk::MAX_FILE_READ;
 use mirrord_protocol::frame;
-use mirrord_protocol::fs::{FsRequest, FsResponse};
+use mirrord_protocol::fs::FsResponse;
 use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::accept_hello;
 use mirrord_protocol::mux::Side;
@@ -29,8 +29,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
-use crate::files;
-use crate::files::FileBytes;
+use crate::error::io_err;
+use crate::files::{self, FileBytes};
+use crate::fs::Answer;
 use crate::target::Target;
 
 /// A client that connects but does not greet and say hello within this is dropped.
@@ -186,17 +187,7 @@ async fn session_loop(
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
-                    let out = match request {
-                        Request::Fs(FsRequest::Read { path, offset, len }) => {
-                            read(&agent, id, path, offset, len).await
-                        }
-                        request => AgentMessage::Response {
-                            id,
-                            response: answer(&agent, request).await,
-                        }
-                        .into(),
-                    };
-                    let _ = out_tx.send(out).await;
+                    let _ = out_tx.send(answer(&agent, id, request).await).await;
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {
@@ -271,8 +262,9 @@ fn io_error(error: &std::io::Error, what: &str) -> RemoteError {
     }
 }
 
-async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, RemoteError> {
-    match request {
+/// The answer to request `id`: a response, or a file read's bytes waiting in a pipe.
+async fn answer(agent: &Arc<Agent>, id: u64, request: Request) -> AgentOut {
+    let response = match request {
         // Resolved on this runtime, not a blocking thread: hickory is async, and its sockets
         // must be in the target's network namespace, as this runtime's threads are.
         Request::Dns(query) => {
@@ -307,14 +299,22 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Result<Response, Remote
         // Writable: the client proved the session token and chose its mode; its FUSE mount
         // refuses writes itself in read-only mode (see `fs` for the agent's own guard).
         Request::Fs(request) => {
-            blocking(agent, move |agent| {
+            let served = blocking(agent, move |agent| {
                 crate::fs::serve(&agent.target.root(), request, true)
-                    .map(Response::Fs)
                     .map_err(|error| remote(&error, error.errno()))
             })
-            .await
+            .await;
+            match served {
+                Ok(Answer::Read(FileBytes::Piped(data))) => return AgentOut::FileData { id, data },
+                Ok(Answer::Read(FileBytes::Copied(bytes))) => {
+                    Ok(Response::Fs(FsResponse::Data(bytes)))
+                }
+                Ok(Answer::Response(response)) => Ok(Response::Fs(response)),
+                Err(error) => Err(error),
+            }
         }
-    }
+    };
+    AgentMessage::Response { id, response }.into()
 }
 
 /// What the session's writer sends: a message, or the answer to a file read whose bytes wait
@@ -352,21 +352,6 @@ impl Outgoing for AgentOut {
     }
 }
 
-/// A file read: its bytes in a pipe when they can go that way, else read and copied.
-async fn read(agent: &Arc<Agent>, id: u64, path: String, offset: u64, len: u32) -> AgentOut {
-    let read = blocking(agent, move |agent| {
-        files::read_file_piped(&agent.target.root(), &path, offset, len.min(MAX_FILE_READ))
-            .map_err(|error| remote(&error, error.errno()))
-    })
-    .await;
-    let response = match read {
-        Ok(FileBytes::Piped(data)) => return AgentOut::FileData { id, data },
-        Ok(FileBytes::Copied(bytes)) => Ok(Response::Fs(FsResponse::Data(bytes))),
-        Err(error) => Err(error),
-    };
-    AgentMessage::Response { id, response }.into()
-}
-
 /// Runs `work` where it may block: it reads /proc or the target's files, which can hang on a
 /// slow filesystem.
 async fn blocking<T: Send + 'static>(
@@ -389,7 +374,8 @@ async fn pod_resolver(agent: &Arc<Agent>) -> DnsResolver {
     let agent = agent.clone();
     let files = tokio::task::spawn_blocking(move || {
         let read = |path: &str| {
-            files::read_file(&agent.target.root(), path, 0, MAX_FILE_READ)
+            files::read(&agent.target.root(), path, 0, MAX_FILE_READ)
+                .and_then(|bytes| bytes.into_vec().map_err(io_err("read", path)))
                 .inspect_err(|error| debug!(path, %error, "no DNS configuration file"))
                 .ok()
         };

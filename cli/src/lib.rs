@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod dns;
 pub mod envfilter;
+pub mod exit;
 pub mod generated;
 pub mod launcher;
 pub mod local_agent;

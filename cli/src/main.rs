@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use mirrord_cli::args::{Cli, Command};
+use mirrord_cli::exit::EXIT_MIRRORD_FAILED;
 use mirrord_cli::run;
-use mirrord_link::report::one_line;
 
 fn main() {
     tracing_subscriber::fmt()
@@ -31,7 +31,7 @@ fn main() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("mirrord: cannot start: {error}");
-            std::process::exit(run::EXIT_MIRRORD_FAILED);
+            std::process::exit(EXIT_MIRRORD_FAILED);
         }
     };
     // The command runs inside block_on, on this thread, which lives until exit: the launched
@@ -48,12 +48,9 @@ fn main() {
     });
     let code = match result {
         Ok(code) => code,
-        Err(error) => {
-            eprintln!("mirrord: {}", one_line(&error));
-            match error.downcast_ref::<mirrord_cli::launcher::LaunchError>() {
-                Some(launch_error) => launch_error.exit_code(),
-                None => run::EXIT_MIRRORD_FAILED,
-            }
+        Err(failure) => {
+            eprintln!("mirrord: {}", failure.line());
+            failure.code
         }
     };
     // Tasks still blocked on the terminal or sockets must not delay the exit.

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::rules::OutgoingFilter;
@@ -22,18 +22,13 @@ use crate::config::{
 use crate::dns;
 use crate::dns::{DnsSettings, NameFilter, NameRule};
 use crate::envfilter::{self, EnvFilter, Patterns};
+use crate::exit::Failure;
 use crate::generated::GeneratedFile;
 use crate::launcher::{self, Launch};
 use crate::local_agent::LocalAgent;
 use crate::net::{self, NetSettings};
 use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
 use crate::target::Target;
-
-/// Exit status when mirrord itself fails (as `env` and `docker run` do), so it is not mistaken
-/// for the command's own status.
-pub const EXIT_MIRRORD_FAILED: i32 = 125;
-/// Exit status after Ctrl-C before the command started (128 + SIGINT).
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Default idle TTL of a locally started agent, in seconds: a backstop, the CLI stops it anyway.
 const LOCAL_AGENT_TTL: u64 = 60;
@@ -57,8 +52,8 @@ pub struct Session {
 
 impl Session {
     /// Resolves flags and config, connects and fetches the target's context. Ctrl-C meanwhile
-    /// stops whatever was started and exits with 130.
-    pub async fn open(args: &SessionArgs) -> anyhow::Result<Session> {
+    /// stops whatever was started and fails with [`Failure::interrupted`].
+    pub async fn open(args: &SessionArgs) -> Result<Session, Failure> {
         let config = Config::load(args.config_file.as_deref())?;
         let source = agent_source(args, &config)?;
         let filter = env_filter(args, &config);
@@ -66,11 +61,9 @@ impl Session {
         let net = net_settings(args, &config)?;
         let dns = dns_settings(args, &config)?;
         tokio::select! {
-            session = Self::connect(source, filter, fs, net, dns) => session,
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("mirrord: interrupted");
-                std::process::exit(EXIT_INTERRUPTED);
-            }
+            session = Self::connect(source, filter, fs, net, dns) => Ok(session?),
+            // Dropping the connecting future stops a local agent it started (kill on drop).
+            _ = tokio::signal::ctrl_c() => Err(Failure::interrupted()),
         }
     }
 
@@ -319,11 +312,11 @@ fn dns_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<DnsSettin
 }
 
 /// `mirrord exec`: returns the command's exit status.
-pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i32> {
-    let session = Session::open(args).await?;
+pub async fn exec(args: &SessionArgs, command: &[OsString]) -> Result<i32, Failure> {
     let Some((program, program_args)) = command.split_first() else {
-        bail!("no command given after --");
+        return Err(anyhow!("no command given after --").into());
     };
+    let session = Session::open(args).await?;
     let launch = Launch {
         program: program.clone(),
         args: program_args.to_vec(),
@@ -335,7 +328,7 @@ pub async fn exec(args: &SessionArgs, command: &[OsString]) -> anyhow::Result<i3
 }
 
 /// `mirrord shell`: returns the shell's exit status.
-pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Result<i32> {
+pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> Result<i32, Failure> {
     let session = Session::open(args).await?;
     let shell = std::env::var_os("SHELL")
         .filter(|shell| !shell.is_empty())
@@ -351,13 +344,13 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> anyhow::Resul
         Ok(launch) => launch,
         Err(error) => {
             session.close().await;
-            return Err(error.into());
+            return Err(Failure::launch(error));
         }
     };
     run_launch(session, launch).await
 }
 
-async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32> {
+async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure> {
     let extra_hosts = [(IpAddr::V4(net::HOST_LOOPBACK), net::HOST_LOOPBACK_NAME)];
     let remote_root = match remote_fs::prepare(&session.client, &session.fs).await {
         Some((fuse, mountpoint)) => {
@@ -433,11 +426,11 @@ async fn run_launch(session: Session, mut launch: Launch) -> anyhow::Result<i32>
     };
     session.close().await;
     drop::<Option<MountPoint>>(remote_root);
-    Ok(status?)
+    status.map_err(Failure::launch)
 }
 
 /// `mirrord env`: prints the target's filtered variables.
-pub async fn env(args: &SessionArgs, format: EnvFormat) -> anyhow::Result<i32> {
+pub async fn env(args: &SessionArgs, format: EnvFormat) -> Result<i32, Failure> {
     let session = Session::open(args).await?;
     let vars = envfilter::remote_vars(&session.info.env, &session.filter);
     session.close().await;

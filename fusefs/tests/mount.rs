@@ -55,9 +55,11 @@ impl Backend for InProcess {
                 std::future::pending::<()>().await;
             }
             // The agent itself always allows writes; read-only mode is the mount's to enforce.
-            let answered =
-                tokio::task::spawn_blocking(move || mirrord_agent::fs::serve(&root, request, true))
-                    .await;
+            let answered = tokio::task::spawn_blocking(move || {
+                mirrord_agent::fs::serve(&root, request, true)
+                    .and_then(mirrord_agent::fs::Answer::into_response)
+            })
+            .await;
             match answered {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(error)) => Err(RemoteError {

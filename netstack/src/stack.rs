@@ -46,36 +46,36 @@ impl Shared {
 #[derive(Clone)]
 pub struct PacketSink {
     /// tun --packets--> netstack
-    tun_rx: mpsc::UnboundedSender<Vec<u8>>,
+    from_tun_tx: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl PacketSink {
     /// Hands one raw IPv4/IPv6 packet to the stack; fails once the stack has stopped.
     pub fn send(&self, packet: Vec<u8>) -> Result<(), Error> {
-        self.tun_rx.send(packet).map_err(|_| Error::Closed)
+        self.from_tun_tx.send(packet).map_err(|_| Error::Closed)
     }
 }
 
 /// Where packets for the app (to be written to the TUN) come out of the stack.
 pub struct PacketSource {
     /// netstack --packets--> tun
-    tun_tx: mpsc::UnboundedReceiver<Vec<u8>>,
+    to_tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl PacketSource {
     /// The next packet for the app; `None` once the stack has stopped.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.tun_tx.recv().await
+        self.to_tun_rx.recv().await
     }
 
     /// Appends up to `limit` packets to `out` (waiting for at least one); 0 once stopped.
     pub async fn recv_many(&mut self, out: &mut Vec<Vec<u8>>, limit: usize) -> usize {
-        self.tun_tx.recv_many(out, limit).await
+        self.to_tun_rx.recv_many(out, limit).await
     }
 
     /// A packet if one is ready now.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        self.tun_tx.try_recv().ok()
+        self.to_tun_rx.try_recv().ok()
     }
 }
 
@@ -113,13 +113,13 @@ impl NetStack {
             wake: Notify::new(),
             start,
         });
-        let (tun_rx_tx, tun_rx) = mpsc::unbounded_channel();
-        let (tun_tx, tun_tx_rx) = mpsc::unbounded_channel();
+        let (from_tun_tx, from_tun_rx) = mpsc::unbounded_channel();
+        let (to_tun_tx, to_tun_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        runtime.spawn(run(shared, tun_rx, tun_tx, events_tx));
+        runtime.spawn(run(shared, from_tun_rx, to_tun_tx, events_tx));
         Ok((
-            PacketSink { tun_rx: tun_rx_tx },
-            PacketSource { tun_tx: tun_tx_rx },
+            PacketSink { from_tun_tx },
+            PacketSource { to_tun_rx },
             Events { events_rx },
         ))
     }
@@ -127,8 +127,8 @@ impl NetStack {
 
 async fn run(
     shared: Arc<Shared>,
-    mut tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    tun_tx: mpsc::UnboundedSender<Vec<u8>>,
+    mut from_tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    to_tun_tx: mpsc::UnboundedSender<Vec<u8>>,
     events_tx: mpsc::UnboundedSender<Event>,
 ) {
     let mut batch = Vec::with_capacity(INGEST_BATCH);
@@ -140,7 +140,7 @@ async fn run(
             core.poll(now);
             for packet in core.drain_transmit() {
                 // A closed receiver ends the loop below.
-                let _ = tun_tx.send(packet);
+                let _ = to_tun_tx.send(packet);
             }
             while let Some(event) = core.pop_event() {
                 events.push(event);
@@ -165,7 +165,7 @@ async fn run(
             };
             let _ = events_tx.send(event);
         }
-        if tun_tx.is_closed() {
+        if to_tun_tx.is_closed() {
             break;
         }
         let sleep = async {
@@ -176,7 +176,7 @@ async fn run(
         };
         tokio::select! {
             biased;
-            n = tun_rx.recv_many(&mut batch, INGEST_BATCH) => {
+            n = from_tun_rx.recv_many(&mut batch, INGEST_BATCH) => {
                 if n == 0 {
                     break;
                 }
