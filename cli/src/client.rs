@@ -317,3 +317,61 @@ async fn read_loop(
     streams.reset_all();
     ended_tx.send_replace(Some(ended));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A fake agent on an abstract socket that sends `first` and keeps the connection open.
+    async fn agent_saying(first: Vec<u8>) -> Endpoint {
+        let name = format!(
+            "unix:@mirrord-client-test-{}",
+            getrandom::u64().unwrap_or(0)
+        );
+        let endpoint: Endpoint = name.parse().unwrap();
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        tokio::spawn(async move {
+            let (mut read, mut write, _) = listener.accept().await.unwrap();
+            write.write_all(&first).await.unwrap();
+            let mut sink = Vec::new();
+            let _ = read.read_to_end(&mut sink).await;
+        });
+        endpoint
+    }
+
+    #[tokio::test]
+    async fn an_agent_of_another_release_is_named_in_one_line() {
+        let newer = Greeting {
+            version: PROTOCOL_VERSION + 1,
+            software: "mirrord-agent 9.0.0".into(),
+        };
+        let endpoint = agent_saying(newer.encode()).await;
+        let error = AgentClient::connect(&endpoint, b"token")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the agent at {endpoint} speaks protocol {} (mirrord-agent 9.0.0), this mirrord \
+                 speaks {PROTOCOL_VERSION}; use an agent of the same release as this mirrord",
+                PROTOCOL_VERSION + 1
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_greet_is_not_an_agent() {
+        // An agent of protocol 3 sent no greeting: its first bytes were a frame header.
+        let endpoint = agent_saying(vec![0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0]).await;
+        let error = AgentClient::connect(&endpoint, b"token")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().contains("did not greet as mirrord does"),
+            "{error}"
+        );
+    }
+}
