@@ -14,11 +14,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::process::{SHORT, Scene, first_line, run, run_checked};
-use crate::{FixtureError, Result, world};
+use crate::command::{SHORT, first_line, run, run_checked};
+use crate::netns::delete_namespace;
+use crate::process::Scene;
+use crate::{FixtureError, PREFIX, Result, world};
 
 /// Directory inside every pod backed by a tmpfs of its own mount namespace.
 pub const POD_FILE_DIR: &str = "/srv";
@@ -119,28 +121,6 @@ fn ip(args: &[&str]) -> Result<()> {
     run_checked(Command::new("ip").args(args), SHORT).map(drop)
 }
 
-/// Names of fixture namespaces (`ip netns list` entries starting with [`world::PREFIX`]).
-pub fn fixture_namespaces() -> Result<Vec<String>> {
-    let out = run_checked(Command::new("ip").args(["netns", "list"]), SHORT)?;
-    Ok(out
-        .stdout
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(world::PREFIX))
-        .map(str::to_owned)
-        .collect())
-}
-
-/// Kills every process in the named netns, then deletes it; best effort, for Drop and cleanup.
-pub fn delete_namespace(name: &str) {
-    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name]), SHORT) {
-        for pid in out.stdout.split_whitespace().filter_map(|p| p.parse().ok()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-    let _ = run(Command::new("ip").args(["netns", "del", name]), SHORT);
-}
-
 /// A named netns `mrdt-<unique>-cluster` standing for the cluster network. Servers listen on
 /// [`Cluster::ip`], an address on the cluster's `lo` that every attached pod routes to.
 pub struct Cluster {
@@ -151,7 +131,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(scene: &Scene) -> Result<Cluster> {
         world::require()?;
-        let name = format!("{}{}-cluster", world::PREFIX, unique_suffix().0);
+        let name = format!("{}{}-cluster", PREFIX, unique_suffix().0);
         ip(&["netns", "add", &name])?;
         scene.register_namespace(&name);
         // Constructed before configuring so that Drop removes a half-built cluster too.
@@ -183,7 +163,7 @@ impl Cluster {
 
     /// An HTTP server on `cluster.ip():8080` serving `files` (name, content) from a temp dir.
     pub fn serve_http(&self, files: &[(&str, &str)]) -> Result<HttpServer<'_>> {
-        let dir = std::env::temp_dir().join(format!("{}http-{}", world::PREFIX, unique_suffix().0));
+        let dir = std::env::temp_dir().join(format!("{}http-{}", PREFIX, unique_suffix().0));
         std::fs::create_dir_all(&dir).map_err(FixtureError::io(dir.display().to_string()))?;
         let mut server = HttpServer {
             cluster: self,

@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::process::SCENE_MARKER;
-use crate::{FixtureError, Result, cluster, world};
+use crate::{FixtureError, PREFIX, Result, netns};
+
+/// Environment variable tagging every process started for one test (see
+/// [`Scene`](crate::process::Scene)); the checks find a test's processes by it.
+pub const SCENE_MARKER: &str = "MRDT_SCENE";
 
 /// How long a process may take to go away after the test is done with it.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -36,7 +39,7 @@ pub fn check_scene(scene_id: &str, namespaces: &[String]) -> Result<()> {
         );
         found.orphaned_agents();
         found.fuse()?;
-        let present = cluster::fixture_namespaces()?;
+        let present = netns::fixture_namespaces()?;
         found
             .namespaces
             .extend(namespaces.iter().filter(|n| present.contains(n)).cloned());
@@ -46,7 +49,7 @@ pub fn check_scene(scene_id: &str, namespaces: &[String]) -> Result<()> {
 
 /// End of run: nothing of any scene, no fixture netns, no `/tmp/mirrord*`, no FUSE mount.
 pub fn check_world() -> Result<()> {
-    let our_scenes = format!("{SCENE_MARKER}={}{}-", world::PREFIX, std::process::id());
+    let our_scenes = format!("{SCENE_MARKER}={}{}-", PREFIX, std::process::id());
     settle(|| {
         let mut found = Found::default();
         found.processes(
@@ -55,7 +58,7 @@ pub fn check_world() -> Result<()> {
         );
         found.orphaned_agents();
         found.fuse()?;
-        found.namespaces = cluster::fixture_namespaces()?;
+        found.namespaces = netns::fixture_namespaces()?;
         found.tmp_files()?;
         Ok(found)
     })
@@ -168,7 +171,7 @@ impl Found {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
         for name in &self.namespaces {
-            cluster::delete_namespace(name);
+            netns::delete_namespace(name);
         }
         for mount_point in &self.fuse {
             let _ = nix::mount::umount2(mount_point.as_str(), nix::mount::MntFlags::MNT_DETACH);

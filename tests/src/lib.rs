@@ -4,19 +4,31 @@
 //!
 //! Nothing here may send a packet from the machine's own network namespace: every fixture assumes
 //! it runs inside the isolated "world" that [`world::enter`] sets up, and refuses to run outside.
+//!
+//! Modules are layered; each uses only those listed before it (and this root's error type):
+//! [`command`] runs one command; [`netns`] lists and deletes the fixtures' namespaces;
+//! [`leftovers`] finds and removes what a test left behind; [`world`] enters the isolated world;
+//! [`process`] locates the binaries and tags a test's processes ([`Scene`]); [`cluster`] builds
+//! the fake cluster and pods; [`pty`] runs a program on a terminal.
 
 pub mod cluster;
+pub mod command;
 pub mod leftovers;
+pub mod netns;
 pub mod process;
 pub mod pty;
 pub mod world;
 
 pub use cluster::{Cluster, HttpServer, Pod, PodBuilder};
+pub use command::Output;
 pub use leftovers::{check_scene, check_world};
-pub use process::{HandStartedAgent, Output, Scene, agent_binary, mirrord_binary};
+pub use process::{HandStartedAgent, Scene, agent_binary, mirrord_binary};
 pub use pty::Pty;
 
 use std::time::Duration;
+
+/// Every namespace, interface and temp file a fixture creates starts with this prefix.
+pub const PREFIX: &str = "mrdt-";
 
 /// Everything a fixture can fail with; tests turn these into failures with their message.
 #[derive(Debug, thiserror::Error)]

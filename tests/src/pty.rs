@@ -63,7 +63,7 @@ impl Pty {
             });
         }
         let child = cmd.spawn().map_err(|source| FixtureError::Spawn {
-            program: crate::process::command_line(&cmd),
+            program: crate::command::command_line(&cmd),
             source,
         })?;
         // The parent must hold no slave fd, or the master never sees EOF when the session ends.
@@ -160,7 +160,7 @@ impl Pty {
         let deadline = Instant::now() + timeout;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(crate::process::exit_code(status)),
+                Ok(Some(status)) => return Ok(crate::command::exit_code(status)),
                 Ok(None) if Instant::now() >= deadline => {
                     return Err(FixtureError::Pty(format!(
                         "program did not exit within {timeout:?}; terminal showed: {:?}",

@@ -8,13 +8,10 @@ use std::sync::OnceLock;
 
 use nix::mount::{MsFlags, mount};
 
-use crate::{FixtureError, Result};
+use crate::{FixtureError, PREFIX, Result, command, leftovers, netns};
 
 /// Set in the re-executed test binary (and inherited by everything it starts).
 pub const MARKER: &str = "MIRRORD_E2E_WORLD";
-
-/// Every namespace, interface and temp file a fixture creates starts with this prefix.
-pub const PREFIX: &str = "mrdt-";
 
 /// A name only the world's (the "laptop's") `/etc/hosts` knows: pods and the cluster DNS do not.
 pub const HOST_ONLY_NAME: &str = "laptop-only.mirrord.test";
@@ -42,16 +39,16 @@ pub fn enter() -> Result<Entered> {
         return reexec().map(Entered::Exited);
     }
     check_isolated()?;
-    crate::process::run_checked(
+    command::run_checked(
         Command::new("ip").args(["link", "set", "lo", "up"]),
-        crate::process::SHORT,
+        command::SHORT,
     )?;
     private_tmpfs("/tmp", "mode=1777")?;
     private_tmpfs("/run", "mode=0755")?;
     std::fs::create_dir_all("/run/lock").map_err(FixtureError::io("/run/lock"))?;
     host_only_name()?;
     remove_stale_namespaces()?;
-    crate::leftovers::remember_world_baseline()?;
+    leftovers::remember_world_baseline()?;
     let _ = READY.set(());
     Ok(Entered::Inside)
 }
@@ -77,7 +74,7 @@ fn reexec() -> Result<ExitCode> {
             program: "unshare".into(),
             source,
         })?;
-    let code = crate::process::exit_code(status);
+    let code = command::exit_code(status);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
@@ -133,8 +130,8 @@ fn host_only_name() -> Result<()> {
 /// With `/run` private this only finds something if namespaces leak into the world itself,
 /// e.g. an earlier crash of a fixture library user that entered the world differently.
 fn remove_stale_namespaces() -> Result<()> {
-    for name in crate::cluster::fixture_namespaces()? {
-        crate::cluster::delete_namespace(&name);
+    for name in netns::fixture_namespaces()? {
+        netns::delete_namespace(&name);
     }
     Ok(())
 }

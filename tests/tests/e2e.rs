@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use mirrord_tests::cluster::{HTTP_PORT, POD_FILE_DIR, POD_ONLY_FILE, POD_PATH};
-use mirrord_tests::process::{Run, SHORT};
+use mirrord_tests::command::{Run, SHORT};
 use mirrord_tests::world::{self, Entered};
 use mirrord_tests::{Cluster, HandStartedAgent, Output, Pod, Pty, Scene, check_world};
 

@@ -9,7 +9,7 @@ use mirrord_tests::cluster::{
     ALIAS_NAME, BIG_TXT_NAME, BROKEN_DOMAIN, CLUSTER_OPTIONS, CLUSTER_SEARCH, DNS_TTL, DnsServer,
     HTTP_PORT, WEB_NAME, WEB_SRV_NAME, WEB_TXT, WILDCARD_DOMAIN, big_txt_strings,
 };
-use mirrord_tests::process::{Run, SHORT};
+use mirrord_tests::command::{Run, SHORT};
 use mirrord_tests::world::{HOST_ONLY_ADDR, HOST_ONLY_NAME};
 use mirrord_tests::{Cluster, HttpServer, Output, Pod, Scene};
 

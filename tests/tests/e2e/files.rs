@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libtest_mimic::Failed;
 use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE, POD_SHADOW};
-use mirrord_tests::process::Run;
+use mirrord_tests::command::Run;
 use mirrord_tests::{Cluster, Pod, Scene};
 
 use super::{exec, standard_pod, start_until_first_line};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use libtest_mimic::Failed;
 use mirrord_cli::client::{AgentClient, ClientError};
 use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE};
-use mirrord_tests::process::{Run, SHORT};
+use mirrord_tests::command::{Run, SHORT};
 use mirrord_tests::{Cluster, Pty, Scene};
 
 use super::{POD_VALUE, RUN, standard_pod, start_agent, start_until_first_line};

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use libtest_mimic::Failed;
-use mirrord_tests::process::Run;
+use mirrord_tests::command::Run;
 use mirrord_tests::{Cluster, Scene};
 
 use super::{RUN, exec, standard_pod};

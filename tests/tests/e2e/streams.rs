@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libtest_mimic::Failed;
 use mirrord_cli::client::{AgentClient, ClientError};
-use mirrord_tests::process::SHORT;
+use mirrord_tests::command::SHORT;
 use mirrord_tests::{Cluster, HandStartedAgent, Scene};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
