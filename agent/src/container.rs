@@ -211,6 +211,12 @@ mod tests {
                 ),
             ),
             ("docker", format!("4:cpu,cpuacct:/docker/{HEX}\n")),
+            // Read from inside a private cgroup namespace (the agent's own container): the
+            // path is relative to the reader's cgroup and climbs out of it first.
+            (
+                "containerd",
+                format!("0::/../../kubepods-besteffort-pod1a2b.slice/cri-containerd-{HEX}.scope\n"),
+            ),
             (
                 "mrdc",
                 format!("0::/system.slice/mrdc-cluster/pods/pod0d9e8f7a-1b2c/{HEX}\n"),
