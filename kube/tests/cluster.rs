@@ -278,6 +278,16 @@ async fn scenario(cluster: &Cluster, ns: &str) {
     }
     drop(stream);
 
+    // A running agent is not stale.
+    let removed = cluster
+        .remove_stale_agents("kube-it")
+        .await
+        .expect("remove stale agents");
+    assert!(
+        !removed.iter().any(|r| r.ends_with(&agent.job)),
+        "{removed:?}"
+    );
+
     // The agent goes, and nothing of it stays.
     cluster
         .delete_agent(ns, &agent.job)
@@ -296,4 +306,129 @@ async fn scenario(cluster: &Cluster, ns: &str) {
         left.items.len()
     );
     println!("agent {} and its pod are gone", agent.job);
+}
+
+fn agent_spec(ns: &str, placement: mirrord_kube::Placement) -> AgentJobSpec {
+    let session = unique();
+    AgentJobSpec {
+        session: session.clone(),
+        // Not the session test's user: its stale-agent sweep must not touch these.
+        user: "kube-it-start".to_owned(),
+        namespace: ns.to_owned(),
+        image: default_image(),
+        image_pull_policy: None,
+        port: AGENT_PORT,
+        idle_ttl_secs: 30,
+        ttl_after_finished_secs: 30,
+        privileged: false,
+        placement,
+        token: AgentToken::new(format!("token-{session}")),
+    }
+}
+
+/// Starts that cannot succeed fail at once with the reason, and leave no Job behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_agent_starts_say_why_and_leave_nothing() {
+    let Some(kubeconfig) = kubeconfig() else {
+        return;
+    };
+    let cluster = Cluster::connect(Some(&kubeconfig), None)
+        .await
+        .expect("connect");
+    let ns = format!("mirrord-kube-psa-{}", unique());
+    let namespaces: Api<Namespace> = Api::all(cluster.client().clone());
+    // A namespace that enforces the baseline Pod Security level, as many clusters do.
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({"metadata": {
+        "name": ns,
+        "labels": {"pod-security.kubernetes.io/enforce": "baseline"}
+    }}))
+    .expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create the namespace");
+    let task = {
+        let (cluster, ns) = (cluster.clone(), ns.clone());
+        tokio::spawn(async move {
+            let targeted = mirrord_kube::Placement::Container {
+                node: "mrdc-node".to_owned(),
+                container_id: format!("mrdc://{}", "0".repeat(64)),
+            };
+            let started = std::time::Instant::now();
+            let err = cluster
+                .create_agent(&agent_spec(&ns, targeted), Duration::from_secs(30))
+                .await
+                .expect_err("baseline refuses hostPID");
+            println!("after {:?}: {err}", started.elapsed());
+            assert!(
+                err.to_string()
+                    .contains("rejected by Pod Security baseline:latest"),
+                "{err}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(20));
+
+            // Targetless needs no privilege, but this image is unknown to the node.
+            let mut spec = agent_spec(&ns, mirrord_kube::Placement::Targetless);
+            spec.image = "no-such-image:1".to_owned();
+            let err = cluster
+                .create_agent(&spec, Duration::from_secs(30))
+                .await
+                .expect_err("unknown image");
+            println!("{err}");
+            assert!(err.to_string().contains("ErrImageNeverPull"), "{err}");
+
+            let jobs: Api<Job> = Api::namespaced(cluster.client().clone(), &ns);
+            let left = jobs.list(&ListParams::default()).await.expect("list jobs");
+            assert!(left.items.is_empty(), "{} jobs left", left.items.len());
+
+            // An agent left by a crashed session (never running) is found and removed.
+            let mut stale = agent_spec(&ns, mirrord_kube::Placement::Targetless);
+            stale.user = "kube-it-stale".to_owned();
+            stale.image = "no-such-image:1".to_owned();
+            let job = mirrord_kube::agent_job::build_agent_job(&stale);
+            jobs.create(&PostParams::default(), &job)
+                .await
+                .expect("create a stale agent");
+            let removed = cluster
+                .remove_stale_agents("kube-it-stale")
+                .await
+                .expect("remove stale agents");
+            assert_eq!(
+                removed,
+                vec![format!(
+                    "{ns}/{}",
+                    mirrord_kube::agent_job::job_name(&stale.session)
+                )]
+            );
+        })
+    };
+    let outcome = task.await;
+    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+    if let Err(failed) = outcome {
+        std::panic::resume_unwind(failed.into_panic());
+    }
+}
+
+/// A user without the right to create Jobs learns which right is missing and how to check it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restricted_user_is_told_what_was_refused() {
+    let Some(kubeconfig) = kubeconfig() else {
+        return;
+    };
+    let restricted = kubeconfig.with_file_name("restricted-user.kubeconfig");
+    let cluster = Cluster::connect(Some(&restricted), None)
+        .await
+        .expect("connect");
+    let err = cluster
+        .create_agent(
+            &agent_spec("default", mirrord_kube::Placement::Targetless),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect_err("restricted-user may not create jobs");
+    println!("{err}");
+    assert_eq!(
+        err.to_string(),
+        "forbidden: user restricted-user may not create jobs.batch in namespace default; check with: kubectl auth can-i create jobs.batch -n default"
+    );
 }
