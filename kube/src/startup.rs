@@ -149,7 +149,7 @@ pub fn admission_refusal(message: &str) -> String {
                 .split_once(&format!("\"{policy}\": "))
                 .map_or("", |(_, d)| d);
             format!(
-                "the agent pod was rejected by Pod Security {policy} ({detail}); the namespace's pod-security.kubernetes.io/enforce label forbids hostPID and added capabilities: run the agent in a namespace that allows privileged pods, or ask an admin to"
+                "the agent pod was rejected by Pod Security {policy} ({detail}); run the agent in a namespace whose pod-security.kubernetes.io/enforce level is privileged (agent.namespace), or ask an admin to allow it here"
             )
         }
         None => format!("the agent pod was not created: {message}"),

@@ -160,6 +160,27 @@ async fn scenario(cluster: &Cluster, ns: &str) {
     assert_eq!(pod.container.name, "web");
     assert!(pod.container.id.starts_with("mrdc://"));
 
+    // The same pod through a Service that selects it, and by its own name and container.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(cluster.client().clone(), ns);
+    let service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}
+    }))
+    .expect("the Service literal is valid");
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("create the Service");
+    for path in [
+        "service/web".to_owned(),
+        format!("pod/{}/container/web", pod.pod),
+    ] {
+        let target: TargetPath = path.parse().expect("target path");
+        let again = cluster.resolve(&target, Some(ns)).await.expect("resolve");
+        assert_eq!(again.pod.as_ref(), Some(&pod), "{path}");
+    }
+
     // A typo gets a suggestion.
     let typo: TargetPath = "deployment/wbe".parse().expect("target path");
     let err = cluster
@@ -181,6 +202,7 @@ async fn scenario(cluster: &Cluster, ns: &str) {
         .collect();
     println!("ls: {listed:?}");
     assert!(listed.contains(&"deployment/web".to_owned()));
+    assert!(listed.contains(&"service/web".to_owned()));
     assert!(listed.contains(&format!("pod/{}", pod.pod)));
 
     let cidrs = cluster.discover_cidrs().await.expect("discover CIDRs");
