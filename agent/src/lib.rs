@@ -4,6 +4,7 @@
 //! target's root, and nothing to a client that did not present the session token.
 
 pub mod confine;
+pub mod container;
 pub mod error;
 pub mod files;
 pub mod fs;

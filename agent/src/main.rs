@@ -1,12 +1,13 @@
 //! `mirrord-agent`: parses arguments and runs the agent library.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use mirrord_agent::container::{self, ContainerId};
 use mirrord_agent::{netns, server, target::Target};
 use mirrord_link::endpoint::Endpoint;
 use mirrord_link::report::one_line;
@@ -25,6 +26,11 @@ struct Args {
     /// agent's own.
     #[arg(long)]
     target_pid: Option<u32>,
+    /// Serve the container with this ID (`containerd://HEX`, `cri-o://HEX`, `docker://HEX`,
+    /// `mrdc://HEX`, as in the pod's status): its init process is found through /proc, so the
+    /// agent must see the node's processes (hostPID).
+    #[arg(long, conflicts_with = "target_pid")]
+    container_id: Option<String>,
     /// File holding the session token (whitespace around it is ignored). Without it the token
     /// is read from MIRRORD_AGENT_TOKEN.
     #[arg(long)]
@@ -69,7 +75,16 @@ fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let token = read_token(&args)?;
-    let target = Target::open(args.target_pid)?;
+    let pid = match &args.container_id {
+        Some(id) => {
+            let id = ContainerId::parse(id)?;
+            let pid = container::find_pid(Path::new("/proc"), &id)?;
+            tracing::info!("container {id} is process {pid}");
+            Some(pid)
+        }
+        None => args.target_pid,
+    };
+    let target = Target::open(pid)?;
     // Bound here, on the main thread, which stays in the agent's own network namespace: the
     // CLI reaches the agent there, while the runtime's threads live in the target's.
     let listener = args

@@ -93,7 +93,7 @@ func serveNode(c nodeConfig) error {
 	}
 	shapeNode := func(nc *nodeutil.NodeConfig) error {
 		nc.HTTPListenAddr = c.nodeIP + ":10250"
-		nc.Handler = mux
+		nc.Handler = websocketPortForward(mux, func() *processProvider { return prov }, 4*time.Hour)
 		nc.NumWorkers = 4
 		nc.StreamIdleTimeout = 4 * time.Hour
 		nc.StreamCreationTimeout = 30 * time.Second
