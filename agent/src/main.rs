@@ -64,7 +64,7 @@ fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
     let token = match &args.token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the token file {}", path.display()))?,
-        None => std::env::var("MIRRORD_AGENT_TOKEN").unwrap_or_default(),
+        None => std::env::var(mirrord_agent::target::TOKEN_VAR).unwrap_or_default(),
     };
     let token = token.trim();
     if token.is_empty() {

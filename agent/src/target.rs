@@ -10,6 +10,9 @@ use nix::sched::CloneFlags;
 
 use crate::error::{Error, io_err};
 
+/// The variable a session token may come in; never lent to a session as part of the context.
+pub const TOKEN_VAR: &str = "MIRRORD_AGENT_TOKEN";
+
 /// The process whose context is served; `None` means the agent's own namespaces (a targetless
 /// agent, or one already running inside the pod).
 #[derive(Debug, Clone)]
@@ -55,11 +58,14 @@ impl Target {
 
     /// The environment the target was started with. Entries that are not UTF-8, have no `=`
     /// or an empty name are skipped: they can't be carried or set faithfully anyway.
+    /// The target's environment; without a target, the agent's own (less its token).
     pub fn env(&self) -> Result<Vec<(String, String)>, Error> {
         let Some(pid) = self.pid else {
+            // The agent's own environment, less its session token: it is the agent's secret,
+            // not part of the context it lends.
             return Ok(std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-                .filter(|(k, _)| !k.is_empty())
+                .filter(|(k, _)| !k.is_empty() && k != TOKEN_VAR)
                 .collect());
         };
         let path = PathBuf::from(format!("/proc/{pid}/environ"));

@@ -42,6 +42,39 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = EnvFormat::Sh)]
         format: EnvFormat,
     },
+    /// List the targets of a namespace of the cluster: `mirrord ls -n shop -o json`.
+    Ls(ListArgs),
+}
+
+/// `mirrord ls`: which cluster and namespace.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// The namespace to list (default: the kubeconfig context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// List every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The config file, for `kubeconfig` and `kube_context`.
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Text)]
+    pub output: ListFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListFormat {
+    /// One target a line (with its namespace first under -A).
+    Text,
+    /// A JSON array of target paths, as upstream mirrord prints it (objects with `namespace`
+    /// and `path` under -A).
+    Json,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,9 +90,26 @@ pub enum EnvFormat {
 /// How to reach the target, and what to take from it.
 #[derive(Args, Debug, Default)]
 pub struct SessionArgs {
-    /// The target: `pid/PID` (a local process or container) or `targetless`.
+    /// The target: `deployment/NAME`, `pod/NAME[/container/NAME]`, `statefulset/NAME`,
+    /// `replicaset/NAME`, `job/NAME`, `cronjob/NAME`, `service/NAME` in a cluster; `pid/PID` (a
+    /// local process or container); or `targetless`.
     #[arg(short = 't', long, value_name = "TARGET")]
     pub target: Option<String>,
+    /// The target's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub target_namespace: Option<String>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's image in a cluster.
+    #[arg(long, value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+    /// Say more while starting: each step's time, the pod and node, the cluster ranges routed.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
     /// Use an agent that is already running at HOST:PORT instead of starting one.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "target")]
     pub agent_addr: Option<String>,

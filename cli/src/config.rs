@@ -27,25 +27,40 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize, PartialEq)]
 pub struct Config {
     pub target: Option<TargetConfig>,
+    /// The kubeconfig file to use instead of `KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use instead of its current one.
+    pub kube_context: Option<String>,
     #[serde(default)]
     pub feature: Features,
     #[serde(default)]
     pub agent: AgentConfig,
 }
 
-/// `"target": "pid/123"` or, as upstream also allows, `"target": {"path": "pid/123"}`.
+/// `"target": "deployment/web"` or, as upstream also allows,
+/// `"target": {"path": "deployment/web", "namespace": "shop"}`.
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum TargetConfig {
     Path(String),
-    Detailed { path: Option<String> },
+    Detailed {
+        path: Option<String>,
+        namespace: Option<String>,
+    },
 }
 
 impl TargetConfig {
     pub fn path(&self) -> Option<&str> {
         match self {
             TargetConfig::Path(path) => Some(path),
-            TargetConfig::Detailed { path } => path.as_deref(),
+            TargetConfig::Detailed { path, .. } => path.as_deref(),
+        }
+    }
+
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            TargetConfig::Path(_) => None,
+            TargetConfig::Detailed { namespace, .. } => namespace.as_deref(),
         }
     }
 }
@@ -216,8 +231,20 @@ impl PatternList {
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 pub struct AgentConfig {
-    /// Seconds a locally spawned agent stays without a session before exiting.
+    /// Seconds a locally spawned agent stays without a session before exiting; for a
+    /// Kubernetes agent, seconds the finished Job is kept before the cluster removes it.
     pub ttl: Option<u64>,
+    /// The agent's image in a cluster.
+    pub image: Option<String>,
+    /// Where the agent Job of a Kubernetes target runs; default: the target's namespace.
+    pub namespace: Option<String>,
+    /// Seconds a Kubernetes agent may take to start (default 60).
+    pub startup_timeout: Option<u64>,
+    /// Seconds a Kubernetes agent waits without any session before exiting (default 30), so a
+    /// `kill -9` of mirrord leaves nothing running for long.
+    pub communication_timeout: Option<u64>,
+    /// Run the agent container privileged instead of with the capabilities it needs.
+    pub privileged: Option<bool>,
 }
 
 impl Config {

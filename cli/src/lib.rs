@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod client;
+pub mod cluster_agent;
 pub mod config;
 pub mod dns;
 pub mod envfilter;

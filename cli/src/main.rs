@@ -44,6 +44,7 @@ fn main() {
                 shell_args,
             } => run::shell(session, shell_args).await,
             Command::Env { session, format } => run::env(session, *format).await,
+            Command::Ls(list) => run::ls(list).await,
         }
     });
     let code = match result {

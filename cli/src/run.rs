@@ -7,14 +7,17 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
+use mirrord_kube::TargetPath;
 use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::rules::OutgoingFilter;
 
-use crate::args::{EnvFormat, SessionArgs};
-use crate::client::AgentClient;
+use crate::args::{EnvFormat, ListArgs, ListFormat, SessionArgs};
+use crate::client::{AgentClient, lock};
+use crate::cluster_agent::{self, ClusterAgent, KubeSettings, Starting};
 use crate::config::{
     Config, DnsFeature, EnvFeature, FilterConfig, FsFeature, FsModeName, OutgoingFeature,
     PatternList,
@@ -35,13 +38,26 @@ const LOCAL_AGENT_TTL: u64 = 60;
 
 /// How a session reaches its agent.
 enum AgentSource {
-    Local { target: Target, idle_ttl: u64 },
-    Remote { addr: Endpoint, token: Vec<u8> },
+    Local {
+        target: Target,
+        idle_ttl: u64,
+    },
+    Remote {
+        addr: Endpoint,
+        token: Vec<u8>,
+    },
+    Cluster {
+        target: TargetPath,
+        settings: KubeSettings,
+    },
 }
 
 /// A connected session: the agent we may have started, and the client talking to it.
 pub struct Session {
     local_agent: Option<LocalAgent>,
+    cluster_agent: Option<ClusterAgent>,
+    /// What the session serves, for the shell prompt: `pid/123`, `deployment/web`, …
+    label: String,
     pub client: Arc<AgentClient>,
     pub info: TargetInfo,
     pub filter: EnvFilter,
@@ -60,10 +76,18 @@ impl Session {
         let fs = fs_settings(args, &config);
         let net = net_settings(args, &config)?;
         let dns = dns_settings(args, &config)?;
+        let starting = Starting::default();
         tokio::select! {
-            session = Self::connect(source, filter, fs, net, dns) => Ok(session?),
-            // Dropping the connecting future stops a local agent it started (kill on drop).
-            _ = tokio::signal::ctrl_c() => Err(Failure::interrupted()),
+            session = Self::connect(source, filter, fs, net, dns, &starting) => Ok(session?),
+            // Dropping the connecting future stops a local agent it started (kill on drop); a
+            // cluster agent being started is deleted here.
+            _ = tokio::signal::ctrl_c() => {
+                let pending = lock(&starting).take();
+                if let Some(agent) = pending {
+                    agent.delete().await;
+                }
+                Err(Failure::interrupted())
+            }
         }
     }
 
@@ -71,51 +95,69 @@ impl Session {
         source: AgentSource,
         filter: EnvFilter,
         fs: FsSettings,
-        net: NetSettings,
+        mut net: NetSettings,
         dns: DnsSettings,
+        starting: &Starting,
     ) -> anyhow::Result<Session> {
-        let (local_agent, addr, token) = match source {
+        let (local_agent, cluster_agent, client, label) = match source {
             AgentSource::Local { target, idle_ttl } => {
                 let agent = LocalAgent::start(&target, idle_ttl).await?;
-                let (addr, token) = (agent.addr.clone(), agent.token.clone());
-                (Some(agent), addr, token)
+                match AgentClient::connect(&agent.addr, &agent.token).await {
+                    Ok(client) => (Some(agent), None, client, target.to_string()),
+                    Err(error) => {
+                        agent.stop().await;
+                        return Err(error.into());
+                    }
+                }
             }
-            AgentSource::Remote { addr, token } => (None, addr, token),
+            AgentSource::Remote { addr, token } => {
+                let client = AgentClient::connect(&addr, &token).await?;
+                (None, None, client, String::new())
+            }
+            AgentSource::Cluster { target, settings } => {
+                let started = cluster_agent::start(&target, &settings, starting).await?;
+                net.cidrs.extend(started.cidrs);
+                let label = match target {
+                    TargetPath::Targetless => "targetless".to_owned(),
+                    target => target.to_string(),
+                };
+                (None, Some(started.agent), started.client, label)
+            }
         };
-        let connected = async {
-            let client = AgentClient::connect(&addr, &token).await?;
-            let info = client
-                .target_info()
-                .await
-                .context("cannot read the target's context")?;
-            anyhow::Ok((client, info))
-        }
-        .await;
-        match connected {
-            Ok((client, info)) => Ok(Session {
-                local_agent,
-                client: Arc::new(client),
-                info,
-                filter,
-                fs,
-                net,
-                dns,
-            }),
+        let info = match client.target_info().await {
+            Ok(info) => info,
             Err(error) => {
                 if let Some(agent) = local_agent {
                     agent.stop().await;
                 }
-                Err(error)
+                if let Some(agent) = cluster_agent {
+                    agent.delete().await;
+                }
+                return Err(anyhow::Error::new(error).context("cannot read the target's context"));
             }
-        }
+        };
+        // An agent started by hand says what it serves.
+        let label = match (label.is_empty(), info.pid) {
+            (false, _) => label,
+            (true, Some(pid)) => Target::Pid(pid).to_string(),
+            (true, None) => Target::Targetless.to_string(),
+        };
+        Ok(Session {
+            local_agent,
+            cluster_agent,
+            label,
+            client: Arc::new(client),
+            info,
+            filter,
+            fs,
+            net,
+            dns,
+        })
     }
 
-    /// `pid/123` or `targetless`, as the agent reports it.
+    /// What the session serves: `pid/123`, `deployment/web`, `targetless`.
     pub fn label(&self) -> String {
-        match self.info.pid {
-            Some(pid) => Target::Pid(pid).to_string(),
-            None => Target::Targetless.to_string(),
-        }
+        self.label.clone()
     }
 
     /// The launched process's environment: local, overlaid with the target's filtered one.
@@ -141,6 +183,9 @@ impl Session {
         drop(self.client);
         if let Some(agent) = self.local_agent {
             agent.stop().await;
+        }
+        if let Some(agent) = self.cluster_agent {
+            agent.delete().await;
         }
     }
 }
@@ -171,14 +216,49 @@ fn agent_source(args: &SessionArgs, config: &Config) -> anyhow::Result<AgentSour
         (Some(target), _) => target.as_str(),
         (None, Some(target)) => target,
         (None, None) => bail!(
-            "no target: pass -t pid/PID (or -t targetless), set \"target\" in the config file, or use --agent-addr"
+            "no target: pass -t deployment/NAME (or pod/NAME, pid/PID, targetless…), set \"target\" in the config file, or use --agent-addr"
         ),
     };
     let target: Target = target.parse()?;
-    Ok(AgentSource::Local {
-        target,
-        idle_ttl: config.agent.ttl.unwrap_or(LOCAL_AGENT_TTL),
+    let settings = kube_settings(args, config);
+    Ok(match target {
+        Target::Kubernetes(target) => AgentSource::Cluster { target, settings },
+        Target::Targetless if cluster_agent::cluster_configured(&settings) => {
+            AgentSource::Cluster {
+                target: TargetPath::Targetless,
+                settings,
+            }
+        }
+        target => AgentSource::Local {
+            target,
+            idle_ttl: config.agent.ttl.unwrap_or(LOCAL_AGENT_TTL),
+        },
     })
+}
+
+/// Flags over the config file.
+pub fn kube_settings(args: &SessionArgs, config: &Config) -> KubeSettings {
+    let agent = &config.agent;
+    KubeSettings {
+        kubeconfig: args
+            .kubeconfig
+            .clone()
+            .or_else(|| config.kubeconfig.clone()),
+        context: args.context.clone().or_else(|| config.kube_context.clone()),
+        namespace: args.target_namespace.clone().or_else(|| {
+            config
+                .target
+                .as_ref()
+                .and_then(|target| target.namespace().map(str::to_owned))
+        }),
+        agent_namespace: agent.namespace.clone(),
+        image: args.agent_image.clone().or_else(|| agent.image.clone()),
+        startup_timeout: agent.startup_timeout.map(Duration::from_secs),
+        communication_timeout: agent.communication_timeout,
+        job_ttl: agent.ttl,
+        privileged: agent.privileged.unwrap_or(false),
+        verbose: args.verbose,
+    }
 }
 
 /// Flags win over the config file, key by key; `--env` overrides win over the file's.
@@ -427,6 +507,44 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
     session.close().await;
     drop::<Option<MountPoint>>(remote_root);
     status.map_err(Failure::launch)
+}
+
+/// `mirrord ls`: prints the targets of a namespace, or of all with `-A`.
+pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
+    let config = Config::load(args.config_file.as_deref())?;
+    let settings = KubeSettings {
+        kubeconfig: args
+            .kubeconfig
+            .clone()
+            .or_else(|| config.kubeconfig.clone()),
+        context: args.context.clone().or_else(|| config.kube_context.clone()),
+        namespace: args.namespace.clone(),
+        ..KubeSettings::default()
+    };
+    let targets = cluster_agent::list(&settings, args.all_namespaces).await?;
+    let out = match (args.output, args.all_namespaces) {
+        (ListFormat::Text, false) => targets
+            .iter()
+            .map(|(_, path)| format!("{path}\n"))
+            .collect(),
+        (ListFormat::Text, true) => targets
+            .iter()
+            .map(|(namespace, path)| format!("{namespace}\t{path}\n"))
+            .collect(),
+        (ListFormat::Json, false) => {
+            let paths: Vec<&str> = targets.iter().map(|(_, path)| path.as_str()).collect();
+            format!("{}\n", serde_json::to_string(&paths)?)
+        }
+        (ListFormat::Json, true) => {
+            let objects: Vec<serde_json::Value> = targets
+                .iter()
+                .map(|(namespace, path)| serde_json::json!({"namespace": namespace, "path": path}))
+                .collect();
+            format!("{}\n", serde_json::to_string(&objects)?)
+        }
+    };
+    print!("{out}");
+    Ok(0)
 }
 
 /// `mirrord env`: prints the target's filtered variables.

@@ -43,6 +43,9 @@ use crate::target::{Kind, TargetPath};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent may take to start, unless the caller says otherwise.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// An agent Job with no running pod counts as stale only once it is this old: younger, it may
+/// be another session of the same user still starting (pulling its image, say).
+const STALE_AFTER: Duration = Duration::from_secs(180);
 /// Pause between two looks at a starting or disappearing agent.
 const POLL: Duration = Duration::from_millis(500);
 /// What the agent prints once it accepts sessions.
@@ -643,8 +646,8 @@ impl Cluster {
             })?
     }
 
-    /// Deletes, in every namespace, this user's agents that no longer serve anyone: Jobs none
-    /// of whose pods is running. Returns them as `NAMESPACE/JOB`.
+    /// Deletes, in every namespace, this user's agents that no longer serve anyone: Jobs older
+    /// than three minutes none of whose pods is running. Returns them as `NAMESPACE/JOB`.
     pub async fn remove_stale_agents(&self, user: &str) -> Result<Vec<String>, Error> {
         let selector = ListParams::default().labels(&user_agents_selector(user));
         let jobs: Api<Job> = Api::all(self.client.clone());
@@ -666,7 +669,16 @@ impl Cluster {
                 owned_by(&p.metadata, &uid)
                     && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
             });
-            if running || job.metadata.deletion_timestamp.is_some() {
+            // A Job this young may be another session of the same user still starting.
+            let young = job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|created| {
+                    let age = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
+                    age.as_secs() < STALE_AFTER.as_secs() as i64
+                });
+            if running || young || job.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let ns = job.namespace().unwrap_or_default();

@@ -410,7 +410,9 @@ async fn failed_agent_starts_say_why_and_leave_nothing() {
             let left = jobs.list(&ListParams::default()).await.expect("list jobs");
             assert!(left.items.is_empty(), "{} jobs left", left.items.len());
 
-            // An agent left by a crashed session (never running) is found and removed.
+            // An agent that does not run yet may be another session still starting: the sweep
+            // leaves it alone until it is three minutes old (the cluster sets creation times,
+            // so the removal of an old one is not shown here).
             let mut stale = agent_spec(&ns, mirrord_kube::Placement::Targetless);
             stale.user = "kube-it-stale".to_owned();
             stale.image = "no-such-image:1".to_owned();
@@ -422,13 +424,12 @@ async fn failed_agent_starts_say_why_and_leave_nothing() {
                 .remove_stale_agents("kube-it-stale")
                 .await
                 .expect("remove stale agents");
-            assert_eq!(
-                removed,
-                vec![format!(
-                    "{ns}/{}",
-                    mirrord_kube::agent_job::job_name(&stale.session)
-                )]
-            );
+            assert_eq!(removed, Vec::<String>::new());
+            let name = mirrord_kube::agent_job::job_name(&stale.session);
+            jobs.get(&name).await.expect("a young agent is kept");
+            jobs.delete(&name, &DeleteParams::background())
+                .await
+                .expect("delete the young agent");
         })
     };
     let outcome = task.await;

@@ -26,6 +26,8 @@ pub struct WriteHalf(WriteSocket);
 enum WriteSocket {
     Tcp(tokio::net::tcp::OwnedWriteHalf),
     Unix(tokio::net::unix::OwnedWriteHalf),
+    /// Any other byte stream (a Kubernetes port-forward); it cannot take a splice.
+    Stream(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +158,19 @@ fn split_unix(socket: UnixStream) -> (ReadHalf, WriteHalf) {
     (Box::new(read), WriteHalf(WriteSocket::Unix(write)))
 }
 
+/// The halves of a connection that is neither TCP nor a Unix socket of ours (a Kubernetes
+/// port-forward). Its writing half takes no splice: only the agent splices, into its sockets.
+pub fn split_stream<S>(stream: S) -> (ReadHalf, WriteHalf)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    (
+        Box::new(read),
+        WriteHalf(WriteSocket::Stream(Box::new(write))),
+    )
+}
+
 impl WriteHalf {
     /// Moves `len` bytes from `pipe` into the connection. The socket takes references to the
     /// pipe's pages rather than a copy of them.
@@ -176,6 +191,7 @@ impl WriteHalf {
                     socket.writable().await?;
                     socket.try_io(Interest::WRITABLE, || splice(pipe, socket.as_raw_fd(), len))
                 }
+                WriteSocket::Stream(_) => return Err(std::io::ErrorKind::Unsupported.into()),
             };
             match moved {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -209,6 +225,7 @@ macro_rules! each_socket {
         match &mut $self.get_mut().0 {
             WriteSocket::Tcp($half) => $body,
             WriteSocket::Unix($half) => $body,
+            WriteSocket::Stream($half) => $body,
         }
     };
 }

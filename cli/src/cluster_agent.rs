@@ -1,0 +1,309 @@
+//! A session's agent in a Kubernetes cluster: resolves the target through the API, starts the
+//! agent Job beside the target's container, reaches it by port-forward, and deletes the Job when
+//! the session ends, whichever way it ends. It changes nothing else in the cluster, and never
+//! prints or logs the session token.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ipnet::IpNet;
+use mirrord_kube::cidr::ClusterCidrs;
+use mirrord_kube::{AgentJobSpec, AgentToken, Cluster, Resolved, TargetPath};
+use mirrord_link::endpoint::split_stream;
+
+use crate::client::{AgentClient, lock};
+
+/// The port the agent listens on inside its own pod (not the target's network namespace, which
+/// it joins only for the sockets it opens there).
+pub const AGENT_PORT: u16 = 61337;
+/// How long the agent may take to start, by default (`agent.startup_timeout`).
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = mirrord_kube::DEFAULT_STARTUP_TIMEOUT;
+/// Seconds an agent stays without a session before exiting (`agent.communication_timeout`).
+pub const DEFAULT_COMMUNICATION_TIMEOUT: u64 = 30;
+/// Seconds the cluster keeps a finished agent Job (`agent.ttl`).
+pub const DEFAULT_JOB_TTL: u64 = 10;
+
+/// How to reach the cluster and how to run the agent there; flags over the config file.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// The target's namespace; default: the context's.
+    pub namespace: Option<String>,
+    /// Where the agent runs; default: the target's namespace.
+    pub agent_namespace: Option<String>,
+    pub image: Option<String>,
+    pub startup_timeout: Option<Duration>,
+    pub communication_timeout: Option<u64>,
+    pub job_ttl: Option<u64>,
+    pub privileged: bool,
+    pub verbose: bool,
+}
+
+/// An agent Job this session created, to be deleted when it ends.
+#[derive(Clone)]
+pub struct ClusterAgent {
+    cluster: Cluster,
+    namespace: String,
+    job: String,
+}
+
+impl ClusterAgent {
+    /// Deletes the Job and its pod, and waits until they are gone. A failure is one line on
+    /// stderr: the Job's TTL and the agent's own idle timeout remove it anyway.
+    pub async fn delete(self) {
+        if let Err(error) = self.cluster.delete_agent(&self.namespace, &self.job).await {
+            eprintln!(
+                "mirrord: could not delete agent job {}/{}: {error}; it exits by itself",
+                self.namespace, self.job
+            );
+        }
+    }
+}
+
+/// Where the Job of an agent being started is recorded, so that whoever abandons the start
+/// (Ctrl-C) can delete it.
+pub type Starting = Arc<Mutex<Option<ClusterAgent>>>;
+
+/// A session's agent, running and connected.
+pub struct Started {
+    pub agent: ClusterAgent,
+    pub client: AgentClient,
+    /// The target, for the session banner: `deployment/web → pod web-1 (container app) on node n`.
+    pub label: String,
+    /// The cluster's pod and Service ranges, routed through the agent.
+    pub cidrs: Vec<IpNet>,
+}
+
+/// Progress lines while the agent starts: one per step on stderr, with its time under `-v`.
+struct Progress {
+    verbose: bool,
+    step: Option<(String, Instant)>,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(verbose: bool) -> Progress {
+        Progress {
+            verbose,
+            step: None,
+            started: Instant::now(),
+        }
+    }
+
+    fn step(&mut self, what: String) {
+        self.finish();
+        // On a terminal the steps share one line, each replacing the last.
+        if std::io::stderr().is_terminal() && !self.verbose {
+            eprint!("\r\x1b[Kmirrord: {what}…");
+        } else {
+            eprintln!("mirrord: {what}…");
+        }
+        self.step = Some((what, Instant::now()));
+    }
+
+    fn finish(&mut self) {
+        if let Some((what, since)) = self.step.take()
+            && self.verbose
+        {
+            eprintln!("mirrord:   {what}: {} ms", since.elapsed().as_millis());
+        }
+    }
+
+    fn done(mut self) {
+        self.finish();
+        if std::io::stderr().is_terminal() && !self.verbose {
+            eprint!("\r\x1b[K");
+        }
+        if self.verbose {
+            eprintln!(
+                "mirrord: agent ready in {} ms",
+                self.started.elapsed().as_millis()
+            );
+        }
+    }
+}
+
+/// Resolves `target`, starts its agent and connects to it. The Job is recorded in `starting`
+/// from just before it is created; every failure after that deletes it before returning.
+pub async fn start(
+    target: &TargetPath,
+    settings: &KubeSettings,
+    starting: &Starting,
+) -> anyhow::Result<Started> {
+    let mut progress = Progress::new(settings.verbose);
+    progress.step(format!("resolving {target}"));
+    let cluster =
+        Cluster::connect(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
+    let resolved = cluster
+        .resolve(target, settings.namespace.as_deref())
+        .await?;
+    let label = describe(target, &resolved);
+
+    let token = random_hex(32)?;
+    let session = random_hex(6)?;
+    let namespace = settings
+        .agent_namespace
+        .clone()
+        .unwrap_or_else(|| resolved.namespace.clone());
+    let spec = AgentJobSpec {
+        session: session.clone(),
+        user: local_user(),
+        namespace: namespace.clone(),
+        image: settings
+            .image
+            .clone()
+            .unwrap_or_else(mirrord_kube::agent_job::default_image),
+        image_pull_policy: None,
+        port: AGENT_PORT,
+        idle_ttl_secs: settings
+            .communication_timeout
+            .unwrap_or(DEFAULT_COMMUNICATION_TIMEOUT),
+        ttl_after_finished_secs: i32::try_from(settings.job_ttl.unwrap_or(DEFAULT_JOB_TTL))
+            .unwrap_or(i32::MAX),
+        privileged: settings.privileged,
+        placement: resolved.placement(),
+        token: AgentToken::new(token.clone()),
+    };
+    let agent = ClusterAgent {
+        cluster: cluster.clone(),
+        namespace: namespace.clone(),
+        job: mirrord_kube::agent_job::job_name(&session),
+    };
+    progress.step(match &resolved.pod {
+        Some(pod) => format!("starting the agent on node {}", pod.node),
+        None => format!("starting a targetless agent in namespace {namespace}"),
+    });
+    *lock(starting) = Some(agent.clone());
+    // The cluster's ranges and the user's stale agents are looked at while the agent starts.
+    let (created, cidrs, stale) = tokio::join!(
+        cluster.create_agent(
+            &spec,
+            settings.startup_timeout.unwrap_or(DEFAULT_STARTUP_TIMEOUT)
+        ),
+        cluster.discover_cidrs(),
+        cluster.remove_stale_agents(&spec.user),
+    );
+    // A failed start deleted its Job itself.
+    let pod = created.inspect_err(|_| {
+        lock(starting).take();
+    })?;
+    match stale {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!("removed stale agents: {}", removed.join(", "))
+        }
+        Ok(_) => {}
+        Err(error) => tracing::debug!("stale agents not looked for: {error}"),
+    }
+    let cidrs = match cidrs {
+        Ok(cidrs) => routed(&cidrs, settings.verbose),
+        Err(error) => {
+            eprintln!(
+                "mirrord: the cluster's address ranges are unknown ({error}); name them with --cidr"
+            );
+            Vec::new()
+        }
+    };
+
+    progress.step(format!("connecting to agent pod {}", pod.pod));
+    let connected = async {
+        let stream = cluster
+            .port_forward(&pod.namespace, &pod.pod, pod.port)
+            .await?;
+        let name = format!("pod/{}:{} (port-forward)", pod.pod, pod.port);
+        let client = AgentClient::start(split_stream(stream), &name, token.as_bytes()).await?;
+        anyhow::Ok(client)
+    }
+    .await;
+    let client = match connected {
+        Ok(client) => client,
+        Err(error) => {
+            lock(starting).take();
+            agent.delete().await;
+            return Err(error);
+        }
+    };
+    progress.done();
+    if settings.verbose {
+        eprintln!("mirrord: session: {label}");
+    }
+    lock(starting).take();
+    Ok(Started {
+        agent,
+        client,
+        label,
+        cidrs,
+    })
+}
+
+/// `deployment/web → pod web-1 (container app) on node n`, or `targetless in namespace ns`.
+fn describe(target: &TargetPath, resolved: &Resolved) -> String {
+    match &resolved.pod {
+        Some(pod) => format!(
+            "{target} → pod {} (container {}) on node {}",
+            pod.pod, pod.container.name, pod.node
+        ),
+        None => format!("targetless in namespace {}", resolved.namespace),
+    }
+}
+
+/// The ranges to route through the agent; under `-v`, each with where it came from.
+fn routed(cidrs: &ClusterCidrs, verbose: bool) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    for (what, found) in [("pods", &cidrs.pods), ("services", &cidrs.services)] {
+        for cidr in found {
+            if verbose {
+                eprintln!("mirrord: routing {what} {} ({})", cidr.net, cidr.source);
+            }
+            nets.push(cidr.net);
+        }
+    }
+    nets
+}
+
+/// `bytes` random bytes as lowercase hex.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
+    Ok(raw.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// Who runs mirrord, for the agent's labels: stale agents are found by it.
+fn local_user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| nix::unistd::getuid().to_string())
+}
+
+/// `mirrord ls`: the targets of a namespace (or all), as upstream prints them.
+pub async fn list(settings: &KubeSettings, all: bool) -> anyhow::Result<Vec<(String, String)>> {
+    let cluster =
+        Cluster::connect(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
+    let namespace = settings
+        .namespace
+        .clone()
+        .unwrap_or_else(|| cluster.namespace().to_owned());
+    let listed = cluster
+        .list_targets((!all).then_some(namespace.as_str()))
+        .await
+        .context("cannot list targets")?;
+    Ok(listed
+        .into_iter()
+        .map(|target| (target.namespace, target.path.to_string()))
+        .collect())
+}
+
+/// Whether a targetless session goes to a cluster: when one is configured at all.
+pub fn cluster_configured(settings: &KubeSettings) -> bool {
+    settings.kubeconfig.is_some()
+        || settings.context.is_some()
+        || settings.namespace.is_some()
+        || std::env::var_os("KUBECONFIG").is_some_and(|paths| !paths.is_empty())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("HOME")
+            .is_some_and(|home| PathBuf::from(home).join(".kube/config").is_file())
+}

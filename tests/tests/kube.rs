@@ -1,0 +1,693 @@
+//! mirrord against Kubernetes targets on the real test cluster (`tests/cluster`): what a user
+//! runs — `mirrord exec -t deployment/web -- …` with nothing installed in the cluster — and
+//! what they see, down to every error and the agent being gone afterwards.
+//!
+//! `scripts/test` runs this binary inside the cluster's world network namespace (no route off
+//! the machine) with `MIRRORD_TEST_KUBECONFIG` naming the admin kubeconfig, once the cluster
+//! is up. Without that variable there is no cluster to test against and it says so and exits.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// The namespace of tests/cluster/manifests/mirrord-e2e.yaml.
+const NS: &str = "mirrord-e2e";
+/// Longest a mirrord session may take in these tests (an agent starts in a few seconds).
+const SESSION: Duration = Duration::from_secs(90);
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(Failed::from(format!($($fmt)+)));
+        }
+    };
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let Some(kubeconfig) = std::env::var_os("MIRRORD_TEST_KUBECONFIG") else {
+        println!(
+            "kube: MIRRORD_TEST_KUBECONFIG is unset: these tests run from scripts/test, inside the test cluster's network namespace"
+        );
+        return ExitCode::SUCCESS;
+    };
+    let kube = Kube {
+        kubeconfig: PathBuf::from(kubeconfig),
+    };
+    if let Err(error) = kube.set_up() {
+        eprintln!("kube: cannot set up the workloads: {error:?}");
+        return ExitCode::FAILURE;
+    }
+    type Test = fn(&Kube) -> Result<(), Failed>;
+    let tests: Vec<(&str, Test)> = vec![
+        (
+            "env_from_a_secret_and_the_pods_hostname",
+            env_from_a_secret_and_the_pods_hostname,
+        ),
+        (
+            "configmap_file_under_the_remote_root",
+            configmap_file_under_the_remote_root,
+        ),
+        (
+            "service_account_at_its_real_path",
+            service_account_at_its_real_path,
+        ),
+        (
+            "service_by_short_name_and_fqdn_without_cidr",
+            service_by_short_name_and_fqdn_without_cidr,
+        ),
+        (
+            "getent_resolves_kubernetes_default",
+            getent_resolves_kubernetes_default,
+        ),
+        ("every_target_kind", every_target_kind),
+        (
+            "targetless_runs_in_the_namespace",
+            targetless_runs_in_the_namespace,
+        ),
+        (
+            "not_found_suggests_close_names",
+            not_found_suggests_close_names,
+        ),
+        (
+            "no_ready_pod_is_a_clear_error",
+            no_ready_pod_is_a_clear_error,
+        ),
+        (
+            "several_containers_are_listed",
+            several_containers_are_listed,
+        ),
+        (
+            "forbidden_names_the_verb_and_the_check",
+            forbidden_names_the_verb_and_the_check,
+        ),
+        (
+            "an_image_that_cannot_be_pulled_fails_fast",
+            an_image_that_cannot_be_pulled_fails_fast,
+        ),
+        (
+            "the_agent_is_gone_after_exit_ctrl_c_and_sigterm",
+            the_agent_is_gone_after_exit_ctrl_c_and_sigterm,
+        ),
+        (
+            "the_agent_is_gone_after_kill_9",
+            the_agent_is_gone_after_kill_9,
+        ),
+        ("two_sessions_at_once", two_sessions_at_once),
+        ("ls_lists_targets", ls_lists_targets),
+    ];
+    let kube = std::sync::Arc::new(kube);
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let kube = kube.clone();
+            Trial::test(name, move || test(&kube))
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let leftover = kube.agent_jobs().unwrap_or_default();
+    if !leftover.is_empty() {
+        eprintln!("kube: agent jobs left behind: {leftover:?}");
+        return ExitCode::FAILURE;
+    }
+    conclusion.exit_code()
+}
+
+struct Kube {
+    kubeconfig: PathBuf,
+}
+
+/// What a finished command printed.
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn describe(&self) -> String {
+        format!(
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The release binaries beside this test binary (target/release/deps/kube-…).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    release.join(name)
+}
+
+/// The cluster's own multi-call binary (kubectl).
+fn cluster_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/bin/mrdc-cluster")
+}
+
+/// Runs `cmd` to the end, or kills it after `limit`.
+fn finish(mut cmd: Command, limit: Duration) -> Result<Output, Failed> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .map_err(|error| format!("cannot start {cmd:?}: {error}"))?;
+    wait(child, limit)
+}
+
+fn wait(mut child: Child, limit: Duration) -> Result<Output, Failed> {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(pipe) = stdout.as_mut() {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(pipe) = stderr.as_mut() {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("did not finish within {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        code: status.code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+impl Kube {
+    fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<Output, Failed> {
+        let mut cmd = Command::new(cluster_binary());
+        cmd.arg("kubectl")
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(args);
+        finish(cmd, Duration::from_secs(120))
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String, Failed> {
+        let out = self.kubectl_as(&self.kubeconfig, args)?;
+        ensure!(out.code == Some(0), "kubectl {args:?}: {}", out.describe());
+        Ok(out.stdout)
+    }
+
+    /// `mirrord ARGS…` as the admin, in the test namespace.
+    fn mirrord_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary("mirrord"));
+        cmd.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("MIRRORD_AGENT_LOG", "info");
+        cmd
+    }
+
+    fn mirrord(&self, args: &[&str]) -> Result<Output, Failed> {
+        finish(self.mirrord_cmd(args), SESSION)
+    }
+
+    /// `mirrord exec -n NS -t TARGET -- sh -c SCRIPT`, which must succeed; its stdout.
+    fn exec(&self, target: &str, script: &str) -> Result<String, Failed> {
+        let out = self.mirrord(&["exec", "-n", NS, "-t", target, "--", "sh", "-c", script])?;
+        ensure!(
+            out.code == Some(0),
+            "mirrord exec -t {target} -- {script}: {}",
+            out.describe()
+        );
+        Ok(out.stdout)
+    }
+
+    fn set_up(&self) -> Result<(), Failed> {
+        let manifest =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/manifests/mirrord-e2e.yaml");
+        let manifest = manifest.to_string_lossy().into_owned();
+        // A previous run's namespace may still be terminating.
+        self.kubectl(&[
+            "delete",
+            "namespace",
+            NS,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ])?;
+        self.kubectl(&["apply", "-f", &manifest])?;
+        // The cron job's newest job, made now instead of at 3 am.
+        self.kubectl(&[
+            "-n",
+            NS,
+            "create",
+            "job",
+            "--from=cronjob/nightly",
+            "nightly-now",
+        ])?;
+        self.kubectl(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ])?;
+        self.kubectl(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            "statefulset/db",
+            "--timeout=120s",
+        ])?;
+        self.kubectl(&[
+            "-n",
+            NS,
+            "wait",
+            "--for=condition=Ready",
+            "pod/duo",
+            "--timeout=120s",
+        ])?;
+        for job in ["batch", "nightly-now"] {
+            self.kubectl(&[
+                "-n",
+                NS,
+                "wait",
+                "--for=jsonpath={.status.ready}=1",
+                &format!("job/{job}"),
+                "--timeout=120s",
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn pods(&self, selector: &str) -> Result<Vec<String>, Failed> {
+        let names = self.kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?;
+        Ok(names.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// mirrord's agent Jobs, in every namespace.
+    fn agent_jobs(&self) -> Result<Vec<String>, Failed> {
+        let names = self.kubectl(&[
+            "get",
+            "jobs",
+            "-A",
+            "-l",
+            "app.kubernetes.io/name=mirrord-agent",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {end}",
+        ])?;
+        Ok(names.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// Waits until no agent Job (and no agent pod) of mirrord is left, up to `limit`.
+    fn agents_gone_within(&self, limit: Duration) -> Result<(), Failed> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let jobs = self.agent_jobs()?;
+            let pods = self.kubectl(&[
+                "get",
+                "pods",
+                "-A",
+                "-l",
+                "app.kubernetes.io/name=mirrord-agent",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])?;
+            if jobs.is_empty() && pods.trim().is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agents still there after {limit:?}: jobs {jobs:?}, pods {pods}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn env_from_a_secret_and_the_pods_hostname(kube: &Kube) -> Result<(), Failed> {
+    let out = kube.exec(
+        "deployment/web",
+        "printenv DB_PASSWORD; printenv PLAIN; hostname",
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    let pods = kube.pods("app=web")?;
+    ensure!(
+        lines.len() == 3
+            && lines[0] == "s3cret-from-a-secret"
+            && lines[1] == "plain-value"
+            && pods.iter().any(|pod| pod == lines[2]),
+        "expected the secret, the plain value and one of {pods:?} as hostname, got {out:?}"
+    );
+    Ok(())
+}
+
+fn configmap_file_under_the_remote_root(kube: &Kube) -> Result<(), Failed> {
+    let out = kube.exec(
+        "deployment/web",
+        "cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"",
+    )?;
+    ensure!(out == "greeting: hello from a configmap\n", "got {out:?}");
+    Ok(())
+}
+
+fn service_account_at_its_real_path(kube: &Kube) -> Result<(), Failed> {
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let out = kube.exec(
+        "deployment/web",
+        &format!("cat {dir}/namespace; echo; test -s {dir}/token && test -s {dir}/ca.crt && echo token-and-ca"),
+    )?;
+    ensure!(out == format!("{NS}\ntoken-and-ca\n"), "got {out:?}");
+    Ok(())
+}
+
+fn service_by_short_name_and_fqdn_without_cidr(kube: &Kube) -> Result<(), Failed> {
+    let out = kube.exec(
+        "deployment/web",
+        &format!(
+            "curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://web/ && \
+             curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://web.{NS}.svc.cluster.local/"
+        ),
+    )?;
+    ensure!(out == "200\n200\n", "got {out:?}");
+    Ok(())
+}
+
+fn getent_resolves_kubernetes_default(kube: &Kube) -> Result<(), Failed> {
+    let out = kube.exec("deployment/web", "getent hosts kubernetes.default")?;
+    let cluster_ip = kube.kubectl(&[
+        "-n",
+        "default",
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    ensure!(
+        out.split_whitespace().next() == Some(cluster_ip.trim()),
+        "expected {cluster_ip}, got {out:?}"
+    );
+    Ok(())
+}
+
+fn every_target_kind(kube: &Kube) -> Result<(), Failed> {
+    let web = kube.pods("app=web")?;
+    let replicaset = kube.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "replicasets",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let first = web.first().cloned().unwrap_or_default();
+    let cases: Vec<(String, &str, Vec<String>)> = vec![
+        (format!("pod/{first}"), "hostname", vec![first.clone()]),
+        ("deploy/web".into(), "hostname", web.clone()),
+        (format!("replicaset/{replicaset}"), "hostname", web.clone()),
+        ("service/web".into(), "hostname", web.clone()),
+        (
+            "statefulset/db".into(),
+            "printenv ROLE",
+            vec!["statefulset".into()],
+        ),
+        ("job/batch".into(), "printenv ROLE", vec!["job".into()]),
+        (
+            "cronjob/nightly".into(),
+            "printenv ROLE",
+            vec!["cronjob".into()],
+        ),
+        (
+            "pod/duo/container/right".into(),
+            "printenv SIDE",
+            vec!["right".into()],
+        ),
+    ];
+    for (target, script, expected) in cases {
+        let out = kube.exec(&target, script)?;
+        ensure!(
+            expected.iter().any(|want| out.trim() == want),
+            "{target}: expected one of {expected:?}, got {out:?}"
+        );
+    }
+    Ok(())
+}
+
+fn targetless_runs_in_the_namespace(kube: &Kube) -> Result<(), Failed> {
+    // No pod's env or files: the agent's own pod lends its network; cluster names resolve.
+    let out = kube.exec(
+        "targetless",
+        "printenv DB_PASSWORD || echo no-secret; curl -sS -m 10 -o /dev/null -w '%{http_code}\\n' http://web/",
+    )?;
+    ensure!(out == "no-secret\n200\n", "got {out:?}");
+    Ok(())
+}
+
+/// A failing session: exit 125 and an error of one or two lines containing every `needle`.
+fn fails_with(kube: &Kube, args: &[&str], needles: &[&str]) -> Result<(), Failed> {
+    let out = kube.mirrord(args)?;
+    let error = out.stderr.trim();
+    let lines = error
+        .lines()
+        .filter(|line| line.starts_with("mirrord: ") && !line.ends_with('…'))
+        .count();
+    ensure!(
+        out.code == Some(125) && needles.iter().all(|needle| error.contains(needle)) && lines <= 2,
+        "expected exit 125 and {needles:?} in one or two lines: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+fn not_found_suggests_close_names(kube: &Kube) -> Result<(), Failed> {
+    fails_with(
+        kube,
+        &["exec", "-n", NS, "-t", "deployment/wbe", "--", "true"],
+        &["wbe", "not found", "web"],
+    )
+}
+
+fn no_ready_pod_is_a_clear_error(kube: &Kube) -> Result<(), Failed> {
+    fails_with(
+        kube,
+        &["exec", "-n", NS, "-t", "deployment/unready", "--", "true"],
+        &["unready", "ready"],
+    )
+}
+
+fn several_containers_are_listed(kube: &Kube) -> Result<(), Failed> {
+    fails_with(
+        kube,
+        &["exec", "-n", NS, "-t", "pod/duo", "--", "true"],
+        &["left", "right", "container"],
+    )
+}
+
+fn forbidden_names_the_verb_and_the_check(kube: &Kube) -> Result<(), Failed> {
+    let restricted = kube
+        .kubeconfig
+        .parent()
+        .map(|dir| dir.join("restricted-user.kubeconfig"))
+        .unwrap_or_default();
+    let web = kube.pods("app=web")?;
+    let target = format!("pod/{}", web.first().cloned().unwrap_or_default());
+    let restricted = restricted.to_string_lossy().into_owned();
+    fails_with(
+        kube,
+        &[
+            "exec",
+            "--kubeconfig",
+            &restricted,
+            "-n",
+            NS,
+            "-t",
+            &target,
+            "--",
+            "true",
+        ],
+        &["create", "jobs", NS, "kubectl auth can-i create jobs"],
+    )
+}
+
+fn an_image_that_cannot_be_pulled_fails_fast(kube: &Kube) -> Result<(), Failed> {
+    let started = Instant::now();
+    fails_with(
+        kube,
+        &[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/web",
+            "--agent-image",
+            "example.invalid/no-such-agent:1",
+            "--",
+            "true",
+        ],
+        &["ErrImageNeverPull"],
+    )?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(45),
+        "the failure took {:?}, as long as a timeout",
+        started.elapsed()
+    );
+    kube.agents_gone_within(Duration::from_secs(60))
+}
+
+fn the_agent_is_gone_after_exit_ctrl_c_and_sigterm(kube: &Kube) -> Result<(), Failed> {
+    kube.exec("deployment/web", "true")?;
+    kube.agents_gone_within(Duration::from_secs(5))?;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut cmd = kube.mirrord_cmd(&[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/web",
+            "--",
+            "sleep",
+            "60",
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn()?;
+        let pid = child.id() as libc::pid_t;
+        // Once the agent runs, the command is started; give it that long.
+        let deadline = Instant::now() + SESSION;
+        while kube.agent_jobs()?.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, signal) };
+        let out = wait(child, Duration::from_secs(60))?;
+        ensure!(
+            out.code.is_some(),
+            "mirrord did not exit after signal {signal}: {}",
+            out.describe()
+        );
+        kube.agents_gone_within(Duration::from_secs(5))?;
+    }
+    Ok(())
+}
+
+fn the_agent_is_gone_after_kill_9(kube: &Kube) -> Result<(), Failed> {
+    let mut cmd = kube.mirrord_cmd(&[
+        "exec",
+        "-n",
+        NS,
+        "-t",
+        "deployment/web",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + SESSION;
+    while kube.agent_jobs()?.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    child.kill()?;
+    child.wait()?;
+    // The agent's link goes idle: keepalive (up to 20 s), then its communication timeout
+    // (30 s), then the Job's TTL (10 s) and the garbage collector.
+    kube.agents_gone_within(Duration::from_secs(120))
+}
+
+fn two_sessions_at_once(kube: &Kube) -> Result<(), Failed> {
+    let web = kube.pods("app=web")?;
+    ensure!(web.len() == 2, "expected two web pods, got {web:?}");
+    let children: Vec<(String, Child)> = [web[0].clone(), web[1].clone(), web[0].clone()]
+        .into_iter()
+        .map(|pod| {
+            let mut cmd = kube.mirrord_cmd(&[
+                "exec",
+                "-n",
+                NS,
+                "-t",
+                &format!("pod/{pod}"),
+                "--",
+                "sh",
+                "-c",
+                "hostname; sleep 2",
+            ]);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().map(|child| (pod, child))
+        })
+        .collect::<Result<_, _>>()?;
+    for (pod, child) in children {
+        let out = wait(child, SESSION)?;
+        ensure!(
+            out.code == Some(0) && out.stdout.trim() == pod,
+            "session on pod/{pod}: {}",
+            out.describe()
+        );
+    }
+    kube.agents_gone_within(Duration::from_secs(5))
+}
+
+fn ls_lists_targets(kube: &Kube) -> Result<(), Failed> {
+    let out = kube.mirrord(&["ls", "-n", NS, "-o", "json"])?;
+    ensure!(out.code == Some(0), "mirrord ls: {}", out.describe());
+    let paths: Vec<String> = serde_json::from_str(out.stdout.trim())
+        .map_err(|error| format!("not a JSON array of strings ({error}): {}", out.stdout))?;
+    for want in [
+        "deployment/web",
+        "statefulset/db",
+        "job/batch",
+        "cronjob/nightly",
+        "service/web",
+        "pod/duo/container/left",
+        "pod/duo/container/right",
+    ] {
+        ensure!(
+            paths.iter().any(|path| path == want),
+            "{want} not in {paths:?}"
+        );
+    }
+    let web = kube.pods("app=web")?;
+    for pod in web {
+        ensure!(
+            paths.contains(&format!("pod/{pod}")),
+            "pod/{pod} not in {paths:?}"
+        );
+    }
+    Ok(())
+}
