@@ -65,6 +65,17 @@ pub enum ClientError {
     Remote(RemoteError),
 }
 
+impl ClientError {
+    /// Whether the same connection attempt may succeed later: the far end did not answer, or
+    /// the connection broke before the session opened (not a refusal or another version).
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NoAnswer { .. } | ClientError::NotAnAgent { .. } | ClientError::Lost
+        )
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, RemoteError>>>>>;
 
 pub struct AgentClient {

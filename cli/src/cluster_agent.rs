@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ipnet::IpNet;
 use mirrord_kube::cidr::ClusterCidrs;
-use mirrord_kube::{AgentJobSpec, AgentToken, Cluster, Resolved, TargetPath};
+use mirrord_kube::{AgentJobSpec, AgentPod, AgentToken, Cluster, Resolved, TargetPath};
 use mirrord_link::endpoint::split_stream;
 
-use crate::client::{AgentClient, lock};
+use crate::client::{AgentClient, ClientError, lock};
 
 /// The port the agent listens on inside its own pod (not the target's network namespace, which
 /// it joins only for the sockets it opens there).
@@ -209,15 +209,7 @@ pub async fn start(
     };
 
     progress.step(format!("connecting to agent pod {}", pod.pod));
-    let connected = async {
-        let stream = cluster
-            .port_forward(&pod.namespace, &pod.pod, pod.port)
-            .await?;
-        let name = format!("pod/{}:{} (port-forward)", pod.pod, pod.port);
-        let client = AgentClient::start(split_stream(stream), &name, token.as_bytes()).await?;
-        anyhow::Ok(client)
-    }
-    .await;
+    let connected = connect(&cluster, &pod, &token).await;
     let client = match connected {
         Ok(client) => client,
         Err(error) => {
@@ -237,6 +229,40 @@ pub async fn start(
         label,
         cidrs,
     })
+}
+
+/// How long reaching a started agent may keep failing before the session gives up.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Port-forwards to the agent and opens the session. A port-forward can fail on the node's
+/// side while the agent is already listening (its pod's address not yet reachable from the
+/// node): such a stream stays silent or ends, so it is tried again, within [`CONNECT_PATIENCE`].
+async fn connect(cluster: &Cluster, pod: &AgentPod, token: &str) -> anyhow::Result<AgentClient> {
+    let name = format!("pod/{}:{} (port-forward)", pod.pod, pod.port);
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        let attempt = async {
+            let stream = cluster
+                .port_forward(&pod.namespace, &pod.pod, pod.port)
+                .await?;
+            let client = AgentClient::start(split_stream(stream), &name, token.as_bytes()).await?;
+            anyhow::Ok(client)
+        };
+        match attempt.await {
+            Ok(client) => return Ok(client),
+            // A refusal or a version mismatch will not change by trying again.
+            Err(error)
+                if Instant::now() < deadline
+                    && error
+                        .downcast_ref::<ClientError>()
+                        .is_some_and(ClientError::may_pass) =>
+            {
+                tracing::debug!("port-forward to the agent: {error}; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// `deployment/web → pod web-1 (container app) on node n`, or `targetless in namespace ns`.

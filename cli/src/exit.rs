@@ -8,6 +8,8 @@ use crate::launcher::LaunchError;
 pub const EXIT_MIRRORD_FAILED: i32 = 125;
 /// Exit status after Ctrl-C before the command started (128 + SIGINT).
 pub const EXIT_INTERRUPTED: i32 = 130;
+/// Exit status after SIGTERM before the command started (128 + SIGTERM).
+pub const EXIT_TERMINATED: i32 = 143;
 
 /// A failure of mirrord, and the status it ends with.
 #[derive(Debug)]
@@ -22,6 +24,14 @@ impl Failure {
         Failure {
             error: anyhow::anyhow!("interrupted"),
             code: EXIT_INTERRUPTED,
+        }
+    }
+
+    /// SIGTERM while the session was being set up.
+    pub fn terminated() -> Failure {
+        Failure {
+            error: anyhow::anyhow!("terminated"),
+            code: EXIT_TERMINATED,
         }
     }
 

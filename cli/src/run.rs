@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 use mirrord_kube::TargetPath;
 use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
@@ -67,8 +67,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// Resolves flags and config, connects and fetches the target's context. Ctrl-C meanwhile
-    /// stops whatever was started and fails with [`Failure::interrupted`].
+    /// Resolves flags and config, connects and fetches the target's context. Ctrl-C or SIGTERM
+    /// meanwhile stops whatever was started and fails with [`Failure::interrupted`] or
+    /// [`Failure::terminated`].
     pub async fn open(args: &SessionArgs) -> Result<Session, Failure> {
         let config = Config::load(args.config_file.as_deref())?;
         let source = agent_source(args, &config)?;
@@ -77,18 +78,21 @@ impl Session {
         let net = net_settings(args, &config)?;
         let dns = dns_settings(args, &config)?;
         let starting = Starting::default();
-        tokio::select! {
-            session = Self::connect(source, filter, fs, net, dns, &starting) => Ok(session?),
-            // Dropping the connecting future stops a local agent it started (kill on drop); a
-            // cluster agent being started is deleted here.
-            _ = tokio::signal::ctrl_c() => {
-                let pending = lock(&starting).take();
-                if let Some(agent) = pending {
-                    agent.delete().await;
-                }
-                Err(Failure::interrupted())
-            }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot watch for SIGTERM")?;
+        let stopped = tokio::select! {
+            session = Self::connect(source, filter, fs, net, dns, &starting) => return Ok(session?),
+            _ = tokio::signal::ctrl_c() => Failure::interrupted(),
+            _ = terminate.recv() => Failure::terminated(),
+        };
+        // Dropping the connecting future stopped a local agent it started (kill on drop); a
+        // cluster agent being started is deleted here.
+        let pending = lock(&starting).take();
+        if let Some(agent) = pending {
+            agent.delete().await;
         }
+        Err(stopped)
     }
 
     async fn connect(

@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    let leftover = kube.agent_jobs().unwrap_or_default();
+    let leftover = kube.agent_jobs(None).unwrap_or_default();
     if !leftover.is_empty() {
         eprintln!("kube: agent jobs left behind: {leftover:?}");
         return ExitCode::FAILURE;
@@ -118,6 +118,14 @@ fn main() -> ExitCode {
 
 struct Kube {
     kubeconfig: PathBuf,
+}
+
+/// The label selector of mirrord's agents, of every user or of one.
+fn agents_of(user: Option<&str>) -> String {
+    match user {
+        Some(user) => format!("app.kubernetes.io/name=mirrord-agent,mirrord/user={user}"),
+        None => "app.kubernetes.io/name=mirrord-agent".to_owned(),
+    }
 }
 
 /// What a finished command printed.
@@ -214,12 +222,18 @@ impl Kube {
         Ok(out.stdout)
     }
 
-    /// `mirrord ARGS…` as the admin, in the test namespace.
+    /// `mirrord ARGS…` with the admin's kubeconfig.
     fn mirrord_cmd(&self, args: &[&str]) -> Command {
+        self.mirrord_as("mirrord-tests", args)
+    }
+
+    /// The same for a local `user`: agents are labelled with it, so a test can tell its own
+    /// agents from those of tests running beside it.
+    fn mirrord_as(&self, user: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(binary("mirrord"));
         cmd.args(args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("MIRRORD_AGENT_LOG", "info");
+            .env("USER", user);
         cmd
     }
 
@@ -312,31 +326,33 @@ impl Kube {
         Ok(names.split_whitespace().map(str::to_owned).collect())
     }
 
-    /// mirrord's agent Jobs, in every namespace.
-    fn agent_jobs(&self) -> Result<Vec<String>, Failed> {
+    /// mirrord's agent Jobs in every namespace, of every user or of one.
+    fn agent_jobs(&self, user: Option<&str>) -> Result<Vec<String>, Failed> {
+        let selector = agents_of(user);
         let names = self.kubectl(&[
             "get",
             "jobs",
             "-A",
             "-l",
-            "app.kubernetes.io/name=mirrord-agent",
+            &selector,
             "-o",
             "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {end}",
         ])?;
         Ok(names.split_whitespace().map(str::to_owned).collect())
     }
 
-    /// Waits until no agent Job (and no agent pod) of mirrord is left, up to `limit`.
-    fn agents_gone_within(&self, limit: Duration) -> Result<(), Failed> {
+    /// Waits until no agent Job (and no agent pod) of `user` is left, up to `limit`.
+    fn agents_gone_within(&self, user: &str, limit: Duration) -> Result<(), Failed> {
         let deadline = Instant::now() + limit;
+        let selector = agents_of(Some(user));
         loop {
-            let jobs = self.agent_jobs()?;
+            let jobs = self.agent_jobs(Some(user))?;
             let pods = self.kubectl(&[
                 "get",
                 "pods",
                 "-A",
                 "-l",
-                "app.kubernetes.io/name=mirrord-agent",
+                &selector,
                 "-o",
                 "jsonpath={.items[*].metadata.name}",
             ])?;
@@ -561,34 +577,30 @@ fn an_image_that_cannot_be_pulled_fails_fast(kube: &Kube) -> Result<(), Failed> 
         "the failure took {:?}, as long as a timeout",
         started.elapsed()
     );
-    kube.agents_gone_within(Duration::from_secs(60))
+    kube.agents_gone_within("image-test", Duration::from_secs(60))
 }
 
 fn the_agent_is_gone_after_exit_ctrl_c_and_sigterm(kube: &Kube) -> Result<(), Failed> {
-    kube.exec("deployment/web", "true")?;
-    kube.agents_gone_within(Duration::from_secs(5))?;
+    const USER: &str = "lifecycle-test";
+    let session = ["exec", "-n", NS, "-t", "deployment/web", "--"];
+    let out = finish(
+        kube.mirrord_as(USER, &[&session[..], &["true"]].concat()),
+        SESSION,
+    )?;
+    ensure!(
+        out.code == Some(0),
+        "mirrord exec -- true: {}",
+        out.describe()
+    );
+    kube.agents_gone_within(USER, Duration::from_secs(5))?;
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut cmd = kube.mirrord_cmd(&[
-            "exec",
-            "-n",
-            NS,
-            "-t",
-            "deployment/web",
-            "--",
-            "sleep",
-            "60",
-        ]);
+        let mut cmd = kube.mirrord_as(USER, &[&session[..], &["sleep", "60"]].concat());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn()?;
         let pid = child.id() as libc::pid_t;
-        // Once the agent runs, the command is started; give it that long.
-        let deadline = Instant::now() + SESSION;
-        while kube.agent_jobs()?.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        std::thread::sleep(Duration::from_secs(3));
+        wait_for_agent(kube, USER)?;
         // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe { libc::kill(pid, signal) };
         let out = wait(child, Duration::from_secs(60))?;
@@ -597,36 +609,50 @@ fn the_agent_is_gone_after_exit_ctrl_c_and_sigterm(kube: &Kube) -> Result<(), Fa
             "mirrord did not exit after signal {signal}: {}",
             out.describe()
         );
-        kube.agents_gone_within(Duration::from_secs(5))?;
+        kube.agents_gone_within(USER, Duration::from_secs(5))?;
     }
     Ok(())
 }
 
+/// Until `user`'s agent runs and its session has had time to start the command.
+fn wait_for_agent(kube: &Kube, user: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + SESSION;
+    while kube.agent_jobs(Some(user))?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "no agent of {user} within {SESSION:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(())
+}
+
 fn the_agent_is_gone_after_kill_9(kube: &Kube) -> Result<(), Failed> {
-    let mut cmd = kube.mirrord_cmd(&[
-        "exec",
-        "-n",
-        NS,
-        "-t",
-        "deployment/web",
-        "--",
-        "sleep",
-        "600",
-    ]);
+    const USER: &str = "kill-9-test";
+    let mut cmd = kube.mirrord_as(
+        USER,
+        &[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/web",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = cmd.spawn()?;
-    let deadline = Instant::now() + SESSION;
-    while kube.agent_jobs()?.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for_agent(kube, USER)?;
     child.kill()?;
     child.wait()?;
     // The agent's link goes idle: keepalive (up to 20 s), then its communication timeout
     // (30 s), then the Job's TTL (10 s) and the garbage collector.
-    kube.agents_gone_within(Duration::from_secs(120))
+    kube.agents_gone_within(USER, Duration::from_secs(120))
 }
 
 fn two_sessions_at_once(kube: &Kube) -> Result<(), Failed> {
@@ -635,17 +661,20 @@ fn two_sessions_at_once(kube: &Kube) -> Result<(), Failed> {
     let children: Vec<(String, Child)> = [web[0].clone(), web[1].clone(), web[0].clone()]
         .into_iter()
         .map(|pod| {
-            let mut cmd = kube.mirrord_cmd(&[
-                "exec",
-                "-n",
-                NS,
-                "-t",
-                &format!("pod/{pod}"),
-                "--",
-                "sh",
-                "-c",
-                "hostname; sleep 2",
-            ]);
+            let mut cmd = kube.mirrord_as(
+                "concurrent-test",
+                &[
+                    "exec",
+                    "-n",
+                    NS,
+                    "-t",
+                    &format!("pod/{pod}"),
+                    "--",
+                    "sh",
+                    "-c",
+                    "hostname; sleep 2",
+                ],
+            );
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -660,7 +689,7 @@ fn two_sessions_at_once(kube: &Kube) -> Result<(), Failed> {
             out.describe()
         );
     }
-    kube.agents_gone_within(Duration::from_secs(5))
+    kube.agents_gone_within("concurrent-test", Duration::from_secs(5))
 }
 
 fn ls_lists_targets(kube: &Kube) -> Result<(), Failed> {

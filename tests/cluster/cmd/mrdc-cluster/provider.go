@@ -564,6 +564,8 @@ func (p *processProvider) startSandbox(pr *podRun) error {
 		{"nsenter", "--net=/proc/" + pid + "/ns/net", "ip", "addr", "add", fmt.Sprintf("%s/%d", ip, ones), "dev", "eth0"},
 		{"nsenter", "--net=/proc/" + pid + "/ns/net", "ip", "link", "set", "eth0", "up"},
 		{"nsenter", "--net=/proc/" + pid + "/ns/net", "ip", "route", "add", "default", "via", p.gateway.String()},
+		// Whatever the node still believes about this address belonged to an earlier pod.
+		{"ip", "neigh", "flush", "to", ip, "dev", p.cfg.bridge},
 	}
 	for _, s := range steps {
 		if out, err := exec.Command(s[0], s[1:]...).CombinedOutput(); err != nil {
@@ -729,11 +731,22 @@ func (p *processProvider) stopPod(pr *podRun, grace time.Duration) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// The pod's netns (and the veth in it) is torn down by the kernel some time after its last
+	// process; a successor given the same address before then would share it with a dying pod,
+	// and the node would keep the old MAC for it. So the veth goes now, and so does what the
+	// node learnt about the address, before the address is handed out again.
 	p.mu.Lock()
-	if pr.ip != "" && !pr.pod.Spec.HostNetwork {
-		delete(p.usedIP, pr.ip)
-	}
+	ip, veth := pr.ip, pr.hostVeth
 	p.mu.Unlock()
+	if veth != "" {
+		_ = exec.Command("ip", "link", "del", veth).Run()
+	}
+	if ip != "" && !pr.pod.Spec.HostNetwork {
+		_ = exec.Command("ip", "neigh", "flush", "to", ip, "dev", p.cfg.bridge).Run()
+		p.mu.Lock()
+		delete(p.usedIP, ip)
+		p.mu.Unlock()
+	}
 	_ = os.RemoveAll(pr.dir)
 }
 
