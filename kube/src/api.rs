@@ -40,7 +40,7 @@ use crate::startup::{Startup, judge_job, judge_pod};
 use crate::target::{Kind, TargetPath};
 
 /// A cluster that cannot be reached must fail well before a user gives up on it.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long an agent may take to start, unless the caller says otherwise.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// An agent Job with no running pod counts as stale only once it is this old: younger, it may
