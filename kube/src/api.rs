@@ -97,6 +97,11 @@ pub struct AgentPod {
     pub port: u16,
 }
 
+/// An object's UID as the set of owners [`Cluster::selected_pods`] takes.
+fn uid(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> HashSet<String> {
+    HashSet::from([meta.uid.clone().unwrap_or_default()])
+}
+
 /// The error chain of `error` on one line.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
@@ -311,6 +316,17 @@ impl Cluster {
             .collect())
     }
 
+    /// The pods of `job`: its selector's, owned by it.
+    async fn job_pods(&self, ns: &str, job: &Job) -> Result<Vec<Pod>, Error> {
+        let selector = job
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.selector.clone())
+            .unwrap_or_default();
+        self.selected_pods(ns, &selector, Some(&uid(&job.metadata)))
+            .await
+    }
+
     /// Resolves a target path in `namespace` (default: the context's) to a pod and container.
     pub async fn resolve(
         &self,
@@ -331,9 +347,6 @@ impl Cluster {
         };
         let ns = namespace.as_str();
         let what = target.to_string();
-        let uid = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            HashSet::from([meta.uid.clone().unwrap_or_default()])
-        };
         let candidates: Vec<Pod> = match kind {
             Kind::Pod => vec![self.get_named::<Pod>(ns, *kind, name).await?],
             Kind::Deployment => {
@@ -371,14 +384,7 @@ impl Cluster {
             }
             Kind::Job => {
                 let job: Job = self.get_named(ns, *kind, name).await?;
-                let selector = job
-                    .spec
-                    .clone()
-                    .unwrap_or_default()
-                    .selector
-                    .unwrap_or_default();
-                self.selected_pods(ns, &selector, Some(&uid(&job.metadata)))
-                    .await?
+                self.job_pods(ns, &job).await?
             }
             Kind::CronJob => {
                 let cronjob: CronJob = self.get_named(ns, *kind, name).await?;
@@ -395,14 +401,7 @@ impl Cluster {
                     .collect();
                 let job =
                     newest_job(owned).ok_or_else(|| ChooseError::NoJob { what: what.clone() })?;
-                let selector = job
-                    .spec
-                    .clone()
-                    .unwrap_or_default()
-                    .selector
-                    .unwrap_or_default();
-                self.selected_pods(ns, &selector, Some(&uid(&job.metadata)))
-                    .await?
+                self.job_pods(ns, job).await?
             }
             Kind::Service => {
                 let service: Service = self.get_named(ns, *kind, name).await?;
