@@ -151,7 +151,7 @@ mod tests {
         assert!(out_rx.try_recv().is_err(), "a pong is not answered");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_silent_peer_is_pinged_then_given_up() {
         let (_peer, ours) = tokio::io::duplex(4096);
         let mut inbox = Inbox::with_periods(
