@@ -404,12 +404,15 @@ fn service_account_at_its_real_path(kube: &Kube) -> Result<(), Failed> {
     Ok(())
 }
 
+/// curl tries a request up to three times: on the test cluster, a connection through a Service
+/// to a pod on a freshly reused address has been seen to time out once (see the closing note of
+/// 2026-11-30); a wrong answer still fails the test.
 fn service_by_short_name_and_fqdn_without_cidr(kube: &Kube) -> Result<(), Failed> {
     let out = kube.exec(
         "deployment/web",
         &format!(
-            "curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://web/ && \
-             curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://web.{NS}.svc.cluster.local/"
+            "curl -sS -m 10 --retry 2 --retry-all-errors -o /dev/null -w '%{{http_code}}\\n' http://web/ && \
+             curl -sS -m 10 --retry 2 --retry-all-errors -o /dev/null -w '%{{http_code}}\\n' http://web.{NS}.svc.cluster.local/"
         ),
     )?;
     ensure!(out == "200\n200\n", "got {out:?}");
@@ -483,7 +486,7 @@ fn targetless_runs_in_the_namespace(kube: &Kube) -> Result<(), Failed> {
     // No pod's env or files: the agent's own pod lends its network; cluster names resolve.
     let out = kube.exec(
         "targetless",
-        "printenv DB_PASSWORD || echo no-secret; curl -sS -m 10 -o /dev/null -w '%{http_code}\\n' http://web/",
+        "printenv DB_PASSWORD || echo no-secret; curl -sS -m 10 --retry 2 --retry-all-errors -o /dev/null -w '%{http_code}\\n' http://web/",
     )?;
     ensure!(out == "no-secret\n200\n", "got {out:?}");
     Ok(())
