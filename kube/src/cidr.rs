@@ -164,12 +164,7 @@ pub const OUT_OF_RANGE_CLUSTER_IP: &str = "192.0.2.1";
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
+    use crate::test_fixture::fixture;
 
     fn items<T: serde::de::DeserializeOwned>(name: &str) -> Vec<T> {
         let list: serde_json::Value = fixture(name);

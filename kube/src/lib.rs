@@ -16,6 +16,16 @@ pub mod listing;
 pub mod startup;
 pub mod target;
 
+/// The recorded API objects of `tests/fixtures`, for the pure modules' unit tests.
+#[cfg(test)]
+mod test_fixture {
+    pub fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+}
+
 pub use agent_job::{AgentJobSpec, AgentToken, Placement};
 pub use api::{AgentPod, Cluster, DEFAULT_STARTUP_TIMEOUT, Resolved, ResolvedPod};
 pub use target::{Kind, TargetPath};

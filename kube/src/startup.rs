@@ -159,12 +159,7 @@ pub fn admission_refusal(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
+    use crate::test_fixture::fixture;
 
     #[test]
     fn recorded_running_agent_is_running() {
