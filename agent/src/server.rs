@@ -197,6 +197,10 @@ async fn session_loop(
                     let opened = match target {
                         StreamTarget::Tcp(addr) => connect(addr).await.map(Opened::Tcp),
                         StreamTarget::Udp(addr) => udp(addr).await.map(Opened::Udp),
+                        StreamTarget::Incoming(_) => Err(RemoteError {
+                            errno: libc::EINVAL,
+                            message: "only the agent opens incoming streams".into(),
+                        }),
                     };
                     match opened {
                         Ok(socket) if streams.send(StreamFrame::Opened { id }).await => {
@@ -313,6 +317,10 @@ async fn answer(agent: &Arc<Agent>, id: u64, request: Request) -> AgentOut {
                 Err(error) => Err(error),
             }
         }
+        Request::Subscribe(_) | Request::Unsubscribe { .. } => Err(RemoteError {
+            errno: libc::EOPNOTSUPP,
+            message: "this agent cannot take incoming traffic yet".into(),
+        }),
     };
     AgentMessage::Response { id, response }.into()
 }

@@ -271,6 +271,25 @@ mod tests {
                 id: StreamId(3),
                 target: StreamTarget::Tcp(addr6),
             }),
+            ClientMessage::Request {
+                id: 3,
+                request: Request::Subscribe(crate::incoming::Subscription {
+                    port: 8080,
+                    mode: crate::incoming::IncomingMode::Steal,
+                    filter: Some(crate::incoming::HttpFilter::AllOf(vec![
+                        crate::incoming::HttpFilter::Header("^x-user: me$".into()),
+                        crate::incoming::HttpFilter::AnyOf(vec![
+                            crate::incoming::HttpFilter::Path("^/api".into()),
+                            crate::incoming::HttpFilter::Method("POST".into()),
+                        ]),
+                    ])),
+                    override_steal: false,
+                }),
+            },
+            ClientMessage::Request {
+                id: 4,
+                request: Request::Unsubscribe { port: 8080 },
+            },
         ];
         msgs.extend(every_stream_frame().into_iter().map(ClientMessage::Stream));
         msgs
@@ -281,6 +300,15 @@ mod tests {
             StreamFrame::Open {
                 id: StreamId(1),
                 target: StreamTarget::Udp(([127, 0, 0, 1], 53).into()),
+            },
+            StreamFrame::Open {
+                id: StreamId(2),
+                target: StreamTarget::Incoming(crate::incoming::IncomingConnection {
+                    port: 80,
+                    peer: ([10, 0, 0, 7], 51234).into(),
+                    destination: ([10, 0, 0, 2], 80).into(),
+                    mode: crate::incoming::IncomingMode::Mirror,
+                }),
             },
             StreamFrame::Opened { id: StreamId(1) },
             StreamFrame::OpenFailed {

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod fs;
 pub mod greeting;
 pub mod handshake;
+pub mod incoming;
 pub mod keepalive;
 pub mod messages;
 pub mod mux;

@@ -97,6 +97,13 @@ pub enum Request {
     /// One DNS query message (RFC 1035 wire format), resolved in the target's network with the
     /// target's resolver configuration.
     Dns(Vec<u8>),
+    /// Take over a port's incoming traffic (see [`crate::incoming`]); answered by
+    /// [`Response::Subscribed`], or an error saying why the redirect cannot be installed or
+    /// another session's steal conflicts. Subscribing a port again replaces its subscription.
+    Subscribe(crate::incoming::Subscription),
+    /// Give a port back: new connections reach the original app again. Connections already
+    /// handed over go on until they end. Answered by [`Response::Unsubscribed`].
+    Unsubscribe { port: u16 },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -106,6 +113,8 @@ pub enum Response {
     /// The DNS response message to a [`Request::Dns`], in wire format; failures are DNS
     /// response codes inside it (NXDOMAIN, SERVFAIL…), not a [`RemoteError`].
     Dns(Vec<u8>),
+    Subscribed,
+    Unsubscribed,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -139,6 +148,9 @@ pub enum StreamTarget {
     /// A UDP socket connected to the address from the target's network namespace; every
     /// `Data` frame carries exactly one datagram.
     Udp(SocketAddr),
+    /// Opened by the agent only: an incoming connection of a subscribed port, handed to the
+    /// session (see [`crate::incoming`]).
+    Incoming(crate::incoming::IncomingConnection),
 }
 
 /// Stream multiplexing and flow control. Data is only sent against credit granted by the
