@@ -188,6 +188,14 @@ impl AgentClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer_rx) = oneshot::channel();
         lock(&self.pending).insert(id, answer_tx);
+        // The reader marks the session ended before it drops the pending answers: a request
+        // made after that is refused here, one made before is dropped by the reader. Either
+        // way none waits for an answer from an agent that is gone (its link may still take
+        // writes: a port-forward outlives the pod behind it).
+        if self.ended_rx.borrow().is_some() {
+            lock(&self.pending).remove(&id);
+            return Err(ClientError::Lost);
+        }
         if self
             .out_tx
             .send(ClientMessage::Request { id, request })
@@ -324,9 +332,9 @@ async fn read_loop(
         }
     };
     tracing::debug!("agent session ended: {ended}");
+    ended_tx.send_replace(Some(ended));
     lock(&pending).clear();
     streams.reset_all();
-    ended_tx.send_replace(Some(ended));
 }
 
 #[cfg(test)]

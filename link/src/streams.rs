@@ -3,6 +3,7 @@
 //! never sends beyond the credit its peer granted, and never blocks another stream.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mirrord_protocol::bulk::MAX_DATA_CHUNK;
@@ -94,6 +95,8 @@ pub struct Streams<M> {
     opening: Mutex<HashMap<StreamId, oneshot::Sender<Result<(), RemoteError>>>>,
     /// streams --frames--> connection writer.
     out_tx: mpsc::Sender<M>,
+    /// Set by [`Streams::reset_all`]: the connection is gone, and no stream opens any more.
+    ended: AtomicBool,
 }
 
 /// The receiving half of a stream, handed to [`Streams::pipe`].
@@ -130,6 +133,7 @@ impl<M: Outgoing> Streams<M> {
             ends: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             out_tx,
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -147,7 +151,12 @@ impl<M: Outgoing> Streams<M> {
         let rx = self.register(id);
         let (opened_tx, opened_rx) = oneshot::channel();
         lock(&self.opening).insert(id, opened_tx);
-        let opened = if self.send(StreamFrame::Open { id, target }).await {
+        // `reset_all` marks the end before it drops the openers: an open registered after
+        // that is refused here, one registered before is dropped there. None waits on a
+        // connection that is gone but still takes writes.
+        let opened = if self.ended.load(Ordering::SeqCst) {
+            Err(OpenError::Lost)
+        } else if self.send(StreamFrame::Open { id, target }).await {
             match opened_rx.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(OpenError::Remote(error)),
@@ -249,6 +258,7 @@ impl<M: Outgoing> Streams<M> {
 
     /// Resets every stream, for when the connection ends: their pipes stop and drop their sockets.
     pub fn reset_all(&self) {
+        self.ended.store(true, Ordering::SeqCst);
         // Dropping the senders fails every pending `open` with `Lost`.
         lock(&self.opening).clear();
         for end in lock(&self.ends).values() {
@@ -382,5 +392,26 @@ impl<M: Outgoing> Streams<M> {
             self.send(StreamFrame::Reset { id }).await;
         }
         self.discard(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nothing_opens_once_the_connection_is_gone() {
+        // The writer still takes frames, as a port-forward does after its pod is gone.
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let streams = Streams::<ClientMessage>::new(Side::Client, out_tx);
+        streams.reset_all();
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            streams.open(StreamTarget::Tcp(([127, 0, 0, 1], 80).into())),
+        )
+        .await
+        .expect("an open on a gone connection must not wait");
+        assert!(matches!(opened, Err(OpenError::Lost)));
+        assert!(out_rx.try_recv().is_err(), "nothing is sent for it");
     }
 }

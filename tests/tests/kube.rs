@@ -96,6 +96,14 @@ fn main() -> ExitCode {
             "the_agent_is_gone_after_kill_9",
             the_agent_is_gone_after_kill_9,
         ),
+        (
+            "a_lost_agent_is_one_line_and_nothing_hangs",
+            a_lost_agent_is_one_line_and_nothing_hangs,
+        ),
+        (
+            "exec_plugin_with_merged_kubeconfig_paths",
+            exec_plugin_with_merged_kubeconfig_paths,
+        ),
         ("two_sessions_at_once", two_sessions_at_once),
         ("ls_lists_targets", ls_lists_targets),
     ];
@@ -722,4 +730,151 @@ fn ls_lists_targets(kube: &Kube) -> Result<(), Failed> {
         );
     }
     Ok(())
+}
+
+/// A kubeconfig split over two files in `KUBECONFIG` (the cluster in one; the user and context
+/// in the other), whose user is an exec credential plugin printing a service account's token,
+/// as EKS's, GKE's and AKS's plugins print theirs.
+fn exec_plugin_with_merged_kubeconfig_paths(kube: &Kube) -> Result<(), Failed> {
+    let token = kube.kubectl(&[
+        "-n",
+        NS,
+        "create",
+        "token",
+        "exec-plugin-user",
+        "--duration=1h",
+    ])?;
+    let admin: serde_json::Value =
+        serde_json::from_str(&kube.kubectl(&["config", "view", "--raw", "-o", "json"])?)?;
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    ensure!(
+        cluster.is_object(),
+        "no cluster in the admin kubeconfig: {admin}"
+    );
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let calls = dir.join("plugin-calls");
+        let plugin = dir.join("credential-plugin");
+        let credential = serde_json::json!({
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "kind": "ExecCredential",
+            "status": {"token": token.trim()},
+        });
+        std::fs::write(
+            &plugin,
+            format!(
+                "#!/bin/sh\necho called >> '{}'\ncat <<'END'\n{credential}\nEND\n",
+                calls.display()
+            ),
+        )?;
+        std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let clusters = dir.join("clusters.yaml");
+        std::fs::write(
+            &clusters,
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "plugin-cluster", "cluster": cluster}],
+            })
+            .to_string(),
+        )?;
+        let users = dir.join("users.yaml");
+        std::fs::write(
+            &users,
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "plugin",
+                "contexts": [{"name": "plugin", "context": {
+                    "cluster": "plugin-cluster", "user": "plugin-user", "namespace": NS}}],
+                "users": [{"name": "plugin-user", "user": {"exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1",
+                    "command": plugin,
+                    "interactiveMode": "Never",
+                }}}],
+            })
+            .to_string(),
+        )?;
+        let mut cmd = kube.mirrord_as(
+            "exec-plugin-test",
+            &[
+                "exec",
+                "-t",
+                "deployment/web",
+                "--",
+                "sh",
+                "-c",
+                "echo $PLAIN",
+            ],
+        );
+        cmd.env(
+            "KUBECONFIG",
+            format!("{}:{}", clusters.display(), users.display()),
+        );
+        let out = finish(cmd, SESSION)?;
+        ensure!(
+            out.code == Some(0) && out.stdout.trim() == "plain-value",
+            "mirrord with KUBECONFIG=clusters:users and an exec plugin: {}",
+            out.describe()
+        );
+        let called = std::fs::read_to_string(&calls).unwrap_or_default();
+        ensure!(!called.is_empty(), "the credential plugin was never called");
+        kube.agents_gone_within("exec-plugin-test", Duration::from_secs(5))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The agent's pod deleted mid-session: its port-forward breaks, mirrord says so in one line,
+/// and the command goes on without the target — reads of the pod's files and connections to the
+/// cluster fail instead of hanging — then mirrord exits with it and removes the Job.
+fn a_lost_agent_is_one_line_and_nothing_hangs(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "lost-agent-test";
+    let script = "sleep 15; \
+        cat \"$MIRRORD_REMOTE_ROOT/etc/hostname\" >/dev/null 2>&1 && echo fs-ok || echo fs-failed; \
+        curl -s -m 10 http://web/ >/dev/null 2>&1 && echo net-ok || echo net-failed";
+    let mut cmd = kube.mirrord_as(
+        USER,
+        &[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/web",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    wait_for_agent(kube, USER)?;
+    kube.kubectl(&[
+        "delete",
+        "pods",
+        "-A",
+        "-l",
+        &agents_of(Some(USER)),
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ])?;
+    let out = wait(child, Duration::from_secs(60))?;
+    let lost: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|line| line.contains("lost the agent"))
+        .collect();
+    ensure!(
+        out.code == Some(0)
+            && lost.len() == 1
+            && out.stdout.split_whitespace().collect::<Vec<_>>() == ["fs-failed", "net-failed"],
+        "after the agent's pod was deleted: {}",
+        out.describe()
+    );
+    kube.agents_gone_within(USER, Duration::from_secs(10))
 }
