@@ -3,7 +3,7 @@
 //! the session ends, whichever way it ends. It changes nothing else in the cluster, and never
 //! prints or logs the session token.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,17 +78,22 @@ pub struct Started {
     pub cidrs: Vec<IpNet>,
 }
 
-/// Progress lines while the agent starts: one per step on stderr, with its time under `-v`.
+/// Progress while the agent starts, on stderr: on a terminal one line with a turning spinner,
+/// each step replacing the last; otherwise, and under `-v` (which adds each step's time), a line
+/// per step.
 struct Progress {
     verbose: bool,
+    spinner: Option<Spinner>,
     step: Option<(String, Instant)>,
     started: Instant,
 }
 
 impl Progress {
     fn new(verbose: bool) -> Progress {
+        let spinner = (std::io::stderr().is_terminal() && !verbose).then(Spinner::start);
         Progress {
             verbose,
+            spinner,
             step: None,
             started: Instant::now(),
         }
@@ -96,13 +101,19 @@ impl Progress {
 
     fn step(&mut self, what: String) {
         self.finish();
-        // On a terminal the steps share one line, each replacing the last.
-        if std::io::stderr().is_terminal() && !self.verbose {
-            eprint!("\r\x1b[Kmirrord: {what}…");
-        } else {
-            eprintln!("mirrord: {what}…");
+        match &self.spinner {
+            Some(spinner) => spinner.show(&what),
+            None => eprintln!("mirrord: {what}…"),
         }
         self.step = Some((what, Instant::now()));
+    }
+
+    /// A line of its own (a warning), printed above the spinner.
+    fn note(&self, line: &str) {
+        match &self.spinner {
+            Some(spinner) => spinner.print_above(line),
+            None => eprintln!("{line}"),
+        }
     }
 
     fn finish(&mut self) {
@@ -115,14 +126,93 @@ impl Progress {
 
     fn done(mut self) {
         self.finish();
-        if std::io::stderr().is_terminal() && !self.verbose {
-            eprint!("\r\x1b[K");
-        }
         if self.verbose {
             eprintln!(
                 "mirrord: agent ready in {} ms",
                 self.started.elapsed().as_millis()
             );
+        }
+    }
+}
+
+/// The spinner's frames, one per [`SPIN_TICK`].
+const SPIN_FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+const SPIN_TICK: Duration = Duration::from_millis(100);
+
+/// The terminal line of spinner frame `tick` showing step `what`.
+fn spinner_line(tick: usize, what: &str) -> String {
+    format!(
+        "\r\x1b[K{} mirrord: {what}…",
+        SPIN_FRAMES[tick % SPIN_FRAMES.len()]
+    )
+}
+
+/// A thread redrawing the current step with a turning spinner; dropping it stops the thread
+/// and clears the line, so what is printed next (the command's output, or an error) starts on
+/// a clean line.
+struct Spinner {
+    state: Arc<(Mutex<SpinnerState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SpinnerState {
+    what: String,
+    stopped: bool,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        let state = Arc::new((
+            Mutex::new(SpinnerState {
+                what: String::new(),
+                stopped: false,
+            }),
+            std::sync::Condvar::new(),
+        ));
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            let (state, wake) = &*shared;
+            let mut state = lock(state);
+            for tick in 0.. {
+                if state.stopped {
+                    break;
+                }
+                if !state.what.is_empty() {
+                    let mut stderr = std::io::stderr().lock();
+                    let _ = write!(stderr, "{}", spinner_line(tick, &state.what));
+                    let _ = stderr.flush();
+                }
+                state = wake
+                    .wait_timeout(state, SPIN_TICK)
+                    .map(|(state, _)| state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+            }
+            eprint!("\r\x1b[K");
+        });
+        Spinner {
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    fn show(&self, what: &str) {
+        lock(&self.state.0).what = what.to_owned();
+        self.state.1.notify_one();
+    }
+
+    fn print_above(&self, line: &str) {
+        // Holding the state keeps the thread from drawing meanwhile; it redraws on its tick.
+        let _state = lock(&self.state.0);
+        eprint!("\r\x1b[K{line}\n");
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        lock(&self.state.0).stopped = true;
+        self.state.1.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -201,9 +291,9 @@ pub async fn start(
     let cidrs = match cidrs {
         Ok(cidrs) => routed(&cidrs, settings.verbose),
         Err(error) => {
-            eprintln!(
+            progress.note(&format!(
                 "mirrord: the cluster's address ranges are unknown ({error}); name them with --cidr"
-            );
+            ));
             Vec::new()
         }
     };
@@ -332,4 +422,20 @@ pub fn cluster_configured(settings: &KubeSettings) -> bool {
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("HOME")
             .is_some_and(|home| PathBuf::from(home).join(".kube/config").is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spinner_turns_in_place_and_names_the_step() {
+        let lines: Vec<String> = (0..11)
+            .map(|tick| spinner_line(tick, "creating the agent"))
+            .collect();
+        assert_eq!(lines[0], "\r\x1b[K⠋ mirrord: creating the agent…");
+        assert_eq!(lines[1], "\r\x1b[K⠙ mirrord: creating the agent…");
+        // Ten frames, then round again.
+        assert_eq!(lines[10], lines[0]);
+    }
 }

@@ -104,6 +104,7 @@ fn main() -> ExitCode {
             "exec_plugin_with_merged_kubeconfig_paths",
             exec_plugin_with_merged_kubeconfig_paths,
         ),
+        ("shell_through_a_pty", shell_through_a_pty),
         ("two_sessions_at_once", two_sessions_at_once),
         ("ls_lists_targets", ls_lists_targets),
     ];
@@ -877,4 +878,45 @@ fn a_lost_agent_is_one_line_and_nothing_hangs(kube: &Kube) -> Result<(), Failed>
         out.describe()
     );
     kube.agents_gone_within(USER, Duration::from_secs(10))
+}
+
+/// `mirrord shell -t deployment/web` with bash on a real terminal: the progress spinner turns
+/// on that terminal while the agent starts, then the shell has the pod's environment, hostname
+/// and files.
+fn shell_through_a_pty(kube: &Kube) -> Result<(), Failed> {
+    let home = std::env::temp_dir().join(format!("mirrord-kube-shell-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    let mut cmd = kube.mirrord_as("shell-test", &["shell", "-n", NS, "-t", "deployment/web"]);
+    cmd.env("SHELL", "/bin/bash")
+        .env("HOME", &home)
+        .env("TERM", "dumb");
+    let result = (|| {
+        let mut pty = mirrord_tests::pty::Pty::spawn(cmd)?;
+        pty.expect("(mirrord:deployment/web) ", SESSION)?;
+        let progress = pty.transcript();
+        // The typed line is echoed with `$…` unexpanded, so only the command's output matches.
+        pty.send(b"echo \"pw=$DB_PASSWORD\"\n")?;
+        pty.expect("pw=s3cret-from-a-secret", Duration::from_secs(10))?;
+        pty.send(b"echo \"host=$(hostname)\"\n")?;
+        pty.expect("host=web-", Duration::from_secs(10))?;
+        pty.send(b"cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"\n")?;
+        pty.expect("greeting: hello from a configmap", Duration::from_secs(10))?;
+        pty.send(b"exit 7\n")?;
+        let code = pty.wait(Duration::from_secs(30))?;
+        ensure!(
+            code == 7,
+            "mirrord shell exited {code}, expected 7; terminal: {}",
+            pty.transcript()
+        );
+        ensure!(
+            ["resolving deployment/web…", "starting the agent on node"]
+                .iter()
+                .all(|step| progress.contains(&format!(" mirrord: {step}")))
+                && progress.contains(|c| ('⠋'..='⠿').contains(&c)),
+            "no spinner naming each step on the terminal: {progress}"
+        );
+        kube.agents_gone_within("shell-test", Duration::from_secs(5))
+    })();
+    let _ = std::fs::remove_dir_all(&home);
+    result
 }
