@@ -498,7 +498,17 @@ fn targetless_runs_in_the_namespace(kube: &Kube) -> Result<(), Failed> {
         "printenv DB_PASSWORD || echo no-secret; curl -sS -m 10 --retry 2 --retry-all-errors -o /dev/null -w '%{http_code}\\n' http://web/",
     )?;
     ensure!(out == "no-secret\n200\n", "got {out:?}");
-    Ok(())
+    // A targetless agent is placed by the scheduler: with the only node cordoned it cannot be,
+    // and mirrord says so at once instead of waiting out its startup timeout. (Targeted agents
+    // are pinned to their pod's node and skip the scheduler, so other tests are not affected.)
+    kube.kubectl(&["cordon", "mrdc-node"])?;
+    let refused = fails_with(
+        kube,
+        &["exec", "-n", NS, "-t", "targetless", "--", "true"],
+        &["cannot be scheduled", "unschedulable"],
+    );
+    kube.kubectl(&["uncordon", "mrdc-node"])?;
+    refused
 }
 
 /// A failing session: exit 125 and an error of one or two lines containing every `needle`.
