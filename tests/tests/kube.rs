@@ -105,6 +105,10 @@ fn main() -> ExitCode {
             exec_plugin_with_merged_kubeconfig_paths,
         ),
         ("shell_through_a_pty", shell_through_a_pty),
+        (
+            "in_cluster_config_inside_a_pod",
+            in_cluster_config_inside_a_pod,
+        ),
         ("two_sessions_at_once", two_sessions_at_once),
         ("ls_lists_targets", ls_lists_targets),
     ];
@@ -306,6 +310,7 @@ impl Kube {
             "wait",
             "--for=condition=Ready",
             "pod/duo",
+            "pod/incluster",
             "--timeout=120s",
         ])?;
         for job in ["batch", "nightly-now"] {
@@ -929,4 +934,35 @@ fn shell_through_a_pty(kube: &Kube) -> Result<(), Failed> {
     })();
     let _ = std::fs::remove_dir_all(&home);
     result
+}
+
+/// mirrord inside a pod, with no kubeconfig anywhere: it uses the pod's service account (the
+/// in-cluster config) and the namespace of that account.
+fn in_cluster_config_inside_a_pod(kube: &Kube) -> Result<(), Failed> {
+    let mirrord = binary("mirrord");
+    let mirrord = mirrord.to_string_lossy();
+    let out = kube.kubectl_as(
+        &kube.kubeconfig,
+        &[
+            "-n",
+            NS,
+            "exec",
+            "incluster",
+            "--",
+            "env",
+            "-u",
+            "KUBECONFIG",
+            "HOME=/nonexistent",
+            &mirrord,
+            "ls",
+            "-o",
+            "json",
+        ],
+    )?;
+    ensure!(
+        out.code == Some(0) && out.stdout.contains("\"deployment/web\""),
+        "mirrord ls inside pod incluster: {}",
+        out.describe()
+    );
+    Ok(())
 }
