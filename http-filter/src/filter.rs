@@ -45,11 +45,6 @@ impl Filter {
         self.0
             .matches(request.method(), request.uri(), request.headers())
     }
-
-    /// [`Filter::matches`] for a request already split into its head and body.
-    pub fn matches_parts(&self, parts: &http::request::Parts) -> bool {
-        self.0.matches(&parts.method, &parts.uri, &parts.headers)
-    }
 }
 
 impl Node {
@@ -209,13 +204,6 @@ mod tests {
         let req = request("GET", "/", &[]);
         assert!(compile(HttpFilter::AllOf(vec![])).matches(&req));
         assert!(!compile(HttpFilter::AnyOf(vec![])).matches(&req));
-    }
-
-    #[test]
-    fn matches_parts_agrees_with_matches() {
-        let filter = compile(header("x-user: me"));
-        let (parts, ()) = request("GET", "/", &[("x-user", b"me")]).into_parts();
-        assert!(filter.matches_parts(&parts));
     }
 
     #[test]

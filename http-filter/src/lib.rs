@@ -8,7 +8,7 @@
 //! two ways to open a byte stream: to the original app (the connection's original destination)
 //! and to the local app (a stream to the CLI). The rules:
 //!
-//! - **Detection.** The first bytes decide, within [`Options::detect_timeout`] ([`detect`]):
+//! - **Detection.** The first bytes decide, within [`Options::detect_timeout`]:
 //!   the HTTP/2 connection preface means h2c with prior knowledge; an HTTP/1.x request line
 //!   means HTTP/1; anything else, the client closing, or silence until the timeout means raw
 //!   TCP. Raw TCP is piped both ways to the original app, the bytes already read first.
@@ -33,8 +33,8 @@
 //!   `400 Bad Request` and end the connection; [`serve`] then returns the error, on one line,
 //!   for the agent's log.
 
-pub mod detect;
-pub mod filter;
+mod detect;
+mod filter;
 mod prefixed;
 mod route;
 mod upstream;
@@ -187,6 +187,9 @@ where
         Version::Http1 => {
             hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
+                // A client may shut down its sending side once its request is out, and still
+                // expects the answer, as the original app would give it.
+                .half_close(true)
                 .auto_date_header(false)
                 .serve_connection(client, service)
                 .with_upgrades()

@@ -729,3 +729,114 @@ async fn garbage_after_an_http_request_line_gets_400() {
     })
     .await;
 }
+
+/// A raw HTTP/1 app that answers one request per connection with a keep-alive response and
+/// then closes the connection, as an app with a short idle timeout does.
+async fn one_request_per_connection(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0];
+                if stream.read_exact(&mut byte).await.is_err() {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                name.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_app_closing_its_kept_connection_gets_a_new_one() {
+    within(async {
+        let (original, accepted) = one_request_per_connection("remote").await;
+        let (addr, _) = proxy(
+            me(),
+            IncomingMode::Steal,
+            original,
+            closed_port().await,
+            options(),
+        )
+        .await;
+        let mut client = http1_client(addr).await;
+        for round in 1..=3 {
+            assert_eq!(
+                ask(&mut client, request("GET", "/", None, "")).await,
+                "remote"
+            );
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mirror_with_a_stalled_local_app_answers_at_once() {
+    within(async {
+        let original = App::start("remote", Http::V1).await;
+        // Accepts and never reads nor answers.
+        let stalled = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = stalled.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let (_stream, _) = stalled.accept().await.unwrap();
+            std::future::pending::<()>().await
+        });
+        let (addr, _) = proxy(me(), IncomingMode::Mirror, original.addr, local, options()).await;
+        let mut client = http1_client(addr).await;
+        let start = Instant::now();
+        // More than the mirror queue holds: the extra copies are dropped, not waited for.
+        for _ in 0..40 {
+            let answer = ask(&mut client, request("POST", "/", Some("me"), "body")).await;
+            assert_eq!(answer, "remote");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(original.seen().len(), 40);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_its_answer() {
+    within(async {
+        let (original, local) = (
+            App::start("remote", Http::V1).await,
+            App::start("local", Http::V1).await,
+        );
+        let (addr, _) = proxy(
+            me(),
+            IncomingMode::Steal,
+            original.addr,
+            local.addr,
+            options(),
+        )
+        .await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nX-User: me\r\n\r\n")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nlocal"), "{answer}");
+    })
+    .await;
+}
