@@ -11,16 +11,18 @@
 //! - **Detection.** The first bytes decide, within [`Options::detect_timeout`]:
 //!   the HTTP/2 connection preface means h2c with prior knowledge; an HTTP/1.x request line
 //!   means HTTP/1; anything else, the client closing, or silence until the timeout means raw
-//!   TCP. Raw TCP is piped both ways to the original app, the bytes already read first.
+//!   TCP. Raw TCP is piped both ways to the original app, the bytes already read first. TLS
+//!   (HTTPS) is raw TCP here: no filter can see inside it.
 //! - **Per request.** HTTP/1 is served with keep-alive and each request is routed on its own;
 //!   HTTP/2 routes each stream on its own, concurrently. A request is forwarded as it came
 //!   (method, target, version, headers — their case too for HTTP/1 — body and trailers,
-//!   streaming) and its response comes back the same way. Each app gets at most one connection
+//!   streaming) and its response comes back the same way. Each app gets one connection at a time
 //!   per client connection, opened on the first request that goes there, kept for the next
 //!   ones, opened again when the app closed it; it speaks what the client speaks.
 //! - **Upgrades.** A request that asks to switch protocols (`Upgrade`, e.g. WebSocket, or
 //!   `CONNECT`) goes where the filter says, and after a `101` (or a `CONNECT`'s `2xx`) the
-//!   client's connection is joined to that app's, byte for byte, until either ends.
+//!   client's connection is joined to that app's, byte for byte, until either ends (so after
+//!   an `Upgrade: h2c`, the whole HTTP/2 connection belongs to the app the first request chose).
 //! - **Steal** ([`IncomingMode::Steal`]): a matching request is answered by the local app; when
 //!   it cannot be reached the client gets `502 Bad Gateway` with a one-line body naming why
 //!   (as for the original app and requests that do not match).
@@ -69,6 +71,8 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the router hands on: a request's towards an app, a response's towards the client.
 pub(crate) type Body = BoxBody<Bytes, BoxError>;
 
+/// What [`serve`] may be tuned with; the agent uses [`Options::default`], tests shorten the
+/// detection.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// See [`DETECT_TIMEOUT`].
@@ -139,8 +143,8 @@ fn causes(error: &hyper::Error) -> String {
 
 /// Serves one redirected client connection until it ends (see the crate documentation for the
 /// rules). `connect_original` and `connect_local` are called each time a new connection to
-/// that app is needed — at most once each for a connection that goes well, never for an app no
-/// request goes to — and never in the way of the other.
+/// that app is needed: on the first request that goes there, and again only after the app
+/// closed the previous one (never for an app no request goes to).
 ///
 /// `Ok(())` when the client closed the connection between requests (or, for raw TCP, when both
 /// directions ended); otherwise the reason, on one line. Failing to reach an app for one

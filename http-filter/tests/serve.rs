@@ -840,3 +840,71 @@ async fn a_client_that_half_closes_still_gets_its_answer() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn h2c_mirror_copies_matching_streams() {
+    within(async {
+        let (original, local) = (
+            App::start("remote", Http::V2).await,
+            App::start("local", Http::V2).await,
+        );
+        let (addr, _) = proxy(
+            me(),
+            IncomingMode::Mirror,
+            original.addr,
+            local.addr,
+            options(),
+        )
+        .await;
+        let client = http2_client(addr).await;
+        let (mut first, mut second) = (client.clone(), client.clone());
+        let (mine, theirs) = tokio::join!(
+            first.send_request(request("PUT", "http://svc/mine", Some("me"), "copied")),
+            second.send_request(request("GET", "http://svc/theirs", Some("you"), "")),
+        );
+        assert_eq!(text(mine.unwrap()).await, "remote");
+        assert_eq!(text(theirs.unwrap()).await, "remote");
+        eventually(|| local.seen().len() == 1).await;
+        let copy = &local.seen()[0];
+        assert_eq!(
+            (copy.path.as_str(), copy.body.as_ref()),
+            ("/mine", &b"copied"[..])
+        );
+        assert_eq!(original.seen().len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mirror_skips_bodies_over_the_limit() {
+    within(async {
+        let (original, local) = (
+            App::start("remote", Http::V1).await,
+            App::start("local", Http::V1).await,
+        );
+        let options = Options {
+            mirror_body_limit: 4,
+            ..options()
+        };
+        let (addr, _) = proxy(
+            me(),
+            IncomingMode::Mirror,
+            original.addr,
+            local.addr,
+            options,
+        )
+        .await;
+        let mut client = http1_client(addr).await;
+        for body in ["too long", "fits"] {
+            assert_eq!(
+                ask(&mut client, request("POST", "/", Some("me"), body)).await,
+                "remote"
+            );
+        }
+        eventually(|| !local.seen().is_empty()).await;
+        // Copies go out in order, one at a time: a copy of the first would have come first.
+        assert_eq!(local.seen()[0].body, "fits");
+        assert_eq!(original.seen()[0].body, "too long");
+    })
+    .await;
+}
