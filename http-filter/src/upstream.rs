@@ -80,16 +80,18 @@ impl Upstream {
     /// streaming.
     ///
     /// A kept connection may have been closed by the app (an idle timeout) just as the request
-    /// went out; when hyper hands the request back unsent, it is sent once more on a new
-    /// connection, as HTTP clients do for a reused connection. A request that was sent is never
-    /// sent twice.
+    /// went out; when hyper hands the request back unsent, it is sent once more, on a
+    /// connection that is still open or a new one, as HTTP clients do for a reused connection.
+    /// A request that was sent is never sent twice.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Error> {
         let mut request = request;
-        let mut may_reuse = true;
+        let mut retried = false;
         loop {
             let (response, reused) = {
                 let mut slot = self.sender.lock().await;
-                let mut kept = slot.take().filter(|_| may_reuse);
+                // Another stream may have opened a new connection meanwhile (HTTP/2); a
+                // closed one fails `ready`.
+                let mut kept = slot.take();
                 if let Some(sender) = &mut kept
                     && sender.ready().await.is_err()
                 {
@@ -107,9 +109,9 @@ impl Upstream {
             match response.await {
                 Ok(response) => return Ok(response),
                 Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if reused => {
+                    Some(unsent) if reused && !retried => {
                         request = unsent;
-                        may_reuse = false;
+                        retried = true;
                     }
                     _ => {
                         return Err(Error::Forward {
