@@ -70,6 +70,8 @@ impl Router {
         }
     }
 
+    /// The HTTP server's service for one request. Never fails: an app that cannot be reached
+    /// is the client's `502`, and the connection goes on.
     pub async fn route(
         self: Arc<Self>,
         mut request: Request<Incoming>,
