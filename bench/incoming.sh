@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Incoming traffic through mirrord against the pod's app reached directly, in one run, same
+# fixture: wrk (keep-alive, 2 threads, 32 connections, 10 s) from the cluster namespace to
+#   1. the pod's nginx directly (the baseline; it answers "remote");
+#   2. the same port stolen whole by `mirrord exec --steal -- nginx` (a local nginx answering
+#      "local"): every request crosses the agent, the link and the netstack;
+#   3. the same port under a steal with an HTTP header filter that no request matches: every
+#      request is parsed by the agent and passed to the pod's nginx.
+# Prints requests/s and p99 latency of each, and each against the baseline.
+# Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
+# Everything runs in a private network namespace with no route off the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench/incoming.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
+[ -x target/release/mirrord ] || { echo "bench/incoming.sh: build first: cargo build --release --workspace" >&2; exit 1; }
+for tool in wrk nginx; do
+  command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
+done
+DURATION=${DURATION:-10}
+exec unshare --net --mount --propagation private -- env DURATION="$DURATION" bash -euo pipefail -c '
+ip link set lo up
+mount -t tmpfs bench-tmp /tmp
+mount -t tmpfs bench-run /run
+ip netns add bench-cluster
+ip -n bench-cluster link set lo up
+unshare --net --mount --uts --propagation private -- sh -c "exec env -i POD=1 /bin/sleep 3600" &
+POD=$!
+cleanup() {
+  kill $POD $(jobs -p) 2>/dev/null || true
+  for pid in /tmp/remote/pid /tmp/local/pid; do [ -f $pid ] && kill "$(cat $pid)" 2>/dev/null || true; done
+  ip netns pids bench-cluster 2>/dev/null | xargs -r kill 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 200); do tr "\0" "\n" < /proc/$POD/environ 2>/dev/null | grep -q ^POD= && break; sleep 0.01; done
+ip link add bench-c type veth peer name bench-p
+ip link set bench-c netns bench-cluster
+ip link set bench-p netns /proc/$POD/ns/net
+ip -n bench-cluster addr add 10.77.0.1/24 dev bench-c && ip -n bench-cluster link set bench-c up
+nsenter -t $POD -n sh -c "ip link set lo up && ip addr add 10.77.0.2/24 dev bench-p && ip link set bench-p up"
+URL=http://10.77.0.2:80/
+nginx_conf() { # DIR ANSWER DAEMON
+  mkdir -p $1
+  cat > $1/nginx.conf <<CONF
+worker_processes 1; daemon $3; pid $1/pid; error_log $1/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 80; location / { return 200 "$2\n"; } } }
+CONF
+}
+nginx_conf /tmp/remote remote on
+nginx_conf /tmp/local local off
+nsenter -t $POD -n nginx -c /tmp/remote/nginx.conf -p /tmp/remote
+in_cluster() { ip netns exec bench-cluster "$@"; }
+# Until the client gets ANSWER (with optional curl args): the session subscribes the port once
+# the local nginx listens.
+wait_for() {
+  for _ in $(seq 300); do
+    [ "$(in_cluster curl -s -m 1 "${@:2}" $URL)" = "$1" ] && return 0
+    sleep 0.1
+  done
+  echo "bench/incoming.sh: never got $1 from $URL" >&2; exit 1
+}
+# One wrk run: "requests/s p99-in-ms".
+load() {
+  in_cluster wrk -t2 -c32 -d${DURATION}s --latency $URL | awk "
+    /Requests\/sec/ { rps = \$2 }
+    /^ *99%/ { v = \$2; ms = v + 0; if (v ~ /us\$/) ms /= 1000; else if (v ~ /[^m]s\$/) ms *= 1000; p99 = ms }
+    END { printf \"%d %.2f\n\", rps, p99 }"
+}
+wait_for remote
+read direct_rps direct_p99 < <(load)
+
+M="target/release/mirrord exec -t pid/$POD --fs-mode local"
+$M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
+SESSION=$!
+wait_for local
+read steal_rps steal_p99 < <(load)
+kill -INT $SESSION; wait $SESSION || true
+wait_for remote
+
+echo "{\"feature\":{\"network\":{\"incoming\":{\"mode\":\"steal\",\"http_filter\":{\"header_filter\":\"^x-bench: local$\"}}}}}" > /tmp/filter.json
+$M -f /tmp/filter.json -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
+SESSION=$!
+wait_for local -H "X-Bench: local"
+[ "$(in_cluster curl -s $URL)" = remote ] || { echo "bench/incoming.sh: the filter passes nothing to the pod" >&2; exit 1; }
+read filter_rps filter_p99 < <(load)
+kill -INT $SESSION; wait $SESSION || true
+
+printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c32 -d${DURATION}s" "req/s" "p99 ms"
+printf "  %-56s %10s %10s\n" "pod app directly (baseline)" $direct_rps $direct_p99 \
+  "steal of every request (local nginx)" $steal_rps $steal_p99 \
+  "header filter passing every request to the pod app" $filter_rps $filter_p99
+awk -v d=$direct_rps -v dp=$direct_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 "BEGIN {
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal against direct (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter against direct (target >= 50%, p99 within 2 ms)\", 100*f/d, fp-dp }"
+'
