@@ -106,6 +106,10 @@ fn main() -> ExitCode {
         ),
         ("shell_through_a_pty", shell_through_a_pty),
         (
+            "a_filter_splits_a_services_requests",
+            a_filter_splits_a_services_requests,
+        ),
+        (
             "in_cluster_config_inside_a_pod",
             in_cluster_config_inside_a_pod,
         ),
@@ -301,6 +305,14 @@ impl Kube {
             NS,
             "rollout",
             "status",
+            "deployment/api",
+            "--timeout=120s",
+        ])?;
+        self.kubectl(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
             "statefulset/db",
             "--timeout=120s",
         ])?;
@@ -311,6 +323,7 @@ impl Kube {
             "--for=condition=Ready",
             "pod/duo",
             "pod/incluster",
+            "pod/client",
             "--timeout=120s",
         ])?;
         for job in ["batch", "nightly-now"] {
@@ -965,4 +978,94 @@ fn in_cluster_config_inside_a_pod(kube: &Kube) -> Result<(), Failed> {
         out.describe()
     );
     Ok(())
+}
+
+/// What the client pod gets from Service api, with `headers`.
+fn call_api(kube: &Kube, headers: &[&str]) -> Result<String, Failed> {
+    let mut args = vec!["-n", NS, "exec", "client", "--", "curl", "-s", "-m", "5"];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    args.push("http://api/");
+    let out = kube.kubectl_as(&kube.kubeconfig, &args)?;
+    Ok(out.stdout.trim().to_owned())
+}
+
+/// A steal with a header filter on deployment/api: a client pod calling Service api gets the
+/// local app's answer for its requests with `X-User: me` and the pod's for the others; after the
+/// session the pod answers everything again.
+fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "filter-test";
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-filter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("mirrord.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"feature": {"network": {"incoming": {
+            "mode": "steal",
+            "http_filter": {"header_filter": "^x-user: me$"},
+        }}}})
+        .to_string(),
+    )?;
+    let server = "import http.server\n\
+class Answer(http.server.BaseHTTPRequestHandler):\n\
+    protocol_version = 'HTTP/1.1'\n\
+    def do_GET(self):\n\
+        self.send_response(200)\n\
+        self.send_header('Content-Length', '6')\n\
+        self.end_headers()\n\
+        self.wfile.write(b'local\\n')\n\
+http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()\n";
+    let mut cmd = kube.mirrord_as(
+        USER,
+        &[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/api",
+            "-f",
+            &config.to_string_lossy(),
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            server,
+        ],
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let result = (|| {
+        // The port is taken once the local app listens.
+        let deadline = Instant::now() + SESSION;
+        while call_api(kube, &["X-User: me"])? != "local" {
+            ensure!(
+                Instant::now() < deadline,
+                "X-User: me never reached the local app"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for _ in 0..3 {
+            let mine = call_api(kube, &["X-User: me"])?;
+            let others = call_api(kube, &["X-User: someone-else"])?;
+            let plain = call_api(kube, &[])?;
+            ensure!(
+                (mine.as_str(), others.as_str(), plain.as_str()) == ("local", "remote", "remote"),
+                "X-User: me got {mine:?}, X-User: someone-else {others:?}, no header {plain:?}"
+            );
+        }
+        Ok(())
+    })();
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let ended = wait(child, Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    ended?;
+    ensure!(
+        call_api(kube, &["X-User: me"])? == "remote",
+        "the pod did not answer again after the session"
+    );
+    kube.agents_gone_within(USER, Duration::from_secs(10))
 }
