@@ -96,6 +96,8 @@ impl GuardProcess {
         // Ctrl-C, a supervisor killing the group) does not reach the guard. The signals a
         // session leader can still get are ignored: the agent's end is the only cue to act on.
         let _ = nix::unistd::setsid();
+        // Told apart from the agent in `ps` and by whoever looks for agent processes.
+        let _ = nix::sys::prctl::set_name(c"mirrord-guard");
         for sig in [
             Signal::SIGINT,
             Signal::SIGTERM,
