@@ -61,8 +61,8 @@ fn main() -> ExitCode {
             steal_hands_the_connection_to_the_session_until_it_closes,
         ),
         (
-            "a_sigkilled_agent_leaves_no_redirect",
-            a_sigkilled_agent_leaves_no_redirect,
+            "a_killed_agent_leaves_no_redirect",
+            a_killed_agent_leaves_no_redirect,
         ),
         (
             "mirror_copies_the_request_while_the_pod_answers",
@@ -375,12 +375,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
         .build()?)
 }
 
-/// curl from the cluster to the pod, run while the test plays the session.
+/// curl from the cluster (or from inside the pod) to `url`, run while the test plays the
+/// session.
 fn curl_meanwhile(
     web: &Web,
+    from_the_pod: bool,
+    url: &str,
 ) -> tokio::task::JoinHandle<mirrord_tests::Result<mirrord_tests::Output>> {
-    let mut cmd = web.pod.cluster().command("curl");
-    cmd.args(["-sS", "-m", "10", &web.url()]);
+    let mut cmd = if from_the_pod {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &web.pod.pid().to_string(), "-n", "--", "curl"]);
+        cmd
+    } else {
+        web.pod.cluster().command("curl")
+    };
+    cmd.args(["-sS", "-m", "10", url]);
     tokio::task::spawn_blocking(move || cmd.run(Duration::from_secs(15)))
 }
 
@@ -408,7 +417,7 @@ fn steal_hands_the_connection_to_the_session_until_it_closes(
             web.mirrord_tables()?.len() == 1,
             "no table while subscribed"
         );
-        let curl = curl_meanwhile(&web);
+        let curl = curl_meanwhile(&web, false, &web.url());
         let (connection, mut local) = session.next_connection().await?;
         ensure!(
             connection.port == PORT && connection.mode == IncomingMode::Steal,
@@ -439,6 +448,33 @@ fn steal_hands_the_connection_to_the_session_until_it_closes(
             "curl through the steal: {}",
             out.describe()
         );
+
+        // The pod's own connection to its address is taken too; one over loopback is not.
+        let inside = curl_meanwhile(&web, true, &web.url());
+        let (connection, mut local) = session.next_connection().await?;
+        ensure!(
+            connection.peer.ip() == IpAddr::from(web.pod.ip()),
+            "peer {} of the pod's own connection",
+            connection.peer
+        );
+        read_request(&mut local).await?;
+        local.write_all(LOCAL_ANSWER).await?;
+        local.shutdown().await?;
+        let out = inside.await.map_err(|e| format!("{e}"))??;
+        ensure!(
+            out.stdout == "local",
+            "curl from the pod itself: {}",
+            out.describe()
+        );
+        let loopback = format!("http://127.0.0.1:{PORT}/");
+        let out = curl_meanwhile(&web, true, &loopback)
+            .await
+            .map_err(|e| format!("{e}"))??;
+        ensure!(
+            out.stdout == "remote",
+            "curl over the pod's loopback: {}",
+            out.describe()
+        );
         session.close();
         Ok::<_, Failed>(())
     })?;
@@ -447,33 +483,51 @@ fn steal_hands_the_connection_to_the_session_until_it_closes(
     Ok(())
 }
 
-/// SIGKILL gives the agent no chance to clean up: its guard removes the redirect.
-fn a_sigkilled_agent_leaves_no_redirect(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+/// However the agent is killed — SIGKILL to its pid, which gives it no chance to clean up, or
+/// SIGTERM/SIGINT to its whole process group, as a supervisor or a terminal sends them — its
+/// guard removes the redirect and the pod answers `remote` again.
+fn a_killed_agent_leaves_no_redirect(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
     let web = Web::start(scene, cluster)?;
-    let mut agent = start_agent(scene, &web.pod, &[], &[])?;
-    runtime()?.block_on(async {
-        let mut session = Session::open(agent.addr()).await?;
-        let subscribed = session.subscribe(IncomingMode::Steal, false).await?;
+    for (signal, group) in [
+        (Signal::SIGKILL, false),
+        (Signal::SIGTERM, true),
+        (Signal::SIGINT, true),
+    ] {
+        let mut agent = start_agent(scene, &web.pod, &[], &[])?;
+        runtime()?.block_on(async {
+            let mut session = Session::open(agent.addr()).await?;
+            let subscribed = session.subscribe(IncomingMode::Steal, false).await?;
+            ensure!(
+                subscribed == Ok(Response::Subscribed),
+                "subscribe: {subscribed:?}"
+            );
+            ensure!(
+                web.mirrord_tables()?.len() == 1,
+                "no table while subscribed"
+            );
+            let pid = Pid::from_raw(agent.pid() as i32);
+            let sent = if group {
+                killpg(pid, signal)
+            } else {
+                kill(pid, signal)
+            };
+            sent.map_err(|e| format!("{signal}: {e}"))?;
+            Ok::<_, Failed>(())
+        })?;
         ensure!(
-            subscribed == Ok(Response::Subscribed),
-            "subscribe: {subscribed:?}"
+            agent.wait_exit(SHORT).is_some(),
+            "the agent survived {signal}"
         );
-        ensure!(
-            web.mirrord_tables()?.len() == 1,
-            "no table while subscribed"
-        );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(|e| format!("kill: {e}"))?;
-        Ok::<_, Failed>(())
-    })?;
-    ensure!(
-        agent.wait_exit(SHORT).is_some(),
-        "the agent survived SIGKILL"
-    );
-    web.wait_untouched()
+        web.wait_untouched().map_err(|e| {
+            format!(
+                "after {signal} (to the group: {group}): {}",
+                e.message().unwrap_or("")
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// In mirror mode the pod's app answers as if nothing happened, and the session gets a copy of
@@ -491,7 +545,7 @@ fn mirror_copies_the_request_while_the_pod_answers(
             subscribed == Ok(Response::Subscribed),
             "subscribe: {subscribed:?}"
         );
-        let curl = curl_meanwhile(&web);
+        let curl = curl_meanwhile(&web, false, &web.url());
         let (connection, mut local) = session.next_connection().await?;
         ensure!(connection.mode == IncomingMode::Mirror, "{connection:?}");
         ensure!(
@@ -550,7 +604,7 @@ fn a_second_steal_is_refused_unless_it_overrides(
             second.subscribe(IncomingMode::Steal, true).await? == Ok(Response::Subscribed),
             "override"
         );
-        let curl = curl_meanwhile(&web);
+        let curl = curl_meanwhile(&web, false, &web.url());
         let (_, mut local) = second.next_connection().await?;
         read_request(&mut local).await?;
         local.write_all(LOCAL_ANSWER).await?;

@@ -109,6 +109,8 @@ pub fn ruleset(table: &str, ports: &BTreeSet<u16>, listen_port: u16) -> String {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    // `output` takes the pod's own connections to its own addresses, but not over loopback:
+    // a sidecar or probe that talks to the app on localhost keeps reaching the app.
     // Priority -110, just before dstnat (-100): our redirect binds the connection before other
     // NAT at the hook (a mesh sidecar's), whose chains then leave it alone. Numeric because nft
     // 1.0.6 refuses the name `dstnat` on an inet output hook.
@@ -125,6 +127,8 @@ pub fn ruleset(table: &str, ports: &BTreeSet<u16>, listen_port: u16) -> String {
          \tchain output {{\n\
          \t\ttype nat hook output priority -110; policy accept;\n\
          \t\tmeta mark {PASS_THROUGH_MARK:#x} return\n\
+         \t\tip daddr 127.0.0.0/8 return\n\
+         \t\tip6 daddr ::1 return\n\
          \t\t{matched}\n\
          \t}}\n\
          }}\n"
@@ -165,7 +169,7 @@ pub enum Cause {
     #[error("nftables is not available in its kernel (nf_tables module missing)")]
     NoKernelSupport,
     #[error(
-        "its kernel lacks an nftables module the redirect needs (nft_nat, nft_redirect, nft_fib)"
+        "its kernel lacks an nftables module the redirect needs (nft_chain_nat, nft_redirect, nft_fib)"
     )]
     MissingModule,
     #[error("nft failed: {0}")]
@@ -174,17 +178,23 @@ pub enum Cause {
 
 impl Cause {
     /// Reads nft's complaint. Matched on the kernel's errno strings, which nft prints as
-    /// `strerror` does: they do not change between nft releases.
+    /// `strerror` does: they do not change between nft releases. Without nfnetlink the socket
+    /// itself is refused (EPROTONOSUPPORT); without nf_tables nfnetlink answers a batch with
+    /// EOPNOTSUPP and a lookup (nft's cache) with EINVAL; a missing chain type or expression
+    /// module makes the rule fail with ENOENT.
     pub fn classify(stderr: &str) -> Cause {
+        let no_nf_tables_cache =
+            stderr.contains("cache initialization failed") && stderr.contains("Invalid argument");
         if stderr.contains("Operation not permitted") {
             Cause::NoNetAdmin
-        } else if [
-            "Protocol not supported",
-            "Operation not supported",
-            "Address family not supported",
-        ]
-        .iter()
-        .any(|s| stderr.contains(s))
+        } else if no_nf_tables_cache
+            || [
+                "Protocol not supported",
+                "Operation not supported",
+                "Address family not supported",
+            ]
+            .iter()
+            .any(|s| stderr.contains(s))
         {
             Cause::NoKernelSupport
         } else if stderr.contains("No such file or directory") {
@@ -333,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_redirects_new_local_tcp_to_the_listener_except_marked() {
+    fn the_ruleset_redirects_new_local_tcp_to_the_listener_except_marked_and_loopback() {
         let ports = BTreeSet::from([8080, 80]);
         let text = ruleset("mirrord_1_2_3", &ports, 41234);
         let expected = "table inet mirrord_1_2_3 {}\n\
@@ -346,6 +356,8 @@ mod tests {
             \tchain output {\n\
             \t\ttype nat hook output priority -110; policy accept;\n\
             \t\tmeta mark 0x6d726400 return\n\
+            \t\tip daddr 127.0.0.0/8 return\n\
+            \t\tip6 daddr ::1 return\n\
             \t\tfib daddr type local tcp dport { 80, 8080 } ct state new redirect to :41234\n\
             \t}\n\
             }\n";
@@ -376,6 +388,8 @@ mod tests {
         assert_eq!(Cause::classify(no_nfnetlink), Cause::NoKernelSupport);
         let no_family = "Error: Could not process rule: Operation not supported\n";
         assert_eq!(Cause::classify(no_family), Cause::NoKernelSupport);
+        let no_lookup = "netlink: Error: cache initialization failed: Invalid argument\n";
+        assert_eq!(Cause::classify(no_lookup), Cause::NoKernelSupport);
         let no_module = "Error: Could not process rule: No such file or directory\n";
         assert_eq!(Cause::classify(no_module), Cause::MissingModule);
         let syntax = "/dev/stdin:1:1-4: Error: syntax error, unexpected junk\njunk\n^^^^\n";
