@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
         }
     }
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 7] = [
+    let tests: [(&str, Test); 8] = [
         (
             "steal_hands_the_connection_to_the_session_until_it_closes",
             steal_hands_the_connection_to_the_session_until_it_closes,
@@ -67,6 +68,10 @@ fn main() -> ExitCode {
         (
             "mirror_copies_the_request_while_the_pod_answers",
             mirror_copies_the_request_while_the_pod_answers,
+        ),
+        (
+            "a_mirror_that_never_reads_does_not_slow_the_connection",
+            a_mirror_that_never_reads_does_not_slow_the_connection,
         ),
         (
             "a_second_steal_is_refused_unless_it_overrides",
@@ -322,8 +327,17 @@ impl Session {
         mode: IncomingMode,
         override_steal: bool,
     ) -> Result<Result<Response, RemoteError>, Failed> {
+        self.subscribe_port(PORT, mode, override_steal).await
+    }
+
+    async fn subscribe_port(
+        &mut self,
+        port: u16,
+        mode: IncomingMode,
+        override_steal: bool,
+    ) -> Result<Result<Response, RemoteError>, Failed> {
         self.request(Request::Subscribe(Subscription {
-            port: PORT,
+            port,
             mode,
             filter: None,
             override_steal,
@@ -571,6 +585,84 @@ fn mirror_copies_the_request_while_the_pod_answers(
     web.wait_untouched()?;
     drop(agent);
     Ok(())
+}
+
+/// A mirroring session that never reads its copies (a dead or slow CLI) does not hold the real
+/// connection back: 8 MiB through the pod's echo server come back whole, while the copy, once
+/// its backlog is full, is dropped.
+fn a_mirror_that_never_reads_does_not_slow_the_connection(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    const ECHO_PORT: u16 = 9090;
+    let web = Web::start(scene, cluster)?;
+    let mut echo = scene
+        .command("nsenter")
+        .args(["-t", &web.pod.pid().to_string(), "-n", "--", "socat"])
+        .arg(format!("TCP-LISTEN:{ECHO_PORT},fork,reuseaddr"))
+        .arg("EXEC:cat")
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let result = (|| {
+        let agent = start_agent(scene, &web.pod, &[], &[])?;
+        runtime()?.block_on(async {
+            let mut session = Session::open(agent.addr()).await?;
+            let subscribed = session
+                .subscribe_port(ECHO_PORT, IncomingMode::Mirror, false)
+                .await?;
+            ensure!(
+                subscribed == Ok(Response::Subscribed),
+                "subscribe: {subscribed:?}"
+            );
+            let script = "import socket, sys, threading\n\
+                s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)\n\
+                data = bytes(range(256)) * (8 * 4096)\n\
+                def send():\n    s.sendall(data); s.shutdown(socket.SHUT_WR)\n\
+                t = threading.Thread(target=send); t.start()\n\
+                got = bytearray()\n\
+                while True:\n    b = s.recv(1 << 16)\n    if not b: break\n    got += b\n\
+                t.join()\n\
+                print('intact' if got == data else f'corrupt: {len(got)} bytes')\n";
+            let mut cmd = web.pod.cluster().command("/usr/bin/python3");
+            cmd.args([
+                "-c",
+                script,
+                &web.pod.ip().to_string(),
+                &ECHO_PORT.to_string(),
+            ]);
+            let out = tokio::task::spawn_blocking(move || cmd.run(Duration::from_secs(30)))
+                .await
+                .map_err(|e| format!("{e}"))??;
+            ensure!(
+                out.code == 0 && out.stdout == "intact\n",
+                "8 MiB through the echo server while mirrored: {}",
+                out.describe()
+            );
+            ensure!(
+                session.incoming.try_recv().is_ok(),
+                "the session was not offered the mirrored connection"
+            );
+            // 8 MiB is far more than the stream's window and the copy's backlog hold.
+            ensure!(
+                agent.stderr().contains("fell behind; its copy is dropped"),
+                "the unread copy was not dropped; agent: {}",
+                agent.stderr()
+            );
+            session.close();
+            Ok::<_, Failed>(())
+        })?;
+        drop(agent);
+        web.wait_untouched()
+    })();
+    if let Ok(pid) = i32::try_from(echo.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = echo.wait();
+    result
 }
 
 /// Two sessions of one agent: the second whole steal of a port is refused in one line, unless
