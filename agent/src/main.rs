@@ -116,11 +116,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = server::Config {
         token,
         idle_ttl: Duration::from_secs(args.idle_ttl),
-        redirect: Redirect {
-            owner,
-            nft,
-            guard: Some(guard),
-        },
+        redirect: Redirect { owner, nft, guard },
     };
     runtime.block_on(async move {
         let listener = listener.into_async()?;

@@ -1,5 +1,6 @@
-//! Accepts CLI sessions and serves them: the handshake, requests about the target, and TCP
-//! streams opened from the target's network namespace. It never handles a message of a session
+//! Accepts CLI sessions and serves them: the handshake, requests about the target, TCP
+//! streams opened from the target's network namespace, and subscriptions to the target's
+//! incoming traffic (handed to [`crate::incoming`]). It never handles a message of a session
 //! that has not passed the handshake.
 
 use std::net::SocketAddr;

@@ -42,8 +42,7 @@ pub const FILTERS_UNSUPPORTED: &str = "HTTP filters are not supported by this ag
 pub struct Redirect {
     pub owner: Owner,
     pub nft: Nft,
-    /// `None` only in tests of the registry's wiring; a serving agent always has one.
-    pub guard: Option<Guard>,
+    pub guard: Guard,
 }
 
 /// A session's streams, as the agent opens incoming streams on them.
@@ -203,11 +202,10 @@ impl Incoming {
             // Nothing was ever installed, so nothing is to remove either.
             return Ok(());
         };
-        if let Some(guard) = &self.redirect.guard {
-            guard
-                .arm()
-                .map_err(|error| Cause::Other(format!("cannot arm the guard: {error}")))?;
-        }
+        self.redirect
+            .guard
+            .arm()
+            .map_err(|error| Cause::Other(format!("cannot arm the guard: {error}")))?;
         let table = self.redirect.owner.table();
         self.redirect
             .nft
