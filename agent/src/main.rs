@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("mirrord-agent: {}", one_line(&error));
             ExitCode::FAILURE
@@ -77,7 +77,8 @@ fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
     Ok(token.as_bytes().to_vec())
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// The agent's exit status: the serving process's, as its guard reports it.
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     let token = read_token(&args)?;
     let pid = match &args.container_id {
         Some(id) => {
@@ -90,7 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let target = Target::open(pid)?;
     // Forked first, while the agent has one thread, and before the listener exists, so that
-    // the guard holds nothing of the agent's but its pipe.
+    // the guard (this process from here on) holds nothing of the serving agent's but its pipe.
     let nft = Nft::from_env();
     let owner = Owner::current().context("cannot read the agent's own pid namespace")?;
     let netns = match target.pid() {
@@ -103,7 +104,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let guard = match guard::fork_guard(owner.table(), netns, &nft)
         .context("cannot start the redirect's guard process")?
     {
-        Forked::Guard(guard) => return guard.run().context("guard"),
+        Forked::Guard(guard) => return guard.run().map(ExitCode::from).context("guard"),
         Forked::Agent(guard) => guard,
     };
     // Bound here, on the main thread, which stays in the agent's own network namespace: the
@@ -124,5 +125,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Run on a worker thread: the block_on thread itself never joined the namespace.
         tokio::spawn(server::run(listener, config, target)).await?
     })?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -497,19 +497,32 @@ fn steal_hands_the_connection_to_the_session_until_it_closes(
     Ok(())
 }
 
-/// However the agent is killed — SIGKILL to its pid, which gives it no chance to clean up, or
-/// SIGTERM/SIGINT to its whole process group, as a supervisor or a terminal sends them — its
-/// guard removes the redirect and the pod answers `remote` again.
+/// However the agent ends — its serving process SIGKILLed (no chance to clean up, as by the
+/// OOM killer), SIGTERM to the agent as the CLI and a container runtime send it, SIGINT or
+/// SIGTERM to its whole process group as a terminal or a supervisor send them — its guard
+/// removes the redirect, the pod answers `remote` again, and the agent's exit status is the
+/// serving process's.
 fn a_killed_agent_leaves_no_redirect(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
+    enum Whom {
+        Serving,
+        Agent,
+        Group,
+    }
     let web = Web::start(scene, cluster)?;
-    for (signal, group) in [
-        (Signal::SIGKILL, false),
-        (Signal::SIGTERM, true),
-        (Signal::SIGINT, true),
+    for (signal, whom) in [
+        (Signal::SIGKILL, Whom::Serving),
+        (Signal::SIGTERM, Whom::Agent),
+        (Signal::SIGINT, Whom::Group),
+        (Signal::SIGTERM, Whom::Group),
     ] {
         let mut agent = start_agent(scene, &web.pod, &[], &[])?;
+        let what = match whom {
+            Whom::Serving => format!("{signal} to the serving process"),
+            Whom::Agent => format!("{signal} to the agent"),
+            Whom::Group => format!("{signal} to the agent's process group"),
+        };
         runtime()?.block_on(async {
             let mut session = Session::open(agent.addr()).await?;
             let subscribed = session.subscribe(IncomingMode::Steal, false).await?;
@@ -522,26 +535,37 @@ fn a_killed_agent_leaves_no_redirect(scene: &Scene, cluster: &Cluster) -> Result
                 "no table while subscribed"
             );
             let pid = Pid::from_raw(agent.pid() as i32);
-            let sent = if group {
-                killpg(pid, signal)
-            } else {
-                kill(pid, signal)
+            let sent = match whom {
+                Whom::Serving => kill(serving_process(agent.pid())?, signal),
+                Whom::Agent => kill(pid, signal),
+                Whom::Group => killpg(pid, signal),
             };
-            sent.map_err(|e| format!("{signal}: {e}"))?;
+            sent.map_err(|e| format!("{what}: {e}"))?;
             Ok::<_, Failed>(())
         })?;
+        let status = agent.wait_exit(SHORT);
+        let expected = 128 + signal as i32;
         ensure!(
-            agent.wait_exit(SHORT).is_some(),
-            "the agent survived {signal}"
+            status.and_then(|s| s.code()) == Some(expected),
+            "after {what} the agent's status is {status:?}, not exit {expected}; agent: {}",
+            agent.stderr()
         );
-        web.wait_untouched().map_err(|e| {
-            format!(
-                "after {signal} (to the group: {group}): {}",
-                e.message().unwrap_or("")
-            )
-        })?;
+        web.wait_untouched()
+            .map_err(|e| format!("after {what}: {}", e.message().unwrap_or("")))?;
     }
     Ok(())
+}
+
+/// The agent's serving process: the one child of the agent (its guard).
+fn serving_process(agent: u32) -> Result<nix::unistd::Pid, Failed> {
+    let children = std::fs::read_to_string(format!("/proc/{agent}/task/{agent}/children"))?;
+    let pids: Vec<&str> = children.split_whitespace().collect();
+    match pids.as_slice() {
+        [pid] => Ok(nix::unistd::Pid::from_raw(
+            pid.parse().map_err(|e| format!("{e}"))?,
+        )),
+        other => Err(format!("the agent has children {other:?}, not one serving process").into()),
+    }
 }
 
 /// In mirror mode the pod's app answers as if nothing happened, and the session gets a copy of
@@ -652,8 +676,9 @@ fn a_mirror_that_never_reads_does_not_slow_the_connection(
             session.close();
             Ok::<_, Failed>(())
         })?;
+        web.wait_untouched()?;
         drop(agent);
-        web.wait_untouched()
+        Ok(())
     })();
     if let Ok(pid) = i32::try_from(echo.id()) {
         let _ = nix::sys::signal::killpg(
@@ -800,17 +825,40 @@ fn filtered_subscriptions_are_refused_in_one_line(
     web.wait_untouched()
 }
 
-/// A table left by an agent killed with its guard (its name says a pid of our pid namespace
-/// that cannot exist) is removed by the next agent that starts; other tables are kept.
+/// An agent killed together with its guard (SIGKILL to its whole process group, as when its
+/// container is killed at once) leaves its table: nothing of it runs any more. The next agent
+/// that starts removes it, as the name says its owner is dead; a table whose owner is in another
+/// pid namespace (which this agent cannot judge) is kept.
 fn a_dead_agents_table_is_swept_at_start(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let web = Web::start(scene, cluster)?;
+    let mut first = start_agent(scene, &web.pod, &[], &[])?;
+    runtime()?.block_on(async {
+        let mut session = Session::open(first.addr()).await?;
+        let subscribed = session.subscribe(IncomingMode::Steal, false).await?;
+        ensure!(
+            subscribed == Ok(Response::Subscribed),
+            "subscribe: {subscribed:?}"
+        );
+        Ok::<_, Failed>(())
+    })?;
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(first.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("killpg: {e}"))?;
+    ensure!(
+        first.wait_exit(SHORT).is_some(),
+        "the agent survived SIGKILL"
+    );
+    let dead = format!("_{}_", first.pid());
+    let left = web.mirrord_tables()?;
+    ensure!(
+        left.iter().any(|t| t.contains(&dead)),
+        "expected the killed agent's table, found {left:?}"
+    );
+
     let pid_ns = std::fs::metadata("/proc/self/ns/pid")?.ino();
-    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")?
-        .trim()
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let dead = format!("mirrord_{pid_ns}_{pid_max}_1");
-    let foreign = format!("mirrord_{}_{pid_max}_1", pid_ns + 1);
+    let foreign = format!("mirrord_{}_1_1", pid_ns + 1);
     let nft = |batch: String| -> Result<(), Failed> {
         let out = Command::new("sh")
             .args([
@@ -824,10 +872,8 @@ fn a_dead_agents_table_is_swept_at_start(scene: &Scene, cluster: &Cluster) -> Re
         ensure!(out.code == 0, "nft: {}", out.describe());
         Ok(())
     };
-    nft(format!(
-        "table inet {dead} {{}}\ntable inet {foreign} {{}}\n"
-    ))?;
-    let agent = start_agent(scene, &web.pod, &[], &[])?;
+    nft(format!("table inet {foreign} {{}}\n"))?;
+    let second = start_agent(scene, &web.pod, &[], &[])?;
     let deadline = Instant::now() + SHORT;
     let tables = loop {
         let tables = web.mirrord_tables()?;
@@ -836,7 +882,7 @@ fn a_dead_agents_table_is_swept_at_start(scene: &Scene, cluster: &Cluster) -> Re
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    drop(agent);
+    drop(second);
     let kept = tables.iter().any(|t| t.contains(&foreign));
     nft(format!(
         "table inet {foreign} {{}}\ndelete table inet {foreign}\n"
