@@ -8,6 +8,7 @@ pub mod container;
 pub mod error;
 pub mod files;
 pub mod fs;
+pub mod incoming;
 pub mod netns;
 pub mod server;
 pub mod target;

@@ -1,5 +1,6 @@
 //! `mirrord-agent`: parses arguments and runs the agent library.
 
+use std::fs::File;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use mirrord_agent::container::{self, ContainerId};
+use mirrord_agent::incoming::Redirect;
+use mirrord_agent::incoming::guard::{self, Forked};
+use mirrord_agent::incoming::nft::{Nft, Owner};
 use mirrord_agent::{netns, server, target::Target};
 use mirrord_link::endpoint::Endpoint;
 use mirrord_link::report::one_line;
@@ -52,7 +56,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("mirrord-agent: {}", one_line(&error));
             ExitCode::FAILURE
@@ -73,7 +77,8 @@ fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
     Ok(token.as_bytes().to_vec())
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// The agent's exit status: the serving process's, as its guard reports it.
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     let token = read_token(&args)?;
     let pid = match &args.container_id {
         Some(id) => {
@@ -85,6 +90,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => args.target_pid,
     };
     let target = Target::open(pid)?;
+    // Forked first, while the agent has one thread, and before the listener exists, so that
+    // the guard (this process from here on) holds nothing of the serving agent's but its pipe.
+    let nft = Nft::from_env();
+    let owner = Owner::current().context("cannot read the agent's own pid namespace")?;
+    let netns = match target.pid() {
+        Some(pid) => {
+            let path = format!("/proc/{pid}/ns/net");
+            Some(File::open(&path).with_context(|| format!("cannot open {path}"))?)
+        }
+        None => None,
+    };
+    let guard = match guard::fork_guard(owner.table(), netns, &nft)
+        .context("cannot start the redirect's guard process")?
+    {
+        Forked::Guard(guard) => return guard.run().map(ExitCode::from).context("guard"),
+        Forked::Agent(guard) => guard,
+    };
     // Bound here, on the main thread, which stays in the agent's own network namespace: the
     // CLI reaches the agent there, while the runtime's threads live in the target's.
     let listener = args
@@ -95,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = server::Config {
         token,
         idle_ttl: Duration::from_secs(args.idle_ttl),
+        redirect: Redirect { owner, nft, guard },
     };
     runtime.block_on(async move {
         let listener = listener.into_async()?;
@@ -102,5 +125,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Run on a worker thread: the block_on thread itself never joined the namespace.
         tokio::spawn(server::run(listener, config, target)).await?
     })?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
-//! Accepts CLI sessions and serves them: the handshake, requests about the target, and TCP
-//! streams opened from the target's network namespace. It never handles a message of a session
+//! Accepts CLI sessions and serves them: the handshake, requests about the target, TCP
+//! streams opened from the target's network namespace, and subscriptions to the target's
+//! incoming traffic (handed to [`crate::incoming`]). It never handles a message of a session
 //! that has not passed the handshake.
 
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::error::io_err;
 use crate::files::{self, FileBytes};
 use crate::fs::Answer;
+use crate::incoming::{Incoming, Redirect, registry::SessionId};
 use crate::target::Target;
 
 /// A client that connects but does not greet and say hello within this is dropped.
@@ -43,6 +45,8 @@ pub struct Config {
     pub token: Vec<u8>,
     /// The agent exits when no session has been open for this long.
     pub idle_ttl: Duration,
+    /// Whose nftables table redirects subscribed ports, and the guard that removes it.
+    pub redirect: Redirect,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +72,10 @@ impl From<ProtocolError> for SessionError {
 }
 
 struct Agent {
-    config: Config,
+    token: Vec<u8>,
+    idle_ttl: Duration,
     target: Target,
+    incoming: Arc<Incoming>,
     /// Built on the first DNS query, from the target's files as they are then.
     dns: tokio::sync::OnceCell<DnsResolver>,
 }
@@ -80,15 +86,20 @@ struct Agent {
 /// on a runtime that joined the target's network namespace puts all of them in the pod.
 pub async fn run(listener: Listener, config: Config, target: Target) -> std::io::Result<()> {
     let agent = Arc::new(Agent {
-        config,
+        token: config.token,
+        idle_ttl: config.idle_ttl,
         target,
+        incoming: Incoming::new(config.redirect),
         dns: tokio::sync::OnceCell::new(),
     });
+    // Tables of agents killed with their guard would redirect the target's ports to nobody.
+    let incoming = agent.incoming.clone();
+    tokio::spawn(async move { incoming.sweep_stale().await });
     let active = Arc::new(AtomicUsize::new(0));
     let session_ended = Arc::new(Notify::new());
     let mut idle_since = Some(Instant::now());
     loop {
-        let idle_deadline = idle_since.map(|since| since + agent.config.idle_ttl);
+        let idle_deadline = idle_since.map(|since| since + agent.idle_ttl);
         tokio::select! {
             accepted = listener.accept() => {
                 let (read_half, write_half, peer) = accepted?;
@@ -110,7 +121,7 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
                 }
             }
             () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => {
-                info!(ttl = ?agent.config.idle_ttl, "no client within the idle TTL; exiting");
+                info!(ttl = ?agent.idle_ttl, "no client within the idle TTL; exiting");
                 return Ok(());
             }
         }
@@ -142,7 +153,7 @@ async fn serve(
         });
     };
     let (out_tx, out_rx) = mpsc::channel::<AgentOut>(1024);
-    if let Err(reason) = accept_hello(&hello, &agent.config.token) {
+    if let Err(reason) = accept_hello(&hello, &agent.token) {
         // Say why before closing, so the CLI can print it instead of "connection reset".
         let mut buf = Vec::new();
         frame::encode(&AgentMessage::Rejected(reason.clone()), &mut buf)?;
@@ -155,8 +166,10 @@ async fn serve(
     info!("session open");
     let writer = tokio::spawn(write_loop(write_half, out_rx));
     let streams = Streams::new(Side::Agent, out_tx.clone());
+    let session = agent.incoming.open_session(&streams);
 
-    let result = session_loop(Inbox::new(reader), agent, &out_tx, &streams).await;
+    let result = session_loop(Inbox::new(reader), agent, session, &out_tx, &streams).await;
+    agent.incoming.end_session(session).await;
     streams.reset_all();
     drop(out_tx);
     drop(streams);
@@ -174,6 +187,7 @@ async fn serve(
 async fn session_loop(
     mut inbox: Inbox<ReadHalf>,
     agent: &Arc<Agent>,
+    session: SessionId,
     out_tx: &mpsc::Sender<AgentOut>,
     streams: &Arc<Streams<AgentOut>>,
 ) -> Result<(), SessionError> {
@@ -187,7 +201,9 @@ async fn session_loop(
             ClientMessage::Request { id, request } => {
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
-                    let _ = out_tx.send(answer(&agent, id, request).await).await;
+                    let _ = out_tx
+                        .send(answer(&agent, session, id, request).await)
+                        .await;
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {
@@ -267,7 +283,7 @@ fn io_error(error: &std::io::Error, what: &str) -> RemoteError {
 }
 
 /// The answer to request `id`: a response, or a file read's bytes waiting in a pipe.
-async fn answer(agent: &Arc<Agent>, id: u64, request: Request) -> AgentOut {
+async fn answer(agent: &Arc<Agent>, session: SessionId, id: u64, request: Request) -> AgentOut {
     let response = match request {
         // Resolved on this runtime, not a blocking thread: hickory is async, and its sockets
         // must be in the target's network namespace, as this runtime's threads are.
@@ -317,10 +333,17 @@ async fn answer(agent: &Arc<Agent>, id: u64, request: Request) -> AgentOut {
                 Err(error) => Err(error),
             }
         }
-        Request::Subscribe(_) | Request::Unsubscribe { .. } => Err(RemoteError {
-            errno: libc::EOPNOTSUPP,
-            message: "this agent cannot take incoming traffic yet".into(),
-        }),
+        // On this runtime: the redirect's nft runs in the target's network namespace.
+        Request::Subscribe(subscription) => agent
+            .incoming
+            .subscribe(session, subscription)
+            .await
+            .map(|()| Response::Subscribed),
+        Request::Unsubscribe { port } => agent
+            .incoming
+            .unsubscribe(session, port)
+            .await
+            .map(|()| Response::Unsubscribed),
     };
     AgentMessage::Response { id, response }.into()
 }

@@ -116,19 +116,25 @@ impl Found {
     }
 
     /// A `mirrord-agent` of this world whose parent is neither a running `mirrord` nor this
-    /// test binary (hand-started agents) was abandoned by a mirrord that exited.
+    /// test binary (hand-started agents) was abandoned by a mirrord that exited. An agent is
+    /// its guard (`mirrord-guard`, the process mirrord started) with the serving
+    /// `mirrord-agent` as its child: the guard is judged by its parent, its child by the guard.
     fn orphaned_agents(&mut self) {
         let ours = std::process::id() as i32;
         let our_mount_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
         let processes = live_processes();
         for p in &processes {
-            if p.comm != "mirrord-agent" || p.mount_ns != our_mount_ns || p.ppid == ours {
+            let agent = p.comm == "mirrord-agent" || p.comm == "mirrord-guard";
+            if !agent || p.mount_ns != our_mount_ns || p.ppid == ours {
                 continue;
             }
-            let parent_is_mirrord = processes
-                .iter()
-                .any(|parent| parent.pid == p.ppid && parent.comm == "mirrord");
-            if !parent_is_mirrord && !self.has(p.pid) {
+            let parent_is = |comm: &str| {
+                processes
+                    .iter()
+                    .any(|parent| parent.pid == p.ppid && parent.comm == comm)
+            };
+            let served_by_its_guard = p.comm == "mirrord-agent" && parent_is("mirrord-guard");
+            if !parent_is("mirrord") && !served_by_its_guard && !self.has(p.pid) {
                 self.processes.push((
                     p.pid,
                     format!("orphaned agent: pid {} `{}`", p.pid, p.cmdline),
