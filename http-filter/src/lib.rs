@@ -57,7 +57,7 @@ pub use mirrord_protocol::incoming::{HttpFilter, IncomingMode};
 
 use detect::Protocol;
 use prefixed::Prefixed;
-use route::Router;
+use route::{Local, Router};
 use upstream::{Connector, Io, Upstream, Version};
 
 /// How long a client gets to show it speaks HTTP before its connection is piped to the
@@ -141,14 +141,33 @@ fn causes(error: &hyper::Error) -> String {
     line
 }
 
-/// Serves one redirected client connection until it ends (see the crate documentation for the
-/// rules). `connect_original` and `connect_local` are called each time a new connection to
-/// that app is needed: on the first request that goes there, and again only after the app
-/// closed the previous one (never for an app no request goes to).
-///
-/// `Ok(())` when the client closed the connection between requests (or, for raw TCP, when both
-/// directions ended); otherwise the reason, on one line. Failing to reach an app for one
-/// request is that request's `502`, not an error of the connection.
+/// One session's claim on a client connection's requests: those `filter` matches go to its
+/// local app (steal) or are copied to it (mirror). `connect_local` is called each time a new
+/// connection to that app is needed: on the first request that goes there, and again only
+/// after the app closed the previous one.
+pub struct LocalRoute {
+    filter: Arc<Filter>,
+    mode: IncomingMode,
+    connect: Connector,
+}
+
+impl LocalRoute {
+    pub fn new<L, FL, IL>(filter: Arc<Filter>, mode: IncomingMode, connect_local: L) -> Self
+    where
+        L: Fn() -> FL + Send + Sync + 'static,
+        FL: Future<Output = io::Result<IL>> + Send + 'static,
+        IL: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        LocalRoute {
+            filter,
+            mode,
+            connect: connector(connect_local),
+        }
+    }
+}
+
+/// Serves one redirected client connection of one session's filter: [`serve_routes`] with a
+/// single [`LocalRoute`].
 pub async fn serve<C, O, FO, IO, L, FL, IL>(
     client: C,
     filter: Arc<Filter>,
@@ -166,6 +185,31 @@ where
     FL: Future<Output = io::Result<IL>> + Send + 'static,
     IL: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let route = LocalRoute::new(filter, mode, connect_local);
+    serve_routes(client, vec![route], connect_original, options).await
+}
+
+/// Serves one redirected client connection until it ends (see the crate documentation for the
+/// rules), for several sessions' filters at once: a request goes to the first stealing
+/// session whose filter matches it, else to the original app, and every mirroring session
+/// whose filter matches it gets a copy. `connect_original` is called each time a new
+/// connection to the original app is needed (never when no request goes there).
+///
+/// `Ok(())` when the client closed the connection between requests (or, for raw TCP, when both
+/// directions ended); otherwise the reason, on one line. Failing to reach an app for one
+/// request is that request's `502`, not an error of the connection.
+pub async fn serve_routes<C, O, FO, IO>(
+    client: C,
+    routes: Vec<LocalRoute>,
+    connect_original: O,
+    options: Options,
+) -> Result<(), Error>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    O: Fn() -> FO + Send + Sync + 'static,
+    FO: Future<Output = io::Result<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut client = client;
     let (protocol, head) = detect::read_head(&mut client, options.detect_timeout)
         .await
@@ -177,11 +221,19 @@ where
         Protocol::Http1 => Version::Http1,
         Protocol::Http2 => Version::Http2,
     };
+    let locals = routes
+        .into_iter()
+        .map(|route| {
+            Local::new(
+                route.filter,
+                route.mode,
+                Upstream::new(Side::Local, version, route.connect),
+            )
+        })
+        .collect();
     let router = Arc::new(Router::new(
-        filter,
-        mode,
         Upstream::new(Side::Original, version, connector(connect_original)),
-        Upstream::new(Side::Local, version, connector(connect_local)),
+        locals,
         options.mirror_body_limit,
     ));
     let service = hyper::service::service_fn(move |request| router.clone().route(request));

@@ -31,10 +31,16 @@ const MIRROR_QUEUE: usize = 16;
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Router {
-    filter: Arc<Filter>,
     original: Upstream,
-    to_local: ToLocal,
+    /// The sessions' claims, in order: the first steal whose filter matches answers a request.
+    locals: Vec<Local>,
     mirror_body_limit: usize,
+}
+
+/// One session's local app and the requests it takes.
+pub struct Local {
+    filter: Arc<Filter>,
+    to_local: ToLocal,
 }
 
 enum ToLocal {
@@ -44,16 +50,10 @@ enum ToLocal {
     Mirror(mpsc::Sender<Request<Body>>),
 }
 
-impl Router {
+impl Local {
     /// In mirror mode, spawns the task that feeds the local app; it ends once the router is
     /// dropped and the copies already queued are answered.
-    pub fn new(
-        filter: Arc<Filter>,
-        mode: IncomingMode,
-        original: Upstream,
-        local: Upstream,
-        mirror_body_limit: usize,
-    ) -> Self {
+    pub fn new(filter: Arc<Filter>, mode: IncomingMode, local: Upstream) -> Self {
         let to_local = match mode {
             IncomingMode::Steal => ToLocal::Steal(local),
             IncomingMode::Mirror => {
@@ -62,10 +62,15 @@ impl Router {
                 ToLocal::Mirror(copies_tx)
             }
         };
+        Local { filter, to_local }
+    }
+}
+
+impl Router {
+    pub fn new(original: Upstream, locals: Vec<Local>, mirror_body_limit: usize) -> Self {
         Router {
-            filter,
             original,
-            to_local,
+            locals,
             mirror_body_limit,
         }
     }
@@ -76,21 +81,32 @@ impl Router {
         self: Arc<Self>,
         mut request: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let matched = self.filter.matches(&request);
         let client_upgrade = asks_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let connect = request.method() == Method::CONNECT;
-        let (upstream, request) = match &self.to_local {
-            ToLocal::Steal(local) if matched => (local, request.map(box_body)),
-            // An upgraded connection is a byte stream from then on: there is nothing to copy
-            // as requests, and a second app must not switch protocols on the client's behalf.
-            ToLocal::Mirror(copies_tx) if matched && client_upgrade.is_none() => {
-                let copy = MirrorCopy::new(&request, copies_tx.clone(), self.mirror_body_limit);
-                (
-                    &self.original,
-                    request.map(|body| Tee::new(body, copy).boxed()),
-                )
-            }
-            _ => (&self.original, request.map(box_body)),
+        let matching = || {
+            self.locals
+                .iter()
+                .filter(|local| local.filter.matches(&request))
+        };
+        let upstream = matching()
+            .find_map(|local| match &local.to_local {
+                ToLocal::Steal(upstream) => Some(upstream),
+                ToLocal::Mirror(_) => None,
+            })
+            .unwrap_or(&self.original);
+        // An upgraded connection is a byte stream from then on: there is nothing to copy as
+        // requests, and a second app must not switch protocols on the client's behalf.
+        let copies_to: Vec<_> = matching()
+            .filter_map(|local| match &local.to_local {
+                ToLocal::Mirror(copies_tx) if client_upgrade.is_none() => Some(copies_tx.clone()),
+                _ => None,
+            })
+            .collect();
+        let request = if copies_to.is_empty() {
+            request.map(box_body)
+        } else {
+            let copy = MirrorCopy::new(&request, copies_to, self.mirror_body_limit);
+            request.map(|body| Tee::new(body, copy).boxed())
         };
         let mut response = match upstream.send(request).await {
             Ok(response) => response,
@@ -175,19 +191,24 @@ async fn mirror(local: Upstream, mut copies_rx: mpsc::Receiver<Request<Body>>) {
     }
 }
 
-/// A matched request's copy being filled while its body streams to the original app.
+/// A matched request's copy being filled while its body streams to the app that answers.
 struct MirrorCopy {
     head: Request<()>,
     body: BytesMut,
     trailers: Option<HeaderMap>,
     limit: usize,
-    copies_tx: mpsc::Sender<Request<Body>>,
+    /// The mirroring sessions whose filters matched.
+    copies_to: Vec<mpsc::Sender<Request<Body>>>,
 }
 
 impl MirrorCopy {
     /// The head is cloned field by field: `Parts` is not `Clone` (extensions), and none of the
     /// extensions hyper puts on a served request means anything to a new connection.
-    fn new<B>(request: &Request<B>, copies_tx: mpsc::Sender<Request<Body>>, limit: usize) -> Self {
+    fn new<B>(
+        request: &Request<B>,
+        copies_to: Vec<mpsc::Sender<Request<Body>>>,
+        limit: usize,
+    ) -> Self {
         let mut head = Request::new(());
         *head.method_mut() = request.method().clone();
         *head.uri_mut() = request.uri().clone();
@@ -198,7 +219,7 @@ impl MirrorCopy {
             body: BytesMut::new(),
             trailers: None,
             limit,
-            copies_tx,
+            copies_to,
         }
     }
 
@@ -218,14 +239,24 @@ impl MirrorCopy {
     }
 
     fn send(self) {
-        let body = Buffered {
-            data: Some(self.body.freeze()).filter(|data| !data.is_empty()),
-            trailers: self.trailers,
-        };
-        let (head, ()) = self.head.into_parts();
-        let copy = Request::from_parts(head, body.boxed());
-        if self.copies_tx.try_send(copy).is_err() {
-            tracing::debug!("local app behind on mirrored requests, one dropped");
+        let data = Some(self.body.freeze()).filter(|data| !data.is_empty());
+        for copies_tx in &self.copies_to {
+            let mut head = Request::new(());
+            *head.method_mut() = self.head.method().clone();
+            *head.uri_mut() = self.head.uri().clone();
+            *head.version_mut() = self.head.version();
+            *head.headers_mut() = self.head.headers().clone();
+            let body = Buffered {
+                data: data.clone(),
+                trailers: self.trailers.clone(),
+            };
+            let (head, ()) = head.into_parts();
+            if copies_tx
+                .try_send(Request::from_parts(head, body.boxed()))
+                .is_err()
+            {
+                tracing::debug!("local app behind on mirrored requests, one dropped");
+            }
         }
     }
 }

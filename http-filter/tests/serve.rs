@@ -14,7 +14,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mirrord_http_filter::{Error, Filter, HttpFilter, IncomingMode, Options, serve};
+use mirrord_http_filter::{
+    Error, Filter, HttpFilter, IncomingMode, LocalRoute, Options, serve, serve_routes,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -905,6 +907,59 @@ async fn mirror_skips_bodies_over_the_limit() {
         // Copies go out in order, one at a time: a copy of the first would have come first.
         assert_eq!(local.seen()[0].body, "fits");
         assert_eq!(original.seen()[0].body, "too long");
+    })
+    .await;
+}
+
+/// Two sessions' filters on one client connection: each session's requests reach its own
+/// local app, a third session mirroring everything gets a copy of each, and the rest go to the
+/// original app.
+#[tokio::test]
+async fn several_sessions_filters_share_one_connection() {
+    within(async {
+        let original = App::start("remote", Http::V1).await;
+        let alice = App::start("alice", Http::V1).await;
+        let bob = App::start("bob", Http::V1).await;
+        let watcher = App::start("watcher", Http::V1).await;
+        let route = |user: &str, mode, app: SocketAddr| {
+            let filter = HttpFilter::Header(format!("^x-user: {user}$"));
+            LocalRoute::new(
+                Arc::new(Filter::compile(&filter).unwrap()),
+                mode,
+                move || TcpStream::connect(app),
+            )
+        };
+        let routes = vec![
+            route("alice", IncomingMode::Steal, alice.addr),
+            route("bob", IncomingMode::Steal, bob.addr),
+            route(".*", IncomingMode::Mirror, watcher.addr),
+        ];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let original_addr = original.addr;
+        let served = tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            serve_routes(
+                client,
+                routes,
+                move || TcpStream::connect(original_addr),
+                options(),
+            )
+            .await
+        });
+        let mut client = http1_client(addr).await;
+        let mut answers = Vec::new();
+        for user in ["alice", "bob", "carol", "bob", "alice"] {
+            answers.push(ask(&mut client, request("GET", "/", Some(user), "")).await);
+        }
+        assert_eq!(answers, ["alice", "bob", "remote", "bob", "alice"]);
+        assert_eq!(
+            (alice.seen().len(), bob.seen().len(), original.seen().len()),
+            (2, 2, 1)
+        );
+        eventually(|| watcher.seen().len() == 5).await;
+        drop(client);
+        served.await.unwrap().unwrap();
     })
     .await;
 }

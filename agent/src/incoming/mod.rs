@@ -28,15 +28,13 @@ use tracing::{debug, info, warn};
 
 use crate::server::AgentOut;
 use guard::Guard;
+use mirrord_http_filter::{Filter, LocalRoute};
 use nft::{Cause, Nft, Owner};
 use registry::{Registry, Route, SessionId};
 use tee::Tee;
 
 /// How long the agent's own connection to the original app may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The refusal of a filtered subscription, until the HTTP router is wired in.
-pub const FILTERS_UNSUPPORTED: &str = "HTTP filters are not supported by this agent yet";
 
 /// What the agent needs to redirect: whose table, which `nft`, and the guard to arm.
 pub struct Redirect {
@@ -55,6 +53,8 @@ pub struct Incoming {
     /// Read by every arriving connection; changed only under `installed`.
     registry: Mutex<Registry>,
     sessions: Mutex<HashMap<SessionId, Weak<SessionStreams>>>,
+    /// The compiled filters of the registry's filtered subscriptions, by session and port.
+    filters: Mutex<HashMap<(SessionId, u16), Arc<Filter>>>,
     next_session: AtomicU64,
 }
 
@@ -78,6 +78,7 @@ impl Incoming {
             installed: tokio::sync::Mutex::new(Installed::default()),
             registry: Mutex::new(Registry::default()),
             sessions: Mutex::new(HashMap::new()),
+            filters: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         })
     }
@@ -93,6 +94,7 @@ impl Incoming {
     /// given back.
     pub async fn end_session(self: &Arc<Self>, session: SessionId) {
         lock(&self.sessions).remove(&session);
+        lock(&self.filters).retain(|(owner, _), _| *owner != session);
         let mut installed = self.installed.lock().await;
         lock(&self.registry).end_session(session);
         if let Err(cause) = self.sync(&mut installed).await {
@@ -107,12 +109,15 @@ impl Incoming {
         subscription: Subscription,
     ) -> Result<(), RemoteError> {
         let port = subscription.port;
-        if subscription.filter.is_some() {
-            return Err(RemoteError {
-                errno: libc::EOPNOTSUPP,
-                message: FILTERS_UNSUPPORTED.into(),
-            });
-        }
+        let filter = match &subscription.filter {
+            Some(filter) => Some(Arc::new(Filter::compile(filter).map_err(|error| {
+                RemoteError {
+                    errno: libc::EINVAL,
+                    message: error.to_string(),
+                }
+            })?)),
+            None => None,
+        };
         let mut installed = self.installed.lock().await;
         let mut registry = lock(&self.registry).clone();
         let displaced = registry
@@ -143,6 +148,10 @@ impl Incoming {
             .await
             .map_err(|cause| cannot(&cause, cause.errno()))?;
         *lock(&self.registry) = registry;
+        match filter {
+            Some(filter) => lock(&self.filters).insert((session, port), filter),
+            None => lock(&self.filters).remove(&(session, port)),
+        };
         if let Some(displaced) = displaced {
             info!(port, displaced, by = session, "steal overridden");
         }
@@ -157,6 +166,7 @@ impl Incoming {
     ) -> Result<(), RemoteError> {
         let mut installed = self.installed.lock().await;
         lock(&self.registry).unsubscribe(session, port);
+        lock(&self.filters).remove(&(session, port));
         self.sync(&mut installed)
             .await
             .map_err(|cause| RemoteError {
@@ -264,13 +274,10 @@ impl Incoming {
             destination,
             mode,
         };
-        let (route, mirrors) = match route {
-            Route::Steal { session, mirrors } => (Some(session), mirrors),
-            Route::PassThrough { mirrors } => (None, mirrors),
-            // Subscriptions with a filter are refused in `subscribe` until the HTTP router
-            // (mirrord-http-filter) takes these connections here; should one get in, the
-            // original app answers rather than nobody.
-            Route::Filtered { mirrors, .. } => (None, mirrors),
+        let (route, mirrors, filtered) = match route {
+            Route::Steal { session, mirrors } => (Some(session), mirrors, Vec::new()),
+            Route::PassThrough { mirrors } => (None, mirrors, Vec::new()),
+            Route::Filtered { filters, mirrors } => (None, mirrors, filters),
         };
         let copies = mirrors
             .into_iter()
@@ -278,6 +285,32 @@ impl Incoming {
             .map(|streams| tee::mirror(streams, connection(IncomingMode::Mirror)))
             .collect();
         let client = Tee::new(client, copies);
+        if !filtered.is_empty() {
+            let routes = filtered
+                .into_iter()
+                .filter_map(|(session, mode, _)| {
+                    let filter = lock(&self.filters)
+                        .get(&(session, destination.port()))
+                        .cloned()?;
+                    let streams = self.streams(session)?;
+                    let connection = connection(mode);
+                    Some(LocalRoute::new(filter, mode, move || {
+                        open_local(streams.clone(), connection.clone())
+                    }))
+                })
+                .collect();
+            let served = mirrord_http_filter::serve_routes(
+                client,
+                routes,
+                move || connect_original(destination),
+                mirrord_http_filter::Options::default(),
+            )
+            .await;
+            if let Err(error) = served {
+                debug!(%peer, %destination, "filtered connection ended: {error}");
+            }
+            return;
+        }
         if let Some(streams) = route.and_then(|session| self.streams(session)) {
             match streams
                 .open(StreamTarget::Incoming(connection(IncomingMode::Steal)))
@@ -328,6 +361,32 @@ fn listen() -> std::io::Result<TcpListener> {
         }
     };
     socket.listen(1024)
+}
+
+/// How far the HTTP router may write ahead of a session's stream to the local app.
+const LOCAL_PIPE_BUFFER: usize = 64 * 1024;
+
+/// A connection to a session's local app for the HTTP router: an incoming stream the session
+/// connects to its app, piped to the end handed back.
+async fn open_local(
+    streams: Arc<SessionStreams>,
+    connection: IncomingConnection,
+) -> std::io::Result<tokio::io::DuplexStream> {
+    let rx = streams
+        .open(StreamTarget::Incoming(connection))
+        .await
+        .map_err(|error| match error {
+            mirrord_link::streams::OpenError::Remote(error) => std::io::Error::new(
+                std::io::Error::from_raw_os_error(error.errno).kind(),
+                error.message,
+            ),
+            mirrord_link::streams::OpenError::Lost => {
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "the session is gone")
+            }
+        })?;
+    let (near, far) = tokio::io::duplex(LOCAL_PIPE_BUFFER);
+    tokio::spawn(streams.pipe(far, rx));
+    Ok(near)
 }
 
 /// Connects to the original app, marked so the redirect lets the connection through.
