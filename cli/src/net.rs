@@ -157,7 +157,7 @@ impl Network {
             verify_rx_checksums: false,
             ..mirrord_netstack::Config::default()
         };
-        let (stack_tx, mut stack_rx, mut events) =
+        let (stack_tx, mut stack_rx, mut events, _originator) =
             NetStack::spawn(config).map_err(NetError::Stack)?;
 
         let tun = device.clone();
