@@ -11,6 +11,7 @@ pub mod envfilter;
 pub mod exit;
 pub mod generated;
 pub mod launcher;
+pub mod listeners;
 pub mod local_agent;
 pub mod net;
 pub mod remote_fs;
