@@ -16,10 +16,11 @@ use mirrord_protocol::bulk::MAX_FILE_READ;
 use mirrord_protocol::fs::{FsRequest, FsResponse};
 use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::{check_welcome, client_hello};
+use mirrord_protocol::incoming::IncomingConnection;
 use mirrord_protocol::mux::Side;
 use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RejectReason, RemoteError, Request, Response,
-    StreamTarget, TargetInfo,
+    StreamFrame, StreamId, StreamTarget, TargetInfo,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -78,6 +79,13 @@ impl ClientError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, RemoteError>>>>>;
 
+/// A connection of a subscribed port that the agent handed over: accepted on the link, to be
+/// answered with [`AgentClient::accept_incoming`] or [`AgentClient::refuse_incoming`].
+pub struct IncomingStream {
+    pub rx: StreamRx,
+    pub connection: IncomingConnection,
+}
+
 pub struct AgentClient {
     /// client --messages--> agent.
     out_tx: mpsc::Sender<ClientMessage>,
@@ -86,6 +94,8 @@ pub struct AgentClient {
     streams: Arc<Streams<ClientMessage>>,
     /// Why the session ended, once it has.
     ended_rx: watch::Receiver<Option<String>>,
+    /// reader --incoming connections--> whoever delivers them (taken once).
+    incoming_rx: Mutex<Option<mpsc::UnboundedReceiver<IncomingStream>>>,
 }
 
 impl AgentClient {
@@ -169,10 +179,12 @@ impl AgentClient {
         let pending = Pending::default();
         let streams = Streams::new(Side::Client, out_tx.clone());
         let (ended_tx, ended_rx) = watch::channel(None);
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let session = Session {
             pending: pending.clone(),
             streams: streams.clone(),
             ended_tx,
+            incoming_tx,
         };
         tokio::spawn(read_loop(Inbox::new(reader), out_tx.clone(), session));
         Ok(AgentClient {
@@ -181,6 +193,7 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             streams,
             ended_rx,
+            incoming_rx: Mutex::new(Some(incoming_rx)),
         })
     }
 
@@ -266,6 +279,28 @@ impl AgentClient {
         self.streams.clone().pipe(io, stream).await;
     }
 
+    /// The connections the agent hands over for subscribed ports; `None` after the first call.
+    /// Nothing else reads them, so whoever subscribes must take them first.
+    pub fn take_incoming(&self) -> Option<mpsc::UnboundedReceiver<IncomingStream>> {
+        lock(&self.incoming_rx).take()
+    }
+
+    /// Answers a handed-over connection as opened and pipes it to `io` (the local app) until
+    /// both directions are done.
+    pub async fn accept_incoming<S: AsyncRead + AsyncWrite>(&self, rx: StreamRx, io: S) {
+        let id = rx.id();
+        if self.streams.send(StreamFrame::Opened { id }).await {
+            self.streams.clone().pipe(io, rx).await;
+        } else {
+            self.streams.discard(id);
+        }
+    }
+
+    /// Answers a handed-over connection as failed: the agent resets the client's connection.
+    pub async fn refuse_incoming(&self, rx: StreamRx, error: RemoteError) {
+        refuse_stream(&self.streams, rx.id(), error).await;
+    }
+
     /// Carries datagrams between `socket` and an opened UDP stream until either side ends.
     pub async fn pipe_datagrams<D: Datagrams>(&self, socket: D, stream: StreamRx) {
         self.streams.clone().pipe_datagrams(socket, stream).await;
@@ -278,12 +313,56 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+async fn refuse_stream(streams: &Streams<ClientMessage>, id: StreamId, error: RemoteError) {
+    streams.send(StreamFrame::OpenFailed { id, error }).await;
+    streams.discard(id);
+}
+
 /// What the reader shares with the client.
 struct Session {
     pending: Pending,
     streams: Arc<Streams<ClientMessage>>,
     /// reader --why the session ended--> client.
     ended_tx: watch::Sender<Option<String>>,
+    /// reader --incoming connections--> client.
+    incoming_tx: mpsc::UnboundedSender<IncomingStream>,
+}
+
+/// A stream the agent opened: an incoming connection goes to whoever took them; anything else
+/// is refused (only the CLI opens outgoing streams). An id the agent may not open is a
+/// protocol error that ends the session.
+fn on_agent_open(
+    session: &Session,
+    id: StreamId,
+    target: StreamTarget,
+) -> Result<(), ProtocolError> {
+    let rx = session.streams.accept(id)?;
+    let error = match target {
+        StreamTarget::Incoming(connection) => {
+            match session.incoming_tx.send(IncomingStream { rx, connection }) {
+                Ok(()) => return Ok(()),
+                Err(unsent) => (
+                    unsent.0.rx,
+                    RemoteError {
+                        errno: libc::ECONNREFUSED,
+                        message: "this session takes no incoming traffic".into(),
+                    },
+                ),
+            }
+        }
+        StreamTarget::Tcp(_) | StreamTarget::Udp(_) => (
+            rx,
+            RemoteError {
+                errno: libc::EINVAL,
+                message: "only the CLI opens outgoing streams".into(),
+            },
+        ),
+    };
+    let (rx, error) = error;
+    let streams = session.streams.clone();
+    // The reader must not wait on the writer's queue.
+    tokio::spawn(async move { refuse_stream(&streams, rx.id(), error).await });
+    Ok(())
 }
 
 /// Dispatches the agent's messages until the connection ends; then every pending request
@@ -293,11 +372,6 @@ async fn read_loop(
     out_tx: mpsc::Sender<ClientMessage>,
     session: Session,
 ) {
-    let Session {
-        pending,
-        streams,
-        ended_tx,
-    } = session;
     let ended = loop {
         let message = match inbox.next::<AgentMessage, _>(&out_tx).await {
             Ok(message) => message,
@@ -307,14 +381,19 @@ async fn read_loop(
         };
         match message {
             AgentMessage::Response { id, response } => {
-                if let Some(answer_tx) = lock(&pending).remove(&id) {
+                if let Some(answer_tx) = lock(&session.pending).remove(&id) {
                     let _ = answer_tx.send(response);
                 }
             }
             // The inbox answers these itself.
             AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => {}
+            AgentMessage::Stream(StreamFrame::Open { id, target }) => {
+                if let Err(error) = on_agent_open(&session, id, target) {
+                    break error.to_string();
+                }
+            }
             AgentMessage::Stream(frame) => {
-                if let Err(error) = streams.on_frame(frame) {
+                if let Err(error) = session.streams.on_frame(frame) {
                     break error.to_string();
                 }
             }
@@ -324,9 +403,9 @@ async fn read_loop(
         }
     };
     tracing::debug!("agent session ended: {ended}");
-    lock(&pending).clear();
-    streams.reset_all();
-    ended_tx.send_replace(Some(ended));
+    lock(&session.pending).clear();
+    session.streams.reset_all();
+    session.ended_tx.send_replace(Some(ended));
 }
 
 #[cfg(test)]

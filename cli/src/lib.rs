@@ -10,6 +10,7 @@ pub mod dns;
 pub mod envfilter;
 pub mod exit;
 pub mod generated;
+pub mod incoming;
 pub mod launcher;
 pub mod listeners;
 pub mod local_agent;
