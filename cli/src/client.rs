@@ -464,4 +464,109 @@ mod tests {
             "{error}"
         );
     }
+
+    /// A fake agent that completes the handshake; returns what the client sends and a sender
+    /// for what the agent says.
+    async fn greeting_agent() -> (
+        AgentClient,
+        FrameReader<ReadHalf>,
+        mpsc::Sender<AgentMessage>,
+    ) {
+        let name = format!(
+            "unix:@mirrord-client-test-{}",
+            getrandom::u64().unwrap_or(0)
+        );
+        let endpoint: Endpoint = name.parse().unwrap();
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut read, mut write, _) = listener.accept().await.unwrap();
+            let ours = Greeting::ours("mirrord-agent test");
+            greet(&mut read, &mut write, &ours).await.unwrap();
+            let mut reader = FrameReader::new(read);
+            let _hello: ClientMessage = reader.next().await.unwrap();
+            let (out_tx, out_rx) = mpsc::channel(16);
+            tokio::spawn(write_loop(write, out_rx));
+            out_tx.send(AgentMessage::Welcome).await.unwrap();
+            (reader, out_tx)
+        });
+        let client = AgentClient::connect(&endpoint, b"token").await.unwrap();
+        let (reader, out_tx) = agent.await.unwrap();
+        (client, reader, out_tx)
+    }
+
+    /// The next stream frame the client sends.
+    async fn next_frame(reader: &mut FrameReader<ReadHalf>) -> StreamFrame {
+        loop {
+            match reader.next::<ClientMessage>().await.unwrap() {
+                ClientMessage::Stream(frame) => return frame,
+                _ => continue,
+            }
+        }
+    }
+
+    fn incoming(port: u16) -> StreamTarget {
+        StreamTarget::Incoming(IncomingConnection {
+            port,
+            peer: ([10, 0, 0, 7], 51234).into(),
+            destination: ([10, 0, 0, 2], port).into(),
+            mode: mirrord_protocol::incoming::IncomingMode::Steal,
+        })
+    }
+
+    #[tokio::test]
+    async fn agent_opened_streams_are_handed_over_or_refused_without_ending_the_session() {
+        let (client, mut reader, agent_tx) = greeting_agent().await;
+        let open = |id, target| {
+            AgentMessage::Stream(StreamFrame::Open {
+                id: StreamId(id),
+                target,
+            })
+        };
+        // Only the CLI opens outgoing streams: refused, and the session goes on.
+        let tcp = StreamTarget::Tcp(([10, 0, 0, 9], 80).into());
+        agent_tx.send(open(2, tcp)).await.unwrap();
+        match next_frame(&mut reader).await {
+            StreamFrame::OpenFailed { id, error } => {
+                assert_eq!((id, error.errno), (StreamId(2), libc::EINVAL))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // An incoming connection reaches whoever took them; refused, the agent hears why.
+        let mut streams = client.take_incoming().unwrap();
+        assert!(client.take_incoming().is_none(), "taken once");
+        agent_tx.send(open(4, incoming(8080))).await.unwrap();
+        let stream = streams.recv().await.unwrap();
+        assert_eq!(stream.connection.port, 8080);
+        let refusal = RemoteError {
+            errno: libc::ECONNREFUSED,
+            message: "nothing listens".into(),
+        };
+        client.refuse_incoming(stream.rx, refusal.clone()).await;
+        assert_eq!(
+            next_frame(&mut reader).await,
+            StreamFrame::OpenFailed {
+                id: StreamId(4),
+                error: refusal
+            }
+        );
+        // Accepted, it is answered as opened and its bytes reach the local side.
+        agent_tx.send(open(6, incoming(8080))).await.unwrap();
+        let stream = streams.recv().await.unwrap();
+        let (app, mut app_side) = tokio::io::duplex(1024);
+        tokio::spawn(async move { client.accept_incoming(stream.rx, app).await });
+        assert_eq!(
+            next_frame(&mut reader).await,
+            StreamFrame::Opened { id: StreamId(6) }
+        );
+        agent_tx
+            .send(AgentMessage::Stream(StreamFrame::Data {
+                id: StreamId(6),
+                bytes: b"GET / HTTP/1.1\r\n".to_vec(),
+            }))
+            .await
+            .unwrap();
+        let mut got = [0u8; 16];
+        app_side.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+    }
 }
