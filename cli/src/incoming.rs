@@ -421,7 +421,7 @@ async fn follow(
                 }
                 Err(ClientError::Remote(error)) if error.errno == libc::EOPNOTSUPP => {
                     eprintln!(
-                        "mirrord: this agent cannot take incoming traffic ({}); the command's ports get no traffic from the target",
+                        "mirrord: incoming traffic is off: {}; the command's ports get no traffic from the target",
                         error.message
                     );
                     return;

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 59] = [
+    let tests: [(&str, Test); 60] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -266,6 +266,10 @@ fn tests() -> Vec<Trial> {
         (
             "incoming_off_never_subscribes",
             incoming::incoming_off_never_subscribes,
+        ),
+        (
+            "incoming_default_mirror_does_not_disturb_a_listening_command",
+            incoming::incoming_default_mirror_does_not_disturb_a_listening_command,
         ),
         (
             "incoming_bad_filter_is_one_line_naming_the_key",
