@@ -92,7 +92,7 @@ pub struct NetworkConfig {
 #[serde(try_from = "serde_json::Value")]
 pub enum IncomingFeature {
     Mode(IncomingModeName),
-    Detailed(IncomingConfig),
+    Detailed(Box<IncomingConfig>),
 }
 
 impl Default for IncomingFeature {
@@ -112,7 +112,7 @@ impl TryFrom<serde_json::Value> for IncomingFeature {
                 .map_err(|e| format!("{key}: {e}"))
         } else if value.is_object() {
             serde_json::from_value(value)
-                .map(IncomingFeature::Detailed)
+                .map(|detail| IncomingFeature::Detailed(Box::new(detail)))
                 .map_err(|e| format!("{key}: {e}"))
         } else {
             Err(format!(

@@ -87,7 +87,7 @@ impl IncomingSettings {
         let (mode, detail) = match config {
             IncomingFeature::Mode(mode) => (*mode, &empty),
             IncomingFeature::Detailed(detail) => {
-                (detail.mode.unwrap_or(IncomingModeName::Mirror), detail)
+                (detail.mode.unwrap_or(IncomingModeName::Mirror), &**detail)
             }
         };
         let mode = match (flags.off, flags.steal, mode) {
