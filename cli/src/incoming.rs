@@ -12,9 +12,10 @@
 //!   and unsubscribed when it stops. A subscription the agent refuses ends the session (the
 //!   command is stopped, exit 125), since the user asked for traffic that will not come; the
 //!   refusal can only happen then, not at startup, because the ports are not known before.
-//! - Exception: an agent that cannot take incoming traffic at all (`EOPNOTSUPP`, agents of this
-//!   protocol before incoming was built) gets one warning line and the session goes on without
-//!   incoming traffic.
+//! - Exception: a plain mirror (the default, no filter) that the agent cannot provide at all
+//!   (`EOPNOTSUPP`: agents of this protocol before incoming was built, or a node without
+//!   nftables) gets one warning line and the session goes on without incoming traffic. A steal
+//!   or a filter the user asked for is never dropped silently: its refusal ends the session.
 //! - Sockets bound to loopback only are never subscribed: a delivered connection arrives at the
 //!   process's own (pod) address, where such a socket does not listen.
 
@@ -413,13 +414,16 @@ async fn follow(
                 continue;
             }
             let verb = mode_verb(subscription.mode);
+            // Only a plain mirror, the default nobody had to ask for, may go without.
+            let optional =
+                subscription.mode == IncomingMode::Mirror && subscription.filter.is_none();
             match client.request(Request::Subscribe(subscription)).await {
                 Ok(Response::Subscribed) => {
                     tracing::debug!(local, remote, verb, "subscribed");
                     subscribed.insert(local, remote);
                     lock(&routes).insert(remote, local);
                 }
-                Err(ClientError::Remote(error)) if error.errno == libc::EOPNOTSUPP => {
+                Err(ClientError::Remote(error)) if optional && error.errno == libc::EOPNOTSUPP => {
                     eprintln!(
                         "mirrord: incoming traffic is off: {}; the command's ports get no traffic from the target",
                         error.message
