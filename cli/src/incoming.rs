@@ -417,11 +417,16 @@ async fn follow(
             // Only a plain mirror, the default nobody had to ask for, may go without.
             let optional =
                 subscription.mode == IncomingMode::Mirror && subscription.filter.is_none();
-            match client.request(Request::Subscribe(subscription)).await {
+            // Routed before asking: the agent may hand a connection over before its answer.
+            lock(&routes).insert(remote, local);
+            let answer = client.request(Request::Subscribe(subscription)).await;
+            if !matches!(answer, Ok(Response::Subscribed)) {
+                lock(&routes).remove(&remote);
+            }
+            match answer {
                 Ok(Response::Subscribed) => {
                     tracing::debug!(local, remote, verb, "subscribed");
                     subscribed.insert(local, remote);
-                    lock(&routes).insert(remote, local);
                 }
                 Err(ClientError::Remote(error)) if optional && error.errno == libc::EOPNOTSUPP => {
                     eprintln!(
