@@ -261,8 +261,18 @@ pub fn incoming_local_app_sees_the_clients_real_address(
     let url = format!("http://{}:{PORT}/index.html", pod.ip());
     let session = Running::start(scene, &pod, &["--steal"], &["sh", "-c", &command])?;
     curl_until(cluster, &url, "local\n")?;
+    // From an address the client picks (the cluster's server address, not the pod link's end).
+    let mut cmd = cluster.command("curl");
+    let source = cluster.ip().to_string();
+    cmd.args(["-sS", "--max-time", "3", "--interface", &source, &url]);
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 0 && out.stdout == "local\n",
+        "curl --interface: {}",
+        out.describe()
+    );
     session.stop();
-    // http.server logs the peer address (getpeername) first on each request line.
+    // The server logs the peer address (getpeername) first on each request line.
     let seen = std::fs::read_to_string(&log)?;
     let client = format!("{} - - [", cluster.ip());
     ensure!(
