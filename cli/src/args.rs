@@ -154,6 +154,21 @@ pub struct SessionArgs {
     /// Also reach this range through the target (repeatable), e.g. the cluster's service CIDR.
     #[arg(long, value_name = "CIDR")]
     pub cidr: Vec<ipnet::IpNet>,
+    /// Steal the target's incoming traffic on the ports the command listens on (the default
+    /// is to mirror it: the target keeps answering, the command gets a copy).
+    #[arg(long, conflicts_with = "no_incoming")]
+    pub steal: bool,
+    /// Take no incoming traffic from the target.
+    #[arg(long)]
+    pub no_incoming: bool,
+    /// The command's LOCAL listening port takes the target's REMOTE port (repeatable).
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "LOCAL:REMOTE",
+        value_parser = crate::incoming::parse_port_mapping
+    )]
+    pub port_mapping: Vec<(u16, u16)>,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -180,6 +195,42 @@ mod tests {
         assert_eq!(session.env, vec![("A".to_owned(), "1=2".to_owned())]);
         assert_eq!(session.override_env_vars_include.as_deref(), Some("DB_*"));
         assert_eq!(command, vec![OsString::from("ls"), OsString::from("-la")]);
+    }
+
+    #[test]
+    fn incoming_flags() {
+        let cli = Cli::try_parse_from([
+            "mirrord",
+            "exec",
+            "-t",
+            "pid/5",
+            "--steal",
+            "-p",
+            "8080:80",
+            "--port-mapping",
+            "9090:90",
+            "--",
+            "app",
+        ])
+        .unwrap();
+        let Command::Exec { session, .. } = cli.command else {
+            panic!("exec expected")
+        };
+        assert!(session.steal && !session.no_incoming);
+        assert_eq!(session.port_mapping, vec![(8080, 80), (9090, 90)]);
+        for bad in [
+            &["--steal", "--no-incoming"][..],
+            &["-p", "8080"][..],
+            &["-p", "0:80"][..],
+        ] {
+            let args = [
+                &["mirrord", "exec", "-t", "pid/5"][..],
+                bad,
+                &["--", "app"][..],
+            ]
+            .concat();
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

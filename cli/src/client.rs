@@ -16,10 +16,11 @@ use mirrord_protocol::bulk::MAX_FILE_READ;
 use mirrord_protocol::fs::{FsRequest, FsResponse};
 use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::{check_welcome, client_hello};
+use mirrord_protocol::incoming::IncomingConnection;
 use mirrord_protocol::mux::Side;
 use mirrord_protocol::{
     AgentMessage, ClientMessage, ProtocolError, RejectReason, RemoteError, Request, Response,
-    StreamTarget, TargetInfo,
+    StreamFrame, StreamId, StreamTarget, TargetInfo,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -78,6 +79,13 @@ impl ClientError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, RemoteError>>>>>;
 
+/// A connection of a subscribed port that the agent handed over: accepted on the link, to be
+/// answered with [`AgentClient::accept_incoming`] or [`AgentClient::refuse_incoming`].
+pub struct IncomingStream {
+    pub rx: StreamRx,
+    pub connection: IncomingConnection,
+}
+
 pub struct AgentClient {
     /// client --messages--> agent.
     out_tx: mpsc::Sender<ClientMessage>,
@@ -86,6 +94,8 @@ pub struct AgentClient {
     streams: Arc<Streams<ClientMessage>>,
     /// Why the session ended, once it has.
     ended_rx: watch::Receiver<Option<String>>,
+    /// reader --incoming connections--> whoever delivers them (taken once).
+    incoming_rx: Mutex<Option<mpsc::UnboundedReceiver<IncomingStream>>>,
 }
 
 impl AgentClient {
@@ -169,10 +179,12 @@ impl AgentClient {
         let pending = Pending::default();
         let streams = Streams::new(Side::Client, out_tx.clone());
         let (ended_tx, ended_rx) = watch::channel(None);
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let session = Session {
             pending: pending.clone(),
             streams: streams.clone(),
             ended_tx,
+            incoming_tx,
         };
         tokio::spawn(read_loop(Inbox::new(reader), out_tx.clone(), session));
         Ok(AgentClient {
@@ -181,6 +193,7 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             streams,
             ended_rx,
+            incoming_rx: Mutex::new(Some(incoming_rx)),
         })
     }
 
@@ -274,6 +287,28 @@ impl AgentClient {
         self.streams.clone().pipe(io, stream).await;
     }
 
+    /// The connections the agent hands over for subscribed ports; `None` after the first call.
+    /// Nothing else reads them, so whoever subscribes must take them first.
+    pub fn take_incoming(&self) -> Option<mpsc::UnboundedReceiver<IncomingStream>> {
+        lock(&self.incoming_rx).take()
+    }
+
+    /// Answers a handed-over connection as opened and pipes it to `io` (the local app) until
+    /// both directions are done.
+    pub async fn accept_incoming<S: AsyncRead + AsyncWrite>(&self, rx: StreamRx, io: S) {
+        let id = rx.id();
+        if self.streams.send(StreamFrame::Opened { id }).await {
+            self.streams.clone().pipe(io, rx).await;
+        } else {
+            self.streams.discard(id);
+        }
+    }
+
+    /// Answers a handed-over connection as failed: the agent resets the client's connection.
+    pub async fn refuse_incoming(&self, rx: StreamRx, error: RemoteError) {
+        refuse_stream(&self.streams, rx.id(), error).await;
+    }
+
     /// Carries datagrams between `socket` and an opened UDP stream until either side ends.
     pub async fn pipe_datagrams<D: Datagrams>(&self, socket: D, stream: StreamRx) {
         self.streams.clone().pipe_datagrams(socket, stream).await;
@@ -286,12 +321,56 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+async fn refuse_stream(streams: &Streams<ClientMessage>, id: StreamId, error: RemoteError) {
+    streams.send(StreamFrame::OpenFailed { id, error }).await;
+    streams.discard(id);
+}
+
 /// What the reader shares with the client.
 struct Session {
     pending: Pending,
     streams: Arc<Streams<ClientMessage>>,
     /// reader --why the session ended--> client.
     ended_tx: watch::Sender<Option<String>>,
+    /// reader --incoming connections--> client.
+    incoming_tx: mpsc::UnboundedSender<IncomingStream>,
+}
+
+/// A stream the agent opened: an incoming connection goes to whoever took them; anything else
+/// is refused (only the CLI opens outgoing streams). An id the agent may not open is a
+/// protocol error that ends the session.
+fn on_agent_open(
+    session: &Session,
+    id: StreamId,
+    target: StreamTarget,
+) -> Result<(), ProtocolError> {
+    let rx = session.streams.accept(id)?;
+    let error = match target {
+        StreamTarget::Incoming(connection) => {
+            match session.incoming_tx.send(IncomingStream { rx, connection }) {
+                Ok(()) => return Ok(()),
+                Err(unsent) => (
+                    unsent.0.rx,
+                    RemoteError {
+                        errno: libc::ECONNREFUSED,
+                        message: "this session takes no incoming traffic".into(),
+                    },
+                ),
+            }
+        }
+        StreamTarget::Tcp(_) | StreamTarget::Udp(_) => (
+            rx,
+            RemoteError {
+                errno: libc::EINVAL,
+                message: "only the CLI opens outgoing streams".into(),
+            },
+        ),
+    };
+    let (rx, error) = error;
+    let streams = session.streams.clone();
+    // The reader must not wait on the writer's queue.
+    tokio::spawn(async move { refuse_stream(&streams, rx.id(), error).await });
+    Ok(())
 }
 
 /// Dispatches the agent's messages until the connection ends; then every pending request
@@ -301,11 +380,6 @@ async fn read_loop(
     out_tx: mpsc::Sender<ClientMessage>,
     session: Session,
 ) {
-    let Session {
-        pending,
-        streams,
-        ended_tx,
-    } = session;
     let ended = loop {
         let message = match inbox.next::<AgentMessage, _>(&out_tx).await {
             Ok(message) => message,
@@ -315,14 +389,19 @@ async fn read_loop(
         };
         match message {
             AgentMessage::Response { id, response } => {
-                if let Some(answer_tx) = lock(&pending).remove(&id) {
+                if let Some(answer_tx) = lock(&session.pending).remove(&id) {
                     let _ = answer_tx.send(response);
                 }
             }
             // The inbox answers these itself.
             AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => {}
+            AgentMessage::Stream(StreamFrame::Open { id, target }) => {
+                if let Err(error) = on_agent_open(&session, id, target) {
+                    break error.to_string();
+                }
+            }
             AgentMessage::Stream(frame) => {
-                if let Err(error) = streams.on_frame(frame) {
+                if let Err(error) = session.streams.on_frame(frame) {
                     break error.to_string();
                 }
             }
@@ -332,9 +411,9 @@ async fn read_loop(
         }
     };
     tracing::debug!("agent session ended: {ended}");
-    ended_tx.send_replace(Some(ended));
-    lock(&pending).clear();
-    streams.reset_all();
+    session.ended_tx.send_replace(Some(ended));
+    lock(&session.pending).clear();
+    session.streams.reset_all();
 }
 
 #[cfg(test)]
@@ -392,5 +471,110 @@ mod tests {
             error.to_string().contains("did not greet as mirrord does"),
             "{error}"
         );
+    }
+
+    /// A fake agent that completes the handshake; returns what the client sends and a sender
+    /// for what the agent says.
+    async fn greeting_agent() -> (
+        AgentClient,
+        FrameReader<ReadHalf>,
+        mpsc::Sender<AgentMessage>,
+    ) {
+        let name = format!(
+            "unix:@mirrord-client-test-{}",
+            getrandom::u64().unwrap_or(0)
+        );
+        let endpoint: Endpoint = name.parse().unwrap();
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut read, mut write, _) = listener.accept().await.unwrap();
+            let ours = Greeting::ours("mirrord-agent test");
+            greet(&mut read, &mut write, &ours).await.unwrap();
+            let mut reader = FrameReader::new(read);
+            let _hello: ClientMessage = reader.next().await.unwrap();
+            let (out_tx, out_rx) = mpsc::channel(16);
+            tokio::spawn(write_loop(write, out_rx));
+            out_tx.send(AgentMessage::Welcome).await.unwrap();
+            (reader, out_tx)
+        });
+        let client = AgentClient::connect(&endpoint, b"token").await.unwrap();
+        let (reader, out_tx) = agent.await.unwrap();
+        (client, reader, out_tx)
+    }
+
+    /// The next stream frame the client sends.
+    async fn next_frame(reader: &mut FrameReader<ReadHalf>) -> StreamFrame {
+        loop {
+            match reader.next::<ClientMessage>().await.unwrap() {
+                ClientMessage::Stream(frame) => return frame,
+                _ => continue,
+            }
+        }
+    }
+
+    fn incoming(port: u16) -> StreamTarget {
+        StreamTarget::Incoming(IncomingConnection {
+            port,
+            peer: ([10, 0, 0, 7], 51234).into(),
+            destination: ([10, 0, 0, 2], port).into(),
+            mode: mirrord_protocol::incoming::IncomingMode::Steal,
+        })
+    }
+
+    #[tokio::test]
+    async fn agent_opened_streams_are_handed_over_or_refused_without_ending_the_session() {
+        let (client, mut reader, agent_tx) = greeting_agent().await;
+        let open = |id, target| {
+            AgentMessage::Stream(StreamFrame::Open {
+                id: StreamId(id),
+                target,
+            })
+        };
+        // Only the CLI opens outgoing streams: refused, and the session goes on.
+        let tcp = StreamTarget::Tcp(([10, 0, 0, 9], 80).into());
+        agent_tx.send(open(2, tcp)).await.unwrap();
+        match next_frame(&mut reader).await {
+            StreamFrame::OpenFailed { id, error } => {
+                assert_eq!((id, error.errno), (StreamId(2), libc::EINVAL))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // An incoming connection reaches whoever took them; refused, the agent hears why.
+        let mut streams = client.take_incoming().unwrap();
+        assert!(client.take_incoming().is_none(), "taken once");
+        agent_tx.send(open(4, incoming(8080))).await.unwrap();
+        let stream = streams.recv().await.unwrap();
+        assert_eq!(stream.connection.port, 8080);
+        let refusal = RemoteError {
+            errno: libc::ECONNREFUSED,
+            message: "nothing listens".into(),
+        };
+        client.refuse_incoming(stream.rx, refusal.clone()).await;
+        assert_eq!(
+            next_frame(&mut reader).await,
+            StreamFrame::OpenFailed {
+                id: StreamId(4),
+                error: refusal
+            }
+        );
+        // Accepted, it is answered as opened and its bytes reach the local side.
+        agent_tx.send(open(6, incoming(8080))).await.unwrap();
+        let stream = streams.recv().await.unwrap();
+        let (app, mut app_side) = tokio::io::duplex(1024);
+        tokio::spawn(async move { client.accept_incoming(stream.rx, app).await });
+        assert_eq!(
+            next_frame(&mut reader).await,
+            StreamFrame::Opened { id: StreamId(6) }
+        );
+        agent_tx
+            .send(AgentMessage::Stream(StreamFrame::Data {
+                id: StreamId(6),
+                bytes: b"GET / HTTP/1.1\r\n".to_vec(),
+            }))
+            .await
+            .unwrap();
+        let mut got = [0u8; 16];
+        app_side.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
     }
 }

@@ -78,9 +78,106 @@ pub struct Features {
 #[derive(Debug, Default, Deserialize, PartialEq)]
 pub struct NetworkConfig {
     #[serde(default)]
+    pub incoming: IncomingFeature,
+    #[serde(default)]
     pub outgoing: OutgoingFeature,
     #[serde(default)]
     pub dns: DnsFeature,
+}
+
+/// `feature.network.incoming`: a mode (`"mirror"`, `"steal"`, `"off"`), or the detailed form.
+/// Read from a JSON value by hand so that a mistake is named (serde's untagged enums only say
+/// that nothing matched).
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(try_from = "serde_json::Value")]
+pub enum IncomingFeature {
+    Mode(IncomingModeName),
+    Detailed(Box<IncomingConfig>),
+}
+
+impl Default for IncomingFeature {
+    fn default() -> Self {
+        IncomingFeature::Mode(IncomingModeName::Mirror)
+    }
+}
+
+impl TryFrom<serde_json::Value> for IncomingFeature {
+    type Error = String;
+
+    fn try_from(value: serde_json::Value) -> Result<Self, String> {
+        let key = "feature.network.incoming";
+        if value.is_string() {
+            serde_json::from_value(value)
+                .map(IncomingFeature::Mode)
+                .map_err(|e| format!("{key}: {e}"))
+        } else if value.is_object() {
+            serde_json::from_value(value)
+                .map(|detail| IncomingFeature::Detailed(Box::new(detail)))
+                .map_err(|e| format!("{key}: {e}"))
+        } else {
+            Err(format!(
+                "{key} is \"mirror\", \"steal\", \"off\" or an object with \"mode\""
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum IncomingModeName {
+    Mirror,
+    Steal,
+    Off,
+}
+
+/// `feature.network.incoming` as an object. Upstream keys not listed here (`listen_ports`,
+/// `ignore_localhost`, `https_delivery`…) are ignored, as everywhere in this file.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct IncomingConfig {
+    pub mode: Option<IncomingModeName>,
+    pub http_filter: Option<HttpFilterConfig>,
+    /// `[[local, remote], …]`: the app's local listening port and the target's port it takes.
+    #[serde(default)]
+    pub port_mapping: Vec<(u16, u16)>,
+    /// Only these (remote) ports are taken.
+    pub ports: Option<Vec<u16>>,
+    /// These (remote) ports are never taken.
+    #[serde(default)]
+    pub ignore_ports: Vec<u16>,
+    pub on_concurrent_steal: Option<ConcurrentSteal>,
+}
+
+/// What to do when another session already steals a port without a filter.
+#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrentSteal {
+    /// The subscription is refused and the session ends.
+    Abort,
+    /// This session takes the port over.
+    Override,
+}
+
+/// `feature.network.incoming.http_filter`: exactly one of the filter keys, and the ports it
+/// applies to.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFilterConfig {
+    pub header_filter: Option<String>,
+    pub path_filter: Option<String>,
+    pub method_filter: Option<String>,
+    pub all_of: Option<Vec<InnerFilter>>,
+    pub any_of: Option<Vec<InnerFilter>>,
+    /// The (remote) ports the filter applies to; default: every port taken.
+    pub ports: Option<Vec<u16>>,
+}
+
+/// One entry of `all_of` / `any_of`: `{"header": …}`, `{"path": …}` or `{"method": …}`.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InnerFilter {
+    pub header: Option<String>,
+    pub path: Option<String>,
+    pub method: Option<String>,
 }
 
 /// `feature.network.dns`: `true`/`false`, or the detailed form.

@@ -1,14 +1,16 @@
 //! The launched process's outgoing network: a TUN device in its own network namespace, the
 //! netstack terminating every flow it opens, and a routing decision per flow — through the
 //! agent from the target's network, from this machine's network, or to this machine's
-//! loopback. It never changes the host's own network configuration.
+//! loopback. It never changes the host's own network configuration. (Incoming connections
+//! use the same device: see [`Served`] and [`crate::incoming`].)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use mirrord_link::streams::Datagrams;
-use mirrord_netstack::{Event, NetStack, NewTcp, UdpFlow};
+use mirrord_netstack::{Event, NetStack, NewTcp, Originator, UdpFlow};
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::SharedRules;
 use mirrord_routing::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
@@ -17,6 +19,7 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use crate::client::{AgentClient, ClientError};
 use crate::dns::{DnsStub, NameFilter, TargetResolvConf};
+use crate::incoming::AppAddresses;
 
 /// The address inside the launched process's namespace that reaches this machine's
 /// `127.0.0.1` (a database on the laptop stays reachable). From the benchmarking range
@@ -57,6 +60,8 @@ impl Default for NetSettings {
 /// once the command runs.
 pub struct Network {
     receiver: TunReceiver,
+    /// The launched process's own addresses (the target's).
+    app: AppAddresses,
     /// Shared with the DNS stub, which teaches it the addresses of the filter's names.
     rules: SharedRules,
     dns: Option<Arc<DnsStub>>,
@@ -125,6 +130,10 @@ pub fn prepare(
         plan,
         Network {
             receiver,
+            app: AppAddresses {
+                v4: v4.0,
+                v6: v6.map(|(ip, _)| ip),
+            },
             rules: SharedRules::new(rules),
             dns: None,
         },
@@ -149,15 +158,17 @@ impl Network {
     }
 
     /// Takes the device the command's setup created and serves it until this process exits.
-    pub fn serve(self, client: Arc<AgentClient>) -> Result<(), NetError> {
+    /// Returns what incoming traffic needs to reach the command.
+    pub fn serve(self, client: Arc<AgentClient>) -> Result<Served, NetError> {
         let device = Arc::new(TunDevice::new(self.receiver.receive()?).map_err(NetError::Device)?);
+        let listener_socket = self.receiver.receive_listener_socket()?;
         let config = mirrord_netstack::Config {
             mtu: mirrord_tunnel::DEFAULT_MTU as usize,
             // Packets come from the local kernel through the TUN: already checked.
             verify_rx_checksums: false,
             ..mirrord_netstack::Config::default()
         };
-        let (stack_tx, mut stack_rx, mut events) =
+        let (stack_tx, mut stack_rx, mut events, originator) =
             NetStack::spawn(config).map_err(NetError::Stack)?;
 
         let tun = device.clone();
@@ -212,8 +223,21 @@ impl Network {
                 });
             }
         });
-        Ok(())
+        Ok(Served {
+            originator,
+            listener_socket,
+            app: self.app,
+        })
     }
+}
+
+/// What [`Network::serve`] hands on for incoming traffic.
+pub struct Served {
+    /// Opens connections to the command through the netstack.
+    pub originator: Originator,
+    /// A `sock_diag` socket of the command's network namespace.
+    pub listener_socket: OwnedFd,
+    pub app: AppAddresses,
 }
 
 fn is_stub(dst: SocketAddr) -> bool {

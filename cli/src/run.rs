@@ -27,7 +27,9 @@ use crate::dns::{DnsSettings, NameFilter, NameRule};
 use crate::envfilter::{self, EnvFilter, Patterns};
 use crate::exit::Failure;
 use crate::generated::GeneratedFile;
+use crate::incoming::{self, IncomingFlags, IncomingSettings};
 use crate::launcher::{self, Launch};
+use crate::listeners::DiagSocket;
 use crate::local_agent::LocalAgent;
 use crate::net::{self, NetSettings};
 use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
@@ -64,6 +66,7 @@ pub struct Session {
     pub fs: FsSettings,
     pub net: NetSettings,
     pub dns: DnsSettings,
+    pub incoming: IncomingSettings,
 }
 
 impl Session {
@@ -77,12 +80,15 @@ impl Session {
         let fs = fs_settings(args, &config);
         let net = net_settings(args, &config)?;
         let dns = dns_settings(args, &config)?;
+        let incoming = incoming_settings(args, &config)?;
         let starting = Starting::default();
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("cannot watch for SIGTERM")?;
         let stopped = tokio::select! {
-            session = Self::connect(source, filter, fs, net, dns, &starting) => return Ok(session?),
+            session = Self::connect(source, filter, fs, net, dns, incoming, &starting) => {
+                return Ok(session?);
+            }
             _ = tokio::signal::ctrl_c() => Failure::interrupted(),
             _ = terminate.recv() => Failure::terminated(),
         };
@@ -101,6 +107,7 @@ impl Session {
         fs: FsSettings,
         mut net: NetSettings,
         dns: DnsSettings,
+        incoming: IncomingSettings,
         starting: &Starting,
     ) -> anyhow::Result<Session> {
         let (local_agent, cluster_agent, client, label) = match source {
@@ -156,6 +163,7 @@ impl Session {
             fs,
             net,
             dns,
+            incoming,
         })
     }
 
@@ -373,6 +381,20 @@ fn filter_side(
     }
 }
 
+/// `--no-incoming`, `--steal` and `-p` over `feature.network.incoming`; a bad filter fails
+/// here, before anything starts.
+fn incoming_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<IncomingSettings> {
+    let flags = IncomingFlags {
+        steal: args.steal,
+        off: args.no_incoming,
+        port_mapping: args.port_mapping.clone(),
+    };
+    Ok(IncomingSettings::new(
+        &config.feature.network.incoming,
+        &flags,
+    )?)
+}
+
 /// `--no-dns` wins over `feature.network.dns`; a filter entry that is not a name is an error
 /// before anything starts.
 fn dns_settings(args: &SessionArgs, config: &Config) -> anyhow::Result<DnsSettings> {
@@ -486,31 +508,59 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
     drop(generated);
     let status = match spawned {
         Ok(child) => {
-            if let Some(network) = network
-                && let Err(error) = network.serve(session.client.clone())
-            {
-                eprintln!("mirrord: {error}; the command runs without the target's network");
+            let mut incoming = None;
+            if let Some(network) = network {
+                match network.serve(session.client.clone()) {
+                    Ok(served) if session.incoming.mode.is_some() => {
+                        match DiagSocket::new(served.listener_socket) {
+                            Ok(diag) => {
+                                incoming = Some(incoming::start(
+                                    session.client.clone(),
+                                    session.incoming.clone(),
+                                    diag,
+                                    served.originator,
+                                    served.app,
+                                ))
+                            }
+                            Err(error) => eprintln!(
+                                "mirrord: cannot follow the command's listening ports ({error}); it gets no incoming traffic"
+                            ),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        eprintln!("mirrord: {error}; the command runs without the target's network")
+                    }
+                }
             }
             if let Some(mountpoint) = &remote_root {
                 remote_fs::raise_readahead(child.pid(), mountpoint.path());
             }
             let wait = child.wait();
             tokio::pin!(wait);
+            let refused = async {
+                match &incoming {
+                    Some(incoming) => incoming.failed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                status = &mut wait => status,
+                status = &mut wait => status.map_err(Failure::launch),
                 reason = session.client.lost() => {
                     eprintln!(
                         "mirrord: lost the agent ({reason}); the command keeps running without the target"
                     );
-                    wait.await
+                    wait.await.map_err(Failure::launch)
                 }
+                // Returning drops `wait`, which kills the command.
+                reason = refused => Err(anyhow!("{reason}; the command was stopped").into()),
             }
         }
-        Err(error) => Err(error),
+        Err(error) => Err(Failure::launch(error)),
     };
     session.close().await;
     drop::<Option<MountPoint>>(remote_root);
-    status.map_err(Failure::launch)
+    status
 }
 
 /// `mirrord ls`: prints the targets of a namespace, or of all with `-A`.

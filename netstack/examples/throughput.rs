@@ -20,7 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(512);
     let config = Config::default();
     let (mtu, buffer) = (config.mtu, config.tcp_rx_buffer);
-    let (sink, source, mut events) = NetStack::spawn(config)?;
+    let (sink, source, mut events, _) = NetStack::spawn(config)?;
     let app = common::App::spawn(sink, source, mtu);
     let conn = app.connect("10.1.2.3:5201".parse()?, buffer);
     let Some(Event::Tcp(new)) = events.next().await else {

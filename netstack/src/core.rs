@@ -44,6 +44,12 @@ pub(crate) enum CoreError {
     Packet(#[from] PacketError),
     #[error("cannot listen on the destination: {0}")]
     Listen(#[from] tcp::ListenError),
+    #[error("a connection between these addresses is already open")]
+    InUse,
+    #[error("cannot connect to the app: {0}")]
+    Connect(#[from] tcp::ConnectError),
+    #[error("the stack has stopped")]
+    Stopped,
 }
 
 /// In-memory packet queues standing in for the TUN; unbounded because smoltcp has no SACK
@@ -436,6 +442,93 @@ impl Core {
         self.events.pop_front()
     }
 
+    /// Starts a connection *to* the app: smoltcp sends a SYN from `peer` (any address: any-IP
+    /// lets the stack speak for it) to `app`, the app's own address and listening port. The
+    /// flow is keyed like every other, (app's address, other end), so the app's replies reach
+    /// this socket and a SYN the app might send on the same 4-tuple is not taken for a new flow.
+    pub(crate) fn originate(
+        &mut self,
+        now: Instant,
+        peer: std::net::SocketAddr,
+        app: std::net::SocketAddr,
+    ) -> Result<SocketHandle, CoreError> {
+        if self.closed {
+            return Err(CoreError::Stopped);
+        }
+        let key = (app, peer);
+        if self.pending.contains_key(&key) {
+            return Err(CoreError::InUse);
+        }
+        if let Some(&handle) = self.by_key.get(&key) {
+            let state = self.sockets.get::<tcp::Socket>(handle).state();
+            if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+                return Err(CoreError::InUse);
+            }
+            self.by_key.remove(&key);
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.fin_seen = true;
+            }
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+        );
+        socket.set_ack_delay(None);
+        socket.set_nagle_enabled(self.config.nagle);
+        socket.connect(
+            self.iface.context(),
+            (app.ip(), app.port()),
+            IpListenEndpoint {
+                addr: Some(peer.ip().into()),
+                port: peer.port(),
+            },
+        )?;
+        let handle = self.sockets.add(socket);
+        self.conns.insert(
+            handle,
+            Conn {
+                key,
+                stream_alive: true,
+                write_closed: false,
+                fin_deferred: false,
+                fin_seen: false,
+                reset: false,
+            },
+        );
+        self.by_key.insert(key, handle);
+        // The SYN leaves on this poll rather than on the next wake-up.
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        Ok(handle)
+    }
+
+    /// Ready once an originated connection is established (`Ok`) or refused by the app
+    /// (`ConnectionRefused`: its kernel answered the SYN with an RST, nothing listens).
+    pub(crate) fn tcp_poll_connect(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let closed = self.closed;
+        let Some((_, socket)) = self.conn_socket(handle) else {
+            return Poll::Ready(Err(reset_error()));
+        };
+        if closed {
+            return Poll::Ready(Err(reset_error()));
+        }
+        match socket.state() {
+            tcp::State::SynSent | tcp::State::SynReceived => {
+                // smoltcp wakes both wakers on every state change.
+                socket.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            tcp::State::Closed | tcp::State::Listen => {
+                Poll::Ready(Err(io::ErrorKind::ConnectionRefused.into()))
+            }
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     // --- TCP connections, by handle (a live stream's handle is never reused) ---
 
     fn conn_socket(
@@ -767,5 +860,105 @@ mod tests {
             packet::build_udp(key.0, key.1, b"q3", &caps).unwrap(),
         );
         assert_eq!(core.pop_event(), Some(CoreEvent::NewUdp { key, id: 1 }));
+    }
+
+    /// The app's answer to an originated SYN: a SYN-ACK, or an RST-ACK when nothing listens.
+    fn answer_syn(syn: &[u8], control: TcpControl, seq: i32) -> Vec<u8> {
+        let repr = tcp_of(syn);
+        let ip = Ipv4Packet::new_checked(syn).unwrap();
+        let (from, to) = (
+            SocketAddr::new(ip.dst_addr().into(), repr.dst_port),
+            SocketAddr::new(ip.src_addr().into(), repr.src_port),
+        );
+        let answer = TcpRepr {
+            src_port: repr.dst_port,
+            dst_port: repr.src_port,
+            control,
+            seq_number: smoltcp::wire::TcpSeqNumber(seq),
+            ack_number: Some(repr.seq_number + 1),
+            window_len: 64240,
+            window_scale: if control == TcpControl::Syn {
+                Some(7)
+            } else {
+                None
+            },
+            max_seg_size: if control == TcpControl::Syn {
+                Some(1460)
+            } else {
+                None
+            },
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        packet::build_tcp(from, to, &answer, &ChecksumCapabilities::default()).unwrap()
+    }
+
+    fn poll_connect(core: &mut Core, handle: SocketHandle) -> Poll<io::Result<()>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        core.tcp_poll_connect(handle, &mut cx)
+    }
+
+    #[test]
+    fn an_originated_connection_comes_from_the_peer_and_completes_with_the_apps_syn_ack() {
+        let mut core = Core::new(Config::default(), t(0));
+        // A client outside any cluster range, to the app's own (pod) address.
+        let (peer, app) = (addr("203.0.113.7:51234"), addr("10.0.0.2:8080"));
+        let handle = core.originate(t(0), peer, app).unwrap();
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1, "exactly one SYN");
+        let ip = Ipv4Packet::new_checked(&out[0][..]).unwrap();
+        assert_eq!(
+            (ip.src_addr().to_string(), ip.dst_addr().to_string()),
+            ("203.0.113.7".to_owned(), "10.0.0.2".to_owned())
+        );
+        let syn = tcp_of(&out[0]);
+        assert_eq!(syn.control, TcpControl::Syn);
+        assert_eq!(syn.ack_number, None);
+        assert_eq!((syn.src_port, syn.dst_port), (51234, 8080));
+        assert!(poll_connect(&mut core, handle).is_pending());
+        assert!(
+            matches!(core.originate(t(1), peer, app), Err(CoreError::InUse)),
+            "one connection per 4-tuple"
+        );
+
+        // The app's SYN-ACK is not a new flow: it completes ours, and smoltcp ACKs it.
+        core.ingest(t(5), answer_syn(&out[0], TcpControl::Syn, 9000));
+        core.poll(t(5));
+        assert_eq!(core.pop_event(), None);
+        assert_eq!(core.tcp_state(handle), tcp::State::Established);
+        assert!(matches!(
+            poll_connect(&mut core, handle),
+            Poll::Ready(Ok(()))
+        ));
+        let ack = core.drain_transmit().next().expect("the handshake's ACK");
+        let ack = tcp_of(&ack);
+        assert_eq!(ack.control, TcpControl::None);
+        assert_eq!(ack.ack_number, Some(smoltcp::wire::TcpSeqNumber(9001)));
+    }
+
+    #[test]
+    fn an_originated_connection_nobody_listens_for_is_refused() {
+        let mut core = Core::new(Config::default(), t(0));
+        let (peer, app) = (addr("[2001:db8::7]:40000"), addr("10.0.0.2:9999"));
+        assert!(
+            matches!(core.originate(t(0), peer, app), Err(CoreError::Connect(_))),
+            "an IPv6 peer cannot reach an IPv4 address"
+        );
+        let peer = addr("10.9.8.7:40000");
+        let handle = core.originate(t(0), peer, app).unwrap();
+        let syn = core.drain_transmit().next().unwrap();
+        core.ingest(t(1), answer_syn(&syn, TcpControl::Rst, 0));
+        core.poll(t(1));
+        let refused = poll_connect(&mut core, handle);
+        assert!(
+            matches!(&refused, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused),
+            "{refused:?}"
+        );
+        // The 4-tuple is free again once the refused socket is released.
+        core.tcp_release(handle, true);
+        core.poll(t(2));
+        core.originate(t(3), peer, app).unwrap();
     }
 }

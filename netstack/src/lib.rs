@@ -8,6 +8,10 @@
 //! the caller has decided ([`NewTcp::accept`] / [`NewTcp::refuse`] /
 //! [`NewTcp::unreachable`]), so connecting the remote side first keeps the app's view true.
 //!
+//! The other way round, an [`Originator`] opens a TCP connection *to* the app from any address
+//! (an incoming client's real one), so the app's `accept` and `getpeername` see that client and
+//! its replies come back through the same packets.
+//!
 //! Limits: IPv4 fragments are dropped (the TUN MTU is large, so the kernel rarely sends
 //! them); ICMP echo requests are not answered (ping to a remote address times out);
 //! UDP replies larger than one IP datagram are refused with [`Error::TooLarge`].
@@ -18,7 +22,9 @@ mod stack;
 
 use std::time::Duration;
 
-pub use stack::{Event, Events, NetStack, NewTcp, PacketSink, PacketSource, TcpStream, UdpFlow};
+pub use stack::{
+    Event, Events, NetStack, NewTcp, Originator, PacketSink, PacketSource, TcpStream, UdpFlow,
+};
 
 /// Tuning knobs; [`Config::default`] suits a TUN device.
 #[derive(Debug, Clone)]
@@ -72,12 +78,17 @@ pub enum Error {
     TooLarge,
     #[error("the SYN could not be accepted: {0}")]
     Accept(String),
+    #[error("cannot open a connection to the app: {0}")]
+    Originate(String),
 }
 
 impl From<core::CoreError> for Error {
     fn from(e: core::CoreError) -> Self {
         match e {
-            core::CoreError::NotPending => Error::Closed,
+            core::CoreError::NotPending | core::CoreError::Stopped => Error::Closed,
+            e @ (core::CoreError::InUse | core::CoreError::Connect(_)) => {
+                Error::Originate(e.to_string())
+            }
             core::CoreError::FlowClosed => Error::FlowClosed,
             core::CoreError::Packet(packet::PacketError::TooLarge) => Error::TooLarge,
             other => Error::Accept(other.to_string()),

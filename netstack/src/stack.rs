@@ -105,7 +105,7 @@ impl NetStack {
     /// Starts the stack's task on the current tokio runtime. It runs until the [`PacketSink`]
     /// (all clones) or the [`PacketSource`] is dropped; then every stream fails with
     /// `ConnectionReset` and every UDP flow ends.
-    pub fn spawn(config: Config) -> Result<(PacketSink, PacketSource, Events), Error> {
+    pub fn spawn(config: Config) -> Result<(PacketSink, PacketSource, Events, Originator), Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let start = tokio::time::Instant::now();
         let shared = Arc::new(Shared {
@@ -116,11 +116,12 @@ impl NetStack {
         let (from_tun_tx, from_tun_rx) = mpsc::unbounded_channel();
         let (to_tun_tx, to_tun_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        runtime.spawn(run(shared, from_tun_rx, to_tun_tx, events_tx));
+        runtime.spawn(run(shared.clone(), from_tun_rx, to_tun_tx, events_tx));
         Ok((
             PacketSink { from_tun_tx },
             PacketSource { to_tun_rx },
             Events { events_rx },
+            Originator { shared },
         ))
     }
 }
@@ -193,6 +194,38 @@ async fn run(
     shared.lock().close_all();
 }
 
+/// Opens TCP connections to the app. It does not keep the stack running: once the stack has
+/// stopped, [`Originator::connect`] fails with [`Error::Closed`].
+#[derive(Clone)]
+pub struct Originator {
+    shared: Arc<Shared>,
+}
+
+impl Originator {
+    /// Connects to `app` (the app's own address and a port it listens on) as if from `peer`, and
+    /// resolves once the app's kernel completed the handshake. Fails with `ConnectionRefused`
+    /// when nothing listens there; dropping the future meanwhile resets the attempt. The
+    /// stream's [`TcpStream::src`] is `app`, its [`TcpStream::dst`] is `peer`.
+    pub async fn connect(&self, peer: SocketAddr, app: SocketAddr) -> io::Result<TcpStream> {
+        let handle = {
+            let mut core = self.shared.lock();
+            core.originate(self.shared.now(), peer, app)
+                .map_err(|e| io::Error::other(Error::from(e)))?
+        };
+        self.shared.wake.notify_one();
+        // Owning the handle from here on: dropped before it is established, it aborts.
+        let stream = TcpStream {
+            src: app,
+            dst: peer,
+            handle,
+            shared: self.shared.clone(),
+            released: false,
+        };
+        std::future::poll_fn(|cx| stream.shared.lock().tcp_poll_connect(handle, cx)).await?;
+        Ok(stream)
+    }
+}
+
 /// A TCP connection attempt from the app, held until the caller decides. Dropping it undecided
 /// refuses the connection.
 pub struct NewTcp {
@@ -251,7 +284,8 @@ impl Drop for NewTcp {
     }
 }
 
-/// One accepted TCP connection from the app. Reading returns what the app sent (EOF after its
+/// One TCP connection with the app, accepted from it or opened to it by an [`Originator`].
+/// Reading returns what the app sent (EOF after its
 /// FIN, `ConnectionReset` after its RST); `shutdown` sends a FIN. Dropping it after `shutdown`
 /// with nothing left unread closes cleanly; any other drop, or [`TcpStream::abort`], resets
 /// the app's connection.
@@ -269,7 +303,8 @@ impl TcpStream {
         self.src
     }
 
-    /// The destination the app connected to.
+    /// The other end: the destination the app connected to, or the peer an originated
+    /// connection comes from.
     pub fn dst(&self) -> SocketAddr {
         self.dst
     }

@@ -21,7 +21,7 @@ fn addr(s: &str) -> SocketAddr {
 
 fn start(config: Config) -> (App, Events) {
     let mtu = config.mtu;
-    let (sink, source, events) = NetStack::spawn(config).unwrap();
+    let (sink, source, events, _) = NetStack::spawn(config).unwrap();
     (App::spawn(sink, source, mtu), events)
 }
 
@@ -369,7 +369,8 @@ fn parse_udp(packet: &[u8]) -> (SocketAddr, SocketAddr, Vec<u8>) {
 }
 
 async fn raw_stack(config: Config) -> (PacketSink, PacketSource, Events) {
-    NetStack::spawn(config).unwrap()
+    let (sink, source, events, _) = NetStack::spawn(config).unwrap();
+    (sink, source, events)
 }
 
 #[tokio::test(start_paused = true)]

@@ -39,6 +39,8 @@ macro_rules! ensure {
 mod dns;
 #[path = "e2e/files.rs"]
 mod files;
+#[path = "e2e/incoming.rs"]
+mod incoming;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/network.rs"]
@@ -65,7 +67,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 57] = [
+    let tests: [(&str, Test); 64] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -260,6 +262,34 @@ fn tests() -> Vec<Trial> {
         (
             "leftover_check_catches_a_stray_process",
             leftover_check_catches_a_stray_process,
+        ),
+        (
+            "incoming_off_never_subscribes",
+            incoming::incoming_off_never_subscribes,
+        ),
+        (
+            "incoming_default_mirror_does_not_disturb_a_listening_command",
+            incoming::incoming_default_mirror_does_not_disturb_a_listening_command,
+        ),
+        (
+            "incoming_bad_filter_is_one_line_naming_the_key",
+            incoming::incoming_bad_filter_is_one_line_naming_the_key,
+        ),
+        (
+            "incoming_steal_answers_a_cluster_client_from_the_local_app",
+            incoming::incoming_steal_answers_a_cluster_client_from_the_local_app,
+        ),
+        (
+            "incoming_mirror_copies_while_the_pod_answers",
+            incoming::incoming_mirror_copies_while_the_pod_answers,
+        ),
+        (
+            "incoming_port_mapping_takes_the_remote_port_for_a_local_one",
+            incoming::incoming_port_mapping_takes_the_remote_port_for_a_local_one,
+        ),
+        (
+            "incoming_local_app_sees_the_clients_real_address",
+            incoming::incoming_local_app_sees_the_clients_real_address,
         ),
     ];
     tests

@@ -7,7 +7,8 @@
 //! 2. between fork and exec, the child (already in its new network namespace) calls
 //!    [`TunPlan::create_in_child`], which only makes async-signal-safe syscalls;
 //! 3. after spawn returned, mirrord calls [`TunReceiver::receive`] to get the TUN descriptor and
-//!    wraps it in a [`TunDevice`].
+//!    wraps it in a [`TunDevice`], then [`TunReceiver::receive_listener_socket`] for the
+//!    namespace's `sock_diag` socket (the command's listening ports).
 
 mod device;
 mod setup;

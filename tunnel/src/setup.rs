@@ -47,10 +47,11 @@ pub enum TunStep {
     Ipv6Address,
     Ipv6Route,
     SendDescriptor,
+    ListenerSocket,
 }
 
 impl TunStep {
-    pub const ALL: [TunStep; 13] = [
+    pub const ALL: [TunStep; 14] = [
         TunStep::Open,
         TunStep::SetInterface,
         TunStep::ControlSocket,
@@ -64,6 +65,7 @@ impl TunStep {
         TunStep::Ipv6Address,
         TunStep::Ipv6Route,
         TunStep::SendDescriptor,
+        TunStep::ListenerSocket,
     ];
 
     /// A stable non-zero number for carrying the step through a report pipe.
@@ -92,6 +94,9 @@ impl fmt::Display for TunStep {
             TunStep::Ipv6Address => "setting the TUN interface's IPv6 address",
             TunStep::Ipv6Route => "adding the IPv6 default route through the TUN interface",
             TunStep::SendDescriptor => "handing the TUN device to mirrord",
+            TunStep::ListenerSocket => {
+                "opening the netlink sock_diag socket that follows the command's listening ports"
+            }
         })
     }
 }
@@ -414,7 +419,22 @@ impl TunPlan {
                 .map_err(at(Ipv6Route))?;
         }
 
-        self.send_fd(tun.0).map_err(at(SendDescriptor))
+        // A sock_diag socket answers for the namespace it was created in: made here, it lets
+        // mirrord list this namespace's listening sockets without ever entering it (which a
+        // rootless mirrord could not).
+        // SAFETY: socket(2) with constant arguments.
+        let diag = check(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        })
+        .map_err(at(ListenerSocket))?;
+        let diag = RawGuard(diag);
+
+        self.send_fd(tun.0).map_err(at(SendDescriptor))?;
+        self.send_fd(diag.0).map_err(at(SendDescriptor))
     }
 
     /// An ifreq naming the interface. Async-signal-safe.
@@ -464,7 +484,17 @@ impl TunPlan {
 impl TunReceiver {
     /// Takes the TUN descriptor the child sent before exec. Never waits: once spawn returned
     /// the descriptor is either queued on the socket or was never sent (the child failed).
-    pub fn receive(self) -> Result<OwnedFd, TunError> {
+    pub fn receive(&self) -> Result<OwnedFd, TunError> {
+        self.receive_fd()
+    }
+
+    /// Takes the `NETLINK_SOCK_DIAG` socket the child created in its network namespace, sent
+    /// right after the TUN descriptor (call [`TunReceiver::receive`] first).
+    pub fn receive_listener_socket(&self) -> Result<OwnedFd, TunError> {
+        self.receive_fd()
+    }
+
+    fn receive_fd(&self) -> Result<OwnedFd, TunError> {
         let mut byte = [0u8; 1];
         let mut iov = libc::iovec {
             iov_base: byte.as_mut_ptr().cast(),

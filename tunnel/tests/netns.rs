@@ -175,6 +175,22 @@ fn the_child_gets_the_tun_with_its_addresses_mtu_and_default_routes() {
     .map_err(|(e, report)| format!("{e} {report:?}"))
     .expect("spawn");
     let fd = receiver.receive().expect("the TUN descriptor");
+    let diag = receiver
+        .receive_listener_socket()
+        .expect("the sock_diag socket");
+    let mut protocol: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes one int into `protocol`, whose size is in `len`.
+    let got = unsafe {
+        libc::getsockopt(
+            diag.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&raw mut protocol).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!((got, protocol), (0, libc::NETLINK_SOCK_DIAG));
     let output = finish(child);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let parts: Vec<&str> = text.split("---\n").collect();
