@@ -75,7 +75,7 @@ $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
 SESSION=$!
 wait_for local
 read steal_rps steal_p99 < <(load)
-kill -INT $SESSION; wait $SESSION || true
+kill -TERM $SESSION; wait $SESSION || true
 wait_for remote
 
 echo "{\"feature\":{\"network\":{\"incoming\":{\"mode\":\"steal\",\"http_filter\":{\"header_filter\":\"^x-bench: local$\"}}}}}" > /tmp/filter.json
@@ -84,7 +84,7 @@ SESSION=$!
 wait_for local -H "X-Bench: local"
 [ "$(in_cluster curl -s $URL)" = remote ] || { echo "bench/incoming.sh: the filter passes nothing to the pod" >&2; exit 1; }
 read filter_rps filter_p99 < <(load)
-kill -INT $SESSION; wait $SESSION || true
+kill -TERM $SESSION; wait $SESSION || true
 
 printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c32 -d${DURATION}s" "req/s" "p99 ms"
 printf "  %-56s %10s %10s\n" "pod app directly (baseline)" $direct_rps $direct_p99 \
