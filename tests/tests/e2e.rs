@@ -39,6 +39,8 @@ macro_rules! ensure {
 mod dns;
 #[path = "e2e/files.rs"]
 mod files;
+#[path = "e2e/filters.rs"]
+mod filters;
 #[path = "e2e/incoming.rs"]
 mod incoming;
 #[path = "e2e/lifecycle.rs"]
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 64] = [
+    let tests: [(&str, Test); 74] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -290,6 +292,43 @@ fn tests() -> Vec<Trial> {
         (
             "incoming_local_app_sees_the_clients_real_address",
             incoming::incoming_local_app_sees_the_clients_real_address,
+        ),
+        (
+            "filter_header_routes_each_request_of_one_keep_alive_connection",
+            filters::filter_header_routes_each_request_of_one_keep_alive_connection,
+        ),
+        (
+            "filter_header_routes_grpc_calls_by_metadata",
+            filters::filter_header_routes_grpc_calls_by_metadata,
+        ),
+        (
+            "filter_header_routes_a_websocket_upgrade",
+            filters::filter_header_routes_a_websocket_upgrade,
+        ),
+        (
+            "filter_all_of_path_and_method",
+            filters::filter_all_of_path_and_method,
+        ),
+        (
+            "filter_two_sessions_share_a_port",
+            filters::filter_two_sessions_share_a_port,
+        ),
+        (
+            "cleanup_when_the_command_exits",
+            filters::cleanup_when_the_command_exits,
+        ),
+        ("cleanup_after_ctrl_c", filters::cleanup_after_ctrl_c),
+        (
+            "cleanup_after_kill_9_of_mirrord",
+            filters::cleanup_after_kill_9_of_mirrord,
+        ),
+        (
+            "cleanup_after_kill_9_of_the_agent",
+            filters::cleanup_after_kill_9_of_the_agent,
+        ),
+        (
+            "steal_without_nftables_is_one_line",
+            filters::steal_without_nftables_is_one_line,
         ),
     ];
     tests

@@ -179,18 +179,24 @@ impl GuardProcess {
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(nft::delete(&self.table).as_bytes())?;
+            // An nft that exits before reading (EPIPE) says why in its status and stderr.
+            let _ = stdin.write_all(nft::delete(&self.table).as_bytes());
         }
-        let status = child.wait()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "nft could not remove table inet {} ({status})",
+        let output = child.wait_with_output()?;
+        if output.status.success() {
+            return Ok(());
+        }
+        match nft::Cause::classify(&String::from_utf8_lossy(&output.stderr)) {
+            // Without nftables in the kernel no table can exist: nothing was left (the
+            // serving agent already told the user why it could not redirect).
+            nft::Cause::NoKernelSupport => Ok(()),
+            cause => Err(io::Error::other(format!(
+                "nft could not remove table inet {}: {cause}",
                 self.table
-            )))
+            ))),
         }
     }
 }

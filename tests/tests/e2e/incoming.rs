@@ -2,8 +2,10 @@
 //! address, and the local app that listens under mirrord answers it (steal) or gets a copy
 //! (mirror), on its own port or a mapped one, seeing the client's real address.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,44 +16,93 @@ use mirrord_tests::{Cluster, Output, Pod, Scene};
 use super::{RUN, exec, standard_pod};
 
 /// The pod's port the tests take (nothing else in the pod uses it).
-const PORT: u16 = 8080;
+pub(super) const PORT: u16 = 8080;
 
 /// A `mirrord exec` left running while the test acts from the cluster; stopped (SIGTERM, as a
 /// user's Ctrl-C in a terminal would reach it) when dropped.
-struct Running {
+pub(super) struct Running {
     child: Child,
     stderr: PathBuf,
 }
 
 impl Running {
-    fn start(
+    pub(super) fn start(
         scene: &Scene,
         pod: &Pod,
         flags: &[&str],
         command: &[&str],
     ) -> Result<Running, Failed> {
-        let stderr = scene.temp_dir().join("mirrord.stderr");
+        Running::start_with(scene, &["-t", &pod.target()], flags, command)
+    }
+
+    /// As [`Running::start`], with `target` the flags that say which agent and target to use
+    /// (e.g. `--agent-addr ADDR` with `MIRRORD_AGENT_TOKEN` set for mirrord).
+    pub(super) fn start_with(
+        scene: &Scene,
+        target: &[&str],
+        flags: &[&str],
+        command: &[&str],
+    ) -> Result<Running, Failed> {
+        // One file per session: a test may run several at once.
+        static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
+        let stderr = scene.temp_dir().join(format!("mirrord-{n}.stderr"));
         let mut cmd = scene.mirrord()?;
-        cmd.args(["exec", "-t", &pod.target()])
+        cmd.arg("exec")
+            .args(target)
             .args(flags)
             .arg("--")
             .args(command)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr)?);
+            .stderr(std::fs::File::create(&stderr)?)
+            // Its own process group, as a terminal's foreground job: see [`Running::interrupt`].
+            .process_group(0);
         Ok(Running {
             child: cmd.spawn()?,
             stderr,
         })
     }
 
-    fn stderr(&self) -> String {
+    pub(super) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// Stops the session and returns mirrord's exit status.
-    fn stop(mut self) -> Option<i32> {
+    pub(super) fn stop(mut self) -> Option<i32> {
         self.terminate()
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to mirrord and waits for it to end; its exit status, if it ended within
+    /// [`RUN`] (`None` also for a death by signal).
+    pub(super) fn signal_and_wait(&mut self, signal: libc::c_int) -> Option<i32> {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        self.wait()
+    }
+
+    /// Ctrl-C as a terminal sends it: SIGINT to the foreground process group (mirrord and its
+    /// command); then waits for mirrord to end.
+    pub(super) fn interrupt(&mut self) -> Option<i32> {
+        // SAFETY: kill(2) on the process group our own unreaped child leads.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits up to [`RUN`] for mirrord to end on its own.
+    pub(super) fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + RUN;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     fn terminate(&mut self) -> Option<i32> {
@@ -79,7 +130,7 @@ impl Drop for Running {
 }
 
 /// A directory served by the local app, with `index.html` holding `body`.
-fn site(scene: &Scene, name: &str, body: &str) -> Result<PathBuf, Failed> {
+pub(super) fn site(scene: &Scene, name: &str, body: &str) -> Result<PathBuf, Failed> {
     let dir = scene.temp_dir().join(name);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("index.html"), body)?;
@@ -87,7 +138,7 @@ fn site(scene: &Scene, name: &str, body: &str) -> Result<PathBuf, Failed> {
 }
 
 /// `curl` from a client in the cluster namespace (not the pod, not the laptop).
-fn curl_from_cluster(cluster: &Cluster, url: &str) -> Result<Output, Failed> {
+pub(super) fn curl_from_cluster(cluster: &Cluster, url: &str) -> Result<Output, Failed> {
     let mut cmd = cluster.command("curl");
     cmd.args(["-sS", "--max-time", "3", url]);
     Ok(cmd.run(RUN)?)
@@ -95,7 +146,7 @@ fn curl_from_cluster(cluster: &Cluster, url: &str) -> Result<Output, Failed> {
 
 /// Repeats `curl` until it returns `expected` (the subscription follows the app's `listen`
 /// within a poll interval, and the session needs a moment to start).
-fn curl_until(cluster: &Cluster, url: &str, expected: &str) -> Result<(), Failed> {
+pub(super) fn curl_until(cluster: &Cluster, url: &str, expected: &str) -> Result<(), Failed> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let out = curl_from_cluster(cluster, url)?;
@@ -138,12 +189,12 @@ fn python_server(scene: &Scene, dir: &Path, port: u16) -> Result<Vec<String>, Fa
     .to_vec())
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
+pub(super) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
 /// The pod's own app on [`PORT`], answering `remote`, killed when dropped.
-struct PodServer(Child);
+pub(super) struct PodServer(pub(super) Child);
 
 impl PodServer {
     fn start(scene: &Scene, pod: &Pod, dir: &Path) -> Result<PodServer, Failed> {

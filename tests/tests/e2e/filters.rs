@@ -1,0 +1,561 @@
+//! Incoming traffic's HTTP filters through `mirrord exec`, and what a session leaves in the pod
+//! when it ends: a client in the cluster talks to the pod's address; requests that match the
+//! session's filter are answered by the local app (`local`), the rest by the pod's own app
+//! (`remote`), request by request on one connection, per stream over h2c (gRPC), and across a
+//! WebSocket upgrade. However mirrord ends, the pod's port is given back and no `mirrord_`
+//! nftables table stays in its namespace.
+//!
+//! Several sessions filter one port only through one agent: two `mirrord exec -t POD` start an
+//! agent each, each installs its own table redirecting the port to itself, and new connections
+//! follow whichever table's rule comes first, so the other session's filter never sees them.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use mirrord_tests::command::Run;
+use mirrord_tests::{Cluster, Output, Pod, Scene};
+
+use super::incoming::{PORT, PodServer, Running, curl_from_cluster, curl_until};
+use super::{RUN, standard_pod, start_agent};
+
+/// The token of the agent started by hand for shared sessions.
+const TOKEN: &str = "filters-token";
+
+/// The python with grpcio and websockets (Debian's); the PATH's one lacks them.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// How long a filtered session takes to start routing, and a guard to drop the redirect.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// An HTTP/1.1 server (keep-alive, unlike `http.server`'s default HTTP/1.0) answering every
+/// GET and POST on `PORT` with `ANSWER\n`. A request for `/quit` is answered, then the server
+/// ends, so a command under mirrord can finish on the client's word. Binds without looking its
+/// own name up (see `incoming::SERVE_PY`).
+const ANSWER_PY: &str = r#"
+import http.server, socketserver, sys, threading
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = (sys.argv[2] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        if self.path == "/quit":
+            threading.Thread(target=self.server.shutdown).start()
+    do_GET = do_POST = answer
+    def log_message(self, *args):
+        pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "test", self.server_address[1]
+Server(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+/// The command line of an [`ANSWER_PY`] server answering `answer`.
+fn answer_server(scene: &Scene, answer: &str) -> Result<Vec<String>, Failed> {
+    let script = scene.temp_dir().join("answer.py");
+    std::fs::write(&script, ANSWER_PY)?;
+    Ok(vec![
+        "python3".to_owned(),
+        "-u".to_owned(),
+        script.display().to_string(),
+        PORT.to_string(),
+        answer.to_owned(),
+    ])
+}
+
+/// A fixture script of the tests crate (`tests/fixtures/NAME`).
+fn fixture(name: &str) -> String {
+    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts `args` in the pod (its own app), stopped when dropped.
+fn pod_app(pod: &Pod, args: &[String]) -> Result<PodServer, Failed> {
+    let mut cmd: Command = pod.command(&args[0]);
+    cmd.args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Ok(PodServer(cmd.spawn()?))
+}
+
+/// A `mirrord.json` for a stolen port with `http_filter` set to `filter` (JSON).
+fn filter_config(scene: &Scene, name: &str, filter: &str) -> Result<String, Failed> {
+    let path = scene.temp_dir().join(format!("{name}.json"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"feature": {{"network": {{"incoming": {{"mode": "steal", "http_filter": {filter}}}}}}}}}"#
+        ),
+    )?;
+    Ok(path.display().to_string())
+}
+
+/// `program args…` in the cluster namespace.
+fn from_cluster(cluster: &Cluster, program: &str, args: &[&str]) -> Result<Output, Failed> {
+    let mut cmd = cluster.command(program);
+    cmd.args(args);
+    Ok(cmd.run(RUN)?)
+}
+
+/// Repeats a client in the cluster until it prints `expected` (a session starts routing a
+/// moment after its app listens).
+fn until(cluster: &Cluster, program: &str, args: &[&str], expected: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let out = from_cluster(cluster, program, args)?;
+        if out.code == 0 && out.stdout == expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{program} {args:?} never printed {expected:?}: {}",
+                out.describe()
+            )
+            .into());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A client in the cluster prints exactly `expected`, once.
+fn expect(cluster: &Cluster, program: &str, args: &[&str], expected: &str) -> Result<(), Failed> {
+    let out = from_cluster(cluster, program, args)?;
+    ensure!(
+        out.code == 0 && out.stdout == expected,
+        "{program} {args:?}: expected {expected:?}: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+fn url(pod: &Pod, path: &str) -> String {
+    format!("http://{}:{PORT}{path}", pod.ip())
+}
+
+pub fn filter_header_routes_each_request_of_one_keep_alive_connection(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let config = filter_config(scene, "filter", r#"{"header_filter": "^x-user: me$"}"#)?;
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    let me = ["-sS", "--max-time", "3", "-H", "X-User: me", page.as_str()];
+    until(cluster, "curl", &me, "local\n")?;
+    // Four requests on one connection: curl reuses it across --next; each transfer prints its
+    // answer, then how many connections it opened.
+    let out = from_cluster(
+        cluster,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "[%{num_connects}]",
+            &page,
+            "--next",
+            "-w",
+            "[%{num_connects}]",
+            "-H",
+            "X-User: me",
+            &page,
+            "--next",
+            "-w",
+            "[%{num_connects}]",
+            "-H",
+            "X-User: someone-else",
+            &page,
+            "--next",
+            "-w",
+            "[%{num_connects}]",
+            "-H",
+            "X-User: me",
+            &page,
+        ],
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == "remote\n[1]local\n[0]remote\n[0]local\n[0]",
+        "one connection, answered per request: {}; mirrord: {}",
+        out.describe(),
+        session.stderr()
+    );
+    session.stop();
+    curl_until(cluster, &page, "remote\n")?;
+    expect(cluster, "curl", &me, "remote\n")?;
+    Ok(())
+}
+
+/// gRPC is h2c: each call is a stream of one HTTP/2 connection, routed on its metadata (no h2c
+/// plain-HTTP server is installed here, so this also covers the h2c filter).
+pub fn filter_header_routes_grpc_calls_by_metadata(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let grpc = fixture("grpc_say.py");
+    let serve = |answer: &str| {
+        [SYSTEM_PYTHON, &grpc, "serve", &PORT.to_string(), answer].map(str::to_owned)
+    };
+    let _original = pod_app(&pod, &serve("remote"))?;
+    let target = format!("{}:{PORT}", pod.ip());
+    let plain = [grpc.as_str(), "call", &target];
+    let me = [grpc.as_str(), "call", &target, "x-user=me"];
+    until(cluster, SYSTEM_PYTHON, &plain, "remote\n")?;
+    let config = filter_config(scene, "filter", r#"{"header_filter": "^x-user: me$"}"#)?;
+    let local = serve("local");
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&local),
+    )?;
+    until(cluster, SYSTEM_PYTHON, &me, "local\n")?;
+    expect(cluster, SYSTEM_PYTHON, &plain, "remote\n")?;
+    expect(cluster, SYSTEM_PYTHON, &me, "local\n")?;
+    let stderr = session.stderr();
+    ensure!(session.stop().is_some(), "mirrord did not stop: {stderr}");
+    Ok(())
+}
+
+pub fn filter_header_routes_a_websocket_upgrade(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let ws = fixture("ws_echo.py");
+    let serve =
+        |answer: &str| [SYSTEM_PYTHON, &ws, "serve", &PORT.to_string(), answer].map(str::to_owned);
+    let _original = pod_app(&pod, &serve("remote"))?;
+    let address = format!("ws://{}:{PORT}/", pod.ip());
+    let plain = [ws.as_str(), "call", &address];
+    let me = [ws.as_str(), "call", &address, "X-User:me"];
+    until(cluster, SYSTEM_PYTHON, &plain, "remote:ping\n")?;
+    let config = filter_config(scene, "filter", r#"{"header_filter": "^x-user: me$"}"#)?;
+    let local = serve("local");
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&local),
+    )?;
+    until(cluster, SYSTEM_PYTHON, &me, "local:ping\n")?;
+    expect(cluster, SYSTEM_PYTHON, &plain, "remote:ping\n")?;
+    session.stop();
+    Ok(())
+}
+
+pub fn filter_all_of_path_and_method(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    curl_until(cluster, &url(&pod, "/"), "remote\n")?;
+    let config = filter_config(
+        scene,
+        "filter",
+        r#"{"all_of": [{"path": "^/api"}, {"method": "^post$"}]}"#,
+    )?;
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    let api = url(&pod, "/api/orders");
+    let other = url(&pod, "/other");
+    let post = |url: &str| ["-sS", "--max-time", "3", "-d", "x=1", url].map(str::to_owned);
+    let get = |url: &str| ["-sS", "--max-time", "3", url].map(str::to_owned);
+    until(
+        cluster,
+        "curl",
+        &super::incoming::strs(&post(&api)),
+        "local\n",
+    )?;
+    expect(
+        cluster,
+        "curl",
+        &super::incoming::strs(&get(&api)),
+        "remote\n",
+    )?;
+    expect(
+        cluster,
+        "curl",
+        &super::incoming::strs(&post(&other)),
+        "remote\n",
+    )?;
+    expect(
+        cluster,
+        "curl",
+        &super::incoming::strs(&get(&other)),
+        "remote\n",
+    )?;
+    session.stop();
+    Ok(())
+}
+
+/// Two sessions of one agent (as sessions sharing an agent started with `mirrord-agent`, reached
+/// by `--agent-addr`) filter the same port at once, each getting its own user's requests.
+/// Not two `mirrord exec -t` of their own: each starts its own agent with its own nftables
+/// table, and the first table's redirect takes every new connection (see the module doc).
+pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let agent = start_agent(scene, &pod, TOKEN)?;
+    let through_the_agent = ["--agent-addr", agent.addr(), "--agent-token", TOKEN];
+    let mut sessions = Vec::new();
+    for user in ["alice", "bob"] {
+        let filter = format!(r#"{{"header_filter": "^x-user: {user}$"}}"#);
+        let config = filter_config(scene, user, &filter)?;
+        sessions.push(Running::start_with(
+            scene,
+            &through_the_agent,
+            &["-f", &config],
+            &super::incoming::strs(&answer_server(scene, user)?),
+        )?);
+    }
+    let as_user = |user: &str| {
+        [
+            "-sS".to_owned(),
+            "--max-time".to_owned(),
+            "3".to_owned(),
+            "-H".to_owned(),
+            format!("X-User: {user}"),
+            page.clone(),
+        ]
+    };
+    for user in ["alice", "bob"] {
+        until(
+            cluster,
+            "curl",
+            &super::incoming::strs(&as_user(user)),
+            &format!("{user}\n"),
+        )?;
+    }
+    for user in ["alice", "bob", "carol", "alice", "bob"] {
+        let expected = if user == "carol" { "remote" } else { user };
+        expect(
+            cluster,
+            "curl",
+            &super::incoming::strs(&as_user(user)),
+            &format!("{expected}\n"),
+        )?;
+    }
+    expect(
+        cluster,
+        "curl",
+        &["-sS", "--max-time", "3", &page],
+        "remote\n",
+    )?;
+    for session in sessions {
+        session.stop();
+    }
+    Ok(())
+}
+
+/// `nft list ruleset` in the pod's network namespace.
+fn pod_ruleset(pod: &Pod) -> Result<String, Failed> {
+    let mut cmd = pod.command("nft");
+    cmd.args(["list", "ruleset"]);
+    let out = cmd.run(RUN)?;
+    ensure!(out.code == 0, "nft list ruleset: {}", out.describe());
+    Ok(out.stdout)
+}
+
+/// Waits for the pod to answer `remote` again and for its `mirrord_` table to go (the guard
+/// removes it a moment after the session's end).
+fn pod_is_given_back(cluster: &Cluster, pod: &Pod) -> Result<(), Failed> {
+    curl_until(cluster, &url(pod, "/"), "remote\n")?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let ruleset = pod_ruleset(pod)?;
+        if !ruleset.contains("mirrord_") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a mirrord table stayed in the pod: {ruleset}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Steals the pod's port (the local app answers `local`; `/quit` ends it), checks the redirect
+/// is in the pod, lets `end` finish the session, and checks the pod is given back.
+fn cleanup_after(
+    scene: &Scene,
+    cluster: &Cluster,
+    end: fn(&mut Running, &Cluster, &Pod) -> Result<(), Failed>,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let mut session = Running::start(
+        scene,
+        &pod,
+        &["--steal"],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    curl_until(cluster, &page, "local\n")?;
+    let ruleset = pod_ruleset(&pod)?;
+    ensure!(
+        ruleset.contains("table ip mirrord_") || ruleset.contains("table inet mirrord_"),
+        "no mirrord table while stealing: {ruleset}"
+    );
+    end(&mut session, cluster, &pod)?;
+    pod_is_given_back(cluster, &pod)?;
+    Ok(())
+}
+
+pub fn cleanup_when_the_command_exits(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    cleanup_after(scene, cluster, |session, cluster, pod| {
+        let out = curl_from_cluster(cluster, &url(pod, "/quit"))?;
+        ensure!(
+            out.code == 0 && out.stdout == "local\n",
+            "the local app did not answer /quit: {}",
+            out.describe()
+        );
+        let code = session.wait();
+        ensure!(
+            code == Some(0),
+            "mirrord did not exit 0 with its command ({code:?}): {}",
+            session.stderr()
+        );
+        Ok(())
+    })
+}
+
+pub fn cleanup_after_ctrl_c(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    cleanup_after(scene, cluster, |session, _, _| {
+        let code = session.interrupt();
+        ensure!(
+            code.is_some(),
+            "mirrord did not end on Ctrl-C ({code:?}): {}",
+            session.stderr()
+        );
+        Ok(())
+    })
+}
+
+/// `kill -9` of mirrord: its agent and guard still end (the scene's leftover check), and the
+/// pod is given back.
+pub fn cleanup_after_kill_9_of_mirrord(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    cleanup_after(scene, cluster, |session, _, _| {
+        session.signal_and_wait(libc::SIGKILL);
+        Ok(())
+    })
+}
+
+/// `kill -9` of the agent serving the session: its guard removes the redirect.
+pub fn cleanup_after_kill_9_of_the_agent(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    cleanup_after(scene, cluster, |session, _, _| {
+        let agents = descendants_named(session.pid(), "mirrord-agent");
+        ensure!(
+            !agents.is_empty(),
+            "no mirrord-agent under mirrord {}",
+            session.pid()
+        );
+        for pid in agents {
+            // SAFETY: kill(2) on a process found a moment ago under our own child; at worst the
+            // pid is gone and kill fails with ESRCH.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        Ok(())
+    })
+}
+
+/// Processes under `root` (at any depth) whose name (`comm`) is `name`.
+fn descendants_named(root: u32, name: &str) -> Vec<u32> {
+    let mut parents = std::collections::HashMap::<u32, Vec<(u32, String)>>::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses, so split at the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+        let Some(ppid) = tail.split_whitespace().nth(1).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        parents
+            .entry(ppid)
+            .or_default()
+            .push((pid, comm.to_owned()));
+    }
+    let mut found = Vec::new();
+    let mut queue = vec![root];
+    while let Some(parent) = queue.pop() {
+        for (pid, comm) in parents.get(&parent).into_iter().flatten() {
+            if comm == name {
+                found.push(*pid);
+            }
+            queue.push(*pid);
+        }
+    }
+    found
+}
+
+/// A kernel without nftables, as nft reports it: `--steal` is refused in one line naming
+/// nftables, and mirrord exits 125. The agent runs `$MIRRORD_AGENT_NFT`, which the local agent
+/// inherits from mirrord's environment.
+pub fn steal_without_nftables_is_one_line(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let nft = fake_nft(scene)?;
+    let mut cmd = scene.mirrord()?;
+    cmd.env("MIRRORD_AGENT_NFT", &nft)
+        .args(["exec", "-t", &pod.target(), "--steal", "--"])
+        .args(answer_server(scene, "local")?);
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 125
+            && out.stderr
+                == format!(
+                    "mirrord: the agent refused to steal port {PORT}: cannot redirect port {PORT} \
+                     in the target: nftables is not available in its kernel (nf_tables module \
+                     missing); the command was stopped\n"
+                ),
+        "{}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// An `nft` that answers as nft 1.0.6 does on a kernel without nf_tables.
+fn fake_nft(scene: &Scene) -> Result<PathBuf, Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = scene.temp_dir().join("nft");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\necho 'netlink: Error: cache initialization failed: Invalid argument' >&2\nexit 1\n",
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
