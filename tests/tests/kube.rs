@@ -1007,15 +1007,17 @@ fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
         }}}})
         .to_string(),
     )?;
-    let server = "import http.server\n\
-class Answer(http.server.BaseHTTPRequestHandler):\n\
-    protocol_version = 'HTTP/1.1'\n\
-    def do_GET(self):\n\
-        self.send_response(200)\n\
-        self.send_header('Content-Length', '6')\n\
-        self.end_headers()\n\
-        self.wfile.write(b'local\\n')\n\
-http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()\n";
+    let server = r"
+import http.server
+class Answer(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', '6')
+        self.end_headers()
+        self.wfile.write(b'local\n')
+http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
+";
     let mut cmd = kube.mirrord_as(
         USER,
         &[
@@ -1057,8 +1059,10 @@ http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()\n";
         }
         Ok(())
     })();
+    // SIGTERM, as a service manager or an IDE's stop button sends it (a terminal's Ctrl-C
+    // reaches the command itself, through the process group).
     // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let ended = wait(child, Duration::from_secs(60));
     let _ = std::fs::remove_dir_all(&dir);
     result?;
