@@ -119,6 +119,14 @@ impl Incoming {
             None => None,
         };
         let mut installed = self.installed.lock().await;
+        if let Some(other) = self.other_agent_redirecting(port).await {
+            return Err(RemoteError {
+                errno: libc::EBUSY,
+                message: format!(
+                    "port {port} of the target is already taken by another mirrord session's agent (pid {other}); sessions share a port only through one agent"
+                ),
+            });
+        }
         let mut registry = lock(&self.registry).clone();
         let displaced = registry
             .subscribe(session, &subscription)
@@ -196,6 +204,28 @@ impl Incoming {
                 }
             }
         }
+    }
+
+    /// The pid of another live agent whose table redirects `port` in this target: its
+    /// redirect would take the port's connections before ours, silently. A table whose owner
+    /// is in another pid namespace counts as live (it cannot be judged from here). Best effort:
+    /// a listing that fails is the redirect's own error to report, later.
+    async fn other_agent_redirecting(&self, port: u16) -> Option<u32> {
+        let listing = self.redirect.nft.list_tables().await.ok()?;
+        let ours = self.redirect.owner.table();
+        for table in nft::our_tables(&listing) {
+            let Some(owner) = Owner::parse(&table) else {
+                continue;
+            };
+            if table == ours || owner.is_dead(self.redirect.owner.pid_ns) {
+                continue;
+            }
+            let rules = self.redirect.nft.list_table(&table).await.ok()?;
+            if nft::redirected_ports(&rules).contains(&port) {
+                return Some(owner.pid);
+            }
+        }
+        None
     }
 
     /// Makes the table redirect what the registry wants now.

@@ -136,6 +136,26 @@ pub fn ruleset(table: &str, ports: &BTreeSet<u16>, listen_port: u16) -> String {
     text
 }
 
+/// The ports another agent's table (as `nft list table` prints it) redirects: the `dport`s of
+/// its `redirect` rules, one port or a `{ … }` set.
+pub fn redirected_ports(listing: &str) -> BTreeSet<u16> {
+    listing
+        .lines()
+        .filter(|line| line.contains("redirect"))
+        .filter_map(|line| line.split_once("dport ").map(|(_, rest)| rest.trim_start()))
+        .flat_map(|rest| {
+            let ports = match rest.strip_prefix('{') {
+                Some(set) => set.split('}').next().unwrap_or_default(),
+                None => rest.split_whitespace().next().unwrap_or_default(),
+            };
+            ports
+                .split(',')
+                .filter_map(|port| port.trim().parse().ok())
+                .collect::<Vec<u16>>()
+        })
+        .collect()
+}
+
 /// Removes `table` whether or not it exists.
 pub fn delete(table: &str) -> String {
     ruleset(table, &BTreeSet::new(), 0)
@@ -251,6 +271,11 @@ impl Nft {
         self.run(&["list", "tables"], None).await
     }
 
+    /// `nft list table inet TABLE`.
+    pub async fn list_table(&self, table: &str) -> Result<String, Cause> {
+        self.run(&["list", "table", "inet", table], None).await
+    }
+
     async fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Cause> {
         let mut child = tokio::process::Command::new(&self.program)
             .args(args)
@@ -292,6 +317,26 @@ mod tests {
         pid: 4242,
         start: 987654,
     };
+
+    #[test]
+    fn another_agents_redirected_ports_are_read_from_its_listing() {
+        // As nft 1.0.6 prints a table: a set of several ports, a set of one as a plain port.
+        let listing = "table inet mirrord_1_2_3 {
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat - 10; policy accept;
+\t\tfib daddr type local tcp dport { 8080, 9090 } ct state new redirect to :39999
+\t}
+
+\tchain output {
+\t\ttype nat hook output priority -110; policy accept;
+\t\tmeta mark 0x6d726400 return
+\t\tfib daddr type local tcp dport 80 ct state new redirect to :39999
+\t}
+}
+";
+        assert_eq!(redirected_ports(listing), BTreeSet::from([80, 8080, 9090]));
+        assert!(redirected_ports("table inet mirrord_1_2_3 {\n}\n").is_empty());
+    }
 
     #[test]
     fn a_table_name_says_which_agent_owns_it() {

@@ -5,9 +5,9 @@
 //! WebSocket upgrade. However mirrord ends, the pod's port is given back and no `mirrord_`
 //! nftables table stays in its namespace.
 //!
-//! Several sessions filter one port only through one agent: two `mirrord exec -t POD` start an
-//! agent each, each installs its own table redirecting the port to itself, and new connections
-//! follow whichever table's rule comes first, so the other session's filter never sees them.
+//! Several sessions filter one port only through one agent (`--agent-addr`): two
+//! `mirrord exec -t POD` start an agent each, and the second agent refuses a port the first one
+//! already redirects, in one line, rather than taking its connections silently.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -368,6 +368,47 @@ pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Res
     for session in sessions {
         session.stop();
     }
+    Ok(())
+}
+
+/// Two sessions started on their own (an agent each) cannot both take one port: the second is
+/// refused in one line while the first keeps the port.
+pub fn a_second_agent_on_a_taken_port_is_refused(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let first = Running::start(
+        scene,
+        &pod,
+        &["--steal"],
+        &super::incoming::strs(&answer_server(scene, "first")?),
+    )?;
+    curl_until(cluster, &page, "first\n")?;
+    let mut cmd = scene.mirrord()?;
+    cmd.args(["exec", "-t", &pod.target(), "--steal", "--"])
+        .args(answer_server(scene, "second")?);
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 125
+            && out.stderr.lines().count() == 1
+            && out.stderr.starts_with(&format!(
+                "mirrord: the agent refused to steal port {PORT}: port {PORT} of the target is \
+                 already taken by another mirrord session's agent (pid "
+            )),
+        "{}",
+        out.describe()
+    );
+    expect(
+        cluster,
+        "curl",
+        &["-sS", "--max-time", "3", &page],
+        "first\n",
+    )?;
+    first.stop();
     Ok(())
 }
 
