@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 75] = [
+    let tests: [(&str, Test); 76] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -308,6 +308,10 @@ fn tests() -> Vec<Trial> {
         (
             "filter_all_of_path_and_method",
             filters::filter_all_of_path_and_method,
+        ),
+        (
+            "connections_open_before_a_steal_stay_with_the_pod",
+            filters::connections_open_before_a_steal_stay_with_the_pod,
         ),
         (
             "a_second_agent_on_a_taken_port_is_refused",

@@ -114,8 +114,11 @@ pub fn ruleset(table: &str, ports: &BTreeSet<u16>, listen_port: u16) -> String {
     // Priority -110, just before dstnat (-100): our redirect binds the connection before other
     // NAT at the hook (a mesh sidecar's), whose chains then leave it alone. Numeric because nft
     // 1.0.6 refuses the name `dstnat` on an inet output hook.
+    // Only a connection's first SYN: a connection open before conntrack ran in this namespace
+    // (no NAT table here until ours) is picked up mid-stream as `new`, and redirecting its next
+    // segment to our listener would reset it.
     let matched = format!(
-        "fib daddr type local tcp dport {{ {ports} }} ct state new redirect to :{listen_port}"
+        "fib daddr type local tcp dport {{ {ports} }} tcp flags & (syn | ack) == syn ct state new redirect to :{listen_port}"
     );
     let _ = write!(
         text,
@@ -324,13 +327,13 @@ mod tests {
         let listing = "table inet mirrord_1_2_3 {
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat - 10; policy accept;
-\t\tfib daddr type local tcp dport { 8080, 9090 } ct state new redirect to :39999
+\t\tfib daddr type local tcp dport { 8080, 9090 } tcp flags syn / syn,ack ct state new redirect to :39999
 \t}
 
 \tchain output {
 \t\ttype nat hook output priority -110; policy accept;
 \t\tmeta mark 0x6d726400 return
-\t\tfib daddr type local tcp dport 80 ct state new redirect to :39999
+\t\tfib daddr type local tcp dport 80 tcp flags syn / syn,ack ct state new redirect to :39999
 \t}
 }
 ";
@@ -396,14 +399,14 @@ mod tests {
             table inet mirrord_1_2_3 {\n\
             \tchain prerouting {\n\
             \t\ttype nat hook prerouting priority -110; policy accept;\n\
-            \t\tfib daddr type local tcp dport { 80, 8080 } ct state new redirect to :41234\n\
+            \t\tfib daddr type local tcp dport { 80, 8080 } tcp flags & (syn | ack) == syn ct state new redirect to :41234\n\
             \t}\n\
             \tchain output {\n\
             \t\ttype nat hook output priority -110; policy accept;\n\
             \t\tmeta mark 0x6d726400 return\n\
             \t\tip daddr 127.0.0.0/8 return\n\
             \t\tip6 daddr ::1 return\n\
-            \t\tfib daddr type local tcp dport { 80, 8080 } ct state new redirect to :41234\n\
+            \t\tfib daddr type local tcp dport { 80, 8080 } tcp flags & (syn | ack) == syn ct state new redirect to :41234\n\
             \t}\n\
             }\n";
         assert_eq!(text, expected);

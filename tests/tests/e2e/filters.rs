@@ -412,6 +412,93 @@ pub fn a_second_agent_on_a_taken_port_is_refused(
     Ok(())
 }
 
+/// A keep-alive client that asks the pod once, waits for `GO` to exist, then asks again on the
+/// same connection, writing each answer and the connection's local port to `OUT`.
+const KEPT_CONNECTION_PY: &str = r#"
+import http.client, os, sys, time
+host, port, go, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+conn = http.client.HTTPConnection(host, port, timeout=10)
+def ask():
+    conn.request("GET", "/")
+    answer = conn.getresponse().read().decode().strip()
+    with open(out, "a") as f:
+        f.write(f"{answer} {conn.sock.getsockname()[1]}\n")
+ask()
+while not os.path.exists(go):
+    time.sleep(0.05)
+ask()
+"#;
+
+/// A connection already open when a steal starts stays with the pod's app (the redirect takes
+/// only new connections), while new ones reach the local app.
+pub fn connections_open_before_a_steal_stay_with_the_pod(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let script = scene.temp_dir().join("kept.py");
+    std::fs::write(&script, KEPT_CONNECTION_PY)?;
+    let (go, out) = (
+        scene.temp_dir().join("go"),
+        scene.temp_dir().join("kept.out"),
+    );
+    let mut client = cluster.command(SYSTEM_PYTHON);
+    client
+        .arg(&script)
+        .args([pod.ip().to_string(), PORT.to_string()])
+        .args([&go, &out])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(scene.temp_dir().join("kept.err"))?);
+    let mut client = client.spawn()?;
+    let answers = |count: usize| -> Result<Vec<String>, Failed> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let lines: Vec<String> = std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= count {
+                return Ok(lines);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the kept connection got {lines:?}: {}",
+                std::fs::read_to_string(scene.temp_dir().join("kept.err")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let result = (|| {
+        let before = answers(1)?;
+        let session = Running::start(
+            scene,
+            &pod,
+            &["--steal"],
+            &super::incoming::strs(&answer_server(scene, "local")?),
+        )?;
+        curl_until(cluster, &page, "local\n")?;
+        std::fs::write(&go, "")?;
+        let after = answers(2)?;
+        session.stop();
+        let port = |line: &str| line.split_once(' ').map(|(_, port)| port.to_owned());
+        ensure!(
+            before[0].starts_with("remote ")
+                && after[1].starts_with("remote ")
+                && port(&after[0]) == port(&after[1]),
+            "the connection opened before the steal, asked before and after it: {after:?}"
+        );
+        Ok(())
+    })();
+    let _ = client.kill();
+    let _ = client.wait();
+    result
+}
+
 /// `nft list ruleset` in the pod's network namespace.
 fn pod_ruleset(pod: &Pod) -> Result<String, Failed> {
     let mut cmd = pod.command("nft");
