@@ -46,8 +46,10 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// An agent Job with no running pod counts as stale only once it is this old: younger, it may
 /// be another session of the same user still starting (pulling its image, say).
 const STALE_AFTER: Duration = Duration::from_secs(180);
-/// Pause between two looks at a starting or disappearing agent.
-const POLL: Duration = Duration::from_millis(500);
+/// Pause between two looks at a starting or disappearing agent: every look is one or two
+/// small API requests, and each pause is time the user waits at the start and the end of every
+/// session (half of it on average), so it is short.
+const POLL: Duration = Duration::from_millis(100);
 /// What the agent prints once it accepts sessions.
 const LISTENING_LINE: &str = "listening on ";
 
