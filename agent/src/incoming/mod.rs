@@ -51,10 +51,8 @@ pub struct Incoming {
     /// Serialises changes of the redirect, so the table always matches the registry.
     installed: tokio::sync::Mutex<Installed>,
     /// Read by every arriving connection; changed only under `installed`.
-    registry: Mutex<Registry>,
+    registry: Mutex<Registry<Arc<Filter>>>,
     sessions: Mutex<HashMap<SessionId, Weak<SessionStreams>>>,
-    /// The compiled filters of the registry's filtered subscriptions, by session and port.
-    filters: Mutex<HashMap<(SessionId, u16), Arc<Filter>>>,
     next_session: AtomicU64,
 }
 
@@ -78,7 +76,6 @@ impl Incoming {
             installed: tokio::sync::Mutex::new(Installed::default()),
             registry: Mutex::new(Registry::default()),
             sessions: Mutex::new(HashMap::new()),
-            filters: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         })
     }
@@ -94,7 +91,6 @@ impl Incoming {
     /// given back.
     pub async fn end_session(self: &Arc<Self>, session: SessionId) {
         lock(&self.sessions).remove(&session);
-        lock(&self.filters).retain(|(owner, _), _| *owner != session);
         let mut installed = self.installed.lock().await;
         lock(&self.registry).end_session(session);
         if let Err(cause) = self.sync(&mut installed).await {
@@ -129,7 +125,13 @@ impl Incoming {
         }
         let mut registry = lock(&self.registry).clone();
         let displaced = registry
-            .subscribe(session, &subscription)
+            .subscribe(
+                session,
+                port,
+                subscription.mode,
+                filter,
+                subscription.override_steal,
+            )
             .map_err(|conflict| RemoteError {
                 errno: libc::EBUSY,
                 message: conflict.to_string(),
@@ -156,10 +158,6 @@ impl Incoming {
             .await
             .map_err(|cause| cannot(&cause, cause.errno()))?;
         *lock(&self.registry) = registry;
-        match filter {
-            Some(filter) => lock(&self.filters).insert((session, port), filter),
-            None => lock(&self.filters).remove(&(session, port)),
-        };
         if let Some(displaced) = displaced {
             info!(port, displaced, by = session, "steal overridden");
         }
@@ -174,7 +172,6 @@ impl Incoming {
     ) -> Result<(), RemoteError> {
         let mut installed = self.installed.lock().await;
         lock(&self.registry).unsubscribe(session, port);
-        lock(&self.filters).remove(&(session, port));
         self.sync(&mut installed)
             .await
             .map_err(|cause| RemoteError {
@@ -292,7 +289,7 @@ impl Incoming {
     /// The one place a redirected connection is sent where the registry said.
     async fn dispatch(
         &self,
-        route: Route,
+        route: Route<Arc<Filter>>,
         client: TcpStream,
         peer: SocketAddr,
         destination: SocketAddr,
@@ -318,10 +315,7 @@ impl Incoming {
         if !filtered.is_empty() {
             let routes = filtered
                 .into_iter()
-                .filter_map(|(session, mode, _)| {
-                    let filter = lock(&self.filters)
-                        .get(&(session, destination.port()))
-                        .cloned()?;
+                .filter_map(|(session, mode, filter)| {
                     let streams = self.streams(session)?;
                     let connection = connection(mode);
                     Some(LocalRoute::new(filter, mode, move || {

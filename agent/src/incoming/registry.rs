@@ -5,19 +5,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mirrord_protocol::incoming::{HttpFilter, IncomingMode, Subscription};
+use mirrord_protocol::incoming::IncomingMode;
 
 /// One session of the agent (a CLI connection), numbered by the agent.
 pub type SessionId = u64;
 
 #[derive(Debug, Clone, PartialEq)]
-struct Entry {
+struct Entry<F> {
     session: SessionId,
     mode: IncomingMode,
-    filter: Option<HttpFilter>,
+    filter: Option<F>,
 }
 
-impl Entry {
+impl<F> Entry<F> {
     fn steals_whole(&self) -> bool {
         self.mode == IncomingMode::Steal && self.filter.is_none()
     }
@@ -31,9 +31,10 @@ pub enum Conflict {
     AlreadyStolen { port: u16 },
 }
 
-/// Where one redirected connection goes.
+/// Where one redirected connection goes; `F` is a session's filter (the agent keeps them
+/// compiled).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Route {
+pub enum Route<F> {
     /// To `session` whole; `mirrors` get a copy of the client's bytes.
     Steal {
         session: SessionId,
@@ -42,7 +43,7 @@ pub enum Route {
     /// Request by request, by these sessions' filters (the HTTP router's to decide); `mirrors`
     /// as above.
     Filtered {
-        filters: Vec<(SessionId, IncomingMode, HttpFilter)>,
+        filters: Vec<(SessionId, IncomingMode, F)>,
         mirrors: Vec<SessionId>,
     },
     /// To the original app, as if nothing happened; `mirrors` get a copy (empty when nobody
@@ -50,25 +51,36 @@ pub enum Route {
     PassThrough { mirrors: Vec<SessionId> },
 }
 
-#[derive(Debug, Default, Clone)]
-pub struct Registry {
-    ports: BTreeMap<u16, Vec<Entry>>,
+#[derive(Debug, Clone)]
+pub struct Registry<F> {
+    ports: BTreeMap<u16, Vec<Entry<F>>>,
 }
 
-impl Registry {
-    /// Adds or replaces `session`'s subscription of its port. An unfiltered steal of a port
-    /// that another session steals unfiltered is refused unless `override_steal`, which takes
-    /// the port from that session; its subscription is dropped and it is returned.
+impl<F> Default for Registry<F> {
+    fn default() -> Self {
+        Registry {
+            ports: BTreeMap::new(),
+        }
+    }
+}
+
+impl<F: Clone> Registry<F> {
+    /// Adds or replaces `session`'s subscription of `port`, taking the requests `filter`
+    /// matches (all of them without one). An unfiltered steal of a port that another session
+    /// steals unfiltered is refused unless `override_steal`, which takes the port from that
+    /// session; its subscription is dropped and it is returned.
     pub fn subscribe(
         &mut self,
         session: SessionId,
-        subscription: &Subscription,
+        port: u16,
+        mode: IncomingMode,
+        filter: Option<F>,
+        override_steal: bool,
     ) -> Result<Option<SessionId>, Conflict> {
-        let port = subscription.port;
         let entry = Entry {
             session,
-            mode: subscription.mode,
-            filter: subscription.filter.clone(),
+            mode,
+            filter,
         };
         let entries = self.ports.entry(port).or_default();
         let holder = entries
@@ -76,7 +88,7 @@ impl Registry {
             .find(|other| other.session != session && other.steals_whole())
             .map(|other| other.session);
         let displaced = match holder {
-            Some(_) if entry.steals_whole() && !subscription.override_steal => {
+            Some(_) if entry.steals_whole() && !override_steal => {
                 return Err(Conflict::AlreadyStolen { port });
             }
             Some(holder) if entry.steals_whole() => Some(holder),
@@ -116,7 +128,7 @@ impl Registry {
 
     /// Where a new connection to `port` goes. A whole steal wins over filters; mirrors always
     /// get their copy.
-    pub fn route(&self, port: u16) -> Route {
+    pub fn route(&self, port: u16) -> Route<F> {
         let entries = self.ports.get(&port).map(Vec::as_slice).unwrap_or_default();
         let mirrors: Vec<SessionId> = entries
             .iter()
@@ -144,6 +156,22 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mirrord_protocol::incoming::{HttpFilter, Subscription};
+
+    /// Subscribes as the agent does for `subscription`, its filter kept as it came.
+    fn add(
+        registry: &mut Registry<HttpFilter>,
+        session: SessionId,
+        subscription: &Subscription,
+    ) -> Result<Option<SessionId>, Conflict> {
+        registry.subscribe(
+            session,
+            subscription.port,
+            subscription.mode,
+            subscription.filter.clone(),
+            subscription.override_steal,
+        )
+    }
 
     fn sub(port: u16, mode: IncomingMode) -> Subscription {
         Subscription {
@@ -160,9 +188,9 @@ mod tests {
     #[test]
     fn a_steal_takes_the_connection_and_mirrors_get_copies() {
         let mut registry = Registry::default();
-        assert_eq!(registry.subscribe(1, &sub(80, MIRROR)), Ok(None));
+        assert_eq!(add(&mut registry, 1, &sub(80, MIRROR)), Ok(None));
         assert_eq!(registry.route(80), Route::PassThrough { mirrors: vec![1] });
-        assert_eq!(registry.subscribe(2, &sub(80, STEAL)), Ok(None));
+        assert_eq!(add(&mut registry, 2, &sub(80, STEAL)), Ok(None));
         assert_eq!(
             registry.route(80),
             Route::Steal {
@@ -177,8 +205,8 @@ mod tests {
     #[test]
     fn a_second_whole_steal_is_refused_unless_it_overrides() {
         let mut registry = Registry::default();
-        registry.subscribe(1, &sub(80, STEAL)).unwrap();
-        let refused = registry.subscribe(2, &sub(80, STEAL)).unwrap_err();
+        add(&mut registry, 1, &sub(80, STEAL)).unwrap();
+        let refused = add(&mut registry, 2, &sub(80, STEAL)).unwrap_err();
         assert_eq!(refused, Conflict::AlreadyStolen { port: 80 });
         assert!(!refused.to_string().contains('\n'));
         assert!(refused.to_string().starts_with("port 80 is already stolen"));
@@ -191,12 +219,12 @@ mod tests {
             }
         );
         // The same session re-subscribing replaces its own subscription.
-        assert_eq!(registry.subscribe(1, &sub(80, STEAL)), Ok(None));
+        assert_eq!(add(&mut registry, 1, &sub(80, STEAL)), Ok(None));
         let overriding = Subscription {
             override_steal: true,
             ..sub(80, STEAL)
         };
-        assert_eq!(registry.subscribe(2, &overriding), Ok(Some(1)));
+        assert_eq!(add(&mut registry, 2, &overriding), Ok(Some(1)));
         assert_eq!(
             registry.route(80),
             Route::Steal {
@@ -214,7 +242,7 @@ mod tests {
             filter: Some(HttpFilter::Path("^/api".into())),
             ..sub(80, STEAL)
         };
-        registry.subscribe(1, &filtered).unwrap();
+        add(&mut registry, 1, &filtered).unwrap();
         assert_eq!(
             registry.route(80),
             Route::Filtered {
@@ -222,7 +250,7 @@ mod tests {
                 mirrors: vec![]
             }
         );
-        registry.subscribe(2, &sub(80, STEAL)).unwrap();
+        add(&mut registry, 2, &sub(80, STEAL)).unwrap();
         assert_eq!(
             registry.route(80),
             Route::Steal {
@@ -235,9 +263,9 @@ mod tests {
     #[test]
     fn a_port_is_released_when_nobody_wants_it() {
         let mut registry = Registry::default();
-        registry.subscribe(1, &sub(80, MIRROR)).unwrap();
-        registry.subscribe(2, &sub(80, STEAL)).unwrap();
-        registry.subscribe(2, &sub(8080, STEAL)).unwrap();
+        add(&mut registry, 1, &sub(80, MIRROR)).unwrap();
+        add(&mut registry, 2, &sub(80, STEAL)).unwrap();
+        add(&mut registry, 2, &sub(8080, STEAL)).unwrap();
         assert_eq!(registry.ports(), BTreeSet::from([80, 8080]));
         assert!(registry.unsubscribe(1, 80));
         assert!(!registry.unsubscribe(1, 80));
