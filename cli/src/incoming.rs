@@ -264,6 +264,13 @@ pub fn parse_port_mapping(text: &str) -> Result<(u16, u16), String> {
     }
 }
 
+/// Where a connection from the target's own address is delivered from: the launched process
+/// has that address itself, and the kernel drops a packet that arrives from its own address as
+/// a martian. The IPv4 dummy address (RFC 7600), meant for a host with no address of its own.
+const STAND_IN_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
+/// Its IPv6 counterpart: an address of a unique-local prefix of our own (`mrdrd`).
+const STAND_IN_V6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x7264, 0x7264, 0, 0, 0, 0, 8);
+
 /// The launched process's own addresses, where delivered connections arrive.
 #[derive(Debug, Clone, Copy)]
 pub struct AppAddresses {
@@ -278,6 +285,18 @@ impl AppAddresses {
             IpAddr::V4(_) => Some((self.v4, port).into()),
             IpAddr::V6(_) => self.v6.map(|v6| (v6, port).into()),
         }
+    }
+
+    /// The address a connection from `peer` is delivered from: `peer` itself, unless it is
+    /// the target's own address (a client in the pod, or another session's agent passing a
+    /// connection on), which is the app's own here too.
+    fn source_for(&self, peer: SocketAddr) -> SocketAddr {
+        let ip = match peer.ip() {
+            IpAddr::V4(v4) if v4 == self.v4 => IpAddr::V4(STAND_IN_V4),
+            IpAddr::V6(v6) if Some(v6) == self.v6 => IpAddr::V6(STAND_IN_V6),
+            ip => ip,
+        };
+        SocketAddr::new(ip, peer.port())
     }
 }
 
@@ -466,7 +485,13 @@ async fn deliver_all(
     while let Some(stream) = streams.recv().await {
         let local = lock(&routes).get(&stream.connection.port).copied();
         let target = local.and_then(|port| app.for_peer(stream.connection.peer, port));
-        tokio::spawn(deliver(client.clone(), stream, target, originator.clone()));
+        tokio::spawn(deliver(
+            client.clone(),
+            stream,
+            target,
+            app,
+            originator.clone(),
+        ));
     }
 }
 
@@ -479,11 +504,12 @@ async fn deliver(
     client: Arc<AgentClient>,
     stream: IncomingStream,
     target: Option<SocketAddr>,
+    app: AppAddresses,
     originator: Originator,
 ) {
     let IncomingConnection { port, peer, .. } = stream.connection;
     // A client of an IPv6 socket may appear as an IPv4-mapped address.
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let peer = app.source_for(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
     let Some(target) = target else {
         let error = remote_error(
             libc::ECONNREFUSED,
@@ -747,6 +773,24 @@ mod tests {
         assert_eq!(
             app.for_peer("[2001:db8::9]:5000".parse().unwrap(), 8080),
             None
+        );
+    }
+
+    #[test]
+    fn a_connection_from_the_targets_own_address_comes_from_a_stand_in() {
+        let app = AppAddresses {
+            v4: Ipv4Addr::new(10, 0, 0, 2),
+            v6: Some("fd00::2".parse().unwrap()),
+        };
+        let client: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        assert_eq!(app.source_for(client), client);
+        assert_eq!(
+            app.source_for("10.0.0.2:5000".parse().unwrap()),
+            "192.0.0.8:5000".parse().unwrap()
+        );
+        assert_eq!(
+            app.source_for("[fd00::2]:5000".parse().unwrap()),
+            "[fd6d:7264:7264::8]:5000".parse().unwrap()
         );
     }
 }

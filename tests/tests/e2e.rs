@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 76] = [
+    let tests: [(&str, Test); 77] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -314,8 +314,12 @@ fn tests() -> Vec<Trial> {
             filters::connections_open_before_a_steal_stay_with_the_pod,
         ),
         (
-            "a_second_agent_on_a_taken_port_is_refused",
-            filters::a_second_agent_on_a_taken_port_is_refused,
+            "a_second_agents_steal_of_a_stolen_port_needs_override",
+            filters::a_second_agents_steal_of_a_stolen_port_needs_override,
+        ),
+        (
+            "two_agents_with_their_own_filters_share_a_port",
+            filters::two_agents_with_their_own_filters_share_a_port,
         ),
         (
             "filter_two_sessions_share_a_port",

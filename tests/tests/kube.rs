@@ -991,35 +991,34 @@ fn call_api(kube: &Kube, headers: &[&str]) -> Result<String, Failed> {
     Ok(out.stdout.trim().to_owned())
 }
 
-/// A steal with a header filter on deployment/api: a client pod calling Service api gets the
-/// local app's answer for its requests with `X-User: me` and the pod's for the others; after the
-/// session the pod answers everything again.
-fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
-    const USER: &str = "filter-test";
-    let dir = std::env::temp_dir().join(format!("mirrord-kube-filter-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("mirrord.json");
+/// Starts `mirrord exec -t deployment/api` stealing the requests with `X-User: USER`, its local
+/// app answering `USER`; `dir` holds its config.
+fn filtered_session(kube: &Kube, as_user: &str, dir: &Path, user: &str) -> Result<Child, Failed> {
+    let config = dir.join(format!("{user}.json"));
     std::fs::write(
         &config,
         serde_json::json!({"feature": {"network": {"incoming": {
             "mode": "steal",
-            "http_filter": {"header_filter": "^x-user: me$"},
+            "http_filter": {"header_filter": format!("^x-user: {user}$")},
         }}}})
         .to_string(),
     )?;
-    let server = r"
+    let server = format!(
+        r"
 import http.server
 class Answer(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     def do_GET(self):
         self.send_response(200)
-        self.send_header('Content-Length', '6')
+        self.send_header('Content-Length', '{length}')
         self.end_headers()
-        self.wfile.write(b'local\n')
+        self.wfile.write(b'{user}\n')
 http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
-";
+",
+        length = user.len() + 1
+    );
     let mut cmd = kube.mirrord_as(
-        USER,
+        as_user,
         &[
             "exec",
             "-n",
@@ -1031,45 +1030,79 @@ http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
             "--",
             "/usr/bin/python3",
             "-c",
-            server,
+            &server,
         ],
     );
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd.spawn()?;
+    Ok(cmd.spawn()?)
+}
+
+/// Until `X-User: USER` reaches that session's local app (the port is taken once it listens).
+fn until_user_gets(kube: &Kube, user: &str, expected: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + SESSION;
+    let header = format!("X-User: {user}");
+    while call_api(kube, &[&header])? != expected {
+        ensure!(
+            Instant::now() < deadline,
+            "X-User: {user} never got {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}
+
+/// Ends a session with SIGTERM, as a service manager or an IDE's stop button sends it (a
+/// terminal's Ctrl-C reaches the command itself, through the process group).
+fn terminate(child: Child) -> Result<(), Failed> {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    wait(child, Duration::from_secs(60)).map(drop)
+}
+
+/// Two sessions, each with its own agent, steal deployment/api's requests by header filters: a
+/// client pod calling Service api gets each session's local app for that session's `X-User`
+/// and the pod for everyone else; when one session ends the other keeps its requests, and after
+/// both the pod answers everything again.
+fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "filter-test";
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-filter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut sessions = Vec::new();
     let result = (|| {
-        // The port is taken once the local app listens.
-        let deadline = Instant::now() + SESSION;
-        while call_api(kube, &["X-User: me"])? != "local" {
-            ensure!(
-                Instant::now() < deadline,
-                "X-User: me never reached the local app"
-            );
-            std::thread::sleep(Duration::from_millis(300));
+        for user in ["me", "you"] {
+            sessions.push(filtered_session(kube, USER, &dir, user)?);
+            until_user_gets(kube, user, user)?;
         }
         for _ in 0..3 {
-            let mine = call_api(kube, &["X-User: me"])?;
+            let me = call_api(kube, &["X-User: me"])?;
+            let you = call_api(kube, &["X-User: you"])?;
             let others = call_api(kube, &["X-User: someone-else"])?;
             let plain = call_api(kube, &[])?;
             ensure!(
-                (mine.as_str(), others.as_str(), plain.as_str()) == ("local", "remote", "remote"),
-                "X-User: me got {mine:?}, X-User: someone-else {others:?}, no header {plain:?}"
+                [&me, &you, &others, &plain] == ["me", "you", "remote", "remote"],
+                "X-User: me got {me:?}, X-User: you {you:?}, X-User: someone-else {others:?}, \
+                 no header {plain:?}"
             );
         }
+        // The session that came first is last in line; it keeps its requests alone.
+        terminate(sessions.pop().ok_or("no second session")?)?;
+        until_user_gets(kube, "you", "remote")?;
+        let me = call_api(kube, &["X-User: me"])?;
+        ensure!(
+            me == "me",
+            "after the second session ended, X-User: me got {me:?}"
+        );
         Ok(())
     })();
-    // SIGTERM, as a service manager or an IDE's stop button sends it (a terminal's Ctrl-C
-    // reaches the command itself, through the process group).
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let ended = wait(child, Duration::from_secs(60));
+    let ended: Vec<_> = sessions.into_iter().map(terminate).collect();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    ended?;
+    ended.into_iter().collect::<Result<(), Failed>>()?;
     ensure!(
         call_api(kube, &["X-User: me"])? == "remote",
-        "the pod did not answer again after the session"
+        "the pod did not answer again after the sessions"
     );
     kube.agents_gone_within(USER, Duration::from_secs(10))
 }

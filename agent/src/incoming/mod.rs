@@ -6,6 +6,9 @@
 //!
 //! One redirect per port for the whole agent, however many sessions want the port: who gets a
 //! connection is the [`registry`]'s decision, taken when the connection arrives.
+//! Other agents may redirect the same port in the same target (every session that starts its own
+//! agent): the agents stand in line by their tables' [`Place`], and what one passes through goes
+//! on to the next (see [`nft`]).
 
 pub mod guard;
 pub mod nft;
@@ -16,7 +19,7 @@ mod tee;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -29,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::server::AgentOut;
 use guard::Guard;
 use mirrord_http_filter::{Filter, LocalRoute};
-use nft::{Cause, Nft, Owner};
+use nft::{Cause, Nft, Owner, Place, Plan};
 use registry::{Registry, Route, SessionId};
 use tee::Tee;
 
@@ -54,14 +57,15 @@ pub struct Incoming {
     registry: Mutex<Registry<Arc<Filter>>>,
     sessions: Mutex<HashMap<SessionId, Weak<SessionStreams>>>,
     next_session: AtomicU64,
+    /// The mark of the agent's connections to the original app: its installed place's.
+    mark: AtomicU32,
 }
 
-#[derive(Default)]
 struct Installed {
     /// The agent's listener port, once bound.
     listen_port: Option<u16>,
-    /// The ports the table redirects now.
-    ports: BTreeSet<u16>,
+    /// What the table redirects now.
+    plan: Plan,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,10 +77,18 @@ impl Incoming {
     pub fn new(redirect: Redirect) -> Arc<Incoming> {
         Arc::new(Incoming {
             redirect,
-            installed: tokio::sync::Mutex::new(Installed::default()),
+            installed: tokio::sync::Mutex::new(Installed {
+                listen_port: None,
+                plan: Plan {
+                    ports: BTreeSet::new(),
+                    stolen: BTreeSet::new(),
+                    place: Place::FIRST,
+                },
+            }),
             registry: Mutex::new(Registry::default()),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            mark: AtomicU32::new(Place::FIRST.mark()),
         })
     }
 
@@ -99,6 +111,12 @@ impl Incoming {
     }
 
     /// Subscribes `session` to a port: the redirect is in place when this returns `Ok`.
+    ///
+    /// Other agents may redirect in the same target (each session of its own, as every
+    /// Kubernetes session is): the agent then takes the place before theirs, so the port's
+    /// connections come to it first, and what it passes through goes on to them. A whole steal
+    /// of a port another agent steals whole is refused unless it overrides, as within one
+    /// agent.
     pub async fn subscribe(
         self: &Arc<Self>,
         session: SessionId,
@@ -115,14 +133,29 @@ impl Incoming {
             None => None,
         };
         let mut installed = self.installed.lock().await;
-        if let Some(other) = self.other_agent_redirecting(port).await {
+        let others = self.other_agents().await;
+        let steals_whole = subscription.mode == IncomingMode::Steal && filter.is_none();
+        let stealer = others
+            .iter()
+            .find(|(_, plan)| plan.stolen.contains(&port))
+            .filter(|_| steals_whole && !subscription.override_steal);
+        if let Some((pid, _)) = stealer {
             return Err(RemoteError {
                 errno: libc::EBUSY,
                 message: format!(
-                    "port {port} of the target is already taken by another mirrord session's agent (pid {other}); sessions share a port only through one agent"
+                    "port {port} is already stolen by another session (its agent is pid {pid}); set override_steal (on_concurrent_steal = \"override\") to take it over"
                 ),
             });
         }
+        let place = match others.iter().map(|(_, plan)| plan.place).max() {
+            Some(top) if top >= installed.plan.place => top.above().ok_or(RemoteError {
+                errno: libc::EBUSY,
+                message: format!(
+                    "cannot redirect port {port} in the target: too many mirrord agents already redirect there"
+                ),
+            })?,
+            _ => installed.plan.place,
+        };
         let mut registry = lock(&self.registry).clone();
         let displaced = registry
             .subscribe(
@@ -154,7 +187,7 @@ impl Incoming {
             installed.listen_port = Some(listen_port);
             tokio::spawn(self.clone().accept_loop(listener, listen_port));
         }
-        self.install(&mut installed, &registry.ports())
+        self.install(&mut installed, plan_of(&registry, place))
             .await
             .map_err(|cause| cannot(&cause, cause.errno()))?;
         *lock(&self.registry) = registry;
@@ -203,13 +236,16 @@ impl Incoming {
         }
     }
 
-    /// The pid of another live agent whose table redirects `port` in this target: its
-    /// redirect would take the port's connections before ours, silently. A table whose owner
-    /// is in another pid namespace counts as live (it cannot be judged from here). Best effort:
-    /// a listing that fails is the redirect's own error to report, later.
-    async fn other_agent_redirecting(&self, port: u16) -> Option<u32> {
-        let listing = self.redirect.nft.list_tables().await.ok()?;
+    /// The other live agents that redirect in this target, with what their tables redirect.
+    /// A table whose owner is in another pid namespace counts as live (it cannot be judged
+    /// from here). Best effort: a listing that fails is the redirect's own error to report,
+    /// later.
+    async fn other_agents(&self) -> Vec<(u32, Plan)> {
+        let Ok(listing) = self.redirect.nft.list_tables().await else {
+            return Vec::new();
+        };
         let ours = self.redirect.owner.table();
+        let mut others = Vec::new();
         for table in nft::our_tables(&listing) {
             let Some(owner) = Owner::parse(&table) else {
                 continue;
@@ -217,22 +253,22 @@ impl Incoming {
             if table == ours || owner.is_dead(self.redirect.owner.pid_ns) {
                 continue;
             }
-            let rules = self.redirect.nft.list_table(&table).await.ok()?;
-            if nft::redirected_ports(&rules).contains(&port) {
-                return Some(owner.pid);
+            // Gone between the two listings: nothing to share.
+            if let Ok(rules) = self.redirect.nft.list_table(&table).await {
+                others.push((owner.pid, nft::read_plan(&rules)));
             }
         }
-        None
+        others
     }
 
     /// Makes the table redirect what the registry wants now.
     async fn sync(&self, installed: &mut Installed) -> Result<(), Cause> {
-        let ports = lock(&self.registry).ports();
-        self.install(installed, &ports).await
+        let plan = plan_of(&lock(&self.registry), installed.plan.place);
+        self.install(installed, plan).await
     }
 
-    async fn install(&self, installed: &mut Installed, ports: &BTreeSet<u16>) -> Result<(), Cause> {
-        if *ports == installed.ports {
+    async fn install(&self, installed: &mut Installed, plan: Plan) -> Result<(), Cause> {
+        if plan == installed.plan {
             return Ok(());
         }
         let Some(listen_port) = installed.listen_port else {
@@ -246,10 +282,13 @@ impl Incoming {
         let table = self.redirect.owner.table();
         self.redirect
             .nft
-            .apply(&nft::ruleset(&table, ports, listen_port))
+            .apply(&nft::ruleset(&table, &plan, listen_port))
             .await?;
-        debug!(table, ?ports, listen_port, "redirect installed");
-        installed.ports = ports.clone();
+        debug!(table, ?plan, listen_port, "redirect installed");
+        // Only now: until the table skips the new place's mark, a connection with it would
+        // come back to this agent.
+        self.mark.store(plan.place.mark(), Ordering::Relaxed);
+        installed.plan = plan;
         Ok(())
     }
 
@@ -323,10 +362,11 @@ impl Incoming {
                     }))
                 })
                 .collect();
+            let mark = self.mark();
             let served = mirrord_http_filter::serve_routes(
                 client,
                 routes,
-                move || connect_original(destination),
+                move || connect_original(destination, mark),
                 mirrord_http_filter::Options::default(),
             )
             .await;
@@ -348,7 +388,7 @@ impl Incoming {
             }
             return;
         }
-        match connect_original(destination).await {
+        match connect_original(destination, self.mark()).await {
             Ok(mut original) => {
                 let mut client = client;
                 if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut original).await
@@ -360,6 +400,10 @@ impl Incoming {
                 warn!(%peer, %destination, "cannot pass a connection through to the original app: {error}")
             }
         }
+    }
+
+    fn mark(&self) -> u32 {
+        self.mark.load(Ordering::Relaxed)
     }
 
     fn streams(&self, session: SessionId) -> Option<Arc<SessionStreams>> {
@@ -413,17 +457,23 @@ async fn open_local(
     Ok(near)
 }
 
-/// Connects to the original app, marked so the redirect lets the connection through.
-async fn connect_original(destination: SocketAddr) -> std::io::Result<TcpStream> {
+/// What the table should redirect for `registry`, at `place`.
+fn plan_of<F: Clone>(registry: &Registry<F>, place: Place) -> Plan {
+    Plan {
+        ports: registry.ports(),
+        stolen: registry.stolen_whole(),
+        place,
+    }
+}
+
+/// Connects to the original app with `mark`, so the redirect lets the connection through (to
+/// the app, or to the next agent in line).
+async fn connect_original(destination: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let socket = match destination {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::Mark,
-        &nft::PASS_THROUGH_MARK,
-    )?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
         .await
         .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??;

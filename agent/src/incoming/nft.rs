@@ -20,10 +20,56 @@ use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 
-/// The socket mark of the agent's own connections to the original app: the redirect skips
-/// them, so a mirrored or passed-through connection reaches the app instead of the agent.
-/// Arbitrary, but not a bit pattern used by kube-proxy (0x4000/0x8000) or Istio (0x539).
+/// The socket marks of agents' own connections to the original app: `PASS_THROUGH_MARK` plus
+/// the agent's [`Place`] in line. The redirect of an agent at place `p` skips the marks of
+/// places up to `p`: its own connections, and those of agents whose tables come after it,
+/// reach the app (or the next agent in line) instead of coming back. Arbitrary, but not a bit
+/// pattern used by kube-proxy (0x4000/0x8000) or Istio (0x539).
 pub const PASS_THROUGH_MARK: u32 = 0x6d72_6400;
+
+/// Where an agent's table comes among the agents that redirect in one target: tables run in
+/// falling order of place (a higher place, a lower hook priority, runs first), so a
+/// connection reaches the agent with the highest place among those redirecting its port first,
+/// and what that agent passes through goes on to the next one. An agent takes the place above
+/// every other live agent's when it subscribes, so the newest subscription is first in line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Place(u8);
+
+impl Place {
+    pub const FIRST: Place = Place(1);
+    /// NAT chains must run after conntrack (priority -200): places 1 to 89 are priorities
+    /// -111 to -199.
+    const LAST: u8 = 89;
+
+    /// The place just above `self`; `None` past the last one.
+    pub fn above(self) -> Option<Place> {
+        (self.0 < Place::LAST).then_some(Place(self.0 + 1))
+    }
+
+    /// The mark of this agent's connections to the original app.
+    pub fn mark(self) -> u32 {
+        PASS_THROUGH_MARK + u32::from(self.0)
+    }
+
+    /// Just before dstnat (-100): our redirect binds the connection before other NAT at the
+    /// hook (a mesh sidecar's), whose chains then leave it alone. Numeric because nft 1.0.6
+    /// refuses the name `dstnat` on an inet output hook.
+    fn priority(self) -> i32 {
+        -110 - i32::from(self.0)
+    }
+}
+
+/// What an agent's table redirects: `ports`, of which `stolen` are stolen whole (the other
+/// agents read that from the listing, to refuse a second whole steal), at `place`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub ports: BTreeSet<u16>,
+    pub stolen: BTreeSet<u16>,
+    pub place: Place,
+}
+
+/// The rule comment that marks the ports an agent steals whole.
+const STOLEN_COMMENT: &str = "stolen whole";
 
 /// Prefix of every table an agent creates.
 pub const TABLE_PREFIX: &str = "mirrord_";
@@ -95,73 +141,107 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The batch that makes table `table` redirect new TCP connections to `ports` on the target's
-/// own addresses to `listen_port`, replacing whatever the table held; with no ports it only
-/// removes the table. Existing-or-not does not matter: the empty `table` line creates it
+/// The batch that makes table `table` redirect new TCP connections to `plan`'s ports on the
+/// target's own addresses to `listen_port`, replacing whatever the table held; with no ports it
+/// only removes the table. Existing-or-not does not matter: the empty `table` line creates it
 /// first, so the delete never fails.
-pub fn ruleset(table: &str, ports: &BTreeSet<u16>, listen_port: u16) -> String {
+pub fn ruleset(table: &str, plan: &Plan, listen_port: u16) -> String {
     let mut text = format!("table inet {table} {{}}\ndelete table inet {table}\n");
-    if ports.is_empty() {
+    if plan.ports.is_empty() {
         return text;
     }
-    let ports = ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    // `output` takes the pod's own connections to its own addresses, but not over loopback:
-    // a sidecar or probe that talks to the app on localhost keeps reaching the app.
-    // Priority -110, just before dstnat (-100): our redirect binds the connection before other
-    // NAT at the hook (a mesh sidecar's), whose chains then leave it alone. Numeric because nft
-    // 1.0.6 refuses the name `dstnat` on an inet output hook.
     // Only a connection's first SYN: a connection open before conntrack ran in this namespace
     // (no NAT table here until ours) is picked up mid-stream as `new`, and redirecting its next
     // segment to our listener would reset it.
-    let matched = format!(
-        "fib daddr type local tcp dport {{ {ports} }} tcp flags & (syn | ack) == syn ct state new redirect to :{listen_port}"
-    );
+    let rule = |ports: Vec<&u16>, comment: &str| {
+        let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        format!(
+            "\t\tfib daddr type local tcp dport {{ {} }} tcp flags & (syn | ack) == syn ct state new redirect to :{listen_port}{comment}\n",
+            ports.join(", ")
+        )
+    };
+    let (stolen, shared): (Vec<&u16>, Vec<&u16>) =
+        plan.ports.iter().partition(|p| plan.stolen.contains(p));
+    let mut matched = String::new();
+    if !stolen.is_empty() {
+        matched += &rule(stolen, &format!(" comment \"{STOLEN_COMMENT}\""));
+    }
+    if !shared.is_empty() {
+        matched += &rule(shared, "");
+    }
+    let priority = plan.place.priority();
+    let skipped = format!("{PASS_THROUGH_MARK:#x}-{:#x}", plan.place.mark());
+    // `output` takes the pod's own connections to its own addresses, but not over loopback:
+    // a sidecar or probe that talks to the app on localhost keeps reaching the app.
     let _ = write!(
         text,
         "table inet {table} {{\n\
          \tchain prerouting {{\n\
-         \t\ttype nat hook prerouting priority -110; policy accept;\n\
-         \t\t{matched}\n\
+         \t\ttype nat hook prerouting priority {priority}; policy accept;\n\
+         {matched}\
          \t}}\n\
          \tchain output {{\n\
-         \t\ttype nat hook output priority -110; policy accept;\n\
-         \t\tmeta mark {PASS_THROUGH_MARK:#x} return\n\
+         \t\ttype nat hook output priority {priority}; policy accept;\n\
+         \t\tmeta mark {skipped} return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
          \t\tip6 daddr ::1 return\n\
-         \t\t{matched}\n\
+         {matched}\
          \t}}\n\
          }}\n"
     );
     text
 }
 
-/// The ports another agent's table (as `nft list table` prints it) redirects: the `dport`s of
-/// its `redirect` rules, one port or a `{ … }` set.
-pub fn redirected_ports(listing: &str) -> BTreeSet<u16> {
-    listing
-        .lines()
-        .filter(|line| line.contains("redirect"))
-        .filter_map(|line| line.split_once("dport ").map(|(_, rest)| rest.trim_start()))
-        .flat_map(|rest| {
-            let ports = match rest.strip_prefix('{') {
-                Some(set) => set.split('}').next().unwrap_or_default(),
-                None => rest.split_whitespace().next().unwrap_or_default(),
-            };
-            ports
-                .split(',')
-                .filter_map(|port| port.trim().parse().ok())
-                .collect::<Vec<u16>>()
-        })
-        .collect()
+/// What another agent's table (as `nft list table` prints it) redirects: the `dport`s of its
+/// `redirect` rules (one port or a `{ … }` set), those under the stolen-whole comment, and its
+/// place from the end of its skipped mark range (a table without one is first in line, of
+/// place 0).
+pub fn read_plan(listing: &str) -> Plan {
+    let mut plan = Plan {
+        ports: BTreeSet::new(),
+        stolen: BTreeSet::new(),
+        place: Place(0),
+    };
+    for line in listing.lines() {
+        if let Some(range) = line.trim().strip_prefix("meta mark ") {
+            let last = range.split_whitespace().next().unwrap_or_default();
+            let last = last.rsplit('-').next().unwrap_or_default();
+            let mark = u32::from_str_radix(last.trim_start_matches("0x"), 16).unwrap_or(0);
+            if let Some(place) = mark.checked_sub(PASS_THROUGH_MARK) {
+                plan.place = Place(u8::try_from(place).unwrap_or(u8::MAX));
+            }
+        }
+        if !line.contains("redirect") {
+            continue;
+        }
+        let Some((_, rest)) = line.split_once("dport ") else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let ports = match rest.strip_prefix('{') {
+            Some(set) => set.split('}').next().unwrap_or_default(),
+            None => rest.split_whitespace().next().unwrap_or_default(),
+        };
+        let ports: Vec<u16> = ports
+            .split(',')
+            .filter_map(|port| port.trim().parse().ok())
+            .collect();
+        if line.contains(&format!("comment \"{STOLEN_COMMENT}\"")) {
+            plan.stolen.extend(&ports);
+        }
+        plan.ports.extend(ports);
+    }
+    plan
 }
 
 /// Removes `table` whether or not it exists.
 pub fn delete(table: &str) -> String {
-    ruleset(table, &BTreeSet::new(), 0)
+    let nothing = Plan {
+        ports: BTreeSet::new(),
+        stolen: BTreeSet::new(),
+        place: Place::FIRST,
+    };
+    ruleset(table, &nothing, 0)
 }
 
 /// The `mirrord_` tables in `nft list tables` output (`table inet NAME` lines).
@@ -322,23 +402,49 @@ mod tests {
     };
 
     #[test]
-    fn another_agents_redirected_ports_are_read_from_its_listing() {
-        // As nft 1.0.6 prints a table: a set of several ports, a set of one as a plain port.
+    fn another_agents_plan_is_read_from_its_listing() {
+        // As nft 1.0.6 prints a table: a set of several ports, a set of one as a plain port,
+        // the priority relative to dstnat.
         let listing = "table inet mirrord_1_2_3 {
 \tchain prerouting {
-\t\ttype nat hook prerouting priority dstnat - 10; policy accept;
+\t\ttype nat hook prerouting priority dstnat - 13; policy accept;
+\t\tfib daddr type local tcp dport 80 tcp flags syn / syn,ack ct state new redirect to :39999 comment \"stolen whole\"
 \t\tfib daddr type local tcp dport { 8080, 9090 } tcp flags syn / syn,ack ct state new redirect to :39999
 \t}
 
 \tchain output {
-\t\ttype nat hook output priority -110; policy accept;
-\t\tmeta mark 0x6d726400 return
-\t\tfib daddr type local tcp dport 80 tcp flags syn / syn,ack ct state new redirect to :39999
+\t\ttype nat hook output priority dstnat - 13; policy accept;
+\t\tmeta mark 0x6d726400-0x6d726403 return
+\t\tip daddr 127.0.0.0/8 return
+\t\tfib daddr type local tcp dport 80 tcp flags syn / syn,ack ct state new redirect to :39999 comment \"stolen whole\"
+\t\tfib daddr type local tcp dport { 8080, 9090 } tcp flags syn / syn,ack ct state new redirect to :39999
 \t}
 }
 ";
-        assert_eq!(redirected_ports(listing), BTreeSet::from([80, 8080, 9090]));
-        assert!(redirected_ports("table inet mirrord_1_2_3 {\n}\n").is_empty());
+        let plan = read_plan(listing);
+        assert_eq!(plan.ports, BTreeSet::from([80, 8080, 9090]));
+        assert_eq!(plan.stolen, BTreeSet::from([80]));
+        assert_eq!(plan.place, Place(3));
+        assert!(
+            read_plan("table inet mirrord_1_2_3 {\n}\n")
+                .ports
+                .is_empty()
+        );
+        // An agent from before places: one mark, first in line.
+        let old = "\t\tmeta mark 0x6d726400 return\n";
+        assert_eq!(read_plan(old).place, Place(0));
+    }
+
+    #[test]
+    fn places_run_from_the_highest_and_end_before_conntrack() {
+        assert_eq!(Place::FIRST.priority(), -111);
+        assert_eq!(Place::FIRST.mark(), 0x6d72_6401);
+        let mut place = Place::FIRST;
+        while let Some(next) = place.above() {
+            assert!(next.priority() < place.priority());
+            place = next;
+        }
+        assert_eq!(place.priority(), -199);
     }
 
     #[test]
@@ -392,24 +498,37 @@ mod tests {
 
     #[test]
     fn the_ruleset_redirects_new_local_tcp_to_the_listener_except_marked_and_loopback() {
-        let ports = BTreeSet::from([8080, 80]);
-        let text = ruleset("mirrord_1_2_3", &ports, 41234);
-        let expected = "table inet mirrord_1_2_3 {}\n\
+        let plan = Plan {
+            ports: BTreeSet::from([8080, 80, 443]),
+            stolen: BTreeSet::from([443]),
+            place: Place(2),
+        };
+        let text = ruleset("mirrord_1_2_3", &plan, 41234);
+        let stolen = "\t\tfib daddr type local tcp dport { 443 } tcp flags & (syn | ack) == syn ct state new redirect to :41234 comment \"stolen whole\"\n";
+        let shared = "\t\tfib daddr type local tcp dport { 80, 8080 } tcp flags & (syn | ack) == syn ct state new redirect to :41234\n";
+        let expected = format!(
+            "table inet mirrord_1_2_3 {{}}\n\
             delete table inet mirrord_1_2_3\n\
-            table inet mirrord_1_2_3 {\n\
-            \tchain prerouting {\n\
-            \t\ttype nat hook prerouting priority -110; policy accept;\n\
-            \t\tfib daddr type local tcp dport { 80, 8080 } tcp flags & (syn | ack) == syn ct state new redirect to :41234\n\
-            \t}\n\
-            \tchain output {\n\
-            \t\ttype nat hook output priority -110; policy accept;\n\
-            \t\tmeta mark 0x6d726400 return\n\
+            table inet mirrord_1_2_3 {{\n\
+            \tchain prerouting {{\n\
+            \t\ttype nat hook prerouting priority -112; policy accept;\n\
+            {stolen}{shared}\
+            \t}}\n\
+            \tchain output {{\n\
+            \t\ttype nat hook output priority -112; policy accept;\n\
+            \t\tmeta mark 0x6d726400-0x6d726402 return\n\
             \t\tip daddr 127.0.0.0/8 return\n\
             \t\tip6 daddr ::1 return\n\
-            \t\tfib daddr type local tcp dport { 80, 8080 } tcp flags & (syn | ack) == syn ct state new redirect to :41234\n\
-            \t}\n\
-            }\n";
+            {stolen}{shared}\
+            \t}}\n\
+            }}\n"
+        );
         assert_eq!(text, expected);
+        assert_eq!(
+            read_plan(&text),
+            plan,
+            "another agent reads back what we wrote"
+        );
     }
 
     #[test]

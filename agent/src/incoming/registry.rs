@@ -126,6 +126,15 @@ impl<F: Clone> Registry<F> {
         self.ports.keys().copied().collect()
     }
 
+    /// The ports a session steals whole.
+    pub fn stolen_whole(&self) -> BTreeSet<u16> {
+        self.ports
+            .iter()
+            .filter(|(_, entries)| entries.iter().any(Entry::steals_whole))
+            .map(|(port, _)| *port)
+            .collect()
+    }
+
     /// Where a new connection to `port` goes. A whole steal wins over filters; mirrors always
     /// get their copy.
     pub fn route(&self, port: u16) -> Route<F> {
@@ -200,6 +209,12 @@ mod tests {
         );
         assert_eq!(registry.route(81), Route::PassThrough { mirrors: vec![] });
         assert_eq!(registry.ports(), BTreeSet::from([80]));
+        assert_eq!(registry.stolen_whole(), BTreeSet::from([80]));
+        registry.unsubscribe(2, 80);
+        assert!(
+            registry.stolen_whole().is_empty(),
+            "a mirror is not a steal"
+        );
     }
 
     #[test]

@@ -312,8 +312,6 @@ pub fn filter_all_of_path_and_method(scene: &Scene, cluster: &Cluster) -> Result
 
 /// Two sessions of one agent (as sessions sharing an agent started with `mirrord-agent`, reached
 /// by `--agent-addr`) filter the same port at once, each getting its own user's requests.
-/// Not two `mirrord exec -t` of their own: each starts its own agent with its own nftables
-/// table, and the first table's redirect takes every new connection (see the module doc).
 pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
     let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
@@ -332,33 +330,24 @@ pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Res
             &super::incoming::strs(&answer_server(scene, user)?),
         )?);
     }
-    let as_user = |user: &str| {
-        [
-            "-sS".to_owned(),
-            "--max-time".to_owned(),
-            "3".to_owned(),
-            "-H".to_owned(),
-            format!("X-User: {user}"),
-            page.clone(),
-        ]
-    };
     for user in ["alice", "bob"] {
+        let args = as_user(&page, user);
         until(
             cluster,
             "curl",
-            &super::incoming::strs(&as_user(user)),
+            &super::incoming::strs(&args),
             &format!("{user}\n"),
         )?;
     }
-    for user in ["alice", "bob", "carol", "alice", "bob"] {
-        let expected = if user == "carol" { "remote" } else { user };
-        expect(
-            cluster,
-            "curl",
-            &super::incoming::strs(&as_user(user)),
-            &format!("{expected}\n"),
-        )?;
-    }
+    users_get(
+        cluster,
+        &page,
+        &["alice", "bob", "carol", "alice", "bob"],
+        |user| match user {
+            "carol" => "remote\n".to_owned(),
+            _ => format!("{user}\n"),
+        },
+    )?;
     expect(
         cluster,
         "curl",
@@ -371,9 +360,101 @@ pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Res
     Ok(())
 }
 
-/// Two sessions started on their own (an agent each) cannot both take one port: the second is
-/// refused in one line while the first keeps the port.
-pub fn a_second_agent_on_a_taken_port_is_refused(
+/// `curl` arguments for the pod's page as `user` (an `X-User` header).
+fn as_user(page: &str, user: &str) -> Vec<String> {
+    [
+        "-sS",
+        "--max-time",
+        "3",
+        "-H",
+        &format!("X-User: {user}"),
+        page,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Each of `users` gets `expected(user)` from the pod's page, in turn.
+fn users_get(
+    cluster: &Cluster,
+    page: &str,
+    users: &[&str],
+    expected: impl Fn(&str) -> String,
+) -> Result<(), Failed> {
+    for user in users {
+        let args = as_user(page, user);
+        expect(
+            cluster,
+            "curl",
+            &super::incoming::strs(&args),
+            &expected(user),
+        )?;
+    }
+    Ok(())
+}
+
+/// Two sessions started on their own — an agent each, as every Kubernetes session has — filter
+/// the same port: each gets its own user's requests, everyone else's reach the pod, and when
+/// either ends the other keeps its requests.
+pub fn two_agents_with_their_own_filters_share_a_port(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "remote\n")?;
+    let mut sessions = Vec::new();
+    for user in ["alice", "bob"] {
+        let filter = format!(r#"{{"header_filter": "^x-user: {user}$"}}"#);
+        let config = filter_config(scene, user, &filter)?;
+        sessions.push(Running::start(
+            scene,
+            &pod,
+            &["-f", &config],
+            &super::incoming::strs(&answer_server(scene, user)?),
+        )?);
+        let args = as_user(&page, user);
+        until(
+            cluster,
+            "curl",
+            &super::incoming::strs(&args),
+            &format!("{user}\n"),
+        )?;
+    }
+    let ruleset = pod_ruleset(&pod)?;
+    ensure!(
+        ruleset.matches("table inet mirrord_").count() == 2,
+        "not one table per agent: {ruleset}"
+    );
+    users_get(
+        cluster,
+        &page,
+        &["alice", "bob", "carol", "bob", "alice"],
+        |user| match user {
+            "carol" => "remote\n".to_owned(),
+            _ => format!("{user}\n"),
+        },
+    )?;
+    // The first agent is last in line: the second passes everyone else's requests to it.
+    let bob = sessions.pop().ok_or("no second session")?;
+    bob.stop();
+    let args = as_user(&page, "bob");
+    until(cluster, "curl", &super::incoming::strs(&args), "remote\n")?;
+    users_get(cluster, &page, &["alice", "carol"], |user| match user {
+        "alice" => "alice\n".to_owned(),
+        _ => "remote\n".to_owned(),
+    })?;
+    let alice = sessions.pop().ok_or("no first session")?;
+    alice.stop();
+    pod_is_given_back(cluster, &pod)?;
+    Ok(())
+}
+
+/// A second session of its own (another agent) that steals a port another session steals
+/// whole is refused in one line, while the first keeps the port; with `on_concurrent_steal =
+/// "override"` it takes the port until it ends.
+pub fn a_second_agents_steal_of_a_stolen_port_needs_override(
     scene: &Scene,
     cluster: &Cluster,
 ) -> Result<(), Failed> {
@@ -396,9 +477,10 @@ pub fn a_second_agent_on_a_taken_port_is_refused(
         out.code == 125
             && out.stderr.lines().count() == 1
             && out.stderr.starts_with(&format!(
-                "mirrord: the agent refused to steal port {PORT}: port {PORT} of the target is \
-                 already taken by another mirrord session's agent (pid "
-            )),
+                "mirrord: the agent refused to steal port {PORT}: port {PORT} is already stolen \
+                 by another session (its agent is pid "
+            ))
+            && out.stderr.contains("on_concurrent_steal = \"override\""),
         "{}",
         out.describe()
     );
@@ -408,7 +490,22 @@ pub fn a_second_agent_on_a_taken_port_is_refused(
         &["-sS", "--max-time", "3", &page],
         "first\n",
     )?;
+    let config = scene.temp_dir().join("override.json");
+    std::fs::write(
+        &config,
+        r#"{"feature": {"network": {"incoming": {"mode": "steal", "on_concurrent_steal": "override"}}}}"#,
+    )?;
+    let second = Running::start(
+        scene,
+        &pod,
+        &["-f", &config.display().to_string()],
+        &super::incoming::strs(&answer_server(scene, "second")?),
+    )?;
+    curl_until(cluster, &page, "second\n")?;
+    second.stop();
+    curl_until(cluster, &page, "first\n")?;
     first.stop();
+    pod_is_given_back(cluster, &pod)?;
     Ok(())
 }
 

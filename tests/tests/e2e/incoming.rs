@@ -294,6 +294,7 @@ pub fn incoming_port_mapping_takes_the_remote_port_for_a_local_one(
     Ok(())
 }
 
+/// The local app sees each client's own address (getpeername), or a stand-in for the pod's.
 pub fn incoming_local_app_sees_the_clients_real_address(
     scene: &Scene,
     cluster: &Cluster,
@@ -316,15 +317,26 @@ pub fn incoming_local_app_sees_the_clients_real_address(
         "curl --interface: {}",
         out.describe()
     );
+    // A client in the pod itself, by the pod's address: that address is the local app's own
+    // too, so the connection comes from the IPv4 dummy address instead.
+    let mut cmd = pod.command("curl");
+    cmd.args(["-sS", "--max-time", "3", &url]);
+    let out = cmd.run(RUN)?;
+    ensure!(
+        out.code == 0 && out.stdout == "local\n",
+        "curl in the pod: {}",
+        out.describe()
+    );
     session.stop();
     // The server logs the peer address (getpeername) first on each request line.
     let seen = std::fs::read_to_string(&log)?;
-    let client = format!("{} - - [", cluster.ip());
-    ensure!(
-        seen.lines().any(|line| line.starts_with(&client)),
-        "the local app did not see the client {}: {seen}",
-        cluster.ip()
-    );
+    for client in [cluster.ip().to_string(), "192.0.0.8".to_owned()] {
+        ensure!(
+            seen.lines()
+                .any(|line| line.starts_with(&format!("{client} - - ["))),
+            "the local app did not see the client {client}: {seen}"
+        );
+    }
     Ok(())
 }
 
