@@ -110,6 +110,10 @@ fn main() -> ExitCode {
             a_filter_splits_a_services_requests,
         ),
         (
+            "a_deleted_agent_pod_gives_the_port_back",
+            a_deleted_agent_pod_gives_the_port_back,
+        ),
+        (
             "in_cluster_config_inside_a_pod",
             in_cluster_config_inside_a_pod,
         ),
@@ -292,30 +296,14 @@ impl Kube {
             "--from=cronjob/nightly",
             "nightly-now",
         ])?;
-        self.kubectl(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
+        for workload in [
             "deployment/web",
-            "--timeout=120s",
-        ])?;
-        self.kubectl(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
             "deployment/api",
-            "--timeout=120s",
-        ])?;
-        self.kubectl(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
+            "deployment/orders",
             "statefulset/db",
-            "--timeout=120s",
-        ])?;
+        ] {
+            self.kubectl(&["-n", NS, "rollout", "status", workload, "--timeout=120s"])?;
+        }
         self.kubectl(&[
             "-n",
             NS,
@@ -982,26 +970,41 @@ fn in_cluster_config_inside_a_pod(kube: &Kube) -> Result<(), Failed> {
 
 /// What the client pod gets from Service api, with `headers`.
 fn call_api(kube: &Kube, headers: &[&str]) -> Result<String, Failed> {
+    call_service(kube, "api", headers)
+}
+
+/// What the client pod gets from Service `service` with these extra header lines.
+fn call_service(kube: &Kube, service: &str, headers: &[&str]) -> Result<String, Failed> {
     let mut args = vec!["-n", NS, "exec", "client", "--", "curl", "-s", "-m", "5"];
     for header in headers {
         args.extend(["-H", header]);
     }
-    args.push("http://api/");
+    let url = format!("http://{service}/");
+    args.push(&url);
     let out = kube.kubectl_as(&kube.kubeconfig, &args)?;
     Ok(out.stdout.trim().to_owned())
 }
 
-/// Starts `mirrord exec -t deployment/api` stealing the requests with `X-User: USER`, its local
-/// app answering `USER`; `dir` holds its config.
-fn filtered_session(kube: &Kube, as_user: &str, dir: &Path, user: &str) -> Result<Child, Failed> {
-    let config = dir.join(format!("{user}.json"));
-    std::fs::write(
-        &config,
-        serde_json::json!({"feature": {"network": {"incoming": {
+/// Starts `mirrord exec -t TARGET` stealing the requests with `X-User: USER` (all of them
+/// without one), its local app answering `answer`; `dir` holds its config.
+fn steal_session(
+    kube: &Kube,
+    (as_user, target): (&str, &str),
+    dir: &Path,
+    answer: &str,
+    user: Option<&str>,
+) -> Result<Child, Failed> {
+    let config = dir.join(format!("{answer}.json"));
+    let incoming = match user {
+        Some(user) => serde_json::json!({
             "mode": "steal",
             "http_filter": {"header_filter": format!("^x-user: {user}$")},
-        }}}})
-        .to_string(),
+        }),
+        None => serde_json::json!("steal"),
+    };
+    std::fs::write(
+        &config,
+        serde_json::json!({"feature": {"network": {"incoming": incoming}}}).to_string(),
     )?;
     let server = format!(
         r"
@@ -1012,10 +1015,10 @@ class Answer(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header('Content-Length', '{length}')
         self.end_headers()
-        self.wfile.write(b'{user}\n')
+        self.wfile.write(b'{answer}\n')
 http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
 ",
-        length = user.len() + 1
+        length = answer.len() + 1
     );
     let mut cmd = kube.mirrord_as(
         as_user,
@@ -1024,7 +1027,7 @@ http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
             "-n",
             NS,
             "-t",
-            "deployment/api",
+            target,
             "-f",
             &config.to_string_lossy(),
             "--",
@@ -1061,6 +1064,62 @@ fn terminate(child: Child) -> Result<(), Failed> {
     wait(child, Duration::from_secs(60)).map(drop)
 }
 
+/// A stealing session's agent pod deleted as `kubectl delete pod` does (SIGTERM, then a grace
+/// period): the agent's guard removes its redirect, so the Service's clients reach the pod's
+/// app again at once; the session says once that it lost the agent.
+fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "deleted-agent-test";
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-deleted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // Service orders: api's tests must not see this steal.
+    let session = steal_session(kube, (USER, "deployment/orders"), &dir, "stolen", None);
+    let result = session
+        .as_ref()
+        .map_err(|e| format!("{e:?}").into())
+        .and_then(|_| {
+            let deadline = Instant::now() + SESSION;
+            while call_service(kube, "orders", &[])? != "stolen" {
+                ensure!(Instant::now() < deadline, "the steal never took the port");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            kube.kubectl(&[
+                "delete",
+                "pods",
+                "-A",
+                "-l",
+                &agents_of(Some(USER)),
+                "--wait=false",
+            ])?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let answer = call_service(kube, "orders", &[])?;
+                if answer == "remote" {
+                    return Ok(());
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "after the agent's pod was deleted the Service answered {answer:?}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+    let ended = session.map(|child| {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        wait(child, Duration::from_secs(60))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let out = ended??;
+    let lost = out.stderr.matches("lost the agent").count();
+    ensure!(
+        lost == 1,
+        "the session did not say once that it lost the agent: {}",
+        out.describe()
+    );
+    kube.agents_gone_within(USER, Duration::from_secs(10))
+}
+
 /// Two sessions, each with its own agent, steal deployment/api's requests by header filters: a
 /// client pod calling Service api gets each session's local app for that session's `X-User`
 /// and the pod for everyone else; when one session ends the other keeps its requests, and after
@@ -1072,7 +1131,8 @@ fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
     let mut sessions = Vec::new();
     let result = (|| {
         for user in ["me", "you"] {
-            sessions.push(filtered_session(kube, USER, &dir, user)?);
+            let session = steal_session(kube, (USER, "deployment/api"), &dir, user, Some(user))?;
+            sessions.push(session);
             until_user_gets(kube, user, user)?;
         }
         for _ in 0..3 {
