@@ -140,6 +140,10 @@ pub struct SessionArgs {
     /// Also overlay this remote path at its own path (repeatable).
     #[arg(long, value_name = "PATH")]
     pub fs_remote: Vec<PathBuf>,
+    /// Show the pod's extended attributes (off by default: `ls -l` then costs no attribute
+    /// probes, and `getfattr` says they are not supported, as on sshfs).
+    #[arg(long)]
+    pub fs_xattrs: bool,
     /// Keep all outgoing traffic on this machine's network (the command still gets its own
     /// network namespace and the tunnel).
     #[arg(long)]

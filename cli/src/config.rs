@@ -271,6 +271,8 @@ pub struct FsConfig {
     pub read_write: Option<PatternList>,
     /// Paths never overlaid, default overlays included.
     pub local: Option<PatternList>,
+    /// Read extended attributes from the pod (off: the mount has none, as sshfs).
+    pub xattrs: Option<bool>,
 }
 
 /// `feature.env`: `true`/`false`, or the detailed form.
@@ -433,6 +435,12 @@ mod tests {
             fs.local.as_ref().map(PatternList::entries),
             Some(vec!["/etc/hosts".to_owned()])
         );
+        assert_eq!(fs.xattrs, None);
+        let config = Config::parse(r#"{"feature": {"fs": {"xattrs": true}}}"#).unwrap();
+        let FsFeature::Detailed(fs) = &config.feature.fs else {
+            panic!("detailed fs expected")
+        };
+        assert_eq!(fs.xattrs, Some(true));
         assert!(Config::parse(r#"{"feature": {"fs": "sideways"}}"#).is_err());
     }
 

@@ -46,6 +46,8 @@ pub struct FsSettings {
     pub overlays: Vec<PathBuf>,
     /// Paths never overlaid (`feature.fs.local`), default overlays included.
     pub local: Vec<PathBuf>,
+    /// Extended attributes from the pod (`--fs-xattrs`, `feature.fs.xattrs`).
+    pub xattrs: bool,
 }
 
 /// The empty directory the remote root is mounted on; removed on drop.
@@ -137,6 +139,7 @@ pub async fn prepare(
     let options = Options {
         writable: settings.mode == FsMode::Write,
         mountpoint: Some(mountpoint.path().to_owned()),
+        xattrs: settings.xattrs,
         ..Options::default()
     };
     let flags = mirrord_fusefs::mount_flags(&options);

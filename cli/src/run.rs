@@ -306,13 +306,14 @@ fn fs_settings(args: &SessionArgs, config: &Config) -> FsSettings {
             .map(|list| list.entries().into_iter().map(PathBuf::from).collect())
             .unwrap_or_default()
     };
-    let (mode, read_only, read_write, local) = match &config.feature.fs {
-        FsFeature::Mode(mode) => (Some(*mode), Vec::new(), Vec::new(), Vec::new()),
+    let (mode, read_only, read_write, local, xattrs) = match &config.feature.fs {
+        FsFeature::Mode(mode) => (Some(*mode), Vec::new(), Vec::new(), Vec::new(), false),
         FsFeature::Detailed(fs) => (
             fs.mode,
             entries(&fs.read_only),
             entries(&fs.read_write),
             entries(&fs.local),
+            fs.xattrs.unwrap_or(false),
         ),
     };
     let file_mode = match mode {
@@ -333,6 +334,7 @@ fn fs_settings(args: &SessionArgs, config: &Config) -> FsSettings {
         mode: args.fs_mode.unwrap_or(file_mode),
         overlays,
         local,
+        xattrs: args.fs_xattrs || xattrs,
     }
 }
 

@@ -950,6 +950,9 @@ impl fuser::Filesystem for RemoteFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.inner.options.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let path = match self.path(ino) {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
@@ -976,6 +979,9 @@ impl fuser::Filesystem for RemoteFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.inner.options.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let path = match self.path(ino) {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),

@@ -56,6 +56,11 @@ pub struct Options {
     /// in its own mount point when this is `None`; with `None` in [`serve_fd`] targets are shown
     /// verbatim, which is only safe when the pod root is the process's `/`.
     pub mountpoint: Option<PathBuf>,
+    /// Whether extended attributes are read from the pod. Off, the first `getxattr` or
+    /// `listxattr` is answered `ENOSYS`, and the kernel answers every later one itself
+    /// (`EOPNOTSUPP`) for the whole mount: `ls -l` probes two attributes of every file it
+    /// shows, each a round trip otherwise.
+    pub xattrs: bool,
 }
 
 impl Default for Options {
@@ -67,6 +72,7 @@ impl Default for Options {
             request_timeout: Duration::from_secs(30),
             fs_name: "mirrord".to_owned(),
             mountpoint: None,
+            xattrs: false,
         }
     }
 }

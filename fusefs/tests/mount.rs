@@ -212,6 +212,7 @@ fn mount_scene_with(
         request_timeout: Duration::from_secs(2),
         fs_name: fs_name(),
         mountpoint: None,
+        xattrs: true,
     };
     let listed = Arc::new(Mutex::new(Vec::new()));
     let backend = Arc::new(InProcess {

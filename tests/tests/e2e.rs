@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 77] = [
+    let tests: [(&str, Test); 78] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -179,6 +179,10 @@ fn tests() -> Vec<Trial> {
             files::fs_overlays_follow_the_mode,
         ),
         ("fs_extended_attributes", files::fs_extended_attributes),
+        (
+            "fs_extended_attributes_are_off_by_default",
+            files::fs_extended_attributes_are_off_by_default,
+        ),
         (
             "fs_service_account_without_a_local_path",
             files::fs_service_account_without_a_local_path,

@@ -70,8 +70,9 @@ pub fn fs_ls_cat_find_grep(scene: &Scene, cluster: &Cluster) -> Result<(), Faile
     Ok(())
 }
 
-/// Extended attributes read the same after a directory listing (which carries their names,
-/// so absent ones are answered without asking the agent) as on a first, direct lookup.
+/// With `--fs-xattrs`, extended attributes read the same after a directory listing (which
+/// carries their names, so absent ones are answered without asking the agent) as on a first,
+/// direct lookup.
 pub fn fs_extended_attributes(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
     in_pod(
@@ -98,7 +99,7 @@ pub fn fs_extended_attributes(scene: &Scene, cluster: &Cluster) -> Result<(), Fa
          probe('listed')\n",
         POD_FILE_DIR.trim_start_matches('/')
     );
-    let out = exec(scene, &pod, &[], &["python3", "-c", &script])?;
+    let out = exec(scene, &pod, &["--fs-xattrs"], &["python3", "-c", &script])?;
     let expected = "direct tagged ['user.color'] blue\n\
                     direct plain [] ENODATA\n\
                     listed tagged ['user.color'] blue\n\
@@ -106,6 +107,39 @@ pub fn fs_extended_attributes(scene: &Scene, cluster: &Cluster) -> Result<(), Fa
     ensure!(
         out.code == 0 && out.stdout == expected,
         "extended attributes: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// By default the mount has no extended attributes, as sshfs: `getfattr` says they are not
+/// supported (and the kernel stops asking, so `ls -l` costs no probes).
+pub fn fs_extended_attributes_are_off_by_default(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    in_pod(
+        &pod,
+        &format!(
+            "mkdir {POD_FILE_DIR}/x && echo a > {POD_FILE_DIR}/x/tagged && \
+             python3 -c \"import os; os.setxattr('{POD_FILE_DIR}/x/tagged', 'user.color', b'blue')\""
+        ),
+    )?;
+    let script = format!(
+        "getfattr -n user.color $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/x/tagged; \
+         getfattr -d $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/x/tagged; \
+         ls -l $MIRRORD_REMOTE_ROOT{POD_FILE_DIR}/x | grep -c tagged"
+    );
+    let out = exec(scene, &pod, &[], &["sh", "-c", &script])?;
+    let unsupported = out
+        .stderr
+        .lines()
+        .filter(|line| line.ends_with("Operation not supported"))
+        .count();
+    ensure!(
+        out.stdout == "1\n" && unsupported == 2,
+        "getfattr without --fs-xattrs: {}",
         out.describe()
     );
     Ok(())
