@@ -79,7 +79,7 @@ fn open_for_reading(root: &Path, path: &str) -> Result<(File, std::fs::Metadata)
 
 /// `pread` until `want` bytes or end of file: one `pread` may return less on some files. The
 /// bytes go into uninitialised capacity: zeroing a megabyte first costs as much as reading it.
-fn read_at(file: &File, offset: u64, want: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn read_at(file: &File, offset: u64, want: usize) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(want);
     while buf.len() < want {
         let at = offset

@@ -25,8 +25,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use mirrord_protocol::fs::{
-    Attr, DirEntry, DirPage, FileKind, FsRequest, FsResponse, MAX_DIR_PAGE, MAX_FILE_WRITE,
-    MAX_XATTR, SetAttr, SetTime, StatFs, Timestamp,
+    Attr, BatchedFile, DirEntry, DirPage, FileBatch, FileKind, FsRequest, FsResponse,
+    MAX_BATCH_BYTES, MAX_BATCH_FILE, MAX_BATCH_FILES, MAX_DIR_PAGE, MAX_FILE_WRITE, MAX_XATTR,
+    SetAttr, SetTime, StatFs, Timestamp,
 };
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, RenameFlags};
@@ -97,6 +98,9 @@ fn respond(root: &Path, request: FsRequest) -> Result<FsResponse, Error> {
                 .map_err(io_err("readlink", &path))
         }
         FsRequest::StatFs { path } => stat_fs(root, &path).map(FsResponse::StatFs),
+        FsRequest::ReadFiles { dir, names } => {
+            read_files(root, &dir, &names).map(FsResponse::Files)
+        }
         FsRequest::GetXattr { path, name } => get_xattr(root, &path, &name).map(FsResponse::Data),
         FsRequest::ListXattr { path } => list_xattr(root, &path).map(FsResponse::Data),
         FsRequest::Create {
@@ -306,6 +310,60 @@ fn read_dir(root: &Path, path: &str, offset: u64, xattrs: bool) -> Result<DirPag
         entries,
         next: None,
     })
+}
+
+/// The small regular files `names` of `dir`, whole, as [`FsRequest::ReadFiles`] says: a name
+/// that is not one plain component, not a regular file (a link is not followed), larger than
+/// [`MAX_BATCH_FILE`], gone, unreadable, or changing while read is left out; the batch stops
+/// before [`MAX_BATCH_BYTES`]. Nothing but a regular file is ever opened, so a FIFO or a
+/// device in the pod is never touched.
+fn read_files(root: &Path, dir: &str, names: &[String]) -> Result<FileBatch, Error> {
+    let at = open_in_root(root, dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+    let mut batch = FileBatch::default();
+    for name in names.iter().take(MAX_BATCH_FILES) {
+        let plain = !name.is_empty() && name != "." && name != ".." && !name.contains('/');
+        let Some(c_name) = plain.then(|| CString::new(name.as_str()).ok()).flatten() else {
+            continue;
+        };
+        let small_file = |attr: &Attr| attr.kind == FileKind::File && attr.size <= MAX_BATCH_FILE;
+        match fstatat(at.as_raw_fd(), &c_name) {
+            Ok(attr) if small_file(&attr) => {}
+            _ => continue,
+        }
+        let flags = read_flags() | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let Ok(fd) = nix::fcntl::openat(
+            Some(at.as_raw_fd()),
+            c_name.as_c_str(),
+            flags,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        // SAFETY: openat just returned this descriptor, owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // Swapped for something else since the first look: only what is open now counts.
+        let attr = match fstat(file.as_raw_fd()) {
+            Ok(attr) if small_file(&attr) => attr,
+            _ => continue,
+        };
+        let Ok(bytes) = files::read_at(&file, 0, MAX_BATCH_FILE as usize + 1) else {
+            continue;
+        };
+        // Written to while read: its attributes no longer describe these bytes.
+        if bytes.len() as u64 != attr.size {
+            continue;
+        }
+        if batch.data.len() + bytes.len() > MAX_BATCH_BYTES {
+            break;
+        }
+        batch.files.push(BatchedFile {
+            name: name.clone(),
+            attr,
+            len: bytes.len() as u32,
+        });
+        batch.data.extend_from_slice(&bytes);
+    }
+    Ok(batch)
 }
 
 /// listxattrat(2) (Linux 6.13; the same number on every architecture since the syscall table
@@ -541,6 +599,74 @@ mod tests {
             },
         )
         .map(|r| data(Ok(r)))
+    }
+
+    /// The names and contents of a [`FsRequest::ReadFiles`] answer.
+    fn batch(root: &Path, dir: &str, names: &[&str]) -> Vec<(String, Vec<u8>)> {
+        let names = names.iter().map(|n| s(n)).collect();
+        match call(root, FsRequest::ReadFiles { dir: s(dir), names }) {
+            Ok(FsResponse::Files(batch)) => batch
+                .split()
+                .expect("lengths add up")
+                .into_iter()
+                .map(|(file, bytes)| {
+                    assert_eq!(file.attr.size, bytes.len() as u64);
+                    (file.name.clone(), bytes.to_vec())
+                })
+                .collect(),
+            other => panic!("expected files, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_only_small_regular_files_of_the_directory() {
+        let t = pod();
+        let r = &t.0;
+        let d = r.join("app/data");
+        std::fs::write(d.join("two"), "2").unwrap();
+        std::fs::write(d.join("big"), vec![b'x'; MAX_BATCH_FILE as usize + 1]).unwrap();
+        std::fs::write(d.join("limit"), vec![b'y'; MAX_BATCH_FILE as usize]).unwrap();
+        nix::unistd::mkfifo(&d.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+        symlink("/etc/shadow", d.join("link")).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        let asked = [
+            "file",
+            "fifo",
+            "big",
+            "link",
+            "sub",
+            "gone",
+            "../../etc/shadow",
+            "..",
+            "",
+            "two",
+            "limit",
+        ];
+        let got = batch(r, "/app/data", &asked);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["file", "two", "limit"], "in the order asked");
+        assert_eq!(got[0].1, b"data");
+        assert_eq!(got[2].1.len(), MAX_BATCH_FILE as usize);
+        // Confined like every path: `..` past the root stays at the pod's root.
+        let confined = batch(r, "/app/up", &["shadow"]);
+        assert_eq!(confined, [(s("shadow"), b"pod shadow".to_vec())]);
+    }
+
+    #[test]
+    fn a_batch_stops_before_its_byte_limit() {
+        let t = pod();
+        let r = &t.0;
+        let d = r.join("app/many");
+        std::fs::create_dir(&d).unwrap();
+        let names: Vec<String> = (0..MAX_BATCH_FILES).map(|i| format!("f{i}")).collect();
+        for name in &names {
+            std::fs::write(d.join(name), vec![b'z'; MAX_BATCH_FILE as usize]).unwrap();
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let got = batch(r, "/app/many", &names);
+        let total: usize = got.iter().map(|(_, b)| b.len()).sum();
+        assert_eq!(got.len(), MAX_BATCH_BYTES / MAX_BATCH_FILE as usize);
+        assert!(total <= MAX_BATCH_BYTES);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use mirrord_protocol::fs::{
 use tokio::runtime::Handle;
 
 use crate::cache::{Cache, Listed, Listing, Lookup, Xattrs};
-use crate::inodes::{Inodes, ROOT_INO, join};
+use crate::inodes::{Inodes, ROOT_INO, join, parent_and_name};
+use crate::prefetch::{Prefetch, batchable};
 use crate::{Backend, MAX_IO, Options};
 
 /// The file system; cheap to share, all state behind one `Arc`.
@@ -45,7 +46,14 @@ struct Inner {
     /// What the agent said recently and when to ask again (see `cache.rs`). Never held across
     /// an await, nor while taking another lock.
     cache: Mutex<Cache<PendingListing>>,
+    /// Small files fetched with their directory (see `prefetch.rs`); the same lock rules.
+    prefetch: Mutex<Prefetch>,
+    /// Batches being fetched, by directory: readers of one directory share one.
+    batches: Mutex<HashMap<String, PendingBatch>>,
 }
+
+/// A batch being fetched: whoever awaits it first runs the fetch, the others wait for it.
+type PendingBatch = Arc<tokio::sync::OnceCell<()>>;
 
 /// A listing being fetched: whoever awaits it first runs the fetch, the others share its result.
 type PendingListing = Arc<tokio::sync::OnceCell<Result<Arc<Listing>, Errno>>>;
@@ -54,6 +62,7 @@ impl RemoteFs {
     /// `runtime` runs the agent calls; it must outlive the mount.
     pub fn new(backend: Arc<dyn Backend>, runtime: Handle, options: Options) -> Self {
         let cache = Mutex::new(Cache::new(options.attr_ttl, options.writable));
+        let options_ttl = options.attr_ttl;
         RemoteFs {
             inner: Arc::new(Inner {
                 backend,
@@ -63,6 +72,8 @@ impl RemoteFs {
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 cache,
+                prefetch: Mutex::new(Prefetch::new(options_ttl)),
+                batches: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -199,6 +210,70 @@ impl Inner {
             }
         }
     }
+    fn prefetch(&self) -> MutexGuard<'_, Prefetch> {
+        self.prefetch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn batches(&self) -> MutexGuard<'_, HashMap<String, PendingBatch>> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes of the small file `path` (inode `ino`) from its directory's batch, fetching
+    /// the batch now if the reader goes through that directory (see `prefetch.rs`); `None`:
+    /// read it from the agent as usual. Never on a writable mount, whose files this session
+    /// itself may be changing.
+    async fn batched(&self, ino: u64, path: &str) -> Option<Arc<[u8]>> {
+        if self.options.writable {
+            return None;
+        }
+        let now = Instant::now();
+        let attr = self.cache().known_attr(ino, path, now)?;
+        let (dir, name) = parent_and_name(path)?;
+        if !batchable(attr.kind, attr.size) {
+            return None;
+        }
+        let listed = self.cache().listing(dir, now);
+        if !self.prefetch().wants_batch(dir, listed.is_some(), now) {
+            return None;
+        }
+        let pending = self.batches().entry(dir.to_owned()).or_default().clone();
+        pending
+            .get_or_init(|| async {
+                let listing = match listed {
+                    Some(listing) => listing,
+                    // A failed listing only means no batch.
+                    None => match self.shared_listing(dir).await {
+                        Ok(listing) => listing,
+                        Err(_) => return,
+                    },
+                };
+                let names = self.prefetch().plan(dir, &listing, name, Instant::now());
+                if names.is_empty() {
+                    return;
+                }
+                let request = FsRequest::ReadFiles {
+                    dir: dir.to_owned(),
+                    names,
+                };
+                let asked = Instant::now();
+                // A failed batch only means reading file by file.
+                if let Ok(FsResponse::Files(batch)) = self.call(request).await {
+                    self.prefetch().store(dir, &batch, asked);
+                }
+            })
+            .await;
+        {
+            let mut batches = self.batches();
+            if batches
+                .get(dir)
+                .is_some_and(|current| Arc::ptr_eq(current, &pending))
+            {
+                batches.remove(dir);
+            }
+        }
+        self.prefetch().get(path, Instant::now())
+    }
+
     fn dirs(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -721,7 +796,14 @@ impl fuser::Filesystem for RemoteFs {
             Ok(path) => path,
             Err(errno) => return reply.error(errno),
         };
+        let held = self.inner.prefetch().get(&path, Instant::now());
+        if let Some(bytes) = held {
+            return reply.data(part(&bytes, offset, size));
+        }
         self.spawn(|inner| async move {
+            if let Some(bytes) = inner.batched(ino.0, &path).await {
+                return reply.data(part(&bytes, offset, size));
+            }
             let request = FsRequest::Read {
                 path,
                 offset,
@@ -1101,6 +1183,13 @@ impl RemoteFs {
 /// Whether the NUL-separated extended attribute `names` include `name`.
 fn lists(names: &[u8], name: &[u8]) -> bool {
     names.split(|&b| b == 0).any(|listed| listed == name)
+}
+
+/// The `size` bytes of `bytes` from `offset`, fewer at its end.
+fn part(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = usize::try_from(offset).map_or(bytes.len(), |o| o.min(bytes.len()));
+    let end = start.saturating_add(size as usize).min(bytes.len());
+    &bytes[start..end]
 }
 
 /// xattr replies: `size` 0 asks for the length only; a smaller buffer than needed is ERANGE.

@@ -12,6 +12,7 @@ mod cache;
 mod fs;
 pub mod inodes;
 pub mod links;
+mod prefetch;
 mod readers;
 
 use std::future::Future;

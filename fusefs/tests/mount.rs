@@ -22,24 +22,14 @@ struct InProcess {
     listed: Arc<Mutex<Vec<String>>>,
 }
 
-fn request_path(request: &FsRequest) -> &str {
+/// Whether the request reads a file whose name says "stall".
+fn reads_a_stalling_file(request: &FsRequest) -> bool {
     match request {
-        FsRequest::Stat { path, .. }
-        | FsRequest::ReadDir { path, .. }
-        | FsRequest::Read { path, .. }
-        | FsRequest::ReadLink { path }
-        | FsRequest::StatFs { path }
-        | FsRequest::GetXattr { path, .. }
-        | FsRequest::ListXattr { path }
-        | FsRequest::Create { path, .. }
-        | FsRequest::Write { path, .. }
-        | FsRequest::SetAttr { path, .. }
-        | FsRequest::Mkdir { path, .. }
-        | FsRequest::Rmdir { path }
-        | FsRequest::Unlink { path }
-        | FsRequest::Symlink { path, .. }
-        | FsRequest::Fsync { path, .. } => path,
-        FsRequest::Rename { from, .. } => from,
+        FsRequest::Read { path, .. } => path.contains("stall"),
+        FsRequest::ReadFiles { dir, names } => {
+            dir.contains("stall") || names.iter().any(|name| name.contains("stall"))
+        }
+        _ => false,
     }
 }
 
@@ -50,8 +40,7 @@ impl Backend for InProcess {
             self.listed.lock().unwrap().push(path.clone());
         }
         Box::pin(async move {
-            if request_path(&request).contains("stall") && matches!(request, FsRequest::Read { .. })
-            {
+            if reads_a_stalling_file(&request) {
                 std::future::pending::<()>().await;
             }
             // The agent itself always allows writes; read-only mode is the mount's to enforce.

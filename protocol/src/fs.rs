@@ -12,6 +12,12 @@ pub const MAX_DIR_PAGE: u32 = 1024;
 pub const MAX_FILE_WRITE: u32 = crate::bulk::MAX_FILE_READ;
 /// Most bytes of one extended attribute value or name list (the kernel's `XATTR_SIZE_MAX`).
 pub const MAX_XATTR: u32 = 64 * 1024;
+/// Most files in one [`FsRequest::ReadFiles`].
+pub const MAX_BATCH_FILES: usize = 64;
+/// Largest file a [`FsRequest::ReadFiles`] batch carries; larger ones are left out.
+pub const MAX_BATCH_FILE: u64 = 64 * 1024;
+/// Most content bytes in one [`FileBatch`], so the answer always fits in a frame.
+pub const MAX_BATCH_BYTES: usize = crate::bulk::MAX_FILE_READ as usize;
 /// Most bytes of a [`DirEntry`]'s extended attribute names; longer lists are left out (the
 /// client then asks for them), so a full page still fits in a frame.
 pub const MAX_DIR_XATTRS: usize = 256;
@@ -75,6 +81,12 @@ pub enum FsRequest {
     Symlink { path: String, target: String },
     /// `fsync`/`fdatasync` of `path`. → [`FsResponse::Done`]
     Fsync { path: String, datasync: bool },
+    /// The whole contents of the directory `dir`'s entries `names` (at most
+    /// [`MAX_BATCH_FILES`], single components), in that order, stopping before the total
+    /// would pass [`MAX_BATCH_BYTES`]. Only regular files of at most [`MAX_BATCH_FILE`] bytes
+    /// come back (a final symlink is not followed); any other name is left out, not an
+    /// error. → [`FsResponse::Files`]
+    ReadFiles { dir: String, names: Vec<String> },
 }
 
 impl FsRequest {
@@ -89,6 +101,7 @@ impl FsRequest {
                 | FsRequest::StatFs { .. }
                 | FsRequest::GetXattr { .. }
                 | FsRequest::ListXattr { .. }
+                | FsRequest::ReadFiles { .. }
         )
     }
 }
@@ -103,6 +116,41 @@ pub enum FsResponse {
     /// Bytes written.
     Written(u32),
     Done,
+    Files(FileBatch),
+}
+
+/// Small files' contents in one answer: each file's name, attributes and length, and all their
+/// bytes one after another in `data`.
+#[derive(Encode, Decode, Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileBatch {
+    pub files: Vec<BatchedFile>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct BatchedFile {
+    pub name: String,
+    /// Taken on the open file, so they describe the bytes sent.
+    pub attr: Attr,
+    pub len: u32,
+}
+
+impl FileBatch {
+    /// Each file with its bytes; `None` when the lengths do not add up to `data`.
+    pub fn split(&self) -> Option<Vec<(&BatchedFile, &[u8])>> {
+        let mut rest = self.data.as_slice();
+        let mut files = Vec::with_capacity(self.files.len());
+        for file in &self.files {
+            let len = usize::try_from(file.len).ok()?;
+            if len > rest.len() {
+                return None;
+            }
+            let (bytes, after) = rest.split_at(len);
+            files.push((file, bytes));
+            rest = after;
+        }
+        rest.is_empty().then_some(files)
+    }
 }
 
 /// What changes in a [`FsRequest::SetAttr`].
@@ -210,6 +258,7 @@ impl crate::bulk::Bulk for FsResponse {
     fn bulk_mut(&mut self) -> Option<&mut Vec<u8>> {
         match self {
             FsResponse::Data(data) => Some(data),
+            FsResponse::Files(batch) => Some(&mut batch.data),
             _ => None,
         }
     }
@@ -269,6 +318,10 @@ mod tests {
                 name: b"user.x".to_vec(),
             },
             FsRequest::ListXattr { path: p() },
+            FsRequest::ReadFiles {
+                dir: p(),
+                names: vec!["ü".into(); MAX_BATCH_FILES],
+            },
             FsRequest::Create {
                 path: p(),
                 mode: 0o600,
@@ -353,8 +406,50 @@ mod tests {
             }),
             FsResponse::Written(u32::MAX),
             FsResponse::Done,
+            full_batch(),
         ]);
         out
+    }
+
+    /// The largest batch: the most files, sharing the most bytes.
+    fn full_batch() -> FsResponse {
+        let each = MAX_BATCH_BYTES / MAX_BATCH_FILES;
+        FsResponse::Files(FileBatch {
+            files: (0..MAX_BATCH_FILES)
+                .map(|i| BatchedFile {
+                    name: format!("{i:0>255}"),
+                    attr: attr(FileKind::File),
+                    len: each as u32,
+                })
+                .collect(),
+            data: vec![7; each * MAX_BATCH_FILES],
+        })
+    }
+
+    #[test]
+    fn a_batch_splits_into_its_files_only_when_the_lengths_add_up() {
+        let file = |name: &str, len| BatchedFile {
+            name: name.into(),
+            attr: attr(FileKind::File),
+            len,
+        };
+        let batch = FileBatch {
+            files: vec![file("a", 2), file("b", 0), file("c", 3)],
+            data: b"aaccc".to_vec(),
+        };
+        let split = batch.split().expect("adds up");
+        let got: Vec<(&str, &[u8])> = split.iter().map(|(f, b)| (f.name.as_str(), *b)).collect();
+        assert_eq!(got, [("a", &b"aa"[..]), ("b", b""), ("c", b"ccc")]);
+        let short = FileBatch {
+            data: b"aacc".to_vec(),
+            ..batch.clone()
+        };
+        assert_eq!(short.split(), None);
+        let long = FileBatch {
+            data: b"aaccc!".to_vec(),
+            ..batch
+        };
+        assert_eq!(long.split(), None);
     }
 
     /// In a frame of its own, then with its bulk (if any) apart.
@@ -377,7 +472,7 @@ mod tests {
     #[test]
     fn every_fs_message_round_trips_in_a_frame() {
         for (id, request) in every_request().into_iter().enumerate() {
-            assert_eq!(request.is_write(), id >= 7, "{request:?}");
+            assert_eq!(request.is_write(), id >= 8, "{request:?}");
             round_trip(ClientMessage::Request {
                 id: id as u64,
                 request: Request::Fs(request),

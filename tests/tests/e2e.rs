@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 78] = [
+    let tests: [(&str, Test); 79] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -182,6 +182,10 @@ fn tests() -> Vec<Trial> {
         (
             "fs_extended_attributes_are_off_by_default",
             files::fs_extended_attributes_are_off_by_default,
+        ),
+        (
+            "fs_small_files_read_with_their_directory_follow_the_pod",
+            files::fs_small_files_read_with_their_directory_follow_the_pod,
         ),
         (
             "fs_service_account_without_a_local_path",

@@ -145,6 +145,60 @@ pub fn fs_extended_attributes_are_off_by_default(
     Ok(())
 }
 
+/// `grep -r` through a directory of small files (which come in one batch with their directory),
+/// a large file and a FIFO beside them: every file reads as in the pod, and a file changed,
+/// removed or created in the pod shows so once the attribute TTL (1 s) has passed.
+pub fn fs_small_files_read_with_their_directory_follow_the_pod(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let dir = format!("{POD_FILE_DIR}/walk");
+    in_pod(
+        &pod,
+        &format!(
+            "mkdir {dir} && cd {dir} && echo one > a && echo two > b && echo three > c && \
+             seq 20000 > big && mkfifo fifo"
+        ),
+    )?;
+    let mut cmd = scene.mirrord()?;
+    cmd.args(["exec", "-t", &pod.target(), "--", "sh", "-c"])
+        .arg(format!(
+            "cd $MIRRORD_REMOTE_ROOT{dir} || exit 1; \
+             show() {{ grep -r . . --exclude=big | sort; grep -c . big; }}; \
+             show; echo READY; read go; sleep 1.5; show"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut session = cmd.spawn()?;
+    let mut go = session.stdin.take().ok_or("no stdin")?;
+    let mut lines = BufReader::new(session.stdout.take().ok_or("no stdout")?).lines();
+    let mut before = Vec::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        if line == "READY" {
+            break;
+        }
+        before.push(line);
+    }
+    in_pod(
+        &pod,
+        &format!("cd {dir} && echo changed > a && rm b && echo four > d"),
+    )?;
+    std::io::Write::write_all(&mut go, b"go\n")?;
+    drop(go);
+    let after: Vec<String> = lines.collect::<Result<_, _>>()?;
+    let status = session.wait()?;
+    ensure!(
+        before == ["./a:one", "./b:two", "./c:three", "20000"]
+            && after == ["./a:changed", "./c:three", "./d:four", "20000"]
+            && status.success(),
+        "before the change {before:?}, after {after:?}, {status}"
+    );
+    Ok(())
+}
+
 /// `tail -f` of a file the pod appends to shows the new line (within the attribute TTL).
 pub fn fs_tail_follows_pod_appends(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
     let pod = standard_pod(cluster)?;
