@@ -501,6 +501,9 @@ impl fuser::Filesystem for RemoteFs {
             InitFlags::FUSE_PARALLEL_DIROPS,
             // Drops cached pages when a refreshed mtime or size shows the file changed.
             InitFlags::FUSE_AUTO_INVAL_DATA,
+            // Symlink targets stay in the page cache: a pod's symlink never changes in place
+            // (`ln -sf` makes a new one, a new inode here), so this keeps the TTL's promise.
+            InitFlags::FUSE_CACHE_SYMLINKS,
         ] {
             let _ = config.add_capabilities(flag);
         }

@@ -16,8 +16,11 @@ pub const ROOT_INO: u64 = 1;
 /// Where our own numbers start: far above the inode numbers file systems hand out.
 const OWN_NUMBERS: u64 = 1 << 62;
 
-/// A remote file: its device and inode number.
-type Identity = (u64, u64);
+/// A remote file: its device and inode number, and for a symlink its ctime. The kernel keeps a
+/// symlink's target cached for its inode (FUSE_CACHE_SYMLINKS); a symlink never changes in
+/// place, but one made anew may get the number its predecessor just freed, and the ctime tells
+/// them apart.
+type Identity = (u64, u64, (i64, u32));
 
 #[derive(Debug)]
 struct Node {
@@ -86,7 +89,11 @@ pub fn parent_and_name(path: &str) -> Option<(&str, &str)> {
 }
 
 fn identity(attr: &Attr) -> Option<Identity> {
-    (attr.kind != FileKind::Dir).then_some((attr.dev, attr.ino))
+    let made = match attr.kind {
+        FileKind::Symlink => (attr.ctime.secs, attr.ctime.nanos),
+        _ => (0, 0),
+    };
+    (attr.kind != FileKind::Dir).then_some((attr.dev, attr.ino, made))
 }
 
 impl Inodes {
@@ -132,7 +139,9 @@ impl Inodes {
             return ino;
         }
         let ino = match identity {
-            Some((_, remote)) if remote > ROOT_INO && !self.by_ino.contains_key(&remote) => remote,
+            Some((_, remote, _)) if remote > ROOT_INO && !self.by_ino.contains_key(&remote) => {
+                remote
+            }
             _ => self.own_number(),
         };
         self.by_ino.insert(ino, Node::new(path, identity));
@@ -274,6 +283,26 @@ mod tests {
 
     fn dir(ino: u64) -> Attr {
         attr(FileKind::Dir, 7, ino)
+    }
+
+    #[test]
+    fn a_symlink_made_anew_with_a_freed_number_is_another_inode() {
+        let mut t = Inodes::new();
+        let link = |secs| Attr {
+            ctime: Timestamp { secs, nanos: 0 },
+            ..attr(FileKind::Symlink, 7, 60)
+        };
+        let old = t.lookup("/l", &link(100));
+        assert_eq!(t.lookup("/l", &link(100)), old, "the same link");
+        let new = t.lookup("/l", &link(200));
+        assert_ne!(new, old, "its cached target must not be the old link's");
+        // A regular file keeps its number whatever its times: its pages follow mtime and size.
+        let f = t.lookup("/f", &file(70));
+        let touched = Attr {
+            ctime: Timestamp { secs: 9, nanos: 0 },
+            ..file(70)
+        };
+        assert_eq!(t.lookup("/f", &touched), f);
     }
 
     #[test]

@@ -146,8 +146,9 @@ pub fn fs_extended_attributes_are_off_by_default(
 }
 
 /// `grep -r` through a directory of small files (which come in one batch with their directory),
-/// a large file and a FIFO beside them: every file reads as in the pod, and a file changed,
-/// removed or created in the pod shows so once the attribute TTL (1 s) has passed.
+/// a large file, a FIFO and a symlink beside them: every file reads as in the pod, and a file
+/// changed, removed or created, or the symlink made anew, in the pod shows so once the
+/// attribute TTL (1 s) has passed.
 pub fn fs_small_files_read_with_their_directory_follow_the_pod(
     scene: &Scene,
     cluster: &Cluster,
@@ -158,14 +159,14 @@ pub fn fs_small_files_read_with_their_directory_follow_the_pod(
         &pod,
         &format!(
             "mkdir {dir} && cd {dir} && echo one > a && echo two > b && echo three > c && \
-             seq 20000 > big && mkfifo fifo"
+             seq 20000 > big && mkfifo fifo && ln -s a link"
         ),
     )?;
     let mut cmd = scene.mirrord()?;
     cmd.args(["exec", "-t", &pod.target(), "--", "sh", "-c"])
         .arg(format!(
             "cd $MIRRORD_REMOTE_ROOT{dir} || exit 1; \
-             show() {{ grep -r . . --exclude=big | sort; grep -c . big; }}; \
+             show() {{ grep -r . . --exclude=big | sort; grep -c . big; readlink link; }}; \
              show; echo READY; read go; sleep 1.5; show"
         ))
         .stdin(Stdio::piped())
@@ -184,16 +185,16 @@ pub fn fs_small_files_read_with_their_directory_follow_the_pod(
     }
     in_pod(
         &pod,
-        &format!("cd {dir} && echo changed > a && rm b && echo four > d"),
+        &format!("cd {dir} && echo changed > a && rm b && echo four > d && ln -sfn c link"),
     )?;
     std::io::Write::write_all(&mut go, b"go\n")?;
     drop(go);
     let after: Vec<String> = lines.collect::<Result<_, _>>()?;
     let status = session.wait()?;
+    let expected_before = ["./a:one", "./b:two", "./c:three", "20000", "a"];
+    let expected_after = ["./a:changed", "./c:three", "./d:four", "20000", "c"];
     ensure!(
-        before == ["./a:one", "./b:two", "./c:three", "20000"]
-            && after == ["./a:changed", "./c:three", "./d:four", "20000"]
-            && status.success(),
+        before == expected_before && after == expected_after && status.success(),
         "before the change {before:?}, after {after:?}, {status}"
     );
     Ok(())
