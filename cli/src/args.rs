@@ -44,6 +44,42 @@ pub enum Command {
     },
     /// List the targets of a namespace of the cluster: `mirrord ls -n shop -o json`.
     Ls(ListArgs),
+    /// Check what this machine and the cluster allow before a session, each check ✓ or ✗ with
+    /// its fix: `mirrord doctor -t deployment/web -n shop`. Exits 0 only when a session would
+    /// work.
+    Doctor(DoctorArgs),
+}
+
+/// `mirrord doctor`: which target and cluster to check.
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The target to check as a session would resolve it (default: the config file's; without
+    /// one, what any pod target needs).
+    #[arg(short = 't', long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// The target's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The config file (default: `.mirrord/mirrord.json` when it exists), for `target`,
+    /// `kubeconfig`, `kube_context` and `agent.namespace`.
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    #[arg(short = 'o', long, value_enum, default_value_t = DoctorFormat::Text)]
+    pub output: DoctorFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoctorFormat {
+    /// A line per check, ✓ / ✗ / ! with the fix below, and a verdict.
+    Text,
+    /// `{"ok": BOOL, "checks": [{"section", "name", "outcome", "detail", "fix"}]}`.
+    Json,
 }
 
 /// `mirrord ls`: which cluster and namespace.

@@ -7,6 +7,7 @@ pub mod client;
 pub mod cluster_agent;
 pub mod config;
 pub mod dns;
+pub mod doctor;
 pub mod envfilter;
 pub mod exit;
 pub mod generated;

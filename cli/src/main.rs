@@ -45,6 +45,7 @@ fn main() {
             } => run::shell(session, shell_args).await,
             Command::Env { session, format } => run::env(session, *format).await,
             Command::Ls(list) => run::ls(list).await,
+            Command::Doctor(doctor) => run::doctor(doctor).await,
         }
     });
     let code = match result {

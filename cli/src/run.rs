@@ -15,15 +15,16 @@ use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::rules::OutgoingFilter;
 
-use crate::args::{EnvFormat, ListArgs, ListFormat, SessionArgs};
+use crate::args::{DoctorArgs, DoctorFormat, EnvFormat, ListArgs, ListFormat, SessionArgs};
 use crate::client::{AgentClient, lock};
 use crate::cluster_agent::{self, ClusterAgent, KubeSettings, Starting};
 use crate::config::{
     Config, DnsFeature, EnvFeature, FilterConfig, FsFeature, FsModeName, OutgoingFeature,
-    PatternList,
+    PatternList, TargetConfig,
 };
 use crate::dns;
 use crate::dns::{DnsSettings, NameFilter, NameRule};
+use crate::doctor;
 use crate::envfilter::{self, EnvFilter, Patterns};
 use crate::exit::Failure;
 use crate::generated::GeneratedFile;
@@ -601,6 +602,42 @@ pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
     };
     print!("{out}");
     Ok(0)
+}
+
+/// `mirrord doctor`: runs the checks, prints them, and exits 0 only when a session would work
+/// (1 otherwise).
+pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
+    let config = Config::load(args.config_file.as_deref())?;
+    let target = match args
+        .target
+        .as_deref()
+        .or_else(|| config.target.as_ref().and_then(TargetConfig::path))
+    {
+        Some(text) => Some(text.parse::<Target>()?),
+        None => None,
+    };
+    let settings = KubeSettings {
+        kubeconfig: args
+            .kubeconfig
+            .clone()
+            .or_else(|| config.kubeconfig.clone()),
+        context: args.context.clone().or_else(|| config.kube_context.clone()),
+        namespace: args.namespace.clone().or_else(|| {
+            config
+                .target
+                .as_ref()
+                .and_then(|target| target.namespace().map(str::to_owned))
+        }),
+        agent_namespace: config.agent.namespace.clone(),
+        ..KubeSettings::default()
+    };
+    let checks = doctor::run(&doctor::Scope { target, settings }).await;
+    let out = match args.output {
+        DoctorFormat::Text => doctor::render_text(&checks),
+        DoctorFormat::Json => doctor::render_json(&checks)?,
+    };
+    print!("{out}");
+    Ok(if doctor::would_work(&checks) { 0 } else { 1 })
 }
 
 /// `mirrord env`: prints the target's filtered variables.

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Event, Node, Pod, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service, ServiceSpec};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
@@ -23,6 +24,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Error;
+use crate::access::{Permission, build_review, review_answer};
 use crate::agent_job::{
     AgentJobSpec, Placement, SESSION_LABEL, build_agent_job, user_agents_selector,
 };
@@ -59,6 +61,8 @@ pub struct Cluster {
     client: Client,
     namespace: String,
     server: String,
+    /// The API server's `gitVersion`, as it answered when connected.
+    version: String,
 }
 
 /// The pod and container a target path resolved to.
@@ -213,8 +217,9 @@ impl Cluster {
             server: server.clone(),
             reason: chain(&e),
         })?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, client.apiserver_version()).await {
-            Ok(Ok(_)) => {}
+        let version = match tokio::time::timeout(CONNECT_TIMEOUT, client.apiserver_version()).await
+        {
+            Ok(Ok(info)) => info.git_version,
             Ok(Err(e)) => {
                 return Err(Error::Unreachable {
                     server,
@@ -227,12 +232,56 @@ impl Cluster {
                     reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
                 });
             }
-        }
+        };
         Ok(Cluster {
             client,
             namespace,
             server,
+            version,
         })
+    }
+
+    /// The API server's version (`v1.37.2`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Asks the API server whether the caller holds `permission` (a SelfSubjectAccessReview,
+    /// which every authenticated user may create). `Err(Some(reason))` when it said no with
+    /// a reason.
+    pub async fn can_i(
+        &self,
+        permission: &Permission,
+    ) -> Result<Result<(), Option<String>>, Error> {
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let answer = reviews
+            .create(&PostParams::default(), &build_review(permission))
+            .await
+            .map_err(api_error(Request {
+                verb: "create",
+                resource: "selfsubjectaccessreviews",
+                group: "authorization.k8s.io",
+                namespace: None,
+            }))?;
+        Ok(review_answer(&answer))
+    }
+
+    /// The labels of `namespace`; `Ok(None)` when it does not exist.
+    pub async fn namespace_labels(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, Error> {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let found = namespaces
+            .get_opt(namespace)
+            .await
+            .map_err(api_error(Request {
+                verb: "get",
+                resource: "namespaces",
+                group: "",
+                namespace: None,
+            }))?;
+        Ok(found.map(|ns| ns.metadata.labels.unwrap_or_default()))
     }
 
     /// The namespace of the kubeconfig context (or the service account's).

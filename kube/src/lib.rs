@@ -4,9 +4,10 @@
 //! token, and never leave an agent behind when its start fails.
 //!
 //! The rules live in pure modules tested on recorded objects ([`target`], [`choose`],
-//! [`agent_job`], [`startup`], [`cidr`], [`forbidden`], [`listing`]); [`api`] is the thin shell
+//! [`access`], [`agent_job`], [`startup`], [`cidr`], [`forbidden`], [`listing`]); [`api`] is the thin shell
 //! that fetches their inputs and carries out their answers.
 
+pub mod access;
 pub mod agent_job;
 pub mod api;
 pub mod choose;

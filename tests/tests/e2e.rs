@@ -41,6 +41,8 @@ mod dns;
 mod files;
 #[path = "e2e/filters.rs"]
 mod filters;
+#[path = "e2e/image.rs"]
+mod image;
 #[path = "e2e/incoming.rs"]
 mod incoming;
 #[path = "e2e/lifecycle.rs"]
@@ -69,10 +71,18 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 79] = [
+    let tests: [(&str, Test); 81] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
+        ),
+        (
+            "static_agent_answers_from_an_empty_root",
+            image::static_agent_answers_from_an_empty_root,
+        ),
+        (
+            "agent_image_says_when_it_cannot_build",
+            image::agent_image_says_when_it_cannot_build,
         ),
         (
             "exec_sees_pod_env_and_keeps_local_env",

@@ -15,6 +15,9 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 /// The namespace of tests/cluster/manifests/mirrord-e2e.yaml.
 const NS: &str = "mirrord-e2e";
+/// The namespace of tests/cluster/manifests/mirrord-baseline.yaml, where Pod Security enforces
+/// the baseline level.
+const BASELINE_NS: &str = "mirrord-baseline";
 /// Longest a mirrord session may take in these tests (an agent starts in a few seconds).
 const SESSION: Duration = Duration::from_secs(90);
 
@@ -119,6 +122,19 @@ fn main() -> ExitCode {
         ),
         ("two_sessions_at_once", two_sessions_at_once),
         ("ls_lists_targets", ls_lists_targets),
+        (
+            "the_job_agent_is_refused_by_baseline_in_one_line",
+            the_job_agent_is_refused_by_baseline_in_one_line,
+        ),
+        ("doctor_as_admin_all_pass", doctor_as_admin_all_pass),
+        (
+            "doctor_as_the_restricted_user_names_the_missing_verbs",
+            doctor_as_the_restricted_user_names_the_missing_verbs,
+        ),
+        (
+            "doctor_in_the_baseline_namespace",
+            doctor_in_the_baseline_namespace,
+        ),
     ];
     let kube = std::sync::Arc::new(kube);
     let trials = tests
@@ -262,6 +278,17 @@ impl Kube {
         finish(self.mirrord_cmd(args), SESSION)
     }
 
+    /// The restricted user's kubeconfig (tests/cluster/README.md): it may read pods and their
+    /// logs, nothing else.
+    fn restricted_kubeconfig(&self) -> String {
+        self.kubeconfig
+            .parent()
+            .map(|dir| dir.join("restricted-user.kubeconfig"))
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// `mirrord exec -n NS -t TARGET -- sh -c SCRIPT`, which must succeed; its stdout.
     fn exec(&self, target: &str, script: &str) -> Result<String, Failed> {
         let out = self.mirrord(&["exec", "-n", NS, "-t", target, "--", "sh", "-c", script])?;
@@ -274,19 +301,29 @@ impl Kube {
     }
 
     fn set_up(&self) -> Result<(), Failed> {
-        let manifest =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/manifests/mirrord-e2e.yaml");
-        let manifest = manifest.to_string_lossy().into_owned();
-        // A previous run's namespace may still be terminating.
+        let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/manifests");
+        // A previous run's namespaces may still be terminating.
         self.kubectl(&[
             "delete",
             "namespace",
             NS,
+            BASELINE_NS,
             "--ignore-not-found",
             "--wait=true",
             "--timeout=120s",
         ])?;
-        self.kubectl(&["apply", "-f", &manifest])?;
+        for manifest in ["mirrord-e2e.yaml", "mirrord-baseline.yaml"] {
+            let manifest = manifests.join(manifest).to_string_lossy().into_owned();
+            self.kubectl(&["apply", "-f", &manifest])?;
+        }
+        self.kubectl(&[
+            "-n",
+            BASELINE_NS,
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=120s",
+        ])?;
         // The cron job's newest job, made now instead of at 3 am.
         self.kubectl(&[
             "-n",
@@ -1165,4 +1202,182 @@ fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
         "the pod did not answer again after the sessions"
     );
     kube.agents_gone_within(USER, Duration::from_secs(10))
+}
+
+/// In a namespace that enforces Pod Security baseline, the agent Job's pod is refused; mirrord
+/// says so at once, in one line naming the policy and what it forbids, and leaves no Job.
+fn the_job_agent_is_refused_by_baseline_in_one_line(kube: &Kube) -> Result<(), Failed> {
+    let started = Instant::now();
+    let out = finish(
+        kube.mirrord_as(
+            "baseline-test",
+            &[
+                "exec",
+                "-n",
+                BASELINE_NS,
+                "-t",
+                "deployment/web",
+                "--",
+                "true",
+            ],
+        ),
+        SESSION,
+    )?;
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|line| line.starts_with("mirrord: ") && !line.ends_with('…'))
+        .collect();
+    ensure!(
+        out.code == Some(125)
+            && lines.len() == 1
+            && ["Pod Security baseline", "hostPID=true", "SYS_ADMIN"]
+                .iter()
+                .all(|needle| lines[0].contains(needle)),
+        "expected one line naming Pod Security baseline: {}",
+        out.describe()
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(45),
+        "the refusal took {:?}, as long as a timeout",
+        started.elapsed()
+    );
+    kube.agents_gone_within("baseline-test", Duration::from_secs(60))
+}
+
+/// `mirrord doctor`, which must finish with `code`; its stdout.
+fn doctor(kube: &Kube, args: &[&str], code: i32) -> Result<String, Failed> {
+    let out = kube.mirrord(&[&["doctor"][..], args].concat())?;
+    ensure!(
+        out.code == Some(code),
+        "mirrord doctor {args:?}: expected exit {code}: {}",
+        out.describe()
+    );
+    Ok(out.stdout)
+}
+
+/// The admin may do everything, the namespace is unrestricted, the target resolves: every check
+/// passes and doctor exits 0; `-o json` says the same.
+fn doctor_as_admin_all_pass(kube: &Kube) -> Result<(), Failed> {
+    let out = doctor(kube, &["-n", NS, "-t", "deployment/web"], 0)?;
+    let web = kube.pods("app=web")?;
+    for needle in [
+        "✓ API server: https://127.0.0.1:6443",
+        "answers, version v1.37.2",
+        "✓ user namespaces:",
+        "✓ /dev/net/tun:",
+        "✓ /dev/fuse:",
+        "✓ nftables:",
+        &format!("✓ get deployments.apps in namespace {NS}: allowed"),
+        &format!("✓ create jobs.batch in namespace {NS}: allowed"),
+        &format!("✓ create pods/portforward in namespace {NS}: allowed"),
+        "✓ list nodes at cluster scope: allowed",
+        &format!("✓ Pod Security of namespace {NS}: privileged"),
+        "on node mrdc-node, runtime mrdc",
+        "a session would work",
+    ] {
+        ensure!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+    ensure!(
+        !out.contains('✗') && !out.contains(" ! "),
+        "a check did not pass:\n{out}"
+    );
+    ensure!(
+        web.iter()
+            .any(|pod| out.contains(&format!("✓ deployment/web: pod {pod} (container web)"))),
+        "the target is not one of {web:?}:\n{out}"
+    );
+    let json = doctor(kube, &["-n", NS, "-t", "deployment/web", "-o", "json"], 0)?;
+    let report: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))?;
+    let checks = report["checks"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        report["ok"] == true
+            && checks.len() > 10
+            && checks.iter().all(|check| check["outcome"] == "pass"),
+        "{json}"
+    );
+    Ok(())
+}
+
+/// The restricted user may read pods only: doctor names each verb a session needs and lacks,
+/// with the kubectl line that checks it, and exits 1.
+fn doctor_as_the_restricted_user_names_the_missing_verbs(kube: &Kube) -> Result<(), Failed> {
+    let restricted = kube.restricted_kubeconfig();
+    let web = kube.pods("app=web")?;
+    let target = format!("pod/{}", web.first().cloned().unwrap_or_default());
+    let out = doctor(
+        kube,
+        &["--kubeconfig", &restricted, "-n", NS, "-t", &target],
+        1,
+    )?;
+    for needle in [
+        format!("✓ get pods in namespace {NS}: allowed"),
+        format!("✗ create jobs.batch in namespace {NS}: denied"),
+        format!("kubectl auth can-i create jobs.batch -n {NS}"),
+        format!("✗ get jobs.batch in namespace {NS}: denied"),
+        format!("✗ delete jobs.batch in namespace {NS}: denied"),
+        format!("✗ create pods/portforward in namespace {NS}: denied"),
+        format!("kubectl auth can-i create pods --subresource=portforward -n {NS}"),
+        format!("✓ get pods/log in namespace {NS}: allowed"),
+        "! list nodes at cluster scope: denied".to_owned(),
+        format!("! Pod Security of namespace {NS}: unknown"),
+        format!("✓ {target}: pod "),
+        "a session would not work: 4 checks failed".to_owned(),
+    ] {
+        ensure!(out.contains(&needle), "no {needle:?} in:\n{out}");
+    }
+    let json = doctor(
+        kube,
+        &[
+            "--kubeconfig",
+            &restricted,
+            "-n",
+            NS,
+            "-t",
+            &target,
+            "-o",
+            "json",
+        ],
+        1,
+    )?;
+    let report: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))?;
+    let failed: Vec<String> = report["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|check| check["outcome"] == "fail")
+        .filter_map(|check| check["name"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        report["ok"] == false
+            && failed
+                == [
+                    format!("create jobs.batch in namespace {NS}"),
+                    format!("get jobs.batch in namespace {NS}"),
+                    format!("delete jobs.batch in namespace {NS}"),
+                    format!("create pods/portforward in namespace {NS}"),
+                ],
+        "{json}"
+    );
+    Ok(())
+}
+
+/// In the baseline namespace the admin holds every permission, but the agent Job would be
+/// refused: doctor names the level and what it forbids, and exits 1.
+fn doctor_in_the_baseline_namespace(kube: &Kube) -> Result<(), Failed> {
+    let out = doctor(kube, &["-n", BASELINE_NS, "-t", "deployment/web"], 1)?;
+    for needle in [
+        format!("✓ create jobs.batch in namespace {BASELINE_NS}: allowed"),
+        format!(
+            "✗ Pod Security of namespace {BASELINE_NS}: baseline: the agent Job would be refused (baseline forbids the agent's hostPID and capabilities SYS_ADMIN, SYS_PTRACE, NET_ADMIN)"
+        ),
+        "fix: run the agent in a namespace at privileged".to_owned(),
+        "a session would not work: 1 check failed".to_owned(),
+    ] {
+        ensure!(out.contains(&needle), "no {needle:?} in:\n{out}");
+    }
+    Ok(())
 }
