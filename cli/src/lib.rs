@@ -5,6 +5,7 @@
 pub mod args;
 pub mod client;
 pub mod cluster_agent;
+pub mod completion;
 pub mod config;
 pub mod dns;
 pub mod envfilter;
@@ -15,6 +16,8 @@ pub mod launcher;
 pub mod listeners;
 pub mod local_agent;
 pub mod net;
+pub mod output;
 pub mod remote_fs;
 pub mod run;
 pub mod target;
+pub mod verify;

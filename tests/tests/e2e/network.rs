@@ -23,7 +23,7 @@ const HOST_LOOPBACK: &str = "198.19.255.254";
 const CLUSTER: &[&str] = &["--cidr", "10.213.0.0/16"];
 
 /// A server process in the cluster, killed when dropped.
-struct Server(Child);
+pub struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -82,8 +82,9 @@ pub fn net_curl_and_static_wget_reach_a_cluster_only_server(
     Ok(())
 }
 
-pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
-    let pod = standard_pod(cluster)?;
+/// PostgreSQL on the cluster's address, port 5432, trusting clients from the cluster's range
+/// (the pods); stopped when the returned server is dropped.
+pub fn start_postgres(scene: &Scene, cluster: &Cluster) -> Result<Server, Failed> {
     let data = scene.temp_dir().join("pgdata");
     let bin = postgres_bin()?;
     let bin = bin.as_str();
@@ -122,7 +123,7 @@ pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> 
         .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
         .arg(&data)
         .args(["-h", &cluster.ip().to_string(), "-k", ""]);
-    let _postgres = spawn(postgres, "postgres")?;
+    let postgres = spawn(postgres, "postgres")?;
     let host = cluster.ip().to_string();
     let mut ready = false;
     for _ in 0..100 {
@@ -135,6 +136,13 @@ pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> 
         thread::sleep(Duration::from_millis(100));
     }
     ensure!(ready, "PostgreSQL did not start in the cluster");
+    Ok(postgres)
+}
+
+pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _postgres = start_postgres(scene, cluster)?;
+    let host = cluster.ip().to_string();
     let out = exec(
         scene,
         &pod,
