@@ -91,6 +91,12 @@ pub enum Command {
         after_help = "Examples:\n  mirrord ls -n shop\n  mirrord ls -n shop -o json\n  mirrord ls -A"
     )]
     Ls(ListArgs),
+    /// Forward local ports to hosts reachable from the target (cluster names resolved as the
+    /// target resolves them), until Ctrl-C; without a target, through a targetless agent.
+    #[command(
+        after_help = "Examples:\n  mirrord port-forward -n shop -L 5432:db:5432\n  mirrord port-forward -t deployment/web -n shop -L 15432:db:5432 -L 6379:redis:6379\n  mirrord port-forward -t pid/4242 -L 0:10.1.2.3:80"
+    )]
+    PortForward(PortForwardArgs),
     /// Check a config file (JSON, TOML or YAML) and print upstream mirrord's report:
     /// `{"type":"Success","config":…,"warnings":[…]}` or `{"type":"Fail","errors":[…]}`.
     #[command(
@@ -122,6 +128,71 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+}
+
+/// `mirrord port-forward`: the session options that matter without a launched process.
+#[derive(Args, Debug)]
+pub struct PortForwardArgs {
+    /// The target (as for exec); default: the config file's, else `targetless`.
+    #[arg(short = 't', long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// The target's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub target_namespace: Option<String>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's image in a cluster.
+    #[arg(long, value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+    /// Use an agent that is already running instead of starting one.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "target")]
+    pub agent_addr: Option<String>,
+    /// The token of the agent given by --agent-addr.
+    #[arg(
+        long,
+        env = "MIRRORD_AGENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub agent_token: Option<String>,
+    /// The config file (for the target, the cluster and the agent).
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Say more while starting.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Forward 127.0.0.1:LOCAL_PORT (default PORT; 0: any free port) to HOST:PORT as seen
+    /// from the target (repeatable).
+    #[arg(
+        short = 'L',
+        long = "forward",
+        value_name = "[LOCAL_PORT:]HOST:PORT",
+        required = true,
+        value_parser = crate::forward::parse_forward
+    )]
+    pub forwards: Vec<crate::forward::Forward>,
+}
+
+impl PortForwardArgs {
+    /// The session these options describe; nothing is launched, so nothing else applies.
+    pub fn session(&self) -> SessionArgs {
+        SessionArgs {
+            target: self.target.clone(),
+            target_namespace: self.target_namespace.clone(),
+            context: self.context.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            agent_image: self.agent_image.clone(),
+            verbose: self.verbose,
+            agent_addr: self.agent_addr.clone(),
+            agent_token: self.agent_token.clone(),
+            config_file: self.config_file.clone(),
+            ..SessionArgs::default()
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

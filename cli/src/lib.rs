@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns;
 pub mod envfilter;
 pub mod exit;
+pub mod forward;
 pub mod generated;
 pub mod incoming;
 pub mod launcher;

@@ -56,6 +56,7 @@ fn main() {
             } => run::shell(session, shell_args).await,
             Command::Env { session, format } => run::env(session, *format).await,
             Command::Ls(list) => run::ls(list).await,
+            Command::PortForward(forward) => run::port_forward(forward).await,
             Command::VerifyConfig { resolved, path } => run::verify_config(path, *resolved),
             Command::Completions { shell } => run::completions(*shell),
             Command::ManPages { dir } => run::man_pages(dir),

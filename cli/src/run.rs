@@ -331,6 +331,29 @@ pub fn check_config(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mirrord port-forward`: forwards until Ctrl-C or SIGTERM (0), or until the agent is lost.
+/// Without a target anywhere, the session is targetless.
+pub async fn port_forward(args: &crate::args::PortForwardArgs) -> Result<i32, Failure> {
+    let mut session_args = args.session();
+    if session_args.target.is_none() && session_args.agent_addr.is_none() {
+        let (config, _) = Config::load(args.config_file.as_deref())?;
+        if config
+            .target
+            .as_ref()
+            .and_then(|target| target.path())
+            .is_none()
+        {
+            session_args.target = Some(Target::Targetless.to_string());
+        }
+    }
+    let session = Session::open(&session_args).await?;
+    let served =
+        crate::forward::serve(session.client.clone(), &args.forwards, &session.label()).await;
+    session.close().await;
+    served?;
+    Ok(0)
+}
+
 /// `mirrord verify-config`: the report on stdout; 0 when valid, 1 when not.
 pub fn verify_config(path: &Path, resolved: bool) -> Result<i32, Failure> {
     let (report, code) = crate::verify::verify(path, resolved);

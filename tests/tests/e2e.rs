@@ -71,7 +71,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 83] = [
+    let tests: [(&str, Test); 84] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -196,6 +196,10 @@ fn tests() -> Vec<Trial> {
         (
             "net_psql_queries_a_cluster_database",
             network::net_psql_queries_a_cluster_database,
+        ),
+        (
+            "port_forward_psql_reaches_a_cluster_database",
+            network::port_forward_psql_reaches_a_cluster_database,
         ),
         (
             "net_udp_echo_through_the_pod",
