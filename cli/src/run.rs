@@ -711,7 +711,7 @@ pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
             format!("{}\n", serde_json::to_string(&objects)?)
         }
     };
-    print!("{out}");
+    output::stdout(&out)?;
     Ok(0)
 }
 
@@ -720,7 +720,7 @@ pub async fn env(args: &SessionArgs, format: EnvFormat) -> Result<i32, Failure> 
     let session = Session::open(args).await?;
     let vars = envfilter::remote_vars(&session.info.env, &session.filter);
     session.close().await;
-    print!("{}", format_env(&vars, format));
+    output::stdout(&format_env(&vars, format))?;
     Ok(0)
 }
 
