@@ -3,22 +3,60 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::remote_fs::FsMode;
 
-/// Run a local process or shell in the context of a target: its environment, hostname and
-/// (in later releases) network and files, without touching any other process.
+/// Run a local process or shell in the context of a Kubernetes pod (or of a local process): its
+/// environment, hostname, outgoing network, DNS, files and incoming traffic, without touching
+/// any other process on this machine.
 #[derive(Parser, Debug)]
-#[command(name = "mirrord", version)]
+#[command(
+    name = "mirrord",
+    after_help = "Examples:\n  mirrord exec -t deployment/web -n shop -- ./server --port 8080\n  mirrord shell -t pod/web-7d9c-x2b\n  mirrord ls -n shop"
+)]
 pub struct Cli {
+    /// Print only errors: no progress, no warnings (the command's own output is untouched).
+    #[arg(short = 'q', long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// `mirrord --version`: the version, the agent protocol it speaks and the commit it was built
+/// from (`unknown` outside a git checkout).
+pub fn version_line() -> String {
+    format!(
+        "{} (protocol {}, commit {})",
+        env!("CARGO_PKG_VERSION"),
+        mirrord_protocol::greeting::PROTOCOL_VERSION,
+        env!("MIRRORD_GIT_COMMIT")
+    )
+}
+
+/// The command line with its version and the completers that need code (target names).
+pub fn command() -> clap::Command {
+    Cli::command()
+        .version(version_line())
+        .mut_subcommand("exec", with_target_completer)
+        .mut_subcommand("shell", with_target_completer)
+        .mut_subcommand("env", with_target_completer)
+}
+
+fn with_target_completer(command: clap::Command) -> clap::Command {
+    command.mut_arg("target", |arg| {
+        arg.add(clap_complete::engine::ArgValueCompleter::new(
+            crate::completion::complete_target,
+        ))
+    })
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a command in the target's context: `mirrord exec -t pid/123 -- ./server --port 8080`.
+    /// Run a command in the target's context and exit with its status.
+    #[command(
+        after_help = "Examples:\n  mirrord exec -t deployment/web -n shop -- ./server --port 8080\n  mirrord exec -t pod/web-7d9c-x2b --steal -- npm start\n  mirrord exec -t targetless -- psql -h db.shop -U app"
+    )]
     Exec {
         #[command(flatten)]
         session: SessionArgs,
@@ -27,6 +65,9 @@ pub enum Command {
         command: Vec<OsString>,
     },
     /// Start an interactive shell ($SHELL, else /bin/sh) in the target's context.
+    #[command(
+        after_help = "Examples:\n  mirrord shell -t deployment/web -n shop\n  mirrord shell -t pid/4242 -- --norc"
+    )]
     Shell {
         #[command(flatten)]
         session: SessionArgs,
@@ -36,18 +77,61 @@ pub enum Command {
     },
     /// Print the target's environment as mirrord would apply it (for IDE run configurations
     /// and `docker --env-file`).
+    #[command(
+        after_help = "Examples:\n  eval \"$(mirrord env -t deployment/web -n shop)\"\n  mirrord env -t deployment/web --format dotenv > .mirrord/pod.env\n  mirrord env -t pod/web-7d9c-x2b --format json | jq .DATABASE_URL"
+    )]
     Env {
         #[command(flatten)]
         session: SessionArgs,
         #[arg(long, value_enum, default_value_t = EnvFormat::Sh)]
         format: EnvFormat,
     },
-    /// List the targets of a namespace of the cluster: `mirrord ls -n shop -o json`.
+    /// List the targets of a namespace of the cluster.
+    #[command(
+        after_help = "Examples:\n  mirrord ls -n shop\n  mirrord ls -n shop -o json\n  mirrord ls -A"
+    )]
     Ls(ListArgs),
     /// Check what this machine and the cluster allow before a session, each check ✓ or ✗ with
     /// its fix: `mirrord doctor -t deployment/web -n shop`. Exits 0 only when a session would
     /// work.
     Doctor(DoctorArgs),
+    /// Forward local ports to hosts reachable from the target (cluster names resolved as the
+    /// target resolves them), until Ctrl-C; without a target, through a targetless agent.
+    #[command(
+        after_help = "Examples:\n  mirrord port-forward -n shop -L 5432:db:5432\n  mirrord port-forward -t deployment/web -n shop -L 15432:db:5432 -L 6379:redis:6379\n  mirrord port-forward -t pid/4242 -L 0:10.1.2.3:80"
+    )]
+    PortForward(PortForwardArgs),
+    /// Check a config file (JSON, TOML or YAML) and print upstream mirrord's report:
+    /// `{"type":"Success","config":…,"warnings":[…]}` or `{"type":"Fail","errors":[…]}`.
+    #[command(
+        after_help = "Examples:\n  mirrord verify-config .mirrord/mirrord.json\n  mirrord verify-config --resolved mirrord.toml | jq .config.feature"
+    )]
+    VerifyConfig {
+        /// Show every key this version reads, with its defaults, instead of the file as read.
+        #[arg(long)]
+        resolved: bool,
+        /// The config file.
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+    },
+    /// Print the shell completion script (target names complete from the cluster and from
+    /// local processes in containers).
+    #[command(
+        after_help = "Examples:\n  source <(mirrord completions bash)\n  mirrord completions zsh > \"${fpath[1]}/_mirrord\"\n  mirrord completions fish > ~/.config/fish/completions/mirrord.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Write the man pages (mirrord.1, mirrord-exec.1, …) into a directory.
+    #[command(
+        after_help = "Examples:\n  mirrord man-pages /usr/local/share/man/man1\n  mirrord man-pages /tmp/man && man -l /tmp/man/mirrord-exec.1"
+    )]
+    ManPages {
+        /// Where to write them; created when missing.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `mirrord doctor`: which target and cluster to check.
@@ -80,6 +164,78 @@ pub enum DoctorFormat {
     Text,
     /// `{"ok": BOOL, "checks": [{"section", "name", "outcome", "detail", "fix"}]}`.
     Json,
+}
+
+/// `mirrord port-forward`: the session options that matter without a launched process.
+#[derive(Args, Debug)]
+pub struct PortForwardArgs {
+    /// The target (as for exec); default: the config file's, else `targetless`.
+    #[arg(short = 't', long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// The target's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub target_namespace: Option<String>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's image in a cluster.
+    #[arg(long, value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+    /// Use an agent that is already running instead of starting one.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "target")]
+    pub agent_addr: Option<String>,
+    /// The token of the agent given by --agent-addr.
+    #[arg(
+        long,
+        env = "MIRRORD_AGENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub agent_token: Option<String>,
+    /// The config file (for the target, the cluster and the agent).
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Say more while starting.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Forward 127.0.0.1:LOCAL_PORT (default PORT; 0: any free port) to HOST:PORT as seen
+    /// from the target (repeatable).
+    #[arg(
+        short = 'L',
+        long = "forward",
+        value_name = "[LOCAL_PORT:]HOST:PORT",
+        required = true,
+        value_parser = crate::forward::parse_forward
+    )]
+    pub forwards: Vec<crate::forward::Forward>,
+}
+
+impl PortForwardArgs {
+    /// The session these options describe; nothing is launched, so nothing else applies.
+    pub fn session(&self) -> SessionArgs {
+        SessionArgs {
+            target: self.target.clone(),
+            target_namespace: self.target_namespace.clone(),
+            context: self.context.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            agent_image: self.agent_image.clone(),
+            verbose: self.verbose,
+            agent_addr: self.agent_addr.clone(),
+            agent_token: self.agent_token.clone(),
+            config_file: self.config_file.clone(),
+            ..SessionArgs::default()
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// `mirrord ls`: which cluster and namespace.
@@ -157,7 +313,8 @@ pub struct SessionArgs {
         value_name = "TOKEN"
     )]
     pub agent_token: Option<String>,
-    /// The config file (JSON). Default: `.mirrord/mirrord.json` when it exists.
+    /// The config file (JSON, TOML or YAML by its extension). Default: `.mirrord/mirrord.json`
+    /// (or `.toml`, `.yaml`) when it exists.
     #[arg(short = 'f', long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
     /// Take only the target's variables matching these `;`-separated wildcards.
@@ -169,6 +326,10 @@ pub struct SessionArgs {
     /// Set a variable in the launched process, over both local and target values (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
+    /// Set the variables of this `.env` file (`NAME=value` lines) over the target's; `--env`
+    /// and the config's `override` win over it (repeatable; later files win).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// How the target's files are shown: `local` (only under $MIRRORD_REMOTE_ROOT), `read`
     /// (also overlaid at their own path, read-only; the default) or `write` (writable).
     #[arg(long, value_enum, value_name = "MODE")]

@@ -56,10 +56,10 @@ impl ClusterAgent {
     /// stderr: the Job's TTL and the agent's own idle timeout remove it anyway.
     pub async fn delete(self) {
         if let Err(error) = self.cluster.delete_agent(&self.namespace, &self.job).await {
-            eprintln!(
-                "mirrord: could not delete agent job {}/{}: {error}; it exits by itself",
+            crate::output::warn(format!(
+                "could not delete agent job {}/{}: {error}; it exits by itself",
                 self.namespace, self.job
-            );
+            ));
         }
     }
 }
@@ -90,7 +90,8 @@ struct Progress {
 
 impl Progress {
     fn new(verbose: bool) -> Progress {
-        let spinner = (std::io::stderr().is_terminal() && !verbose).then(Spinner::start);
+        let spinner = (std::io::stderr().is_terminal() && !verbose && !crate::output::quiet())
+            .then(Spinner::start);
         Progress {
             verbose,
             spinner,
@@ -103,7 +104,7 @@ impl Progress {
         self.finish();
         match &self.spinner {
             Some(spinner) => spinner.show(&what),
-            None => eprintln!("mirrord: {what}…"),
+            None => crate::output::note(format!("{what}…")),
         }
         self.step = Some((what, Instant::now()));
     }
@@ -112,6 +113,7 @@ impl Progress {
     fn note(&self, line: &str) {
         match &self.spinner {
             Some(spinner) => spinner.print_above(line),
+            None if crate::output::quiet() => {}
             None => eprintln!("{line}"),
         }
     }
@@ -120,17 +122,17 @@ impl Progress {
         if let Some((what, since)) = self.step.take()
             && self.verbose
         {
-            eprintln!("mirrord:   {what}: {} ms", since.elapsed().as_millis());
+            crate::output::note(format!("  {what}: {} ms", since.elapsed().as_millis()));
         }
     }
 
     fn done(mut self) {
         self.finish();
         if self.verbose {
-            eprintln!(
-                "mirrord: agent ready in {} ms",
+            crate::output::note(format!(
+                "agent ready in {} ms",
                 self.started.elapsed().as_millis()
-            );
+            ));
         }
     }
 }
@@ -310,7 +312,7 @@ pub async fn start(
     };
     progress.done();
     if settings.verbose {
-        eprintln!("mirrord: session: {label}");
+        crate::output::note(format!("session: {label}"));
     }
     lock(starting).take();
     Ok(Started {
@@ -372,7 +374,7 @@ fn routed(cidrs: &ClusterCidrs, verbose: bool) -> Vec<IpNet> {
     for (what, found) in [("pods", &cidrs.pods), ("services", &cidrs.services)] {
         for cidr in found {
             if verbose {
-                eprintln!("mirrord: routing {what} {} ({})", cidr.net, cidr.source);
+                crate::output::note(format!("routing {what} {} ({})", cidr.net, cidr.source));
             }
             nets.push(cidr.net);
         }

@@ -1,30 +1,140 @@
 //! The mirrord config file (`-f`, default `.mirrord/mirrord.json`): key names follow upstream
-//! mirrord's schema so an existing file keeps working. Keys this version does not implement are
-//! ignored; command-line flags always win over the file.
+//! mirrord's schema so an existing file keeps working; JSON, TOML or YAML by the file's extension,
+//! as upstream reads them. Keys this version does not implement are ignored with a warning
+//! (see [`crate::verify`]); command-line flags always win over the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-/// Where the config file is looked for when `-f` is not given.
-pub const DEFAULT_PATH: &str = ".mirrord/mirrord.json";
+/// Where the config file is looked for when `-f` is not given, in this order.
+pub const DEFAULT_PATHS: [&str; 4] = [
+    ".mirrord/mirrord.json",
+    ".mirrord/mirrord.toml",
+    ".mirrord/mirrord.yaml",
+    ".mirrord/mirrord.yml",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the config file {path}: {source}")]
+    #[error("cannot read the config file {path}: {source}; check the path given to -f")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the config file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error(
+        "the config file {path} is not valid: {source}; fix it (`mirrord verify-config {path}` lists every problem)"
+    )]
+    Parse { path: PathBuf, source: ParseError },
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+/// The languages a config file can be written in, chosen by its extension (upstream's rule):
+/// `.toml`, `.yaml`/`.yml`, anything else JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Format {
+        let extension = path
+            .extension()
+            .and_then(|extension| extension.to_str())
+            .map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("toml") => Format::Toml,
+            Some("yaml" | "yml") => Format::Yaml,
+            _ => Format::Json,
+        }
+    }
+}
+
+/// What is wrong with a config file's text, and where (1-based, as editors count) when the
+/// parser knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", self.place())]
+pub struct ParseError {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ParseError {
+    fn place(&self) -> String {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => format!("line {line}, column {column}: "),
+            (Some(line), None) => format!("line {line}: "),
+            _ => String::new(),
+        }
+    }
+
+    fn json(error: serde_json::Error) -> ParseError {
+        let text = error.to_string();
+        let suffix = format!(" at line {} column {}", error.line(), error.column());
+        let known = error.line() > 0;
+        ParseError {
+            line: known.then_some(error.line()),
+            column: known.then_some(error.column()),
+            message: text.strip_suffix(&suffix).unwrap_or(&text).to_owned(),
+        }
+    }
+
+    fn toml(error: toml::de::Error, text: &str) -> ParseError {
+        let (line, column) = match error.span() {
+            Some(span) => {
+                let (line, column) = line_column(text, span.start);
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ParseError {
+            line,
+            column,
+            message: error.message().trim_end().to_owned(),
+        }
+    }
+
+    fn yaml(error: serde_yaml_ng::Error) -> ParseError {
+        let text = error.to_string();
+        match error.location() {
+            Some(at) => {
+                let suffix = format!(" at line {} column {}", at.line(), at.column());
+                let message = match text.find(&suffix) {
+                    Some(index) => format!("{}{}", &text[..index], &text[index + suffix.len()..]),
+                    None => text.clone(),
+                };
+                ParseError {
+                    line: Some(at.line()),
+                    column: Some(at.column()),
+                    message,
+                }
+            }
+            None => ParseError {
+                line: None,
+                column: None,
+                message: text,
+            },
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |rest| rest.chars().count())
+        + 1;
+    (line, column)
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct Config {
     pub target: Option<TargetConfig>,
     /// The kubeconfig file to use instead of `KUBECONFIG` / `~/.kube/config`.
@@ -39,7 +149,7 @@ pub struct Config {
 
 /// `"target": "deployment/web"` or, as upstream also allows,
 /// `"target": {"path": "deployment/web", "namespace": "shop"}`.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum TargetConfig {
     Path(String),
@@ -65,7 +175,7 @@ impl TargetConfig {
     }
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct Features {
     #[serde(default)]
     pub env: EnvFeature,
@@ -75,7 +185,7 @@ pub struct Features {
     pub network: NetworkConfig,
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct NetworkConfig {
     #[serde(default)]
     pub incoming: IncomingFeature,
@@ -88,8 +198,9 @@ pub struct NetworkConfig {
 /// `feature.network.incoming`: a mode (`"mirror"`, `"steal"`, `"off"`), or the detailed form.
 /// Read from a JSON value by hand so that a mistake is named (serde's untagged enums only say
 /// that nothing matched).
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(try_from = "serde_json::Value")]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(try_from = "serde_json::Value", untagged)]
+#[schemars(!try_from)]
 pub enum IncomingFeature {
     Mode(IncomingModeName),
     Detailed(Box<IncomingConfig>),
@@ -122,7 +233,7 @@ impl TryFrom<serde_json::Value> for IncomingFeature {
     }
 }
 
-#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 pub enum IncomingModeName {
     Mirror,
@@ -132,7 +243,7 @@ pub enum IncomingModeName {
 
 /// `feature.network.incoming` as an object. Upstream keys not listed here (`listen_ports`,
 /// `ignore_localhost`, `https_delivery`…) are ignored, as everywhere in this file.
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct IncomingConfig {
     pub mode: Option<IncomingModeName>,
     pub http_filter: Option<HttpFilterConfig>,
@@ -148,7 +259,7 @@ pub struct IncomingConfig {
 }
 
 /// What to do when another session already steals a port without a filter.
-#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 pub enum ConcurrentSteal {
     /// The subscription is refused and the session ends.
@@ -159,7 +270,7 @@ pub enum ConcurrentSteal {
 
 /// `feature.network.incoming.http_filter`: exactly one of the filter keys, and the ports it
 /// applies to.
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpFilterConfig {
     pub header_filter: Option<String>,
@@ -172,7 +283,7 @@ pub struct HttpFilterConfig {
 }
 
 /// One entry of `all_of` / `any_of`: `{"header": …}`, `{"path": …}` or `{"method": …}`.
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InnerFilter {
     pub header: Option<String>,
@@ -181,7 +292,7 @@ pub struct InnerFilter {
 }
 
 /// `feature.network.dns`: `true`/`false`, or the detailed form.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum DnsFeature {
     Enabled(bool),
@@ -194,7 +305,7 @@ impl Default for DnsFeature {
     }
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     pub enabled: Option<bool>,
@@ -203,7 +314,7 @@ pub struct DnsConfig {
 }
 
 /// `feature.network.outgoing`: `true`/`false`, or the detailed form.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum OutgoingFeature {
     Enabled(bool),
@@ -216,7 +327,7 @@ impl Default for OutgoingFeature {
     }
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingConfig {
     /// False: UDP stays on this machine's network.
@@ -230,7 +341,7 @@ pub struct OutgoingConfig {
 }
 
 /// Exactly one of `remote` (only these go through the target) or `local` (these stay here).
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     pub remote: Option<Vec<String>>,
@@ -238,7 +349,7 @@ pub struct FilterConfig {
 }
 
 /// `feature.fs`: a mode (`"read"`), or the detailed form.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum FsFeature {
     Mode(FsModeName),
@@ -252,7 +363,7 @@ impl Default for FsFeature {
 }
 
 /// Upstream's mode names; `localwithoverrides` behaves as `local` plus the listed overlays.
-#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 pub enum FsModeName {
     Local,
@@ -262,7 +373,7 @@ pub enum FsModeName {
     Write,
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct FsConfig {
     pub mode: Option<FsModeName>,
     /// Remote paths also overlaid at their own path, read-only.
@@ -276,7 +387,7 @@ pub struct FsConfig {
 }
 
 /// `feature.env`: `true`/`false`, or the detailed form.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum EnvFeature {
     Enabled(bool),
@@ -289,16 +400,18 @@ impl Default for EnvFeature {
     }
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct EnvConfig {
     pub include: Option<PatternList>,
     pub exclude: Option<PatternList>,
     #[serde(rename = "override", default)]
     pub overrides: BTreeMap<String, String>,
+    /// A `.env` file whose variables are set over the target's (as `--env-file`).
+    pub env_file: Option<PathBuf>,
 }
 
 /// Patterns as one `;`-separated string or as a list.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum PatternList {
     Joined(String),
@@ -328,7 +441,7 @@ impl PatternList {
     }
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct AgentConfig {
     /// Seconds a locally spawned agent stays without a session before exiting; for a
     /// Kubernetes agent, seconds the finished Job is kept before the cluster removes it.
@@ -347,22 +460,51 @@ pub struct AgentConfig {
 }
 
 impl Config {
-    /// Reads `explicit` if given (it must exist), else the default path when it exists.
-    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    /// Reads `explicit` if given (it must exist), else the first of [`DEFAULT_PATHS`] that
+    /// exists, with the warnings about its keys (unknown ones, upstream ones ignored here).
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Vec<String>), ConfigError> {
         let path = match explicit {
             Some(path) => path.to_path_buf(),
-            None if Path::new(DEFAULT_PATH).is_file() => PathBuf::from(DEFAULT_PATH),
-            None => return Ok(Config::default()),
+            None => match DEFAULT_PATHS.iter().map(Path::new).find(|p| p.is_file()) {
+                Some(path) => path.to_path_buf(),
+                None => return Ok((Config::default(), Vec::new())),
+            },
         };
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
-        Config::parse(&text).map_err(|source| ConfigError::Parse { path, source })
+        let format = Format::of(&path);
+        let parsed = Config::parse_value(&text, format)
+            .and_then(|value| Ok((Config::parse_as(&text, format)?, value)));
+        match parsed {
+            Ok((config, value)) => Ok((config, crate::verify::key_warnings(&value))),
+            Err(source) => Err(ConfigError::Parse { path, source }),
+        }
     }
 
+    /// A JSON config (the tests' shorthand).
     pub fn parse(text: &str) -> Result<Config, serde_json::Error> {
         serde_json::from_str(text)
+    }
+
+    /// The typed config; a mistake is located where the parser can tell.
+    pub fn parse_as(text: &str, format: Format) -> Result<Config, ParseError> {
+        match format {
+            Format::Json => serde_json::from_str(text).map_err(ParseError::json),
+            Format::Toml => toml::from_str(text).map_err(|error| ParseError::toml(error, text)),
+            Format::Yaml => serde_yaml_ng::from_str(text).map_err(ParseError::yaml),
+        }
+    }
+
+    /// The file as plain data, whatever its language: what the key check walks, and what
+    /// `verify-config` shows back.
+    pub fn parse_value(text: &str, format: Format) -> Result<serde_json::Value, ParseError> {
+        match format {
+            Format::Json => serde_json::from_str(text).map_err(ParseError::json),
+            Format::Toml => toml::from_str(text).map_err(|error| ParseError::toml(error, text)),
+            Format::Yaml => serde_yaml_ng::from_str(text).map_err(ParseError::yaml),
+        }
     }
 }
 

@@ -448,10 +448,10 @@ async fn follow(
                     subscribed.insert(local, remote);
                 }
                 Err(ClientError::Remote(error)) if optional && error.errno == libc::EOPNOTSUPP => {
-                    eprintln!(
-                        "mirrord: incoming traffic is off: {}; the command's ports get no traffic from the target",
+                    crate::output::warn(format!(
+                        "incoming traffic is off: {}; the command's ports get no traffic from the target",
                         error.message
-                    );
+                    ));
                     return;
                 }
                 Err(ClientError::Remote(error)) => {

@@ -151,6 +151,9 @@ impl LocalAgent {
         // After startup the agent only logs warnings; show them, marked as the agent's.
         tokio::spawn(async move {
             while let Ok(Some(line)) = stderr.next_line().await {
+                if crate::output::quiet() {
+                    continue;
+                }
                 eprintln!(
                     "mirrord-agent: {}",
                     line.trim_start_matches("mirrord-agent: ")

@@ -1,25 +1,34 @@
 //! `mirrord`: parses arguments, runs the command, and exits with the launched command's status
 //! (or 125 with one line on stderr when mirrord itself fails).
 
-use std::io::IsTerminal;
-
-use clap::Parser;
+use clap::FromArgMatches;
 use mirrord_cli::args::{Cli, Command};
 use mirrord_cli::exit::EXIT_MIRRORD_FAILED;
-use mirrord_cli::run;
+use mirrord_cli::{completion, output, run};
 
 fn main() {
+    // Before anything can print: a completion request answers on stdout and exits.
+    completion::answer_if_asked();
+    let cli = match Cli::from_arg_matches(&mirrord_cli::args::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    output::set_quiet(cli.quiet);
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MIRRORD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error")),
+            tracing_subscriber::EnvFilter::try_from_env("MIRRORD_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if cli.quiet {
+                    "error,fuser=off"
+                } else {
+                    "warn,fuser=error"
+                })
+            }),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(output::colour())
         .with_target(false)
         .without_time()
         .init();
-    let cli = Cli::parse();
     // One worker: every hand-over between tasks on different workers can cost a thread
     // wake-up, which dominates small round trips (DNS lookups, new connections) on machines
     // with idle cores, while one core keeps up with the data (see agent/src/netns.rs).
@@ -30,7 +39,9 @@ fn main() {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("mirrord: cannot start: {error}");
+            output::error(format!(
+                "cannot start: {error}; check the limits on threads and open files (ulimit -a)"
+            ));
             std::process::exit(EXIT_MIRRORD_FAILED);
         }
     };
@@ -46,12 +57,16 @@ fn main() {
             Command::Env { session, format } => run::env(session, *format).await,
             Command::Ls(list) => run::ls(list).await,
             Command::Doctor(doctor) => run::doctor(doctor).await,
+            Command::PortForward(forward) => run::port_forward(forward).await,
+            Command::VerifyConfig { resolved, path } => run::verify_config(path, *resolved),
+            Command::Completions { shell } => run::completions(*shell),
+            Command::ManPages { dir } => run::man_pages(dir),
         }
     });
     let code = match result {
         Ok(code) => code,
         Err(failure) => {
-            eprintln!("mirrord: {}", failure.line());
+            output::error(failure.line());
             failure.code
         }
     };

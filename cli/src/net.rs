@@ -87,10 +87,10 @@ pub fn prepare(
 ) -> Result<Option<(TunPlan, Network)>, NetError> {
     // SAFETY: access(2) on a constant NUL-terminated path.
     if unsafe { libc::access(c"/dev/net/tun".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
-        eprintln!(
-            "mirrord: /dev/net/tun is not readable and writable for you ({}); the command runs without the target's network (as root: chmod 0666 /dev/net/tun)",
+        crate::output::warn(format!(
+            "/dev/net/tun is not readable and writable for you ({}); the command runs without the target's network (as root: chmod 0666 /dev/net/tun)",
             std::io::Error::last_os_error()
-        );
+        ));
         return Ok(None);
     }
     let v4 = info

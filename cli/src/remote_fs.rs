@@ -121,17 +121,19 @@ pub async fn prepare(
     let device = match mirrord_fusefs::open_device() {
         Ok(device) => device,
         Err(error) => {
-            eprintln!("mirrord: {error}; the target's files are not available in this session");
+            crate::output::warn(format!(
+                "{error}; the target's files are not available in this session"
+            ));
             return None;
         }
     };
     let mountpoint = match MountPoint::create() {
         Ok(mountpoint) => mountpoint,
         Err(error) => {
-            eprintln!(
-                "mirrord: cannot create a mount point in {}: {error}; the target's files are not available in this session",
+            crate::output::warn(format!(
+                "cannot create a mount point in {}: {error}; the target's files are not available in this session",
                 std::env::temp_dir().display()
-            );
+            ));
             return None;
         }
     };
@@ -165,7 +167,7 @@ pub async fn prepare(
                 true
             }
             Err(error) => {
-                eprintln!("mirrord: cannot serve the remote file system: {error}");
+                crate::output::warn(format!("cannot serve the remote file system: {error}"));
                 false
             }
         }),
@@ -278,10 +280,10 @@ async fn overlays(
             Ok(Response::Fs(FsResponse::Attr(attr))) => attr.kind == FileKind::Dir,
             _ => {
                 if asked {
-                    eprintln!(
-                        "mirrord: {} does not exist in the target; not overlaid",
+                    crate::output::warn(format!(
+                        "{} does not exist in the target; not overlaid",
                         path.display()
-                    );
+                    ));
                 }
                 continue;
             }
@@ -292,18 +294,18 @@ async fn overlays(
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 match plan_room(&mut rooms, &path, remote_is_dir) {
                     Ok(()) => binds.push((inside, path)),
-                    Err(why) => eprintln!(
-                        "mirrord: {} does not exist here and {why}; the target's is at $MIRRORD_REMOTE_ROOT{}",
+                    Err(why) => crate::output::warn(format!(
+                        "{} does not exist here and {why}; the target's is at $MIRRORD_REMOTE_ROOT{}",
                         path.display(),
                         path.display()
-                    ),
+                    )),
                 }
             }
-            _ if asked => eprintln!(
-                "mirrord: {} has no local counterpart of the same kind to overlay; the target's is at $MIRRORD_REMOTE_ROOT{}",
+            _ if asked => crate::output::warn(format!(
+                "{} has no local counterpart of the same kind to overlay; the target's is at $MIRRORD_REMOTE_ROOT{}",
                 path.display(),
                 path.display()
-            ),
+            )),
             _ => {}
         }
     }

@@ -15,7 +15,9 @@ use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::rules::OutgoingFilter;
 
-use crate::args::{DoctorArgs, DoctorFormat, EnvFormat, ListArgs, ListFormat, SessionArgs};
+use crate::args::{
+    CompletionShell, DoctorArgs, DoctorFormat, EnvFormat, ListArgs, ListFormat, SessionArgs,
+};
 use crate::client::{AgentClient, lock};
 use crate::cluster_agent::{self, ClusterAgent, KubeSettings, Starting};
 use crate::config::{
@@ -33,6 +35,7 @@ use crate::launcher::{self, Launch};
 use crate::listeners::DiagSocket;
 use crate::local_agent::LocalAgent;
 use crate::net::{self, NetSettings};
+use crate::output;
 use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
 use crate::target::Target;
 
@@ -75,9 +78,13 @@ impl Session {
     /// meanwhile stops whatever was started and fails with [`Failure::interrupted`] or
     /// [`Failure::terminated`].
     pub async fn open(args: &SessionArgs) -> Result<Session, Failure> {
-        let config = Config::load(args.config_file.as_deref())?;
+        let (config, warnings) = Config::load(args.config_file.as_deref())?;
+        for warning in warnings {
+            output::warn(format!("config: {warning}"));
+        }
         let source = agent_source(args, &config)?;
-        let filter = env_filter(args, &config);
+        let mut filter = env_filter(args, &config);
+        filter.overrides = with_env_files(args, &config, filter.overrides)?;
         let fs = fs_settings(args, &config);
         let net = net_settings(args, &config)?;
         let dns = dns_settings(args, &config)?;
@@ -272,6 +279,114 @@ pub fn kube_settings(args: &SessionArgs, config: &Config) -> KubeSettings {
         privileged: agent.privileged.unwrap_or(false),
         verbose: args.verbose,
     }
+}
+
+/// The variables of the `.env` files (`--env-file`, else the config's `feature.env.env_file`)
+/// go under `overrides` (the config's `override` and `--env`, which win); a later file wins
+/// over an earlier one.
+fn with_env_files(
+    args: &SessionArgs,
+    config: &Config,
+    overrides: Vec<(String, String)>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let files: Vec<PathBuf> = if args.env_file.is_empty() {
+        match &config.feature.env {
+            EnvFeature::Detailed(env) => env.env_file.iter().cloned().collect(),
+            EnvFeature::Enabled(_) => Vec::new(),
+        }
+    } else {
+        args.env_file.clone()
+    };
+    let mut merged: Vec<(String, String)> = Vec::new();
+    for file in &files {
+        let entries = dotenvy::from_path_iter(file).with_context(|| {
+            format!(
+                "cannot read the env file {}; check the path given to --env-file",
+                file.display()
+            )
+        })?;
+        for entry in entries {
+            let (name, value) = entry.map_err(|error| {
+                anyhow!(
+                    "the env file {} is not valid: {error}; write one NAME=value a line",
+                    file.display()
+                )
+            })?;
+            merged.retain(|(known, _)| *known != name);
+            merged.push((name, value));
+        }
+    }
+    merged.retain(|(name, _)| !overrides.iter().any(|(winner, _)| winner == name));
+    merged.extend(overrides);
+    Ok(merged)
+}
+
+/// What a session would refuse in the config file before starting anything: the target's
+/// form, the filters, the incoming settings. `verify-config` reports it.
+pub fn check_config(config: &Config) -> anyhow::Result<()> {
+    let args = SessionArgs::default();
+    if let Some(target) = config.target.as_ref().and_then(|target| target.path()) {
+        target.parse::<Target>()?;
+    }
+    net_settings(&args, config)?;
+    dns_settings(&args, config)?;
+    incoming_settings(&args, config)?;
+    Ok(())
+}
+
+/// `mirrord port-forward`: forwards until Ctrl-C or SIGTERM (0), or until the agent is lost.
+/// Without a target anywhere, the session is targetless.
+pub async fn port_forward(args: &crate::args::PortForwardArgs) -> Result<i32, Failure> {
+    let mut session_args = args.session();
+    if session_args.target.is_none() && session_args.agent_addr.is_none() {
+        let (config, _) = Config::load(args.config_file.as_deref())?;
+        if config
+            .target
+            .as_ref()
+            .and_then(|target| target.path())
+            .is_none()
+        {
+            session_args.target = Some(Target::Targetless.to_string());
+        }
+    }
+    let session = Session::open(&session_args).await?;
+    let served =
+        crate::forward::serve(session.client.clone(), &args.forwards, &session.label()).await;
+    session.close().await;
+    served?;
+    Ok(0)
+}
+
+/// `mirrord verify-config`: the report on stdout; 0 when valid, 1 when not.
+pub fn verify_config(path: &Path, resolved: bool) -> Result<i32, Failure> {
+    let (report, code) = crate::verify::verify(path, resolved);
+    output::stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+    Ok(code)
+}
+
+/// `mirrord completions SHELL`: the script on stdout.
+pub fn completions(shell: CompletionShell) -> Result<i32, Failure> {
+    let mut script = Vec::new();
+    crate::completion::script(shell, &mut script)?;
+    output::stdout(&String::from_utf8_lossy(&script))?;
+    Ok(0)
+}
+
+/// `mirrord man-pages DIR`: one page per command, named on stdout.
+pub fn man_pages(dir: &Path) -> Result<i32, Failure> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create {}; choose a directory you can write to",
+            dir.display()
+        )
+    })?;
+    clap_mangen::generate_to(crate::args::command(), dir).with_context(|| {
+        format!(
+            "cannot write the man pages into {}; choose a directory you can write to",
+            dir.display()
+        )
+    })?;
+    Ok(0)
 }
 
 /// Flags win over the config file, key by key; `--env` overrides win over the file's.
@@ -491,10 +606,10 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
                         let filter = session.dns.rule.as_ref().map(NameFilter::parse);
                         network.serve_dns(session.client.clone(), filter.transpose()?, &conf);
                     }
-                    Err(error) => eprintln!(
-                        "mirrord: cannot give the command its own {}: {error}; names resolve as on this machine",
+                    Err(error) => crate::output::warn(format!(
+                        "cannot give the command its own {}: {error}; names resolve as on this machine",
                         resolv_conf.display()
-                    ),
+                    )),
                 }
             }
             Some(network)
@@ -525,15 +640,15 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
                                     served.app,
                                 ))
                             }
-                            Err(error) => eprintln!(
-                                "mirrord: cannot follow the command's listening ports ({error}); it gets no incoming traffic"
-                            ),
+                            Err(error) => crate::output::warn(format!(
+                                "cannot follow the command's listening ports ({error}); it gets no incoming traffic"
+                            )),
                         }
                     }
                     Ok(_) => {}
-                    Err(error) => {
-                        eprintln!("mirrord: {error}; the command runs without the target's network")
-                    }
+                    Err(error) => output::warn(format!(
+                        "{error}; the command runs without the target's network"
+                    )),
                 }
             }
             if let Some(mountpoint) = &remote_root {
@@ -550,9 +665,7 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
             tokio::select! {
                 status = &mut wait => status.map_err(Failure::launch),
                 reason = session.client.lost() => {
-                    eprintln!(
-                        "mirrord: lost the agent ({reason}); the command keeps running without the target"
-                    );
+                    crate::output::error(format!("lost the agent ({reason}); the command keeps running without the target"));
                     wait.await.map_err(Failure::launch)
                 }
                 // Returning drops `wait`, which kills the command.
@@ -568,7 +681,10 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
 
 /// `mirrord ls`: prints the targets of a namespace, or of all with `-A`.
 pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
-    let config = Config::load(args.config_file.as_deref())?;
+    let (config, warnings) = Config::load(args.config_file.as_deref())?;
+    for warning in warnings {
+        output::warn(format!("config: {warning}"));
+    }
     let settings = KubeSettings {
         kubeconfig: args
             .kubeconfig
@@ -600,14 +716,17 @@ pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
             format!("{}\n", serde_json::to_string(&objects)?)
         }
     };
-    print!("{out}");
+    output::stdout(&out)?;
     Ok(0)
 }
 
 /// `mirrord doctor`: runs the checks, prints them, and exits 0 only when a session would work
 /// (1 otherwise).
 pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
-    let config = Config::load(args.config_file.as_deref())?;
+    let (config, warnings) = Config::load(args.config_file.as_deref())?;
+    for warning in warnings {
+        output::warn(format!("config: {warning}"));
+    }
     let target = match args
         .target
         .as_deref()
@@ -636,7 +755,7 @@ pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
         DoctorFormat::Text => doctor::render_text(&checks),
         DoctorFormat::Json => doctor::render_json(&checks)?,
     };
-    print!("{out}");
+    output::stdout(&out)?;
     Ok(if doctor::would_work(&checks) { 0 } else { 1 })
 }
 
@@ -645,7 +764,7 @@ pub async fn env(args: &SessionArgs, format: EnvFormat) -> Result<i32, Failure> 
     let session = Session::open(args).await?;
     let vars = envfilter::remote_vars(&session.info.env, &session.filter);
     session.close().await;
-    print!("{}", format_env(&vars, format));
+    output::stdout(&format_env(&vars, format))?;
     Ok(0)
 }
 

@@ -37,6 +37,8 @@ macro_rules! ensure {
 
 #[path = "e2e/dns.rs"]
 mod dns;
+#[path = "e2e/ergonomics.rs"]
+mod ergonomics;
 #[path = "e2e/files.rs"]
 mod files;
 #[path = "e2e/filters.rs"]
@@ -71,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 81] = [
+    let tests: [(&str, Test); 89] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -212,6 +214,10 @@ fn tests() -> Vec<Trial> {
         (
             "net_psql_queries_a_cluster_database",
             network::net_psql_queries_a_cluster_database,
+        ),
+        (
+            "port_forward_psql_reaches_a_cluster_database",
+            network::port_forward_psql_reaches_a_cluster_database,
         ),
         (
             "net_udp_echo_through_the_pod",
@@ -359,6 +365,28 @@ fn tests() -> Vec<Trial> {
         (
             "steal_without_nftables_is_one_line",
             filters::steal_without_nftables_is_one_line,
+        ),
+        (
+            "completion_scripts_load_and_offer_a_pid_target",
+            ergonomics::completion_scripts_load_and_offer_a_pid_target,
+        ),
+        (
+            "verify_config_upstream_misspelt_and_broken_files",
+            ergonomics::verify_config_upstream_misspelt_and_broken_files,
+        ),
+        ("version_and_man_pages", ergonomics::version_and_man_pages),
+        (
+            "install_script_into_a_temporary_prefix",
+            ergonomics::install_script_into_a_temporary_prefix,
+        ),
+        (
+            "exec_env_file_goes_over_the_pods_variables",
+            ergonomics::exec_env_file_goes_over_the_pods_variables,
+        ),
+        ("quiet_and_no_color", ergonomics::quiet_and_no_color),
+        (
+            "ide_task_and_interpreter_wrapper",
+            ergonomics::ide_task_and_interpreter_wrapper,
         ),
     ];
     tests

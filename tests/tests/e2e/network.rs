@@ -23,7 +23,7 @@ const HOST_LOOPBACK: &str = "198.19.255.254";
 const CLUSTER: &[&str] = &["--cidr", "10.213.0.0/16"];
 
 /// A server process in the cluster, killed when dropped.
-struct Server(Child);
+pub struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -82,8 +82,9 @@ pub fn net_curl_and_static_wget_reach_a_cluster_only_server(
     Ok(())
 }
 
-pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
-    let pod = standard_pod(cluster)?;
+/// PostgreSQL on the cluster's address, port 5432, trusting clients from the cluster's range
+/// (the pods); stopped when the returned server is dropped.
+pub fn start_postgres(scene: &Scene, cluster: &Cluster) -> Result<Server, Failed> {
     let data = scene.temp_dir().join("pgdata");
     let bin = postgres_bin()?;
     let bin = bin.as_str();
@@ -122,7 +123,7 @@ pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> 
         .args(["-u", "postgres", "--", &format!("{bin}/postgres"), "-D"])
         .arg(&data)
         .args(["-h", &cluster.ip().to_string(), "-k", ""]);
-    let _postgres = spawn(postgres, "postgres")?;
+    let postgres = spawn(postgres, "postgres")?;
     let host = cluster.ip().to_string();
     let mut ready = false;
     for _ in 0..100 {
@@ -135,6 +136,13 @@ pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> 
         thread::sleep(Duration::from_millis(100));
     }
     ensure!(ready, "PostgreSQL did not start in the cluster");
+    Ok(postgres)
+}
+
+pub fn net_psql_queries_a_cluster_database(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _postgres = start_postgres(scene, cluster)?;
+    let host = cluster.ip().to_string();
     let out = exec(
         scene,
         &pod,
@@ -275,6 +283,93 @@ pub fn net_host_loopback_reaches_a_local_server(
         out.code == 0 && out.stdout == "hello from the laptop\n",
         "host loopback: {}",
         out.describe()
+    );
+    Ok(())
+}
+
+/// `mirrord port-forward`: a GUI client's view of a cluster database. psql on this machine
+/// reaches PostgreSQL in the cluster through two forwarded ports at once, one by a cluster name
+/// that only the pod's resolver knows (`web`, through its search domains), one by address; a
+/// SIGTERM ends the session cleanly.
+pub fn port_forward_psql_reaches_a_cluster_database(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    use std::io::BufRead;
+    let dns = cluster.serve_dns()?;
+    let pod = mirrord_tests::Pod::builder("db-client-6c8d")
+        .cluster_dns(dns.ip())
+        .start(cluster)?;
+    let _postgres = start_postgres(scene, cluster)?;
+    let by_address = format!("0:{}:5432", cluster.ip());
+    let mut cmd = scene.mirrord()?;
+    cmd.args([
+        "port-forward",
+        "-t",
+        &pod.target(),
+        "-L",
+        "0:web:5432",
+        "-L",
+    ])
+    .arg(&by_address)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut mirrord = Server(cmd.spawn()?);
+    let stderr = mirrord.0.stderr.take().ok_or("no stderr")?;
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // `mirrord: forwarding 127.0.0.1:PORT to HOST:5432 (IP) in pid/N`, one line per -L.
+    let mut ports = Vec::new();
+    let mut seen = Vec::new();
+    while ports.len() < 2 {
+        let line = line_rx
+            .recv_timeout(RUN)
+            .map_err(|_| format!("port-forward did not say where it listens: {seen:?}"))?;
+        if let Some(rest) = line.strip_prefix("mirrord: forwarding 127.0.0.1:") {
+            let (port, to) = rest.split_once(" to ").ok_or("no target in the line")?;
+            ports.push((port.parse::<u16>()?, to.to_owned()));
+        }
+        seen.push(line);
+    }
+    ensure!(
+        ports[0]
+            .1
+            .starts_with(&format!("web:5432 ({})", cluster.ip())),
+        "`web` resolved as the pod resolves it: {seen:?}"
+    );
+    for (port, to) in &ports {
+        let mut psql = Command::new("psql");
+        psql.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "postgres", "-tAc", "select 40 + 2"]);
+        let out = psql.run(RUN)?;
+        ensure!(
+            out.code == 0 && out.stdout == "42\n",
+            "psql through 127.0.0.1:{port} to {to}: {}",
+            out.describe()
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(mirrord.0.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = mirrord.0.wait()?;
+    ensure!(
+        status.code() == Some(0),
+        "after SIGTERM port-forward exited with {status}: {seen:?}"
+    );
+    let closed = std::net::TcpStream::connect(("127.0.0.1", ports[0].0));
+    ensure!(
+        closed.is_err(),
+        "127.0.0.1:{} still accepts after the session",
+        ports[0].0
     );
     Ok(())
 }
