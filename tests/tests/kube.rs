@@ -245,12 +245,15 @@ fn wait(mut child: Child, limit: Duration) -> Result<Output, Failed> {
 }
 
 impl Kube {
+    /// Longer than any `--timeout` given to kubectl here, so its own message (what it was
+    /// still waiting for) is what a failure shows.
     fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<Output, Failed> {
         let mut cmd = Command::new(cluster_binary());
         cmd.arg("kubectl")
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args(args);
-        finish(cmd, Duration::from_secs(120))
+        finish(cmd, Duration::from_secs(180))
+            .map_err(|error| format!("kubectl {args:?}: {error:?}").into())
     }
 
     fn kubectl(&self, args: &[&str]) -> Result<String, Failed> {
