@@ -136,11 +136,14 @@ impl Inner {
     fn opened(&self, ino: u64, attr: &Attr, reply: ReplyOpen) {
         self.cache().remember(ino, attr, Instant::now());
         let unchanged = self.inodes().reopened(ino, (attr.mtime, attr.size));
-        let flags = if unchanged {
+        let mut flags = if unchanged {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         };
+        // Nothing is buffered here (writes go straight to the agent), so a `close` needs no
+        // FLUSH request: one FUSE round trip less per file read (kernel >= 5.17; ignored before).
+        flags |= FopenFlags::FOPEN_NOFLUSH;
         reply.opened(FileHandle(0), flags)
     }
 

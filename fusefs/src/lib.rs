@@ -142,8 +142,10 @@ impl Served {
 /// requests are then served on a background thread, and answered on `fs`'s runtime.
 pub fn serve_fd(fs: RemoteFs, fd: OwnedFd) -> Result<Served, FuseError> {
     let mut config = fuser::Config::default();
-    // One reader suffices: no request ever blocks it.
-    config.n_threads = Some(1);
+    // Two readers, each on its own clone of the device: no request ever blocks a reader, but a
+    // parallel reader (rg) keeps one busy with answers from the caches.
+    config.n_threads = Some(2);
+    config.clone_fd = true;
     let session = fuser::Session::from_fd(fs, fd, fuser::SessionACL::Owner, config)
         .map_err(FuseError::Session)?;
     let session = session.spawn().map_err(FuseError::Session)?;
