@@ -78,10 +78,7 @@ impl Session {
     /// meanwhile stops whatever was started and fails with [`Failure::interrupted`] or
     /// [`Failure::terminated`].
     pub async fn open(args: &SessionArgs) -> Result<Session, Failure> {
-        let (config, warnings) = Config::load(args.config_file.as_deref())?;
-        for warning in warnings {
-            output::warn(format!("config: {warning}"));
-        }
+        let config = load_config(args.config_file.as_deref())?;
         let source = agent_source(args, &config)?;
         let mut filter = env_filter(args, &config);
         filter.overrides = with_env_files(args, &config, filter.overrides)?;
@@ -256,28 +253,53 @@ fn agent_source(args: &SessionArgs, config: &Config) -> anyhow::Result<AgentSour
     })
 }
 
-/// Flags over the config file.
-pub fn kube_settings(args: &SessionArgs, config: &Config) -> KubeSettings {
-    let agent = &config.agent;
+/// The config file (the given one, else the default if it exists), its warnings printed.
+fn load_config(explicit: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
+    let (config, warnings) = Config::load(explicit)?;
+    for warning in warnings {
+        output::warn(format!("config: {warning}"));
+    }
+    Ok(config)
+}
+
+/// Which cluster, context and namespace, flags over the config file: the namespace is the
+/// flag's, else the config target's; the agent's namespace the config's.
+fn cluster_settings(
+    kubeconfig: Option<&PathBuf>,
+    context: Option<&String>,
+    namespace: Option<&String>,
+    config: &Config,
+) -> KubeSettings {
     KubeSettings {
-        kubeconfig: args
-            .kubeconfig
-            .clone()
-            .or_else(|| config.kubeconfig.clone()),
-        context: args.context.clone().or_else(|| config.kube_context.clone()),
-        namespace: args.target_namespace.clone().or_else(|| {
+        kubeconfig: kubeconfig.or(config.kubeconfig.as_ref()).cloned(),
+        context: context.or(config.kube_context.as_ref()).cloned(),
+        namespace: namespace.cloned().or_else(|| {
             config
                 .target
                 .as_ref()
                 .and_then(|target| target.namespace().map(str::to_owned))
         }),
-        agent_namespace: agent.namespace.clone(),
+        agent_namespace: config.agent.namespace.clone(),
+        ..KubeSettings::default()
+    }
+}
+
+/// Flags over the config file.
+pub fn kube_settings(args: &SessionArgs, config: &Config) -> KubeSettings {
+    let agent = &config.agent;
+    KubeSettings {
         image: args.agent_image.clone().or_else(|| agent.image.clone()),
         startup_timeout: agent.startup_timeout.map(Duration::from_secs),
         communication_timeout: agent.communication_timeout,
         job_ttl: agent.ttl,
         privileged: agent.privileged.unwrap_or(false),
         verbose: args.verbose,
+        ..cluster_settings(
+            args.kubeconfig.as_ref(),
+            args.context.as_ref(),
+            args.target_namespace.as_ref(),
+            config,
+        )
     }
 }
 
@@ -681,10 +703,7 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
 
 /// `mirrord ls`: prints the targets of a namespace, or of all with `-A`.
 pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
-    let (config, warnings) = Config::load(args.config_file.as_deref())?;
-    for warning in warnings {
-        output::warn(format!("config: {warning}"));
-    }
+    let config = load_config(args.config_file.as_deref())?;
     let settings = KubeSettings {
         kubeconfig: args
             .kubeconfig
@@ -723,10 +742,7 @@ pub async fn ls(args: &ListArgs) -> Result<i32, Failure> {
 /// `mirrord doctor`: runs the checks, prints them, and exits 0 only when a session would work
 /// (1 otherwise).
 pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
-    let (config, warnings) = Config::load(args.config_file.as_deref())?;
-    for warning in warnings {
-        output::warn(format!("config: {warning}"));
-    }
+    let config = load_config(args.config_file.as_deref())?;
     let target = match args
         .target
         .as_deref()
@@ -735,21 +751,12 @@ pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
         Some(text) => Some(text.parse::<Target>()?),
         None => None,
     };
-    let settings = KubeSettings {
-        kubeconfig: args
-            .kubeconfig
-            .clone()
-            .or_else(|| config.kubeconfig.clone()),
-        context: args.context.clone().or_else(|| config.kube_context.clone()),
-        namespace: args.namespace.clone().or_else(|| {
-            config
-                .target
-                .as_ref()
-                .and_then(|target| target.namespace().map(str::to_owned))
-        }),
-        agent_namespace: config.agent.namespace.clone(),
-        ..KubeSettings::default()
-    };
+    let settings = cluster_settings(
+        args.kubeconfig.as_ref(),
+        args.context.as_ref(),
+        args.namespace.as_ref(),
+        &config,
+    );
     let checks = doctor::run(&doctor::Scope { target, settings }).await;
     let out = match args.output {
         DoctorFormat::Text => doctor::render_text(&checks),

@@ -330,13 +330,14 @@ impl<F: Clone> Cache<F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mirrord_protocol::fs::Timestamp;
 
     const TTL: Duration = Duration::from_secs(1);
 
-    fn attr(ino: u64, kind: FileKind, size: u64) -> Attr {
+    /// Attributes of a test file: `ino` on device 1, times at the epoch.
+    pub(crate) fn attr(ino: u64, kind: FileKind, size: u64) -> Attr {
         let epoch = Timestamp { secs: 0, nanos: 0 };
         Attr {
             ino,

@@ -134,29 +134,10 @@ impl Prefetch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mirrord_protocol::fs::{Attr, BatchedFile, DirEntry, Timestamp};
+    use crate::cache::tests::attr;
+    use mirrord_protocol::fs::{BatchedFile, DirEntry};
 
     const TTL: Duration = Duration::from_secs(1);
-
-    fn attr(kind: FileKind, size: u64) -> Attr {
-        let t = Timestamp { secs: 0, nanos: 0 };
-        Attr {
-            ino: 1,
-            dev: 1,
-            kind,
-            size,
-            blocks: 0,
-            mode: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 4096,
-            atime: t,
-            mtime: t,
-            ctime: t,
-        }
-    }
 
     fn listing(entries: &[(&str, FileKind, u64)]) -> Listing {
         Listing::new(
@@ -164,7 +145,7 @@ mod tests {
                 .iter()
                 .map(|&(name, kind, size)| DirEntry {
                     name: name.to_owned(),
-                    attr: attr(kind, size),
+                    attr: attr(1, kind, size),
                     xattrs: None,
                 })
                 .collect(),
@@ -177,7 +158,7 @@ mod tests {
                 .iter()
                 .map(|(name, bytes)| BatchedFile {
                     name: (*name).to_owned(),
-                    attr: attr(FileKind::File, bytes.len() as u64),
+                    attr: attr(1, FileKind::File, bytes.len() as u64),
                     len: bytes.len() as u32,
                 })
                 .collect(),

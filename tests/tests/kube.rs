@@ -1084,24 +1084,38 @@ http.server.ThreadingHTTPServer(('', 8080), Answer).serve_forever()
 
 /// Until `X-User: USER` reaches that session's local app (the port is taken once it listens).
 fn until_user_gets(kube: &Kube, user: &str, expected: &str) -> Result<(), Failed> {
-    let deadline = Instant::now() + SESSION;
     let header = format!("X-User: {user}");
-    while call_api(kube, &[&header])? != expected {
+    until_service_answers(kube, ("api", &[&header]), expected, SESSION)
+}
+
+/// Until the client pod gets `expected` from Service `service` with `headers`, for at most
+/// `limit`; the failure says what it got last.
+fn until_service_answers(
+    kube: &Kube,
+    (service, headers): (&str, &[&str]),
+    expected: &str,
+    limit: Duration,
+) -> Result<(), Failed> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = call_service(kube, service, headers)?;
+        if answer == expected {
+            return Ok(());
+        }
         ensure!(
             Instant::now() < deadline,
-            "X-User: {user} never got {expected:?}"
+            "Service {service} with {headers:?} never answered {expected:?}; last {answer:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    Ok(())
 }
 
 /// Ends a session with SIGTERM, as a service manager or an IDE's stop button sends it (a
 /// terminal's Ctrl-C reaches the command itself, through the process group).
-fn terminate(child: Child) -> Result<(), Failed> {
+fn terminate(child: Child) -> Result<Output, Failed> {
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    wait(child, Duration::from_secs(60)).map(drop)
+    wait(child, Duration::from_secs(60))
 }
 
 /// A stealing session's agent pod deleted as `kubectl delete pod` does (SIGTERM, then a grace
@@ -1117,11 +1131,7 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
         .as_ref()
         .map_err(|e| format!("{e:?}").into())
         .and_then(|_| {
-            let deadline = Instant::now() + SESSION;
-            while call_service(kube, "orders", &[])? != "stolen" {
-                ensure!(Instant::now() < deadline, "the steal never took the port");
-                std::thread::sleep(Duration::from_millis(300));
-            }
+            until_service_answers(kube, ("orders", &[]), "stolen", SESSION)?;
             kube.kubectl(&[
                 "delete",
                 "pods",
@@ -1130,24 +1140,10 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
                 &agents_of(Some(USER)),
                 "--wait=false",
             ])?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let answer = call_service(kube, "orders", &[])?;
-                if answer == "remote" {
-                    return Ok(());
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "after the agent's pod was deleted the Service answered {answer:?}"
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
+            // Had the table stayed, the redirect would lead to a dead listener: no answer.
+            until_service_answers(kube, ("orders", &[]), "remote", Duration::from_secs(30))
         });
-    let ended = session.map(|child| {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        wait(child, Duration::from_secs(60))
-    });
+    let ended = session.map(terminate);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     let out = ended??;
@@ -1187,7 +1183,7 @@ fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
             );
         }
         // The session that came first is last in line; it keeps its requests alone.
-        terminate(sessions.pop().ok_or("no second session")?)?;
+        terminate(sessions.pop().ok_or("no second session")?).map(drop)?;
         until_user_gets(kube, "you", "remote")?;
         let me = call_api(kube, &["X-User: me"])?;
         ensure!(
@@ -1199,7 +1195,7 @@ fn a_filter_splits_a_services_requests(kube: &Kube) -> Result<(), Failed> {
     let ended: Vec<_> = sessions.into_iter().map(terminate).collect();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    ended.into_iter().collect::<Result<(), Failed>>()?;
+    ended.into_iter().collect::<Result<Vec<_>, Failed>>()?;
     ensure!(
         call_api(kube, &["X-User: me"])? == "remote",
         "the pod did not answer again after the sessions"

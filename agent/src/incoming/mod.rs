@@ -223,11 +223,8 @@ impl Incoming {
             Ok(listing) => listing,
             Err(cause) => return debug!("no sweep of stale tables: {cause}"),
         };
-        let ours = self.redirect.owner.table();
-        for table in nft::our_tables(&listing) {
-            let stale = table != ours
-                && Owner::parse(&table).is_some_and(|o| o.is_dead(self.redirect.owner.pid_ns));
-            if stale {
+        for (table, owner) in self.other_tables(&listing) {
+            if owner.is_dead(self.redirect.owner.pid_ns) {
                 match self.redirect.nft.apply(&nft::delete(&table)).await {
                     Ok(()) => info!(table, "removed a dead agent's table"),
                     Err(cause) => warn!(table, "cannot remove a dead agent's table: {cause}"),
@@ -244,13 +241,9 @@ impl Incoming {
         let Ok(listing) = self.redirect.nft.list_tables().await else {
             return Vec::new();
         };
-        let ours = self.redirect.owner.table();
         let mut others = Vec::new();
-        for table in nft::our_tables(&listing) {
-            let Some(owner) = Owner::parse(&table) else {
-                continue;
-            };
-            if table == ours || owner.is_dead(self.redirect.owner.pid_ns) {
+        for (table, owner) in self.other_tables(&listing) {
+            if owner.is_dead(self.redirect.owner.pid_ns) {
                 continue;
             }
             // Gone between the two listings: nothing to share.
@@ -259,6 +252,16 @@ impl Incoming {
             }
         }
         others
+    }
+
+    /// The tables of other agents (named after an owner, not ours) in `nft list tables` output.
+    fn other_tables(&self, listing: &str) -> Vec<(String, Owner)> {
+        let ours = self.redirect.owner.table();
+        nft::our_tables(listing)
+            .into_iter()
+            .filter(|table| *table != ours)
+            .filter_map(|table| Owner::parse(&table).map(|owner| (table, owner)))
+            .collect()
     }
 
     /// Makes the table redirect what the registry wants now.

@@ -321,14 +321,7 @@ pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Res
     let through_the_agent = ["--agent-addr", agent.addr(), "--agent-token", TOKEN];
     let mut sessions = Vec::new();
     for user in ["alice", "bob"] {
-        let filter = format!(r#"{{"header_filter": "^x-user: {user}$"}}"#);
-        let config = filter_config(scene, user, &filter)?;
-        sessions.push(Running::start_with(
-            scene,
-            &through_the_agent,
-            &["-f", &config],
-            &super::incoming::strs(&answer_server(scene, user)?),
-        )?);
+        sessions.push(session_of_user(scene, &through_the_agent, user)?);
     }
     for user in ["alice", "bob"] {
         let args = as_user(&page, user);
@@ -358,6 +351,19 @@ pub fn filter_two_sessions_share_a_port(scene: &Scene, cluster: &Cluster) -> Res
         session.stop();
     }
     Ok(())
+}
+
+/// A session through `target` (its target or agent flags) stealing the requests with
+/// `X-User: USER`, its local app answering `USER`.
+fn session_of_user(scene: &Scene, target: &[&str], user: &str) -> Result<Running, Failed> {
+    let filter = format!(r#"{{"header_filter": "^x-user: {user}$"}}"#);
+    let config = filter_config(scene, user, &filter)?;
+    Running::start_with(
+        scene,
+        target,
+        &["-f", &config],
+        &super::incoming::strs(&answer_server(scene, user)?),
+    )
 }
 
 /// `curl` arguments for the pod's page as `user` (an `X-User` header).
@@ -406,14 +412,7 @@ pub fn two_agents_with_their_own_filters_share_a_port(
     curl_until(cluster, &page, "remote\n")?;
     let mut sessions = Vec::new();
     for user in ["alice", "bob"] {
-        let filter = format!(r#"{{"header_filter": "^x-user: {user}$"}}"#);
-        let config = filter_config(scene, user, &filter)?;
-        sessions.push(Running::start(
-            scene,
-            &pod,
-            &["-f", &config],
-            &super::incoming::strs(&answer_server(scene, user)?),
-        )?);
+        sessions.push(session_of_user(scene, &["-t", &pod.target()], user)?);
         let args = as_user(&page, user);
         until(
             cluster,
