@@ -19,7 +19,9 @@ pub enum ContainerError {
         "container ID {0:?} is not RUNTIME://HEX (e.g. containerd://…, cri-o://…, docker://…, mrdc://…)"
     )]
     BadId(String),
-    #[error("no process of container {0} found in /proc (is the agent running with hostPID?)")]
+    #[error(
+        "no process of container {0} found in /proc (is the agent running with hostPID, or in the target's pod?)"
+    )]
     NotFound(String),
     #[error("cannot list /proc: {0}")]
     ListProc(#[source] io::Error),

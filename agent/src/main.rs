@@ -12,7 +12,8 @@ use mirrord_agent::container::{self, ContainerId};
 use mirrord_agent::incoming::Redirect;
 use mirrord_agent::incoming::guard::{self, Forked};
 use mirrord_agent::incoming::nft::{Nft, Owner};
-use mirrord_agent::{netns, server, target::Target};
+use mirrord_agent::target::{Namespaces, Target};
+use mirrord_agent::{netns, server};
 use mirrord_link::endpoint::Endpoint;
 use mirrord_link::report::one_line;
 
@@ -35,6 +36,14 @@ struct Args {
     /// agent must see the node's processes (hostPID).
     #[arg(long, conflicts_with = "target_pid")]
     container_id: Option<String>,
+    /// The agent runs in the target's pod (as an ephemeral container): sessions get the network
+    /// and UTS namespaces it is in, without entering any (which needs CAP_SYS_ADMIN), and the
+    /// target's root and environment through /proc.
+    #[arg(long)]
+    in_target_pod: bool,
+    /// Exit as soon as the first session that was let in ends.
+    #[arg(long)]
+    once: bool,
     /// File holding the session token (whitespace around it is ignored). Without it the token
     /// is read from MIRRORD_AGENT_TOKEN.
     #[arg(long)]
@@ -89,12 +98,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => args.target_pid,
     };
-    let target = Target::open(pid)?;
+    let namespaces = if args.in_target_pod {
+        Namespaces::Own
+    } else {
+        Namespaces::Target
+    };
+    let target = Target::open(pid, namespaces)?;
     // Forked first, while the agent has one thread, and before the listener exists, so that
     // the guard (this process from here on) holds nothing of the serving agent's but its pipe.
     let nft = Nft::from_env();
     let owner = Owner::current().context("cannot read the agent's own pid namespace")?;
-    let netns = match target.pid() {
+    let netns = match target.entered_pid() {
         Some(pid) => {
             let path = format!("/proc/{pid}/ns/net");
             Some(File::open(&path).with_context(|| format!("cannot open {path}"))?)
@@ -117,6 +131,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = server::Config {
         token,
         idle_ttl: Duration::from_secs(args.idle_ttl),
+        once: args.once,
         redirect: Redirect { owner, nft, guard },
     };
     runtime.block_on(async move {

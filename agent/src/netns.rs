@@ -26,14 +26,14 @@ use crate::target::Target;
 const WORKERS: usize = 1;
 
 /// A multi-thread runtime whose workers and blocking threads are in `target`'s network
-/// namespace; for a target without pid, an ordinary runtime in the agent's own.
+/// namespace; for a target whose namespaces are the agent's own, an ordinary runtime.
 pub fn runtime_in(target: &Target) -> Result<tokio::runtime::Runtime, Error> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder
         .worker_threads(WORKERS)
         .thread_name("agent-net")
         .enable_all();
-    if let Some(pid) = target.pid() {
+    if let Some(pid) = target.entered_pid() {
         let path = format!("/proc/{pid}/ns/net");
         let ns: Arc<OwnedFd> = Arc::new(File::open(&path).map_err(io_err("open", &path))?.into());
         probe(&ns).map_err(io_err("entering the network namespace", &path))?;
@@ -93,6 +93,7 @@ fn probe(ns: &Arc<OwnedFd>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::Namespaces;
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, TcpListener};
     use std::sync::mpsc;
@@ -187,7 +188,7 @@ mod tests {
             return;
         }
         let pod = Pod::start();
-        let target = Target::open(Some(pod.tid)).unwrap();
+        let target = Target::open(Some(pod.tid), Namespaces::Target).unwrap();
         let rt = runtime_in(&target).unwrap();
         let port = pod.port;
         let pod_ns = ns_inode(&format!("/proc/{}/ns/net", pod.tid));
@@ -223,7 +224,7 @@ mod tests {
 
     #[test]
     fn no_pid_is_an_ordinary_runtime() {
-        let rt = runtime_in(&Target::open(None).unwrap()).unwrap();
+        let rt = runtime_in(&Target::open(None, Namespaces::Target).unwrap()).unwrap();
         let own = ns_inode("/proc/thread-self/ns/net");
         let seen = rt
             .block_on(async { tokio::spawn(async { ns_inode("/proc/thread-self/ns/net") }).await });

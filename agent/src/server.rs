@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mirrord_dns::DnsResolver;
@@ -45,6 +45,9 @@ pub struct Config {
     pub token: Vec<u8>,
     /// The agent exits when no session has been open for this long.
     pub idle_ttl: Duration,
+    /// Exit when the first session that was let in ends (an agent that cannot be removed, such
+    /// as an ephemeral container, ends with its session).
+    pub once: bool,
     /// Whose nftables table redirects subscribed ports, and the guard that removes it.
     pub redirect: Redirect,
 }
@@ -74,6 +77,9 @@ impl From<ProtocolError> for SessionError {
 struct Agent {
     token: Vec<u8>,
     idle_ttl: Duration,
+    once: bool,
+    /// Whether a session was let in (past the token check).
+    admitted: AtomicBool,
     target: Target,
     incoming: Arc<Incoming>,
     /// Built on the first DNS query, from the target's files as they are then.
@@ -88,6 +94,8 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
     let agent = Arc::new(Agent {
         token: config.token,
         idle_ttl: config.idle_ttl,
+        once: config.once,
+        admitted: AtomicBool::new(false),
         target,
         incoming: Incoming::new(config.redirect),
         dns: tokio::sync::OnceCell::new(),
@@ -117,6 +125,10 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
             }
             () = session_ended.notified() => {
                 if active.load(Ordering::SeqCst) == 0 {
+                    if agent.once && agent.admitted.load(Ordering::SeqCst) {
+                        info!("the session ended; exiting");
+                        return Ok(());
+                    }
                     idle_since = Some(Instant::now());
                 }
             }
@@ -163,6 +175,7 @@ async fn serve(
         return Err(SessionError::Refused(reason));
     }
     out_tx.try_send(AgentMessage::Welcome.into()).ok();
+    agent.admitted.store(true, Ordering::SeqCst);
     info!("session open");
     let writer = tokio::spawn(write_loop(write_half, out_rx));
     let streams = Streams::new(Side::Agent, out_tx.clone());

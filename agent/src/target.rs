@@ -18,25 +18,44 @@ pub const TOKEN_VAR: &str = "MIRRORD_AGENT_TOKEN";
 #[derive(Debug, Clone)]
 pub struct Target {
     pid: Option<u32>,
+    namespaces: Namespaces,
 }
 
-/// The namespaces the agent serves from; each must be openable for [`Target::open`] to succeed.
+/// Whose network and UTS namespaces a target's sessions get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespaces {
+    /// The target process's, which the agent enters (it runs beside the pod, e.g. on its node).
+    Target,
+    /// The agent's own: it runs in the target's pod (an ephemeral container), which already
+    /// shares them, and may lack the privilege to enter any namespace.
+    Own,
+}
+
+/// The namespaces the agent enters; each must be openable for [`Target::open`] to succeed.
 const NAMESPACES: [&str; 3] = ["net", "uts", "mnt"];
 
 impl Target {
-    /// Checks that the process exists and that its namespaces and root can be opened, so a
-    /// later failure is not the first sign of missing privileges.
-    pub fn open(pid: Option<u32>) -> Result<Self, Error> {
+    /// Checks that the process exists and that its namespaces (those it will enter) and root
+    /// can be opened, so a later failure is not the first sign of missing privileges.
+    pub fn open(pid: Option<u32>, namespaces: Namespaces) -> Result<Self, Error> {
         let Some(pid) = pid else {
-            return Ok(Target { pid: None });
+            return Ok(Target {
+                pid: None,
+                namespaces: Namespaces::Own,
+            });
         };
-        let target = Target { pid: Some(pid) };
+        let target = Target {
+            pid: Some(pid),
+            namespaces,
+        };
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         // /proc/0 does not exist, but ask the kernel rather than special-casing it.
         std::fs::metadata(&proc_dir).map_err(|e| target.error("stat", proc_dir.clone(), e))?;
-        for ns in NAMESPACES {
-            let path = proc_dir.join("ns").join(ns);
-            File::open(&path).map_err(|e| target.error("open", path, e))?;
+        if namespaces == Namespaces::Target {
+            for ns in NAMESPACES {
+                let path = proc_dir.join("ns").join(ns);
+                File::open(&path).map_err(|e| target.error("open", path, e))?;
+            }
         }
         let root = target.root();
         std::fs::read_dir(&root).map_err(|e| target.error("list", root, e))?;
@@ -45,6 +64,12 @@ impl Target {
 
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// The process whose network and UTS namespaces the agent enters for its sessions; `None`
+    /// when its own are the ones served.
+    pub fn entered_pid(&self) -> Option<u32> {
+        self.pid.filter(|_| self.namespaces == Namespaces::Target)
     }
 
     /// The target's `/`, as seen from the agent: `/proc/PID/root`, which leads into the target's
@@ -75,7 +100,7 @@ impl Target {
 
     /// The hostname in the target's UTS namespace.
     pub fn hostname(&self) -> Result<String, Error> {
-        let Some(pid) = self.pid else {
+        let Some(pid) = self.entered_pid() else {
             return own_hostname();
         };
         let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
@@ -150,7 +175,7 @@ mod tests {
 
     #[test]
     fn own_context_without_pid() {
-        let t = Target::open(None).unwrap();
+        let t = Target::open(None, Namespaces::Target).unwrap();
         assert_eq!(t.pid(), None);
         assert_eq!(t.root(), PathBuf::from("/"));
         assert!(t.env().unwrap().iter().any(|(k, _)| k == "PATH"));
@@ -160,7 +185,9 @@ mod tests {
     #[test]
     fn missing_process_is_named() {
         // pid_max is at most 2^22, so this pid cannot exist.
-        let err = Target::open(Some(u32::MAX)).err().map(|e| e.to_string());
+        let err = Target::open(Some(u32::MAX), Namespaces::Target)
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some(&*format!("no process with pid {}", u32::MAX))
@@ -176,7 +203,7 @@ mod tests {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let t = Target::open(Some(child.id()));
+        let t = Target::open(Some(child.id()), Namespaces::Target);
         let env = t.and_then(|t| t.env());
         let _ = child.kill();
         let _ = child.wait();
@@ -204,7 +231,7 @@ mod tests {
             let _ = done_rx.recv();
         });
         let tid = tid_rx.recv().unwrap().unwrap();
-        let name = Target::open(Some(tid)).and_then(|t| t.hostname());
+        let name = Target::open(Some(tid), Namespaces::Target).and_then(|t| t.hostname());
         drop(done_tx);
         pod.join().unwrap();
         assert_eq!(name.unwrap(), "pod-uts-test");

@@ -150,8 +150,12 @@ pub struct DoctorArgs {
     /// The kubeconfig file (default: KUBECONFIG, else ~/.kube/config, else in-cluster).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// Check for an agent added to the target's pod as an ephemeral container (as
+    /// `exec --ephemeral` starts it) instead of an agent Job.
+    #[arg(long)]
+    pub ephemeral: bool,
     /// The config file (default: `.mirrord/mirrord.json` when it exists), for `target`,
-    /// `kubeconfig`, `kube_context` and `agent.namespace`.
+    /// `kubeconfig`, `kube_context`, `agent.namespace` and `agent.ephemeral`.
     #[arg(short = 'f', long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
     #[arg(short = 'o', long, value_enum, default_value_t = DoctorFormat::Text)]
@@ -299,6 +303,11 @@ pub struct SessionArgs {
     /// The agent's image in a cluster.
     #[arg(long, value_name = "IMAGE")]
     pub agent_image: Option<String>,
+    /// Add the agent to the target's pod as an ephemeral container instead of starting a Job
+    /// beside it: for namespaces whose Pod Security level (baseline) refuses the Job's hostPID
+    /// and capabilities. The pod keeps the exited container until it is restarted.
+    #[arg(long)]
+    pub ephemeral: bool,
     /// Say more while starting: each step's time, the pod and node, the cluster ranges routed.
     #[arg(short = 'v', long)]
     pub verbose: bool,

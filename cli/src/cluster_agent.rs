@@ -1,7 +1,8 @@
 //! A session's agent in a Kubernetes cluster: resolves the target through the API, starts the
-//! agent Job beside the target's container, reaches it by port-forward, and deletes the Job when
-//! the session ends, whichever way it ends. It changes nothing else in the cluster, and never
-//! prints or logs the session token.
+//! agent Job beside the target's container (or adds the agent to the target's pod as an
+//! ephemeral container), reaches it by port-forward, and deletes the Job when the session ends,
+//! whichever way it ends. It changes nothing else in the cluster, and never prints or logs the
+//! session token.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ipnet::IpNet;
+use mirrord_kube::access;
 use mirrord_kube::cidr::ClusterCidrs;
 use mirrord_kube::{AgentJobSpec, AgentPod, AgentToken, Cluster, Resolved, TargetPath};
 use mirrord_link::endpoint::split_stream;
@@ -40,21 +42,34 @@ pub struct KubeSettings {
     pub communication_timeout: Option<u64>,
     pub job_ttl: Option<u64>,
     pub privileged: bool,
+    /// Add the agent to the target's pod as an ephemeral container instead of starting a Job.
+    pub ephemeral: bool,
     pub verbose: bool,
 }
 
-/// An agent Job this session created, to be deleted when it ends.
+/// An agent this session created, to be removed when it ends.
 #[derive(Clone)]
 pub struct ClusterAgent {
     cluster: Cluster,
     namespace: String,
     job: String,
+    /// The pod the agent was added to as an ephemeral container, which cannot be removed.
+    in_pod: Option<String>,
 }
 
 impl ClusterAgent {
     /// Deletes the Job and its pod, and waits until they are gone. A failure is one line on
-    /// stderr: the Job's TTL and the agent's own idle timeout remove it anyway.
+    /// stderr: the Job's TTL and the agent's own idle timeout remove it anyway. An ephemeral
+    /// agent exits by itself when its session ends (or, if it never got one, at its idle
+    /// timeout); that it stays in the pod is said once.
     pub async fn delete(self) {
+        if let Some(pod) = &self.in_pod {
+            crate::output::note(format!(
+                "the agent {} exits with the session; the pod {pod} keeps a terminated ephemeral container until it is restarted",
+                self.job
+            ));
+            return;
+        }
         if let Err(error) = self.cluster.delete_agent(&self.namespace, &self.job).await {
             crate::output::warn(format!(
                 "could not delete agent job {}/{}: {error}; it exits by itself",
@@ -237,10 +252,31 @@ pub async fn start(
 
     let token = random_hex(32)?;
     let session = random_hex(6)?;
-    let namespace = settings
-        .agent_namespace
-        .clone()
-        .unwrap_or_else(|| resolved.namespace.clone());
+    let in_pod = match (&resolved.pod, settings.ephemeral) {
+        (Some(pod), true) => Some(pod.pod.clone()),
+        (None, true) => {
+            progress.note(
+                "mirrord: a targetless session has no pod to join; its agent runs as a Job (--ephemeral ignored)",
+            );
+            None
+        }
+        (_, false) => None,
+    };
+    let namespace = match (&in_pod, &settings.agent_namespace) {
+        (Some(_), Some(asked)) if *asked != resolved.namespace => {
+            progress.note(&format!(
+                "mirrord: agent.namespace {asked} ignored: an ephemeral agent runs in the target's pod, in {}",
+                resolved.namespace
+            ));
+            resolved.namespace.clone()
+        }
+        (Some(_), _) => resolved.namespace.clone(),
+        (None, asked) => asked.clone().unwrap_or_else(|| resolved.namespace.clone()),
+    };
+    let placement = match &in_pod {
+        Some(_) => resolved.placement_in_pod(ephemeral_capabilities(&cluster, &namespace).await),
+        None => resolved.placement(),
+    };
     let spec = AgentJobSpec {
         session: session.clone(),
         user: local_user(),
@@ -250,24 +286,31 @@ pub async fn start(
             .clone()
             .unwrap_or_else(mirrord_kube::agent_job::default_image),
         image_pull_policy: None,
-        port: AGENT_PORT,
+        // An ephemeral agent listens in the target's network namespace, beside the app and
+        // any other session's agent.
+        port: match &in_pod {
+            Some(_) => ephemeral_port()?,
+            None => AGENT_PORT,
+        },
         idle_ttl_secs: settings
             .communication_timeout
             .unwrap_or(DEFAULT_COMMUNICATION_TIMEOUT),
         ttl_after_finished_secs: i32::try_from(settings.job_ttl.unwrap_or(DEFAULT_JOB_TTL))
             .unwrap_or(i32::MAX),
         privileged: settings.privileged,
-        placement: resolved.placement(),
+        placement,
         token: AgentToken::new(token.clone()),
     };
     let agent = ClusterAgent {
         cluster: cluster.clone(),
         namespace: namespace.clone(),
         job: mirrord_kube::agent_job::job_name(&session),
+        in_pod: in_pod.clone(),
     };
-    progress.step(match &resolved.pod {
-        Some(pod) => format!("starting the agent on node {}", pod.node),
-        None => format!("starting a targetless agent in namespace {namespace}"),
+    progress.step(match (&resolved.pod, &in_pod) {
+        (_, Some(pod)) => format!("adding the agent to pod {pod}"),
+        (Some(pod), None) => format!("starting the agent on node {}", pod.node),
+        (None, None) => format!("starting a targetless agent in namespace {namespace}"),
     });
     *lock(starting) = Some(agent.clone());
     // The cluster's ranges and the user's stale agents are looked at while the agent starts.
@@ -321,6 +364,34 @@ pub async fn start(
         label,
         cidrs,
     })
+}
+
+/// The capabilities an ephemeral agent asks for in `namespace`: those its Pod Security level
+/// allows. A level that cannot be read is taken as privileged: admission then says what it
+/// refuses.
+async fn ephemeral_capabilities(cluster: &Cluster, namespace: &str) -> Vec<String> {
+    let level = match cluster.namespace_labels(namespace).await {
+        Ok(labels) => access::pod_security(labels.as_ref()).level,
+        Err(error) => {
+            tracing::debug!("the Pod Security level of {namespace} is unknown: {error}");
+            access::Level::Privileged
+        }
+    };
+    if level != access::Level::Privileged {
+        tracing::info!(
+            "namespace {namespace} enforces Pod Security {level}: the agent gets no NET_ADMIN, so incoming traffic cannot be redirected"
+        );
+    }
+    access::ephemeral_capabilities(level)
+}
+
+/// A port for an ephemeral agent, which shares the pod's network namespace with the app and with
+/// other sessions' agents: random in 20000-59999, clear of the fixed port of Job agents and of
+/// the usual ephemeral range's busiest end.
+fn ephemeral_port() -> anyhow::Result<u16> {
+    let mut raw = [0u8; 2];
+    getrandom::fill(&mut raw).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
+    Ok(20000 + u16::from_le_bytes(raw) % 40000)
 }
 
 /// How long reaching a started agent may keep failing before the session gives up.

@@ -457,6 +457,9 @@ pub struct AgentConfig {
     pub communication_timeout: Option<u64>,
     /// Run the agent container privileged instead of with the capabilities it needs.
     pub privileged: Option<bool>,
+    /// Add the agent to the target's pod as an ephemeral container instead of starting a Job
+    /// (for namespaces whose Pod Security level refuses the Job).
+    pub ephemeral: Option<bool>,
 }
 
 impl Config {

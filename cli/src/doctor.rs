@@ -13,7 +13,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use mirrord_kube::access::{
-    self, Need, Permission, PodSecurity, job_admission, permissions, pod_security,
+    self, Need, Permission, PodSecurity, ephemeral_admission, job_admission, permissions,
+    pod_security,
 };
 use mirrord_kube::{Cluster, Kind, TargetPath};
 use serde::Serialize;
@@ -374,14 +375,19 @@ async fn cluster_checks(settings: &KubeSettings, target: Option<&TargetPath>) ->
         None => Some(Kind::Pod),
     };
     let targetless = kind.is_none();
-    let wanted = permissions(kind, &namespace, &agent_namespace);
+    let ephemeral = settings.ephemeral && !targetless;
+    let wanted = permissions(kind, &namespace, &agent_namespace, ephemeral);
     let answers =
         futures_util::future::join_all(wanted.iter().map(|permission| cluster.can_i(permission)))
             .await;
     for (permission, answer) in wanted.iter().zip(answers) {
         checks.push(permission_check(permission, answer));
     }
-    checks.push(admission_check(&cluster, &agent_namespace, !targetless).await);
+    checks.push(match ephemeral {
+        true => admission_check(&cluster, &namespace, Agent::Ephemeral).await,
+        false if targetless => admission_check(&cluster, &agent_namespace, Agent::Targetless).await,
+        false => admission_check(&cluster, &agent_namespace, Agent::Job).await,
+    });
     if let Some(path @ TargetPath::Object { .. }) = target {
         checks.push(match cluster.resolve(path, Some(&namespace)).await {
             Ok(resolved) => {
@@ -455,8 +461,20 @@ fn permission_check(
     }
 }
 
-/// Whether the namespace's Pod Security level admits the agent Job.
-async fn admission_check(cluster: &Cluster, namespace: &str, targeted: bool) -> Check {
+/// The agent a session would start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    /// A Job beside the target, on its node.
+    Job,
+    /// A Job of its own, for a targetless session.
+    Targetless,
+    /// An ephemeral container in the target's pod.
+    Ephemeral,
+}
+
+/// Whether the namespace's Pod Security level admits the agent; where it refuses the Job but
+/// would admit an ephemeral agent, the fix says so.
+async fn admission_check(cluster: &Cluster, namespace: &str, agent: Agent) -> Check {
     let name = format!("Pod Security of namespace {namespace}");
     let labels = match cluster.namespace_labels(namespace).await {
         Ok(Some(labels)) => labels,
@@ -491,22 +509,51 @@ async fn admission_check(cluster: &Cluster, namespace: &str, targeted: bool) -> 
             access::ENFORCE_LABEL
         )
     };
-    match job_admission(level, targeted) {
-        Ok(()) => Check::pass(
-            Section::Cluster,
-            name,
-            format!("{source}: the agent Job is admitted"),
-        ),
-        Err(refusal) => Check::not(
-            Outcome::Fail,
-            Section::Cluster,
-            name,
-            format!("{source}: the agent Job would be refused ({refusal})"),
-            format!(
-                "run the agent in a namespace at privileged (agent.namespace in the config file), or ask an admin to label this one {}=privileged",
-                access::ENFORCE_LABEL
+    let to_privileged = format!(
+        "run the agent in a namespace at privileged (agent.namespace in the config file), or ask an admin to label this one {}=privileged",
+        access::ENFORCE_LABEL
+    );
+    match agent {
+        Agent::Ephemeral => match ephemeral_admission(level) {
+            Ok(()) if level == access::Level::Privileged => Check::pass(
+                Section::Cluster,
+                name,
+                format!("{source}: the ephemeral agent is admitted"),
             ),
-        ),
+            Ok(()) => Check::pass(
+                Section::Cluster,
+                name,
+                format!(
+                    "{source}: the ephemeral agent is admitted, without NET_ADMIN (no incoming traffic)"
+                ),
+            ),
+            Err(refusal) => Check::not(
+                Outcome::Fail,
+                Section::Cluster,
+                name,
+                format!("{source}: the ephemeral agent would be refused ({refusal})"),
+                to_privileged,
+            ),
+        },
+        Agent::Job | Agent::Targetless => match job_admission(level, agent == Agent::Job) {
+            Ok(()) => Check::pass(
+                Section::Cluster,
+                name,
+                format!("{source}: the agent Job is admitted"),
+            ),
+            Err(refusal) => Check::not(
+                Outcome::Fail,
+                Section::Cluster,
+                name,
+                format!("{source}: the agent Job would be refused ({refusal})"),
+                match (agent, ephemeral_admission(level)) {
+                    (Agent::Job, Ok(())) => format!(
+                        "run with --ephemeral (agent.ephemeral), which this level admits; or {to_privileged}"
+                    ),
+                    _ => to_privileged,
+                },
+            ),
+        },
     }
 }
 

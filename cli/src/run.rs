@@ -293,6 +293,7 @@ pub fn kube_settings(args: &SessionArgs, config: &Config) -> KubeSettings {
         communication_timeout: agent.communication_timeout,
         job_ttl: agent.ttl,
         privileged: agent.privileged.unwrap_or(false),
+        ephemeral: args.ephemeral || agent.ephemeral.unwrap_or(false),
         verbose: args.verbose,
         ..cluster_settings(
             args.kubeconfig.as_ref(),
@@ -751,12 +752,15 @@ pub async fn doctor(args: &DoctorArgs) -> Result<i32, Failure> {
         Some(text) => Some(text.parse::<Target>()?),
         None => None,
     };
-    let settings = cluster_settings(
-        args.kubeconfig.as_ref(),
-        args.context.as_ref(),
-        args.namespace.as_ref(),
-        &config,
-    );
+    let settings = KubeSettings {
+        ephemeral: args.ephemeral || config.agent.ephemeral.unwrap_or(false),
+        ..cluster_settings(
+            args.kubeconfig.as_ref(),
+            args.context.as_ref(),
+            args.namespace.as_ref(),
+            &config,
+        )
+    };
     let checks = doctor::run(&doctor::Scope { target, settings }).await;
     let out = match args.output {
         DoctorFormat::Text => doctor::render_text(&checks),

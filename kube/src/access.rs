@@ -123,51 +123,76 @@ fn resolution(kind: Kind) -> &'static [(&'static str, &'static str, &'static str
 }
 
 /// Every permission a session against a target of `kind` (`None`: targetless, which resolves
-/// nothing) in `target_ns` needs, with its agent in `agent_ns`; the same permission is listed
-/// once, required if any use requires it.
-pub fn permissions(kind: Option<Kind>, target_ns: &str, agent_ns: &str) -> Vec<Permission> {
+/// nothing) in `target_ns` needs, with its agent in `agent_ns` (as a Job), or added to the
+/// target's pod when `ephemeral`; the same permission is listed once, required if any use
+/// requires it.
+pub fn permissions(
+    kind: Option<Kind>,
+    target_ns: &str,
+    agent_ns: &str,
+    ephemeral: bool,
+) -> Vec<Permission> {
     use Need::{Optional, Required};
     let target = Some(target_ns);
-    let agent = Some(agent_ns);
     let mut list: Vec<Permission> = kind
         .map_or(&[][..], resolution)
         .iter()
         .map(|(verb, resource, group)| permission(verb, resource, group, target, Required))
         .collect();
-    list.extend([
-        // The agent Job: created, watched until its pod runs, deleted at the end.
-        permission("create", "jobs", "batch", agent, Required),
-        permission("get", "jobs", "batch", agent, Required),
-        permission("delete", "jobs", "batch", agent, Required),
-        permission("list", "pods", "", agent, Required),
-        Permission {
-            subresource: Some("portforward"),
-            ..permission("create", "pods", "", agent, Required)
-        },
-        Permission {
-            subresource: Some("log"),
-            ..permission(
-                "get",
-                "pods",
+    let logs = |namespace| Permission {
+        subresource: Some("log"),
+        ..permission(
+            "get",
+            "pods",
+            "",
+            namespace,
+            Optional(
+                "the agent is taken as ready once it runs, and a failed agent's last words are not shown",
+            ),
+        )
+    };
+    let port_forward = |namespace| Permission {
+        subresource: Some("portforward"),
+        ..permission("create", "pods", "", namespace, Required)
+    };
+    if ephemeral && kind.is_some() {
+        // The agent joins the target's pod: added to it, watched there until it listens.
+        list.extend([
+            Permission {
+                subresource: Some("ephemeralcontainers"),
+                ..permission("patch", "pods", "", target, Required)
+            },
+            permission("get", "pods", "", target, Required),
+            port_forward(target),
+            logs(target),
+        ]);
+    } else {
+        let agent = Some(agent_ns);
+        list.extend([
+            // The agent Job: created, watched until its pod runs, deleted at the end.
+            permission("create", "jobs", "batch", agent, Required),
+            permission("get", "jobs", "batch", agent, Required),
+            permission("delete", "jobs", "batch", agent, Required),
+            permission("list", "pods", "", agent, Required),
+            port_forward(agent),
+            logs(agent),
+            permission(
+                "list",
+                "events",
                 "",
                 agent,
-                Optional("the agent is taken as ready once it runs, and a failed agent's last words are not shown"),
-            )
-        },
-        permission(
-            "list",
-            "events",
-            "",
-            agent,
-            Optional("a refused agent pod is reported only at the startup timeout"),
-        ),
-        permission(
-            "list",
-            "jobs",
-            "batch",
-            None,
-            Optional("your stale agents are not cleaned up"),
-        ),
+                Optional("a refused agent pod is reported only at the startup timeout"),
+            ),
+            permission(
+                "list",
+                "jobs",
+                "batch",
+                None,
+                Optional("your stale agents are not cleaned up"),
+            ),
+        ]);
+    }
+    list.extend([
         permission(
             "list",
             "nodes",
@@ -306,6 +331,30 @@ pub fn job_admission(level: Level, targeted: bool) -> Result<(), String> {
     }
 }
 
+/// The capabilities an ephemeral agent is given in a namespace at `level`: those it asks for
+/// where Pod Security allows them (privileged), none under baseline or restricted, which admit
+/// none of them.
+pub fn ephemeral_capabilities(level: Level) -> Vec<String> {
+    match level {
+        Level::Privileged => crate::agent_job::EPHEMERAL_CAPABILITIES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect(),
+        Level::Baseline | Level::Restricted => Vec::new(),
+    }
+}
+
+/// Whether `level` admits the ephemeral agent: `Err` names what it forbids. Under baseline it
+/// has no NET_ADMIN, so it cannot redirect incoming traffic.
+pub fn ephemeral_admission(level: Level) -> Result<(), String> {
+    match level {
+        Level::Privileged | Level::Baseline => Ok(()),
+        Level::Restricted => {
+            Err("restricted forbids the agent running as root without a seccomp profile".to_owned())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_deployment_needs_its_objects_the_job_and_the_port_forward() {
-        let list = permissions(Some(Kind::Deployment), "shop", "shop");
+        let list = permissions(Some(Kind::Deployment), "shop", "shop", false);
         let required: Vec<String> = list
             .iter()
             .filter(|p| p.need == Need::Required)
@@ -356,8 +405,35 @@ mod tests {
     }
 
     #[test]
+    fn an_ephemeral_agent_needs_the_pods_subresource_and_no_job() {
+        let list = permissions(Some(Kind::Deployment), "shop", "agents", true);
+        let required: Vec<String> = list
+            .iter()
+            .filter(|p| p.need == Need::Required)
+            .map(Permission::to_string)
+            .collect();
+        assert_eq!(
+            required,
+            [
+                "get deployments.apps in namespace shop",
+                "list replicasets.apps in namespace shop",
+                "list pods in namespace shop",
+                "patch pods/ephemeralcontainers in namespace shop",
+                "get pods in namespace shop",
+                "create pods/portforward in namespace shop",
+            ]
+        );
+        assert!(list.iter().all(|p| p.resource != "jobs"));
+        assert!(list.iter().any(|p| p.can_i()
+            == "kubectl auth can-i patch pods --subresource=ephemeralcontainers -n shop"));
+        // A targetless session has no pod to join: its agent is a Job.
+        let targetless = permissions(None, "shop", "shop", true);
+        assert!(targetless.iter().any(|p| p.resource == "jobs"));
+    }
+
+    #[test]
     fn the_agent_namespace_holds_the_job_and_the_check_is_kubectls() {
-        let list = permissions(Some(Kind::CronJob), "shop", "agents");
+        let list = permissions(Some(Kind::CronJob), "shop", "agents", false);
         let lines: Vec<String> = list.iter().map(Permission::can_i).collect();
         assert!(lines.contains(&"kubectl auth can-i get cronjobs.batch -n shop".to_owned()));
         assert!(lines.contains(&"kubectl auth can-i list jobs.batch -n shop".to_owned()));
@@ -370,7 +446,7 @@ mod tests {
 
     #[test]
     fn the_review_is_the_recorded_request_and_answers_are_read() {
-        let list = permissions(None, "mirrord-e2e", "mirrord-e2e");
+        let list = permissions(None, "mirrord-e2e", "mirrord-e2e", false);
         let forward = list
             .iter()
             .find(|p| p.subresource == Some("portforward"))
@@ -411,5 +487,12 @@ mod tests {
         );
         assert_eq!(job_admission(Level::Baseline, false), Ok(()));
         assert!(job_admission(Level::Restricted, false).is_err());
+        assert_eq!(ephemeral_admission(Level::Baseline), Ok(()));
+        assert!(ephemeral_admission(Level::Restricted).is_err());
+        assert_eq!(
+            ephemeral_capabilities(Level::Privileged),
+            ["NET_ADMIN", "SYS_PTRACE"]
+        );
+        assert!(ephemeral_capabilities(Level::Baseline).is_empty());
     }
 }

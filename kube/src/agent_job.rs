@@ -1,19 +1,22 @@
 //! The agent's Job, built as an object from typed inputs: pinned to the target's node, seeing
 //! the node's processes (hostPID) with just the capabilities it needs to enter a container,
 //! tolerating every taint, never retried, removed by the TTL controller after it ends, and
-//! labelled with the session and the local user so stale agents can be found. The session
+//! labelled with the session and the local user so stale agents can be found. Or, where Pod
+//! Security forbids that, the agent as an ephemeral container of the target's pod, sharing the
+//! target container's namespaces, with only the capabilities the namespace allows. The session
 //! token travels only in the container's environment: it must never appear in a label, an
 //! argument or a log line (its `Debug` is redacted).
 //!
-//! [`build_agent_job`] is pure and tested against recorded JSON; `api` creates the object.
+//! [`build_agent_job`] and [`build_agent_ephemeral`] are pure and tested against recorded JSON;
+//! `api` creates the objects.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SecurityContext, Toleration,
+    Capabilities, Container, ContainerPort, EnvVar, EphemeralContainer, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -32,6 +35,10 @@ pub const TOKEN_ENV: &str = "MIRRORD_AGENT_TOKEN";
 /// Capabilities the agent needs: join namespaces and read other processes' roots (SYS_ADMIN,
 /// SYS_PTRACE) and redirect incoming traffic (NET_ADMIN).
 pub const CAPABILITIES: [&str; 3] = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"];
+/// Capabilities an ephemeral agent asks for where the namespace allows them: redirect incoming
+/// traffic (NET_ADMIN) and read the target's root and environment whatever its capabilities
+/// (SYS_PTRACE). It enters no namespace, so it needs no SYS_ADMIN.
+pub const EPHEMERAL_CAPABILITIES: [&str; 2] = ["NET_ADMIN", "SYS_PTRACE"];
 
 /// The default agent image for this version; the test cluster maps the name to the locally
 /// built agent.
@@ -64,6 +71,15 @@ impl fmt::Debug for AgentToken {
 pub enum Placement {
     /// Beside a container: on its node, finding it by its ID.
     Container { node: String, container_id: String },
+    /// In the container's pod, as an ephemeral container that shares its namespaces (its
+    /// process namespace through `targetContainerName`), finding it by its ID, with
+    /// `capabilities` added (those the namespace's Pod Security level allows).
+    InPod {
+        pod: String,
+        container: String,
+        container_id: String,
+        capabilities: Vec<String>,
+    },
     /// On its own, in the namespace; it serves its own network, without privileges.
     Targetless,
 }
@@ -92,7 +108,7 @@ pub struct AgentJobSpec {
     pub token: AgentToken,
 }
 
-/// The Job's name for a session.
+/// The agent's name for a session: its Job's, or its ephemeral container's.
 pub fn job_name(session: &str) -> String {
     format!("mirrord-agent-{session}")
 }
@@ -139,40 +155,83 @@ pub fn user_agents_selector(user: &str) -> String {
 /// The agent's command line after its entrypoint (the image's entrypoint is the agent).
 pub fn agent_args(spec: &AgentJobSpec) -> Vec<String> {
     let mut args = vec!["--listen".to_owned(), format!("0.0.0.0:{}", spec.port)];
-    if let Placement::Container { container_id, .. } = &spec.placement {
-        args.extend(["--container-id".to_owned(), container_id.clone()]);
+    match &spec.placement {
+        Placement::Container { container_id, .. } => {
+            args.extend(["--container-id".to_owned(), container_id.clone()]);
+        }
+        // An ephemeral container cannot be removed: the agent ends with its session.
+        Placement::InPod { container_id, .. } => args.extend([
+            "--container-id".to_owned(),
+            container_id.clone(),
+            "--in-target-pod".to_owned(),
+            "--once".to_owned(),
+        ]),
+        Placement::Targetless => {}
     }
     args.extend(["--idle-ttl".to_owned(), spec.idle_ttl_secs.to_string()]);
     args
 }
 
+/// The agent container's security context: privileged, or with `capabilities` added.
+fn security_context(privileged: bool, capabilities: &[String]) -> Option<SecurityContext> {
+    if privileged {
+        return Some(SecurityContext {
+            privileged: Some(true),
+            ..Default::default()
+        });
+    }
+    (!capabilities.is_empty()).then(|| SecurityContext {
+        capabilities: Some(Capabilities {
+            add: Some(capabilities.to_vec()),
+            drop: None,
+        }),
+        ..Default::default()
+    })
+}
+
+fn token_env(spec: &AgentJobSpec) -> Option<Vec<EnvVar>> {
+    Some(vec![EnvVar {
+        name: TOKEN_ENV.to_owned(),
+        value: Some(spec.token.0.clone()),
+        value_from: None,
+    }])
+}
+
+/// The agent as an ephemeral container of the target's pod: named after the session (a pod
+/// keeps every ephemeral container it was given, so each session's needs its own name), in the
+/// target container's process namespace. Ephemeral containers may declare no ports or
+/// resources. Placements other than [`Placement::InPod`] give a container that targets nothing.
+pub fn build_agent_ephemeral(spec: &AgentJobSpec) -> EphemeralContainer {
+    let (target_container_name, capabilities) = match &spec.placement {
+        Placement::InPod {
+            container,
+            capabilities,
+            ..
+        } => (Some(container.clone()), capabilities.as_slice()),
+        _ => (None, &[][..]),
+    };
+    EphemeralContainer {
+        name: job_name(&spec.session),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        args: Some(agent_args(spec)),
+        env: token_env(spec),
+        security_context: security_context(spec.privileged, capabilities),
+        target_container_name,
+        ..Default::default()
+    }
+}
+
 pub fn build_agent_job(spec: &AgentJobSpec) -> Job {
     let labels = agent_labels(&spec.session, &spec.user);
     let targeted = matches!(spec.placement, Placement::Container { .. });
-    let security_context = match (targeted, spec.privileged) {
-        (false, _) => None,
-        (true, true) => Some(SecurityContext {
-            privileged: Some(true),
-            ..Default::default()
-        }),
-        (true, false) => Some(SecurityContext {
-            capabilities: Some(Capabilities {
-                add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
-                drop: None,
-            }),
-            ..Default::default()
-        }),
-    };
+    let capabilities: Vec<String> = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
     let container = Container {
         name: CONTAINER_NAME.to_owned(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.clone(),
         args: Some(agent_args(spec)),
-        env: Some(vec![EnvVar {
-            name: TOKEN_ENV.to_owned(),
-            value: Some(spec.token.0.clone()),
-            value_from: None,
-        }]),
+        env: token_env(spec),
         ports: Some(vec![ContainerPort {
             name: Some("session".to_owned()),
             container_port: i32::from(spec.port),
@@ -186,7 +245,9 @@ pub fn build_agent_job(spec: &AgentJobSpec) -> Job {
             ])),
             ..Default::default()
         }),
-        security_context,
+        security_context: targeted
+            .then(|| security_context(spec.privileged, &capabilities))
+            .flatten(),
         ..Default::default()
     };
     let (node_name, host_pid, tolerations) = match &spec.placement {
@@ -198,7 +259,7 @@ pub fn build_agent_job(spec: &AgentJobSpec) -> Job {
                 ..Default::default()
             }]),
         ),
-        Placement::Targetless => (None, None, None),
+        Placement::Targetless | Placement::InPod { .. } => (None, None, None),
     };
     // A mesh sidecar in the agent's pod would hold it not-ready and intercept its port.
     let annotations = BTreeMap::from([
@@ -290,6 +351,52 @@ mod tests {
             "agent-job-targetless.json",
             &build_agent_job(&spec(Placement::Targetless)),
         );
+    }
+
+    fn in_pod(capabilities: &[&str]) -> AgentJobSpec {
+        spec(Placement::InPod {
+            pod: "web-5d8f7c9b4-x2x9z".into(),
+            container: "web".into(),
+            container_id: format!("mrdc://{}", "ab".repeat(32)),
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+        })
+    }
+
+    /// Compares an ephemeral container with `tests/fixtures/NAME` (see [`assert_fixture`]).
+    fn assert_ephemeral_fixture(name: &str, container: &EphemeralContainer) {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let built = serde_json::to_value(container).unwrap();
+        if std::env::var_os("MIRRORD_UPDATE_FIXTURES").is_some() {
+            let text = serde_json::to_string_pretty(&built).unwrap() + "\n";
+            std::fs::write(&path, text).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let recorded: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(built, recorded, "{name} differs from the built container");
+    }
+
+    #[test]
+    fn ephemeral_agent_matches_recorded() {
+        assert_ephemeral_fixture(
+            "agent-ephemeral.json",
+            &build_agent_ephemeral(&in_pod(&EPHEMERAL_CAPABILITIES)),
+        );
+    }
+
+    #[test]
+    fn ephemeral_agent_without_capabilities_has_no_security_context() {
+        let container = build_agent_ephemeral(&in_pod(&[]));
+        assert_eq!(container.security_context, None);
+        assert_eq!(container.target_container_name.as_deref(), Some("web"));
+        assert_eq!(container.ports, None);
+        assert_eq!(container.resources, None);
+        let args = container.args.unwrap().join(" ");
+        assert!(
+            args.ends_with("--in-target-pod --once --idle-ttl 60"),
+            "{args}"
+        );
+        let debug = format!("{:?}", in_pod(&[]));
+        assert!(!debug.contains("not-a-real-token"), "{debug}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service, ServiceSpec};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Error;
 use crate::access::{Permission, build_review, review_answer};
 use crate::agent_job::{
-    AgentJobSpec, Placement, SESSION_LABEL, build_agent_job, user_agents_selector,
+    AgentJobSpec, Placement, SESSION_LABEL, build_agent_ephemeral, build_agent_job,
+    user_agents_selector,
 };
 use crate::choose::{
     ChooseError, ChosenContainer, choose_container, choose_pod, close_names, match_labels_query,
@@ -38,7 +39,9 @@ use crate::cidr::{
 };
 use crate::forbidden::{Forbidden, Request};
 use crate::listing::{ListedTarget, Objects, list_targets};
-use crate::startup::{Startup, judge_job, judge_pod};
+use crate::startup::{
+    Startup, ephemeral_refusal, judge_container, judge_job, judge_pod, pod_security_policy,
+};
 use crate::target::{Kind, TargetPath};
 
 /// A cluster that cannot be reached must fail well before a user gives up on it.
@@ -82,7 +85,7 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// Where the agent must run to serve this target.
+    /// Where the agent must run to serve this target as a Job.
     pub fn placement(&self) -> Placement {
         match &self.pod {
             Some(pod) => Placement::Container {
@@ -92,9 +95,24 @@ impl Resolved {
             None => Placement::Targetless,
         }
     }
+
+    /// Where the agent runs as an ephemeral container of the target's pod, with
+    /// `capabilities`; a targetless session has no pod to join and keeps its Job.
+    pub fn placement_in_pod(&self, capabilities: Vec<String>) -> Placement {
+        match &self.pod {
+            Some(pod) => Placement::InPod {
+                pod: pod.pod.clone(),
+                container: pod.container.name.clone(),
+                container_id: pod.container.id.clone(),
+                capabilities,
+            },
+            None => Placement::Targetless,
+        }
+    }
 }
 
-/// A started agent: its Job, its pod and the port it listens on.
+/// A started agent: its name (its Job's, or its ephemeral container's), its pod and the port it
+/// listens on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPod {
     pub namespace: String,
@@ -497,6 +515,11 @@ impl Cluster {
         spec: &AgentJobSpec,
         startup_timeout: Duration,
     ) -> Result<AgentPod, Error> {
+        if let Placement::InPod { pod, .. } = &spec.placement {
+            return self
+                .create_ephemeral_agent(spec, pod, startup_timeout)
+                .await;
+        }
         let ns = spec.namespace.as_str();
         let job = build_agent_job(spec);
         let job_name = job.name_any();
@@ -528,6 +551,125 @@ impl Cluster {
         Err(failure)
     }
 
+    /// Adds the agent to `pod` as an ephemeral container and waits until it listens; fails as
+    /// soon as the start is certain to fail, or after `startup_timeout`. Nothing can be removed
+    /// on failure: the pod keeps the container, which exits on its own (it never got a session,
+    /// so at its idle TTL).
+    async fn create_ephemeral_agent(
+        &self,
+        spec: &AgentJobSpec,
+        pod: &str,
+        startup_timeout: Duration,
+    ) -> Result<AgentPod, Error> {
+        let ns = spec.namespace.as_str();
+        let container = build_agent_ephemeral(spec);
+        let name = container.name.clone();
+        let pods: Api<Pod> = self.api(ns);
+        let patch = serde_json::json!({"spec": {"ephemeralContainers": [container]}});
+        pods.patch_subresource(
+            "ephemeralcontainers",
+            pod,
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await
+        .map_err(|error| match &error {
+            kube::Error::Api(status) if pod_security_policy(&status.message).is_some() => {
+                Error::AgentFailed {
+                    job: name.clone(),
+                    reason: ephemeral_refusal(&status.message),
+                }
+            }
+            kube::Error::Api(status) if status.code == 404 || status.code == 422 => Error::Api {
+                action: format!("add the agent to pod {pod} in namespace {ns}"),
+                reason: format!(
+                    "{} (the cluster may not support ephemeral containers: they need Kubernetes 1.25 or later)",
+                    status.message
+                ),
+            },
+            _ => api_error(Request {
+                verb: "patch",
+                resource: "pods/ephemeralcontainers",
+                group: "",
+                namespace: Some(ns),
+            })(error),
+        })?;
+        tracing::debug!(pod, container = %name, namespace = ns, "ephemeral agent added");
+        let waited = tokio::time::timeout(
+            startup_timeout,
+            self.wait_for_ephemeral_agent(&pods, pod, &name),
+        )
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(AgentPod {
+                namespace: ns.to_owned(),
+                job: name,
+                pod: pod.to_owned(),
+                port: spec.port,
+            }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::AgentTimeout {
+                job: name,
+                secs: startup_timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Polls the pod until its ephemeral container `name` runs and prints that it listens.
+    async fn wait_for_ephemeral_agent(
+        &self,
+        pods: &Api<Pod>,
+        pod: &str,
+        name: &str,
+    ) -> Result<(), Error> {
+        let ns = pods.namespace().unwrap_or_default().to_owned();
+        let mut last = String::new();
+        loop {
+            let found = pods.get(pod).await.map_err(api_error(request_for::<Pod>(
+                "get",
+                "pods",
+                Some(&ns),
+            )))?;
+            let status = found
+                .status
+                .as_ref()
+                .and_then(|s| s.ephemeral_container_statuses.as_ref())
+                .and_then(|all| all.iter().find(|c| c.name == name));
+            let image = found
+                .spec
+                .as_ref()
+                .and_then(|s| s.ephemeral_containers.as_ref())
+                .and_then(|all| all.iter().find(|c| c.name == name))
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            let state = match status.map(|status| judge_container(status, &image)) {
+                None => Startup::Waiting("ephemeral container not created yet".to_owned()),
+                Some(Startup::Running) if self.agent_listens(pods, pod, Some(name)).await => {
+                    return Ok(());
+                }
+                Some(Startup::Running) => Startup::Waiting("agent not listening yet".to_owned()),
+                Some(Startup::Failed(reason)) => {
+                    Startup::Failed(self.with_last_words(pods, pod, Some(name), reason).await)
+                }
+                Some(waiting) => waiting,
+            };
+            match state {
+                Startup::Failed(reason) => {
+                    return Err(Error::AgentFailed {
+                        job: name.to_owned(),
+                        reason,
+                    });
+                }
+                Startup::Waiting(what) if what != last => {
+                    tracing::debug!(container = name, "agent: {what}");
+                    last = what;
+                }
+                Startup::Waiting(_) | Startup::Running => {}
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Polls the Job's pod until the agent prints that it listens; returns the pod's name.
     async fn wait_for_agent(&self, spec: &AgentJobSpec, job_name: &str) -> Result<String, Error> {
         let ns = spec.namespace.as_str();
@@ -547,13 +689,14 @@ impl Cluster {
                 .map_err(api_error(request_for::<Pod>("list", "pods", Some(ns))))?;
             let state = match listed.items.first() {
                 Some(pod) => match judge_pod(pod) {
-                    Startup::Running if self.agent_listens(&pods, &pod.name_any()).await => {
+                    Startup::Running if self.agent_listens(&pods, &pod.name_any(), None).await => {
                         return Ok(pod.name_any());
                     }
                     Startup::Running => Startup::Waiting("agent not listening yet".to_owned()),
-                    Startup::Failed(reason) => {
-                        Startup::Failed(self.with_last_words(&pods, &pod.name_any(), reason).await)
-                    }
+                    Startup::Failed(reason) => Startup::Failed(
+                        self.with_last_words(&pods, &pod.name_any(), None, reason)
+                            .await,
+                    ),
                     waiting => waiting,
                 },
                 None => {
@@ -586,10 +729,18 @@ impl Cluster {
         }
     }
 
-    /// `reason` followed by the agent's last log line, where it says why it exited.
-    async fn with_last_words(&self, pods: &Api<Pod>, pod: &str, reason: String) -> String {
+    /// `reason` followed by the agent's last log line, where it says why it exited; `container`
+    /// names the agent's container where the pod has others.
+    async fn with_last_words(
+        &self,
+        pods: &Api<Pod>,
+        pod: &str,
+        container: Option<&str>,
+        reason: String,
+    ) -> String {
         let params = LogParams {
             tail_lines: Some(1),
+            container: container.map(str::to_owned),
             ..Default::default()
         };
         match pods.logs(pod, &params).await {
@@ -600,8 +751,12 @@ impl Cluster {
 
     /// Whether the agent's log says it accepts sessions. Without the right to read logs, a
     /// running container is taken as ready.
-    async fn agent_listens(&self, pods: &Api<Pod>, pod: &str) -> bool {
-        match pods.logs(pod, &LogParams::default()).await {
+    async fn agent_listens(&self, pods: &Api<Pod>, pod: &str, container: Option<&str>) -> bool {
+        let params = LogParams {
+            container: container.map(str::to_owned),
+            ..Default::default()
+        };
+        match pods.logs(pod, &params).await {
             Ok(log) => log.contains(LISTENING_LINE),
             Err(kube::Error::Api(status)) if status.code == 403 => true,
             Err(_) => false,

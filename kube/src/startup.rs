@@ -4,7 +4,7 @@
 //! A failure must be reported as soon as it is certain, never only at the timeout.
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Startup {
@@ -34,6 +34,33 @@ fn join_reason(reason: Option<&str>, message: Option<&str>) -> String {
     }
 }
 
+/// Judges one container of the agent (of `image`) by its status.
+pub fn judge_container(container: &ContainerStatus, image: &str) -> Startup {
+    let Some(state) = &container.state else {
+        return Startup::Waiting("container has no state yet".to_owned());
+    };
+    if let Some(waiting) = &state.waiting {
+        let reason = waiting.reason.as_deref().unwrap_or_default();
+        if FATAL_WAITING.contains(&reason) {
+            let detail = join_reason(Some(reason), waiting.message.as_deref());
+            return Startup::Failed(format!("image {image} cannot be run: {detail}"));
+        }
+        return Startup::Waiting(format!("container {reason}"));
+    }
+    if let Some(terminated) = &state.terminated {
+        let detail = join_reason(terminated.reason.as_deref(), terminated.message.as_deref());
+        return Startup::Failed(format!(
+            "the agent exited with code {} ({detail}); see kubectl logs",
+            terminated.exit_code
+        ));
+    }
+    if state.running.is_some() {
+        Startup::Running
+    } else {
+        Startup::Waiting("container not started yet".to_owned())
+    }
+}
+
 /// Judges the agent's pod.
 pub fn judge_pod(pod: &Pod) -> Startup {
     let Some(status) = &pod.status else {
@@ -46,22 +73,8 @@ pub fn judge_pod(pod: &Pod) -> Startup {
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
     for container in status.container_statuses.iter().flatten() {
-        let Some(state) = &container.state else {
-            continue;
-        };
-        if let Some(waiting) = &state.waiting {
-            let reason = waiting.reason.as_deref().unwrap_or_default();
-            if FATAL_WAITING.contains(&reason) {
-                let detail = join_reason(Some(reason), waiting.message.as_deref());
-                return Startup::Failed(format!("image {image} cannot be run: {detail}"));
-            }
-        }
-        if let Some(terminated) = &state.terminated {
-            let detail = join_reason(terminated.reason.as_deref(), terminated.message.as_deref());
-            return Startup::Failed(format!(
-                "the agent exited with code {} ({detail}); see kubectl logs",
-                terminated.exit_code
-            ));
+        if let failed @ Startup::Failed(_) = judge_container(container, &image) {
+            return failed;
         }
     }
     for condition in status.conditions.iter().flatten() {
@@ -128,7 +141,7 @@ pub fn judge_job(job: Option<&Job>, events: &[Event]) -> Startup {
         .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
         .find_map(|e| e.message.as_deref());
     match refusal {
-        Some(message) => Startup::Failed(admission_refusal(message)),
+        Some(message) => Startup::Failed(job_refusal(message)),
         None => Startup::Waiting("no pod created yet".to_owned()),
     }
 }
@@ -140,20 +153,37 @@ pub fn pod_security_policy(message: &str) -> Option<&str> {
     Some(&rest[..rest.find('"')?])
 }
 
-/// One line for a pod the API refused to create.
-pub fn admission_refusal(message: &str) -> String {
+/// One line for an agent (`subject`) the API refused to create, with `fix` where Pod Security
+/// refused it.
+fn refusal(message: &str, subject: &str, fix: &str) -> String {
     let message = message.strip_prefix("Error creating: ").unwrap_or(message);
     match pod_security_policy(message) {
         Some(policy) => {
             let detail = message
                 .split_once(&format!("\"{policy}\": "))
                 .map_or("", |(_, d)| d);
-            format!(
-                "the agent pod was rejected by Pod Security {policy} ({detail}); run the agent in a namespace whose pod-security.kubernetes.io/enforce level is privileged (agent.namespace), or ask an admin to allow it here"
-            )
+            format!("{subject} was rejected by Pod Security {policy} ({detail}); {fix}")
         }
-        None => format!("the agent pod was not created: {message}"),
+        None => format!("{subject} was not created: {message}"),
     }
+}
+
+/// One line for an agent Job's pod the API refused to create.
+pub fn job_refusal(message: &str) -> String {
+    refusal(
+        message,
+        "the agent pod",
+        "run with --ephemeral (agent.ephemeral) to add the agent to the target's pod instead, or run the agent in a namespace whose pod-security.kubernetes.io/enforce level is privileged (agent.namespace)",
+    )
+}
+
+/// One line for an ephemeral agent the API refused to add to the target's pod.
+pub fn ephemeral_refusal(message: &str) -> String {
+    refusal(
+        message,
+        "the ephemeral agent",
+        "ask an admin to lower the namespace's pod-security.kubernetes.io/enforce level to baseline, or run a Job agent in a namespace at privileged (agent.namespace)",
+    )
 }
 
 #[cfg(test)]
@@ -214,12 +244,13 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains('\n'));
+        assert!(line.contains("run with --ephemeral"), "{line}");
         assert_eq!(
             judge_job(None, &[]),
             Startup::Waiting("no pod created yet".into())
         );
         assert_eq!(
-            admission_refusal("Error creating: pods \"x\" is forbidden: exceeded quota: q"),
+            job_refusal("Error creating: pods \"x\" is forbidden: exceeded quota: q"),
             "the agent pod was not created: pods \"x\" is forbidden: exceeded quota: q"
         );
     }

@@ -126,6 +126,14 @@ fn main() -> ExitCode {
             "the_job_agent_is_refused_by_baseline_in_one_line",
             the_job_agent_is_refused_by_baseline_in_one_line,
         ),
+        (
+            "the_ephemeral_agent_serves_a_baseline_namespace",
+            the_ephemeral_agent_serves_a_baseline_namespace,
+        ),
+        (
+            "an_ephemeral_agent_steals_where_the_namespace_allows_it",
+            an_ephemeral_agent_steals_where_the_namespace_allows_it,
+        ),
         ("doctor_as_admin_all_pass", doctor_as_admin_all_pass),
         (
             "doctor_as_the_restricted_user_names_the_missing_verbs",
@@ -319,14 +327,16 @@ impl Kube {
             let manifest = manifests.join(manifest).to_string_lossy().into_owned();
             self.kubectl(&["apply", "-f", &manifest])?;
         }
-        self.kubectl(&[
-            "-n",
-            BASELINE_NS,
-            "rollout",
-            "status",
-            "deployment/web",
-            "--timeout=120s",
-        ])?;
+        for deployment in ["deployment/web", "deployment/api"] {
+            self.kubectl(&[
+                "-n",
+                BASELINE_NS,
+                "rollout",
+                "status",
+                deployment,
+                "--timeout=120s",
+            ])?;
+        }
         // The cron job's newest job, made now instead of at 3 am.
         self.kubectl(&[
             "-n",
@@ -1034,6 +1044,23 @@ fn steal_session(
     answer: &str,
     user: Option<&str>,
 ) -> Result<Child, Failed> {
+    steal_session_with(
+        kube,
+        (as_user, target),
+        dir,
+        (answer, user),
+        serde_json::json!({}),
+    )
+}
+
+/// [`steal_session`] with `agent` as the config file's `agent` section.
+fn steal_session_with(
+    kube: &Kube,
+    (as_user, target): (&str, &str),
+    dir: &Path,
+    (answer, user): (&str, Option<&str>),
+    agent: serde_json::Value,
+) -> Result<Child, Failed> {
     let config = dir.join(format!("{answer}.json"));
     let incoming = match user {
         Some(user) => serde_json::json!({
@@ -1044,7 +1071,8 @@ fn steal_session(
     };
     std::fs::write(
         &config,
-        serde_json::json!({"feature": {"network": {"incoming": incoming}}}).to_string(),
+        serde_json::json!({"feature": {"network": {"incoming": incoming}}, "agent": agent})
+            .to_string(),
     )?;
     let server = format!(
         r"
@@ -1156,6 +1184,43 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
     kube.agents_gone_within(USER, Duration::from_secs(10))
 }
 
+/// In a namespace at privileged, an ephemeral agent (`agent.ephemeral` in the config file) gets
+/// NET_ADMIN and steals by a header filter, beside the Job agents of other sessions on the same
+/// pod: the filtered requests reach the local app, and once the session ends the pod answers
+/// them again.
+fn an_ephemeral_agent_steals_where_the_namespace_allows_it(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "ephemeral-steal-test";
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-ephemeral-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let session = steal_session_with(
+        kube,
+        (USER, "deployment/api"),
+        &dir,
+        ("ephemeral-local", Some("ephemeral")),
+        serde_json::json!({"ephemeral": true}),
+    );
+    let result = session
+        .as_ref()
+        .map_err(|e| format!("{e:?}").into())
+        .and_then(|_| until_user_gets(kube, "ephemeral", "ephemeral-local"));
+    let ended = session.map(terminate);
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let out = ended??;
+    ensure!(
+        out.stderr
+            .contains("keeps a terminated ephemeral container"),
+        "the session did not say the pod keeps the container: {}",
+        out.describe()
+    );
+    until_user_gets(kube, "ephemeral", "remote")?;
+    ensure!(
+        kube.agent_jobs(Some(USER))?.is_empty(),
+        "an ephemeral session created a Job"
+    );
+    Ok(())
+}
+
 /// Two sessions, each with its own agent, steal deployment/api's requests by header filters: a
 /// client pod calling Service api gets each session's local app for that session's `X-User`
 /// and the pod for everyone else; when one session ends the other keeps its requests, and after
@@ -1230,10 +1295,15 @@ fn the_job_agent_is_refused_by_baseline_in_one_line(kube: &Kube) -> Result<(), F
     ensure!(
         out.code == Some(125)
             && lines.len() == 1
-            && ["Pod Security baseline", "hostPID=true", "SYS_ADMIN"]
-                .iter()
-                .all(|needle| lines[0].contains(needle)),
-        "expected one line naming Pod Security baseline: {}",
+            && [
+                "Pod Security baseline",
+                "hostPID=true",
+                "SYS_ADMIN",
+                "run with --ephemeral"
+            ]
+            .iter()
+            .all(|needle| lines[0].contains(needle)),
+        "expected one line naming Pod Security baseline and suggesting --ephemeral: {}",
         out.describe()
     );
     ensure!(
@@ -1373,10 +1443,124 @@ fn doctor_in_the_baseline_namespace(kube: &Kube) -> Result<(), Failed> {
         format!(
             "✗ Pod Security of namespace {BASELINE_NS}: baseline: the agent Job would be refused (baseline forbids the agent's hostPID and capabilities SYS_ADMIN, SYS_PTRACE, NET_ADMIN)"
         ),
-        "fix: run the agent in a namespace at privileged".to_owned(),
+        "fix: run with --ephemeral (agent.ephemeral), which this level admits; or run the agent in a namespace at privileged".to_owned(),
         "a session would not work: 1 check failed".to_owned(),
     ] {
         ensure!(out.contains(&needle), "no {needle:?} in:\n{out}");
     }
+    // With --ephemeral the agent joins the target's pod: other permissions, and admitted.
+    let out = doctor(
+        kube,
+        &["-n", BASELINE_NS, "-t", "deployment/web", "--ephemeral"],
+        0,
+    )?;
+    for needle in [
+        format!("✓ patch pods/ephemeralcontainers in namespace {BASELINE_NS}: allowed"),
+        format!(
+            "✓ Pod Security of namespace {BASELINE_NS}: baseline: the ephemeral agent is admitted, without NET_ADMIN (no incoming traffic)"
+        ),
+    ] {
+        ensure!(out.contains(&needle), "no {needle:?} in:\n{out}");
+    }
+    ensure!(
+        !out.contains("jobs.batch"),
+        "an ephemeral agent needs no Job:\n{out}"
+    );
     Ok(())
+}
+
+/// In the baseline namespace, where the agent Job is refused, `--ephemeral` adds the agent to
+/// the target's pod: the session gets the pod's env, a ConfigMap file, a Service by name (another
+/// app's: this cluster has no hairpin, so no pod reaches itself through its Service) and the
+/// pod's hostname. The CLI says once that the pod keeps the container, which has exited, and no
+/// Job was created.
+fn the_ephemeral_agent_serves_a_baseline_namespace(kube: &Kube) -> Result<(), Failed> {
+    let user = "ephemeral-test";
+    let script = "printenv PLAIN; hostname; cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"; \
+                  curl -sS -m 10 --retry 2 --retry-all-errors -o /dev/null -w '%{http_code}\\n' http://api/";
+    let out = finish(
+        kube.mirrord_as(
+            user,
+            &[
+                "exec",
+                "--ephemeral",
+                "-n",
+                BASELINE_NS,
+                "-t",
+                "deployment/web",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        ),
+        SESSION,
+    )?;
+    ensure!(
+        out.code == Some(0),
+        "mirrord exec --ephemeral: {}",
+        out.describe()
+    );
+    let pods = kube.kubectl(&[
+        "-n",
+        BASELINE_NS,
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    ensure!(
+        lines.len() == 4
+            && lines[0] == "plain-in-baseline"
+            && pods.split_whitespace().any(|pod| pod == lines[1])
+            && lines[2] == "greeting: hello from a baseline namespace"
+            && lines[3] == "200",
+        "expected the env, one of {pods:?} as hostname, the ConfigMap and the Service: {}",
+        out.describe()
+    );
+    let pod = lines[1];
+    let notes: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|line| {
+            line.contains("keeps a terminated ephemeral container until it is restarted")
+        })
+        .collect();
+    ensure!(
+        notes.len() == 1,
+        "expected the note once: {}",
+        out.describe()
+    );
+    ensure!(
+        kube.agent_jobs(Some(user))?.is_empty(),
+        "an ephemeral session created a Job"
+    );
+    // The agent ended with its session.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let states = kube.kubectl(&[
+            "-n",
+            BASELINE_NS,
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={range .status.ephemeralContainerStatuses[*]}{.name}={.state}{\"\\n\"}{end}",
+        ])?;
+        let agents: Vec<&str> = states
+            .lines()
+            .filter(|line| line.starts_with("mirrord-agent-"))
+            .collect();
+        if !agents.is_empty() && agents.iter().all(|line| line.contains("terminated")) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the ephemeral agent is still running after its session: {states}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -32,6 +32,50 @@ type containerSpec struct {
 	Env     []string    `json:"env"`
 	WorkDir string      `json:"workDir"`
 	Mounts  []mountSpec `json:"mounts"`
+	// Privileged keeps every capability; otherwise only Capabilities (names without CAP_) stay.
+	Privileged   bool     `json:"privileged"`
+	Capabilities []string `json:"capabilities"`
+}
+
+// capabilityNumbers names the capabilities a securityContext may add or drop.
+var capabilityNumbers = map[string]int{
+	"CHOWN": unix.CAP_CHOWN, "DAC_OVERRIDE": unix.CAP_DAC_OVERRIDE, "DAC_READ_SEARCH": unix.CAP_DAC_READ_SEARCH,
+	"FOWNER": unix.CAP_FOWNER, "FSETID": unix.CAP_FSETID, "KILL": unix.CAP_KILL, "SETGID": unix.CAP_SETGID,
+	"SETUID": unix.CAP_SETUID, "SETPCAP": unix.CAP_SETPCAP, "LINUX_IMMUTABLE": unix.CAP_LINUX_IMMUTABLE,
+	"NET_BIND_SERVICE": unix.CAP_NET_BIND_SERVICE, "NET_BROADCAST": unix.CAP_NET_BROADCAST,
+	"NET_ADMIN": unix.CAP_NET_ADMIN, "NET_RAW": unix.CAP_NET_RAW, "IPC_LOCK": unix.CAP_IPC_LOCK,
+	"IPC_OWNER": unix.CAP_IPC_OWNER, "SYS_MODULE": unix.CAP_SYS_MODULE, "SYS_RAWIO": unix.CAP_SYS_RAWIO,
+	"SYS_CHROOT": unix.CAP_SYS_CHROOT, "SYS_PTRACE": unix.CAP_SYS_PTRACE, "SYS_PACCT": unix.CAP_SYS_PACCT,
+	"SYS_ADMIN": unix.CAP_SYS_ADMIN, "SYS_BOOT": unix.CAP_SYS_BOOT, "SYS_NICE": unix.CAP_SYS_NICE,
+	"SYS_RESOURCE": unix.CAP_SYS_RESOURCE, "SYS_TIME": unix.CAP_SYS_TIME, "SYS_TTY_CONFIG": unix.CAP_SYS_TTY_CONFIG,
+	"MKNOD": unix.CAP_MKNOD, "LEASE": unix.CAP_LEASE, "AUDIT_WRITE": unix.CAP_AUDIT_WRITE,
+	"AUDIT_CONTROL": unix.CAP_AUDIT_CONTROL, "SETFCAP": unix.CAP_SETFCAP, "MAC_OVERRIDE": unix.CAP_MAC_OVERRIDE,
+	"MAC_ADMIN": unix.CAP_MAC_ADMIN, "SYSLOG": unix.CAP_SYSLOG, "WAKE_ALARM": unix.CAP_WAKE_ALARM,
+	"BLOCK_SUSPEND": unix.CAP_BLOCK_SUSPEND, "AUDIT_READ": unix.CAP_AUDIT_READ, "PERFMON": unix.CAP_PERFMON,
+	"BPF": unix.CAP_BPF, "CHECKPOINT_RESTORE": unix.CAP_CHECKPOINT_RESTORE,
+}
+
+// keepOnly drops every capability not in keep from the bounding set, so that the command, exec'd
+// as root, holds only those (its permitted set after exec is the bounding set), and clears the
+// ambient set.
+func keepOnly(keep []string) error {
+	kept := map[int]bool{}
+	for _, name := range keep {
+		n, ok := capabilityNumbers[name]
+		if !ok {
+			return fmt.Errorf("unknown capability %q", name)
+		}
+		kept[n] = true
+	}
+	for n := 0; n <= unix.CAP_LAST_CAP; n++ {
+		if kept[n] {
+			continue
+		}
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(n), 0, 0, 0); err != nil && err != unix.EINVAL {
+			return fmt.Errorf("drop capability %d: %w", n, err)
+		}
+	}
+	return unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 }
 
 func runContainerInit() int {
@@ -162,6 +206,11 @@ func runContainer(specPath string) error {
 	bin, err := exec.LookPath(spec.Argv[0])
 	if err != nil {
 		return err
+	}
+	if !spec.Privileged {
+		if err := keepOnly(spec.Capabilities); err != nil {
+			return err
+		}
 	}
 	return syscall.Exec(bin, spec.Argv, spec.Env)
 }

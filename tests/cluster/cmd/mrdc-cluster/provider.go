@@ -68,6 +68,10 @@ type podRun struct {
 	started  metav1.Time
 	init     []*ctrRun
 	ctrs     []*ctrRun
+	// ephemeral containers, in the order they were added; each runs once and is never removed
+	ephemeral []*ctrRun
+	// volume name -> host directory, once the pod's volumes are prepared
+	volumes  map[string]string
 	stopping bool
 	failed   string // pod-level failure message (volumes, network)
 	cancel   context.CancelFunc
@@ -220,6 +224,9 @@ func (p *processProvider) startPod(ctx context.Context, pr *podRun) {
 		p.failPod(pr, "volumes: %v", err)
 		return
 	}
+	p.mu.Lock()
+	pr.volumes = volumes
+	p.mu.Unlock()
 	if err := p.writeNetFiles(pr); err != nil {
 		p.failPod(pr, "resolv.conf/hosts: %v", err)
 		return
@@ -426,6 +433,7 @@ func (p *processProvider) startContainer(pr *podRun, c *ctrRun) error {
 		return errors.New("pod is being deleted")
 	}
 	spec := containerSpec{Argv: c.argv, Env: c.env, WorkDir: c.workDir, Mounts: c.mounts}
+	spec.Privileged, spec.Capabilities = capabilities(c.spec.SecurityContext)
 	specPath := filepath.Join(pr.dir, c.spec.Name+".json")
 	raw, err := json.Marshal(spec)
 	if err != nil {
@@ -489,6 +497,49 @@ func (p *processProvider) startContainer(pr *podRun, c *ctrRun) error {
 		close(exited)
 	}()
 	return nil
+}
+
+// defaultCapabilities is the set container runtimes (containerd, CRI-O) give a container that is
+// not privileged, before its securityContext adds or drops any.
+var defaultCapabilities = []string{
+	"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+	"NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}
+
+// capabilities is what a container keeps, as a runtime computes it: every capability when
+// privileged, otherwise the default set plus securityContext.capabilities.add minus drop ("ALL"
+// in either means every capability).
+func capabilities(sc *corev1.SecurityContext) (privileged bool, kept []string) {
+	if sc != nil && sc.Privileged != nil && *sc.Privileged {
+		return true, nil
+	}
+	set := map[string]bool{}
+	for _, c := range defaultCapabilities {
+		set[c] = true
+	}
+	if sc != nil && sc.Capabilities != nil {
+		for _, c := range sc.Capabilities.Add {
+			name := strings.TrimPrefix(strings.ToUpper(string(c)), "CAP_")
+			if name == "ALL" {
+				for n := range capabilityNumbers {
+					set[n] = true
+				}
+			}
+			set[name] = true
+		}
+		for _, c := range sc.Capabilities.Drop {
+			name := strings.TrimPrefix(strings.ToUpper(string(c)), "CAP_")
+			if name == "ALL" {
+				set = map[string]bool{}
+			}
+			delete(set, name)
+		}
+	}
+	for n := range set {
+		kept = append(kept, n)
+	}
+	sort.Strings(kept)
+	return false, kept
 }
 
 // nsenterArgs joins the pod sandbox's namespaces (the node's network for hostNetwork pods).
@@ -647,8 +698,69 @@ func (p *processProvider) writeNetFiles(pr *podRun) error {
 	return os.WriteFile(filepath.Join(pr.dir, "hosts"), []byte(hosts), 0o644)
 }
 
-func (p *processProvider) UpdatePod(context.Context, *corev1.Pod) error {
-	return nil // pods are immutable here apart from metadata, which no process sees
+// UpdatePod starts the ephemeral containers added to the pod (the only change to a pod's spec
+// that the API allows and a process sees; metadata changes are not seen by any process).
+func (p *processProvider) UpdatePod(_ context.Context, pod *corev1.Pod) error {
+	p.mu.Lock()
+	pr, ok := p.pods[podKey(pod.Namespace, pod.Name)]
+	if !ok || pr.stopping {
+		p.mu.Unlock()
+		return nil
+	}
+	var added []*ctrRun
+	for _, ec := range pod.Spec.EphemeralContainers {
+		known := false
+		for _, c := range pr.ephemeral {
+			known = known || c.spec.Name == ec.Name
+		}
+		if !known {
+			c := &ctrRun{spec: corev1.Container(ec.EphemeralContainerCommon), state: "waiting", waitWhy: "ContainerCreating"}
+			pr.ephemeral = append(pr.ephemeral, c)
+			added = append(added, c)
+		}
+	}
+	pr.pod.Spec.EphemeralContainers = pod.DeepCopy().Spec.EphemeralContainers
+	p.mu.Unlock()
+	for _, c := range added {
+		go p.runEphemeral(pr, c)
+	}
+	return nil
+}
+
+// runEphemeral runs an ephemeral container once, as the kubelet does: in the pod's network,
+// UTS and IPC namespaces and its cgroup (this node gives pods no PID namespace of their own, so
+// targetContainerName needs nothing more), never restarted.
+func (p *processProvider) runEphemeral(pr *podRun, c *ctrRun) {
+	var volumes map[string]string
+	for {
+		p.mu.Lock()
+		volumes = pr.volumes
+		stopping := pr.stopping
+		p.mu.Unlock()
+		if stopping {
+			return
+		}
+		if volumes != nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := p.prepareContainer(p.ctx, pr, c, volumes); err != nil {
+		p.mu.Lock()
+		c.waitWhy, c.waitMsg = "CreateContainerError", err.Error()
+		if errors.Is(err, errNoImage) {
+			c.waitWhy = "ErrImageNeverPull"
+		}
+		p.mu.Unlock()
+		p.changed(pr)
+		return
+	}
+	if _, err := p.runOnce(pr, c); err != nil {
+		p.mu.Lock()
+		c.state, c.waitWhy, c.waitMsg = "waiting", "RunContainerError", err.Error()
+		p.mu.Unlock()
+		p.changed(pr)
+	}
 }
 
 func (p *processProvider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
@@ -690,7 +802,7 @@ func (p *processProvider) stopPod(pr *podRun, grace time.Duration) {
 	pr.cancel()
 	p.mu.Lock()
 	var waits []chan struct{}
-	for _, cs := range [][]*ctrRun{pr.init, pr.ctrs} {
+	for _, cs := range [][]*ctrRun{pr.init, pr.ctrs, pr.ephemeral} {
 		for _, c := range cs {
 			if c.state == "running" && c.proc != nil {
 				_ = syscall.Kill(-c.pid, syscall.SIGTERM)
@@ -707,7 +819,7 @@ func (p *processProvider) stopPod(pr *podRun, grace time.Duration) {
 		}
 	}
 	p.mu.Lock()
-	for _, cs := range [][]*ctrRun{pr.init, pr.ctrs} {
+	for _, cs := range [][]*ctrRun{pr.init, pr.ctrs, pr.ephemeral} {
 		for _, c := range cs {
 			if c.state == "running" && c.proc != nil {
 				_ = syscall.Kill(-c.pid, syscall.SIGKILL)
@@ -851,6 +963,9 @@ func (p *processProvider) podLocked(pr *podRun) *corev1.Pod {
 			}
 		}
 	}
+	for _, c := range pr.ephemeral {
+		st.EphemeralContainerStatuses = append(st.EphemeralContainerStatuses, ctrStatus(c))
+	}
 	switch {
 	case pr.failed != "":
 		st.Phase, st.Reason, st.Message = corev1.PodFailed, "NodeError", pr.failed
@@ -922,7 +1037,7 @@ func (p *processProvider) findContainer(namespace, podName, container string) (*
 	if !ok {
 		return nil, nil, notFound(namespace, podName)
 	}
-	for _, cs := range [][]*ctrRun{pr.ctrs, pr.init} {
+	for _, cs := range [][]*ctrRun{pr.ctrs, pr.init, pr.ephemeral} {
 		for _, c := range cs {
 			if c.spec.Name == container || (container == "" && !c.isInit) {
 				return pr, c, nil
