@@ -26,7 +26,7 @@ use mirrord_protocol::{
     StreamFrame, StreamTarget, TargetInfo,
 };
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
@@ -38,6 +38,10 @@ use crate::target::Target;
 
 /// A client that connects but does not greet and say hello within this is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests of one session being answered at once. The session's reader waits for one to finish
+/// before it reads more: a client that sends requests without end and never reads the answers
+/// makes the agent hold this many answers (a file read's can be a pipe of 1 MiB), not more.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 1024;
 /// How long the agent waits before accepting again after an accept failed for want of
 /// descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -259,6 +263,7 @@ async fn session_loop(
     out_tx: &mpsc::Sender<AgentOut>,
     streams: &Arc<Streams<AgentOut>>,
 ) -> Result<(), SessionError> {
+    let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
         match inbox.next::<ClientMessage, _>(out_tx).await? {
             ClientMessage::Hello(_) => {
@@ -267,11 +272,16 @@ async fn session_loop(
             // The inbox answers these itself.
             ClientMessage::Ping { .. } | ClientMessage::Pong { .. } => {}
             ClientMessage::Request { id, request } => {
+                // Never closed, so acquiring only waits.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    continue;
+                };
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
                     let _ = out_tx
                         .send(answer(&agent, session, id, request).await)
                         .await;
+                    drop(permit);
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {

@@ -17,6 +17,7 @@ use mirrord_link::endpoint::{Endpoint, ReadHalf, WriteHalf};
 use mirrord_link::frames::{FrameReader, LinkError};
 use mirrord_link::greet::greet;
 use mirrord_protocol::frame::encode;
+use mirrord_protocol::fs::FsRequest;
 use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::client_hello;
 use mirrord_protocol::mux::MAX_STREAMS;
@@ -419,4 +420,54 @@ async fn a_flood_of_connections_beyond_its_descriptors_does_not_end_the_agent() 
     drop(flood);
     agent.serves_a_session().await;
     assert!(agent.alive());
+}
+
+#[tokio::test]
+async fn a_client_that_floods_requests_and_never_reads_is_held_back() {
+    let agent = Agent::start();
+    let (mut reader, mut write) = agent.handshake(TOKEN.as_bytes()).await;
+    assert_eq!(
+        reader.next::<AgentMessage>().await.unwrap(),
+        AgentMessage::Welcome
+    );
+    let total: u64 = 20_000;
+    let mut bytes = Vec::new();
+    for id in 0..total {
+        let stat = ClientMessage::Request {
+            id,
+            request: Request::Fs(FsRequest::Stat {
+                path: "/".into(),
+                follow: false,
+            }),
+        };
+        encode(&stat, &mut bytes).unwrap();
+    }
+    // Far more than the agent holds answers for: it stops reading, so the write cannot end
+    // while nobody reads the answers.
+    let writing = tokio::spawn(async move {
+        write.write_all(&bytes).await.unwrap();
+        write
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !writing.is_finished(),
+        "the agent took every request while no answer was read"
+    );
+    agent.serves_a_session().await;
+    // Once the answers are read, every request is answered, none lost.
+    let mut answered = 0;
+    let reading = async {
+        while answered < total {
+            if let AgentMessage::Response { response, .. } =
+                reader.next::<AgentMessage>().await.unwrap()
+            {
+                assert!(response.is_ok(), "{response:?}");
+                answered += 1;
+            }
+        }
+    };
+    timeout(STEP * 3, reading)
+        .await
+        .expect("every request is answered");
+    let _write = writing.await.unwrap();
 }
