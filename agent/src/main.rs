@@ -89,6 +89,8 @@ fn read_token(args: &Args) -> anyhow::Result<Vec<u8>> {
 /// The agent's exit status: the serving process's, as its guard reports it.
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let token = read_token(&args)?;
+    let open_files = server::raise_open_files_limit();
+    tracing::debug!(?open_files, "limit of open descriptors");
     let pid = match &args.container_id {
         Some(id) => {
             let id = ContainerId::parse(id)?;

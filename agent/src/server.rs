@@ -22,11 +22,11 @@ use mirrord_protocol::greeting::{Greeting, PROTOCOL_VERSION};
 use mirrord_protocol::handshake::accept_hello;
 use mirrord_protocol::mux::Side;
 use mirrord_protocol::{
-    AgentMessage, ClientMessage, ProtocolError, RemoteError, Request, Response, StreamFrame,
-    StreamTarget, TargetInfo,
+    AgentMessage, ClientMessage, ProtocolError, RejectReason, RemoteError, Request, Response,
+    StreamFrame, StreamTarget, TargetInfo,
 };
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
@@ -38,6 +38,13 @@ use crate::target::Target;
 
 /// A client that connects but does not greet and say hello within this is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests of one session being answered at once. The session's reader waits for one to finish
+/// before it reads more: a client that sends requests without end and never reads the answers
+/// makes the agent hold this many answers (a file read's can be a pipe of 1 MiB), not more.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 1024;
+/// How long the agent waits before accepting again after an accept failed for want of
+/// descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a connect to a remote address may take before the stream fails with ETIMEDOUT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -110,7 +117,18 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
         let idle_deadline = idle_since.map(|since| since + agent.idle_ttl);
         tokio::select! {
             accepted = listener.accept() => {
-                let (read_half, write_half, peer) = accepted?;
+                let (read_half, write_half, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) if passing(&error) => {
+                        // The sessions already open go on; accepting resumes once a descriptor
+                        // is free again (a flood of connections holds them only until its
+                        // handshakes time out).
+                        warn!("cannot accept a session: {error}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 active.fetch_add(1, Ordering::SeqCst);
                 idle_since = None;
                 let (agent, active, session_ended) = (agent.clone(), active.clone(), session_ended.clone());
@@ -140,6 +158,51 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
     }
 }
 
+/// Raises this process's soft limit of open descriptors to its hard limit, and returns the limit
+/// in force. Each stream a session opens holds a socket: under the usual soft limit (1024) one
+/// session's [`mirrord_protocol::mux::MAX_STREAMS`] would use up what the other sessions and
+/// the listener need; the hard limit (commonly 2^20 in a container) leaves room for many.
+/// Best effort: a limit that cannot be read or raised stays as it is.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit; the call only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some(raised.rlim_cur);
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// Whether an accept failed for want of resources or because of the one connection, rather than
+/// because the listener itself broke.
+fn passing(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+        )
+    )
+}
+
 async fn serve(
     mut read_half: ReadHalf,
     mut write_half: WriteHalf,
@@ -153,7 +216,7 @@ async fn serve(
             return Ok((client, None));
         }
         let mut reader = FrameReader::new(read_half);
-        let hello: ClientMessage = reader.next().await?;
+        let hello = reader.next::<ClientMessage>().await;
         Ok::<_, SessionError>((client, Some((reader, hello))))
     })
     .await
@@ -164,8 +227,17 @@ async fn serve(
             client: client.version,
         });
     };
+    let refusal = match hello {
+        Ok(hello) => accept_hello(&hello, &agent.token).err(),
+        // An oversized or undecodable first frame is no Hello either, and the client hears so.
+        Err(LinkError::Protocol(error)) => {
+            debug!("the client's first frame: {error}");
+            Some(RejectReason::HelloExpected)
+        }
+        Err(error) => return Err(error.into()),
+    };
     let (out_tx, out_rx) = mpsc::channel::<AgentOut>(1024);
-    if let Err(reason) = accept_hello(&hello, &agent.token) {
+    if let Some(reason) = refusal {
         // Say why before closing, so the CLI can print it instead of "connection reset".
         let mut buf = Vec::new();
         frame::encode(&AgentMessage::Rejected(reason.clone()), &mut buf)?;
@@ -204,6 +276,7 @@ async fn session_loop(
     out_tx: &mpsc::Sender<AgentOut>,
     streams: &Arc<Streams<AgentOut>>,
 ) -> Result<(), SessionError> {
+    let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
         match inbox.next::<ClientMessage, _>(out_tx).await? {
             ClientMessage::Hello(_) => {
@@ -212,15 +285,33 @@ async fn session_loop(
             // The inbox answers these itself.
             ClientMessage::Ping { .. } | ClientMessage::Pong { .. } => {}
             ClientMessage::Request { id, request } => {
+                // Never closed, so acquiring only waits.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    continue;
+                };
                 let (agent, out_tx) = (agent.clone(), out_tx.clone());
                 tokio::spawn(async move {
                     let _ = out_tx
                         .send(answer(&agent, session, id, request).await)
                         .await;
+                    drop(permit);
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {
-                let rx = streams.accept(id)?;
+                let rx = match streams.accept(id) {
+                    Ok(rx) => rx,
+                    Err(ProtocolError::TooManyStreams { max }) => {
+                        let error = RemoteError {
+                            errno: libc::EMFILE,
+                            message: format!(
+                                "this session has {max} streams open, the most an agent serves one session"
+                            ),
+                        };
+                        streams.send(StreamFrame::OpenFailed { id, error }).await;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
                 let streams = streams.clone();
                 tokio::spawn(async move {
                     let opened = match target {

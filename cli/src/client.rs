@@ -337,14 +337,33 @@ struct Session {
 }
 
 /// A stream the agent opened: an incoming connection goes to whoever took them; anything else
-/// is refused (only the CLI opens outgoing streams). An id the agent may not open is a
-/// protocol error that ends the session.
+/// is refused (only the CLI opens outgoing streams), and so is any beyond the most streams a
+/// connection may have. An id the agent may not open is a protocol error that ends the session.
 fn on_agent_open(
     session: &Session,
     id: StreamId,
     target: StreamTarget,
 ) -> Result<(), ProtocolError> {
-    let rx = session.streams.accept(id)?;
+    let rx = match session.streams.accept(id) {
+        Ok(rx) => rx,
+        Err(ProtocolError::TooManyStreams { max }) => {
+            let error = RemoteError {
+                errno: libc::EMFILE,
+                message: format!("this session has {max} streams open, the most it takes"),
+            };
+            // The reader must not wait on the writer, and a task per refusal would let an agent
+            // that opens without end and never reads make the CLI hold without end: a refusal
+            // that finds the writer's queue full is dropped.
+            if !session
+                .streams
+                .try_send(StreamFrame::OpenFailed { id, error })
+            {
+                tracing::debug!(?id, "refusal of a stream dropped: the agent is not reading");
+            }
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
     let error = match target {
         StreamTarget::Incoming(connection) => {
             match session.incoming_tx.send(IncomingStream { rx, connection }) {
@@ -576,5 +595,131 @@ mod tests {
         let mut got = [0u8; 16];
         app_side.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// A fake agent that completes the handshake and then writes whatever the test wants:
+    /// the client, what it sends, and the raw writing half.
+    async fn raw_agent() -> (AgentClient, FrameReader<ReadHalf>, WriteHalf) {
+        let name = format!(
+            "unix:@mirrord-client-test-{}",
+            getrandom::u64().unwrap_or(0)
+        );
+        let endpoint: Endpoint = name.parse().unwrap();
+        let listener = endpoint.bind().unwrap().into_async().unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut read, mut write, _) = listener.accept().await.unwrap();
+            greet(&mut read, &mut write, &Greeting::ours("mirrord-agent test"))
+                .await
+                .unwrap();
+            let mut reader = FrameReader::new(read);
+            let _hello: ClientMessage = reader.next().await.unwrap();
+            write
+                .write_all(&frame_of(&AgentMessage::Welcome))
+                .await
+                .unwrap();
+            (reader, write)
+        });
+        let client = AgentClient::connect(&endpoint, b"token").await.unwrap();
+        let (reader, write) = agent.await.unwrap();
+        (client, reader, write)
+    }
+
+    fn frame_of(message: &AgentMessage) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        mirrord_protocol::frame::encode(message, &mut bytes).unwrap();
+        bytes
+    }
+
+    /// The reason the session ended, which must come soon.
+    async fn ends(client: &AgentClient) -> String {
+        tokio::time::timeout(Duration::from_secs(10), client.lost())
+            .await
+            .expect("the session ends")
+    }
+
+    #[tokio::test]
+    async fn an_agent_claiming_a_huge_frame_ends_the_session_at_its_header() {
+        let (client, _reader, mut agent) = raw_agent().await;
+        // Four gigabytes announced, none sent: refused from the header, nothing waited for.
+        agent
+            .write_all(&[u32::MAX.to_be_bytes(), 0u32.to_be_bytes()].concat())
+            .await
+            .unwrap();
+        let reason = ends(&client).await;
+        assert!(reason.contains("exceeds the"), "{reason}");
+        assert!(matches!(client.target_info().await, Err(ClientError::Lost)));
+    }
+
+    #[tokio::test]
+    async fn an_agent_sending_past_a_stalled_streams_window_ends_the_session() {
+        use mirrord_protocol::bulk::MAX_DATA_CHUNK;
+        use mirrord_protocol::mux::INITIAL_WINDOW;
+        let (client, mut reader, mut agent) = raw_agent().await;
+        let mut streams = client.take_incoming().unwrap();
+        let open = AgentMessage::Stream(StreamFrame::Open {
+            id: StreamId(2),
+            target: incoming(8080),
+        });
+        agent.write_all(&frame_of(&open)).await.unwrap();
+        let stream = streams.recv().await.unwrap();
+        // The local app never reads: nothing drains, no credit goes back.
+        let (app, _app_never_reads) = tokio::io::duplex(1024);
+        let client = Arc::new(client);
+        let accepting = client.clone();
+        tokio::spawn(async move { accepting.accept_incoming(stream.rx, app).await });
+        assert_eq!(
+            next_frame(&mut reader).await,
+            StreamFrame::Opened { id: StreamId(2) }
+        );
+        let chunk = AgentMessage::Stream(StreamFrame::Data {
+            id: StreamId(2),
+            bytes: vec![7; MAX_DATA_CHUNK],
+        });
+        // A window's worth is taken and held; the chunk after it breaks the protocol.
+        for _ in 0..INITIAL_WINDOW as usize / MAX_DATA_CHUNK {
+            agent.write_all(&frame_of(&chunk)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            client.ended_rx.borrow().is_none(),
+            "a full window is within the rules"
+        );
+        agent.write_all(&frame_of(&chunk)).await.unwrap();
+        let reason = ends(&client).await;
+        assert!(reason.contains("bytes of credit"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_flooding_stream_opens_is_refused_beyond_the_limit() {
+        use mirrord_protocol::mux::MAX_STREAMS;
+        let (client, mut reader, mut agent) = raw_agent().await;
+        // Taken and held, never answered: every one stays open.
+        let mut streams = client.take_incoming().unwrap();
+        let extra = 10;
+        let mut bytes = Vec::new();
+        for n in 0..MAX_STREAMS + extra {
+            let open = AgentMessage::Stream(StreamFrame::Open {
+                id: StreamId(2 * (n as u32 + 1)),
+                target: incoming(8080),
+            });
+            bytes.extend_from_slice(&frame_of(&open));
+        }
+        agent.write_all(&bytes).await.unwrap();
+        let mut refused = 0;
+        while refused < extra {
+            match next_frame(&mut reader).await {
+                StreamFrame::OpenFailed { error, .. } => {
+                    assert_eq!(error.errno, libc::EMFILE);
+                    refused += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let mut held = 0;
+        while streams.try_recv().is_ok() {
+            held += 1;
+        }
+        assert_eq!(held, MAX_STREAMS);
+        assert!(client.ended_rx.borrow().is_none(), "the session goes on");
     }
 }

@@ -477,13 +477,16 @@ impl Config {
             path: path.clone(),
             source,
         })?;
-        let format = Format::of(&path);
-        let parsed = Config::parse_value(&text, format)
-            .and_then(|value| Ok((Config::parse_as(&text, format)?, value)));
-        match parsed {
-            Ok((config, value)) => Ok((config, crate::verify::key_warnings(&value))),
-            Err(source) => Err(ConfigError::Parse { path, source }),
-        }
+        Config::from_text(&text, Format::of(&path))
+            .map_err(|source| ConfigError::Parse { path, source })
+    }
+
+    /// A config file's text, read as [`Config::load`] reads it: the typed config, with the
+    /// warnings about its keys.
+    pub fn from_text(text: &str, format: Format) -> Result<(Config, Vec<String>), ParseError> {
+        let value = Config::parse_value(text, format)?;
+        let config = Config::parse_as(text, format)?;
+        Ok((config, crate::verify::key_warnings(&value)))
     }
 
     /// A JSON config (the tests' shorthand).

@@ -209,7 +209,43 @@ pub async fn target_resolv_conf(client: &AgentClient) -> TargetResolvConf {
 }
 
 /// Cache key: the question, with the name normalized.
-type Question = (String, RecordType, DNSClass);
+pub type Question = (String, RecordType, DNSClass);
+
+/// A client's query as the stub takes it: the message and its one question, normalized. None
+/// for what is not a DNS message, or asks no question or several (those go to the target's
+/// resolver as they are).
+pub fn read_query(query: &[u8]) -> Option<(Message, Question)> {
+    let request = Message::from_vec(query).ok()?;
+    let question = match request.queries.as_slice() {
+        [query] => (
+            normalize(&query.name().to_ascii()),
+            query.query_type(),
+            query.query_class(),
+        ),
+        _ => return None,
+    };
+    Some((request, question))
+}
+
+/// The response's bytes for the client: over UDP (`udp`) one too big for the client's limit
+/// (its EDNS size, within what the stub sends) comes back truncated, so the client retries
+/// over TCP (RFC 7766).
+pub fn fit(request: &Message, response: &Message, udp: bool) -> Option<Vec<u8>> {
+    let limit = if udp {
+        let asked = request
+            .edns
+            .as_ref()
+            .map_or(CLASSIC_UDP_LIMIT, |edns| usize::from(edns.max_payload()));
+        asked.clamp(CLASSIC_UDP_LIMIT, MAX_UDP_ANSWER)
+    } else {
+        usize::from(u16::MAX)
+    };
+    let bytes = response.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    response.truncate().to_vec().ok()
+}
 
 /// Answers by question, each until its TTL runs out (negative ones for their SOA's negative
 /// TTL, RFC 2308). Time is passed in, so expiry is tested without waiting.
@@ -335,20 +371,9 @@ impl DnsStub {
     /// The response to one query message; over UDP (`udp`) one too big for the client's limit
     /// comes back truncated, so the client retries over TCP.
     pub async fn answer(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
-        let request = match Message::from_vec(query) {
-            Ok(request) => request,
-            // The target's resolver answers garbage as a nameserver would (FORMERR).
-            Err(_) => return self.remote(query).await,
-        };
-        let question = match request.queries.as_slice() {
-            [query] => Some((
-                normalize(&query.name().to_ascii()),
-                query.query_type(),
-                query.query_class(),
-            )),
-            _ => None,
-        };
-        let Some(question) = question else {
+        // The target's resolver answers garbage as a nameserver would (FORMERR), and questions
+        // this stub does not cache as it would.
+        let Some((request, question)) = read_query(query) else {
             return self.remote(query).await;
         };
         let cached = lock(&self.cache).get(&question, Instant::now());
@@ -382,21 +407,7 @@ impl DnsStub {
             }
         };
         self.learn(&question, &response);
-        let limit = if udp {
-            let asked = request
-                .edns
-                .as_ref()
-                .map_or(CLASSIC_UDP_LIMIT, |edns| usize::from(edns.max_payload()));
-            asked.clamp(CLASSIC_UDP_LIMIT, MAX_UDP_ANSWER)
-        } else {
-            usize::from(u16::MAX)
-        };
-        let bytes = response.to_vec().ok()?;
-        if bytes.len() <= limit {
-            return Some(bytes);
-        }
-        // Too big for UDP: the client retries over TCP (RFC 7766).
-        response.truncate().to_vec().ok()
+        fit(&request, &response, udp)
     }
 
     /// The target's answer through the agent; None when the agent cannot be asked.

@@ -206,6 +206,12 @@ impl<M: Outgoing> Streams<M> {
         self.out_tx.send(M::stream(frame)).await.is_ok()
     }
 
+    /// Queues one frame for the peer without waiting; false when the writer's queue is full or
+    /// the connection is gone.
+    pub fn try_send(&self, frame: StreamFrame) -> bool {
+        self.out_tx.try_send(M::stream(frame)).is_ok()
+    }
+
     /// Routes an incoming frame to its stream. `Open` is the caller's to handle (only it knows
     /// how to reach a target) and is rejected here.
     pub fn on_frame(&self, frame: StreamFrame) -> Result<(), ProtocolError> {

@@ -18,10 +18,12 @@
 
 mod core;
 mod packet;
+mod replay;
 mod stack;
 
 use std::time::Duration;
 
+pub use replay::{Replayed, replay};
 pub use stack::{
     Event, Events, NetStack, NewTcp, Originator, PacketSink, PacketSource, TcpStream, UdpFlow,
 };

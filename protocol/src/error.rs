@@ -37,6 +37,10 @@ pub enum ProtocolError {
     },
     #[error("the peer granted stream {} more credit than the window allows", .id.0)]
     CreditOverflow { id: StreamId },
+    /// The peer opened a stream while `max` were open: that stream is refused, the connection
+    /// goes on.
+    #[error("{max} streams are open, the most one connection may have")]
+    TooManyStreams { max: usize },
 }
 
 /// One line a user can act on; the CLI prints it as is.

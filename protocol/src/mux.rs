@@ -16,6 +16,12 @@ use crate::messages::{StreamFrame, StreamId};
 /// Send credit each side has on a new stream, and the most it may ever hold.
 pub const INITIAL_WINDOW: u32 = 512 * 1024;
 
+/// Most streams open at once on one connection, whoever opened them. A peer's open beyond it is
+/// refused (the stream alone, not the connection): each open stream costs the other side a
+/// socket and a task, so a flood of opens from one session must not use up what the others
+/// need. Far above what one app opens at once (the load target is 1,000 concurrent flows).
+pub const MAX_STREAMS: usize = 4096;
+
 /// Credit is returned in batches of at least this much, so a reader consuming a few bytes at a
 /// time does not cause a `Credit` frame per read.
 const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
@@ -112,13 +118,18 @@ impl Mux {
         }
     }
 
-    /// Registers a stream the peer opened.
+    /// Registers a stream the peer opened. [`ProtocolError::TooManyStreams`] refuses this one
+    /// stream (the caller answers it as failed); every other error breaks the protocol.
     pub fn on_open(&mut self, id: StreamId) -> Result<(), ProtocolError> {
         if !self.side.peer().opens(id) {
             return Err(ProtocolError::StreamIdParity(id));
         }
+        let open = self.streams.len();
         match self.streams.entry(id) {
             std::collections::hash_map::Entry::Occupied(_) => Err(ProtocolError::StreamIdInUse(id)),
+            std::collections::hash_map::Entry::Vacant(_) if open >= MAX_STREAMS => {
+                Err(ProtocolError::TooManyStreams { max: MAX_STREAMS })
+            }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(StreamState::new());
                 Ok(())
@@ -424,5 +435,36 @@ mod tests {
         assert!(agent.is_empty());
         client.close(id);
         assert!(client.is_empty());
+    }
+
+    #[test]
+    fn opens_beyond_the_limit_are_refused_one_by_one() {
+        let mut agent = Mux::new(Side::Agent);
+        let mut client = Mux::new(Side::Client);
+        let ids: Vec<StreamId> = (0..MAX_STREAMS).map(|_| client.open()).collect();
+        for &id in &ids {
+            assert_eq!(agent.on_open(id), Ok(()));
+        }
+        let one_more = client.open();
+        assert_eq!(
+            agent.on_open(one_more),
+            Err(ProtocolError::TooManyStreams { max: MAX_STREAMS })
+        );
+        // The refused stream was not registered; the open ones go on, and a closed one
+        // makes room.
+        assert!(!agent.contains(one_more));
+        assert_eq!(agent.on_data(ids[0], 10), Ok(DataVerdict::Deliver));
+        agent.close(ids[0]);
+        assert_eq!(agent.on_open(one_more), Ok(()));
+        // Streams this side opened count too.
+        assert_eq!(agent.len(), MAX_STREAMS);
+        let mut full = Mux::new(Side::Agent);
+        for _ in 0..MAX_STREAMS {
+            full.open();
+        }
+        assert_eq!(
+            full.on_open(StreamId(1)),
+            Err(ProtocolError::TooManyStreams { max: MAX_STREAMS })
+        );
     }
 }
