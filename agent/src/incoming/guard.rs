@@ -94,6 +94,13 @@ pub fn fork_guard(table: String, netns: Option<File>, nft: &nft::Nft) -> io::Res
             // A serving agent without its guard could leave a table nobody removes (and its
             // owner, the guard, would look dead to the next agent's sweep): die with it.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The guard takes these signals and passes them on, whatever this process was
+            // started with: an agent started in the background (`&`, nohup) inherits SIGINT
+            // and SIGQUIT ignored, and would then ignore what the guard passes on.
+            for signal in FORWARDED {
+                // SAFETY: restoring the default disposition installs no handler.
+                unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) }?;
+            }
             if nix::unistd::getppid() != guard_pid {
                 return Err(io::Error::other("the guard died as the agent started"));
             }
@@ -104,6 +111,14 @@ pub fn fork_guard(table: String, netns: Option<File>, nft: &nft::Nft) -> io::Res
         }
     }
 }
+
+/// The signals the guard passes on to the serving process.
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
 /// The last signal the guard received and has yet to pass on; 0 for none.
 static PENDING: AtomicI32 = AtomicI32::new(0);
@@ -123,12 +138,7 @@ impl GuardProcess {
             SaFlags::empty(),
             SigSet::empty(),
         );
-        for signal in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-        ] {
+        for signal in FORWARDED {
             // SAFETY: the handler only stores to an atomic.
             unsafe { sigaction(signal, &note) }?;
         }
