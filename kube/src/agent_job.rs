@@ -327,17 +327,18 @@ mod tests {
         })
     }
 
-    /// Compares with `tests/fixtures/NAME`; `MIRRORD_UPDATE_FIXTURES=1` rewrites it instead.
-    fn assert_fixture(name: &str, job: &Job) {
+    /// Compares a built object with `tests/fixtures/NAME`; `MIRRORD_UPDATE_FIXTURES=1` rewrites
+    /// it instead.
+    fn assert_fixture(name: &str, built: &impl serde::Serialize) {
         let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let built = serde_json::to_value(job).unwrap();
+        let built = serde_json::to_value(built).unwrap();
         if std::env::var_os("MIRRORD_UPDATE_FIXTURES").is_some() {
             let text = serde_json::to_string_pretty(&built).unwrap() + "\n";
             std::fs::write(&path, text).unwrap();
         }
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let recorded: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(built, recorded, "{name} differs from the built Job");
+        assert_eq!(built, recorded, "{name} differs from the built object");
     }
 
     #[test]
@@ -362,22 +363,9 @@ mod tests {
         })
     }
 
-    /// Compares an ephemeral container with `tests/fixtures/NAME` (see [`assert_fixture`]).
-    fn assert_ephemeral_fixture(name: &str, container: &EphemeralContainer) {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let built = serde_json::to_value(container).unwrap();
-        if std::env::var_os("MIRRORD_UPDATE_FIXTURES").is_some() {
-            let text = serde_json::to_string_pretty(&built).unwrap() + "\n";
-            std::fs::write(&path, text).unwrap();
-        }
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let recorded: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(built, recorded, "{name} differs from the built container");
-    }
-
     #[test]
     fn ephemeral_agent_matches_recorded() {
-        assert_ephemeral_fixture(
+        assert_fixture(
             "agent-ephemeral.json",
             &build_agent_ephemeral(&in_pod(&EPHEMERAL_CAPABILITIES)),
         );

@@ -233,14 +233,7 @@ func (p *processProvider) startPod(ctx context.Context, pr *podRun) {
 	}
 	for _, cs := range [][]*ctrRun{pr.init, pr.ctrs} {
 		for _, c := range cs {
-			if err := p.prepareContainer(ctx, pr, c, volumes); err != nil {
-				p.mu.Lock()
-				c.waitWhy, c.waitMsg = "CreateContainerError", err.Error()
-				if errors.Is(err, errNoImage) {
-					c.waitWhy = "ErrImageNeverPull"
-				}
-				p.mu.Unlock()
-				p.changed(pr)
+			if !p.prepareOrReport(ctx, pr, c, volumes) {
 				return
 			}
 		}
@@ -412,6 +405,23 @@ func (p *processProvider) prepareContainer(ctx context.Context, pr *podRun, c *c
 		return err
 	}
 	return os.MkdirAll(c.cgroup, 0o755)
+}
+
+// prepareOrReport prepares c; on failure it leaves c waiting with the reason a kubelet gives
+// (ErrImageNeverPull for an image not in the table, else CreateContainerError) and says false.
+func (p *processProvider) prepareOrReport(ctx context.Context, pr *podRun, c *ctrRun, volumes map[string]string) bool {
+	err := p.prepareContainer(ctx, pr, c, volumes)
+	if err == nil {
+		return true
+	}
+	p.mu.Lock()
+	c.waitWhy, c.waitMsg = "CreateContainerError", err.Error()
+	if errors.Is(err, errNoImage) {
+		c.waitWhy = "ErrImageNeverPull"
+	}
+	p.mu.Unlock()
+	p.changed(pr)
+	return false
 }
 
 func podHostname(pod *corev1.Pod) string {
@@ -745,14 +755,7 @@ func (p *processProvider) runEphemeral(pr *podRun, c *ctrRun) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if err := p.prepareContainer(p.ctx, pr, c, volumes); err != nil {
-		p.mu.Lock()
-		c.waitWhy, c.waitMsg = "CreateContainerError", err.Error()
-		if errors.Is(err, errNoImage) {
-			c.waitWhy = "ErrImageNeverPull"
-		}
-		p.mu.Unlock()
-		p.changed(pr)
+	if !p.prepareOrReport(p.ctx, pr, c, volumes) {
 		return
 	}
 	if _, err := p.runOnce(pr, c); err != nil {
