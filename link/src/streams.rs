@@ -71,6 +71,39 @@ impl Datagrams for tokio::net::UdpSocket {
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65535;
 
+/// How much one read from a stream's socket asks for: little for a connection that carries
+/// small messages or waits (a thousand idle connections cost a thousand of these), the
+/// largest frame for one that fills every read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadSize(usize);
+
+impl ReadSize {
+    const MIN: usize = 4 * 1024;
+
+    fn get(self) -> usize {
+        self.0
+    }
+
+    /// Doubles after a read that filled the whole size, halves after one that used less than a
+    /// quarter of it; a read the peer's credit cut short says nothing.
+    fn after(&mut self, read: usize, asked: usize) {
+        if asked < self.0 {
+            return;
+        }
+        if read == asked {
+            self.0 = (self.0 * 2).min(MAX_DATA_CHUNK);
+        } else if read < self.0 / 4 {
+            self.0 = (self.0 / 2).max(Self::MIN);
+        }
+    }
+}
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        Self(Self::MIN)
+    }
+}
+
 /// What the connection hands to one stream's pipe.
 #[derive(Debug)]
 enum Inbound {
@@ -331,16 +364,18 @@ impl<M: Outgoing> Streams<M> {
         let (mut reader, mut writer) = tokio::io::split(io);
 
         let to_peer = async {
-            let mut buf = vec![0u8; MAX_DATA_CHUNK];
+            let mut size = ReadSize::default();
             loop {
                 let allowed = loop {
                     let available = lock(&self.mux).send_credit(id) as usize;
                     if available > 0 {
-                        break available.min(MAX_DATA_CHUNK);
+                        break available.min(size.get());
                     }
                     credit.notified().await;
                 };
-                match reader.read(&mut buf[..allowed]).await {
+                // A buffer of its own for each read, which becomes the frame as it is.
+                let mut buf = vec![0u8; allowed];
+                match reader.read(&mut buf).await {
                     Ok(0) => {
                         return if self.send(StreamFrame::Shutdown { id }).await {
                             Ok(())
@@ -351,13 +386,9 @@ impl<M: Outgoing> Streams<M> {
                     Ok(n) => {
                         // Only this task sends on the stream, so the credit seen above is still there.
                         lock(&self.mux).take_send_credit(id, n);
-                        if !self
-                            .send(StreamFrame::Data {
-                                id,
-                                bytes: buf[..n].to_vec(),
-                            })
-                            .await
-                        {
+                        size.after(n, allowed);
+                        buf.truncate(n);
+                        if !self.send(StreamFrame::Data { id, bytes: buf }).await {
                             return Err(Abort::Local);
                         }
                     }
@@ -404,6 +435,25 @@ impl<M: Outgoing> Streams<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_grow_while_they_fill_and_shrink_when_they_do_not() {
+        let mut size = ReadSize::default();
+        for want in [8, 16, 32, 64, 64] {
+            let asked = size.get();
+            size.after(asked, asked);
+            assert_eq!(size.get(), want * 1024);
+        }
+        // A read cut short by the peer's credit says nothing about the connection.
+        size.after(1000, 1000);
+        assert_eq!(size.get(), MAX_DATA_CHUNK);
+        size.after(20_000, MAX_DATA_CHUNK);
+        assert_eq!(size.get(), MAX_DATA_CHUNK, "a third full");
+        for want in [32, 16, 8, 4, 4] {
+            size.after(100, size.get());
+            assert_eq!(size.get(), want * 1024);
+        }
+    }
 
     #[tokio::test]
     async fn nothing_opens_once_the_connection_is_gone() {

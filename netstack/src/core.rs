@@ -15,7 +15,11 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
 
 use crate::Config;
-use crate::packet::{self, FlowKey, Inbound, PacketError};
+use crate::buffers::{Pool, Region};
+use crate::packet::{self, FlowKey, Inbound, PacketError, TcpSegment};
+
+/// A connection whose buffers have been empty and untouched this long gives their memory back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// How the caller answered a held SYN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +105,10 @@ impl phy::Device for QueueDevice {
 /// Bookkeeping for an accepted connection.
 struct Conn {
     key: FlowKey,
+    /// The memory behind the socket's receive and send buffers.
+    rx: Region,
+    tx: Region,
+    memory: Memory,
     /// The caller still holds the `TcpStream`.
     stream_alive: bool,
     /// The caller shut down its write half.
@@ -113,6 +121,61 @@ struct Conn {
     reset: bool,
 }
 
+/// What decides when a connection's buffers may give their memory back.
+struct Memory {
+    /// Data moved since the last `maintain`.
+    busy: bool,
+    last_active: Instant,
+    /// The buffer's pages are given back and nothing has been written since.
+    rx_released: bool,
+    tx_released: bool,
+    /// The app's sequence number of the next byte the caller will read: its initial sequence
+    /// number plus one plus what was read. Unknown until the app's SYN(-ACK) is seen.
+    rx_next: Option<u32>,
+    /// The app's sequence number after the furthest byte it has sent.
+    app_end: u32,
+}
+
+impl Memory {
+    fn new(now: Instant, app_isn: Option<u32>) -> Self {
+        let rx_next = app_isn.map(|isn| isn.wrapping_add(1));
+        Self {
+            busy: false,
+            last_active: now,
+            rx_released: true,
+            tx_released: true,
+            rx_next,
+            app_end: rx_next.unwrap_or(0),
+        }
+    }
+
+    fn on_segment(&mut self, segment: &TcpSegment) {
+        if segment.syn && self.rx_next.is_none() {
+            self.rx_next = Some(segment.seq);
+            self.app_end = segment.seq;
+        }
+        let end = segment.seq.wrapping_add(segment.len);
+        if segment.len > 0 && (end.wrapping_sub(self.app_end) as i32) > 0 {
+            self.app_end = end;
+        }
+        self.busy = true;
+    }
+
+    fn on_read(&mut self, n: usize) {
+        if let Some(next) = &mut self.rx_next {
+            // The stream's sequence space wraps at 2^32 like the wire's.
+            *next = next.wrapping_add(n as u32);
+        }
+        self.busy = true;
+    }
+
+    /// Everything the app sent has been read: smoltcp holds no out-of-order bytes (beyond a
+    /// gap, where its ring shows nothing queued) that releasing the pages would zero.
+    fn all_read(&self) -> bool {
+        self.rx_next == Some(self.app_end)
+    }
+}
+
 struct UdpState {
     id: u64,
     last_active: Instant,
@@ -123,7 +186,11 @@ struct UdpState {
 
 pub(crate) struct Core {
     iface: Interface,
+    /// Declared before `conns` so that it drops first: the sockets' buffers are the memory of
+    /// the `Region`s the conns own.
     sockets: SocketSet<'static>,
+    rx_pool: Pool,
+    tx_pool: Pool,
     device: QueueDevice,
     /// Checksums verified on packets from the app (none when the caller trusts the device).
     rx_caps: ChecksumCapabilities,
@@ -132,8 +199,10 @@ pub(crate) struct Core {
     config: Config,
     conns: HashMap<SocketHandle, Conn>,
     by_key: HashMap<FlowKey, SocketHandle>,
-    /// Held SYNs waiting for a decision, by flow.
-    pending: HashMap<FlowKey, Vec<u8>>,
+    /// Held SYNs waiting for a decision, by flow, with the app's initial sequence number.
+    pending: HashMap<FlowKey, (Vec<u8>, u32)>,
+    /// When `maintain` must run next to give an idle connection's memory back.
+    next_release: Option<Instant>,
     udp: HashMap<FlowKey, UdpState>,
     next_udp_id: u64,
     events: VecDeque<CoreEvent>,
@@ -156,6 +225,34 @@ fn smol_duration(d: std::time::Duration) -> Duration {
 
 fn reset_error() -> io::Error {
     io::Error::from(io::ErrorKind::ConnectionReset)
+}
+
+/// Gives the pages of a connection's empty buffers back once it has been idle for
+/// `IDLE_RELEASE`; returns when to look again, if there is still something to give back.
+fn release_idle(conn: &mut Conn, socket: &tcp::Socket, now: Instant) -> Option<Instant> {
+    let memory = &mut conn.memory;
+    if std::mem::take(&mut memory.busy) {
+        memory.last_active = now;
+        memory.rx_released = false;
+        memory.tx_released = false;
+    }
+    if memory.rx_released && memory.tx_released {
+        return None;
+    }
+    let at = memory.last_active + IDLE_RELEASE;
+    if now < at {
+        return Some(at);
+    }
+    if !memory.rx_released && socket.recv_queue() == 0 && memory.all_read() {
+        conn.rx.release();
+        memory.rx_released = true;
+    }
+    if !memory.tx_released && socket.send_queue() == 0 {
+        conn.tx.release();
+        memory.tx_released = true;
+    }
+    // A buffer still holding data is looked at again once more time has passed.
+    (!(memory.rx_released && memory.tx_released)).then_some(now + IDLE_RELEASE)
 }
 
 impl Core {
@@ -185,6 +282,8 @@ impl Core {
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
+            rx_pool: Pool::new(config.tcp_rx_buffer),
+            tx_pool: Pool::new(config.tcp_tx_buffer),
             device,
             rx_caps,
             tx_caps,
@@ -192,6 +291,7 @@ impl Core {
             conns: HashMap::new(),
             by_key: HashMap::new(),
             pending: HashMap::new(),
+            next_release: None,
             udp: HashMap::new(),
             next_udp_id: 0,
             events: VecDeque::new(),
@@ -212,14 +312,23 @@ impl Core {
             }
         };
         match inbound {
-            Inbound::TcpSyn(key) => self.ingest_syn(key, packet),
-            Inbound::Tcp(_) => match packet::split_fin(&packet) {
-                Some((data, fin)) => {
-                    self.device.rx.push_back(data);
-                    self.device.rx.push_back(fin);
+            Inbound::TcpSyn { key, seq } => self.ingest_syn(key, seq, packet),
+            Inbound::Tcp(segment) => {
+                if let Some(conn) = self
+                    .by_key
+                    .get(&segment.key)
+                    .and_then(|handle| self.conns.get_mut(handle))
+                {
+                    conn.memory.on_segment(&segment);
                 }
-                None => self.device.rx.push_back(packet),
-            },
+                match packet::split_fin(&packet) {
+                    Some((data, fin)) => {
+                        self.device.rx.push_back(data);
+                        self.device.rx.push_back(fin);
+                    }
+                    None => self.device.rx.push_back(packet),
+                }
+            }
             Inbound::Other => self.device.rx.push_back(packet),
             Inbound::Udp { key, payload } => {
                 let Some(data) = packet.get(payload) else {
@@ -230,7 +339,7 @@ impl Core {
         }
     }
 
-    fn ingest_syn(&mut self, key: FlowKey, packet: Vec<u8>) {
+    fn ingest_syn(&mut self, key: FlowKey, isn: u32, packet: Vec<u8>) {
         if let Some(&handle) = self.by_key.get(&key) {
             let state = self.sockets.get::<tcp::Socket>(handle).state();
             if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
@@ -250,7 +359,7 @@ impl Core {
             // Retransmission while the caller is still deciding: the first SYN stays held.
             return;
         }
-        self.pending.insert(key, packet);
+        self.pending.insert(key, (packet, isn));
         self.events.push_back(CoreEvent::NewTcp(key));
     }
 
@@ -286,7 +395,7 @@ impl Core {
         key: FlowKey,
         decision: Decision,
     ) -> Result<Option<SocketHandle>, CoreError> {
-        let syn = self.pending.remove(&key).ok_or(CoreError::NotPending)?;
+        let (syn, isn) = self.pending.remove(&key).ok_or(CoreError::NotPending)?;
         match decision {
             Decision::Refuse => {
                 self.device
@@ -301,18 +410,15 @@ impl Core {
                 Ok(None)
             }
             Decision::Accept => {
-                let mut socket = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-                    tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
-                );
-                // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
-                socket.set_ack_delay(None);
-                socket.set_nagle_enabled(self.config.nagle);
+                let (mut socket, rx, tx) = self.new_socket();
                 let (_, dst) = key;
                 if let Err(e) = socket.listen(IpListenEndpoint {
                     addr: Some(dst.ip().into()),
                     port: dst.port(),
                 }) {
+                    drop(socket);
+                    self.rx_pool.put(rx);
+                    self.tx_pool.put(tx);
                     self.device
                         .tx
                         .push_back(packet::refuse_syn(&syn, &self.tx_caps)?);
@@ -323,6 +429,9 @@ impl Core {
                     handle,
                     Conn {
                         key,
+                        rx,
+                        tx,
+                        memory: Memory::new(now, Some(isn)),
                         stream_alive: true,
                         write_closed: false,
                         fin_deferred: false,
@@ -344,7 +453,7 @@ impl Core {
     /// Runs smoltcp and the stack's own timers.
     pub(crate) fn poll(&mut self, now: Instant) {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
-        if self.maintain() {
+        if self.maintain(now) {
             // A deferred FIN was just queued: send it now rather than on the next wake-up.
             self.iface.poll(now, &mut self.device, &mut self.sockets);
         }
@@ -358,13 +467,17 @@ impl Core {
         });
     }
 
-    /// Follows socket state changes smoltcp does not report (resets and finished sockets) and
-    /// sends deferred FINs; true if a FIN was queued.
-    fn maintain(&mut self) -> bool {
+    /// Follows socket state changes smoltcp does not report (resets and finished sockets),
+    /// sends deferred FINs and gives idle connections' memory back; true if a FIN was queued.
+    fn maintain(&mut self, now: Instant) -> bool {
         let mut finished = Vec::new();
         let mut fin_queued = false;
+        self.next_release = None;
         for (&handle, conn) in &mut self.conns {
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            if let Some(at) = release_idle(conn, socket, now) {
+                self.next_release = Some(self.next_release.map_or(at, |next| next.min(at)));
+            }
             if conn.fin_deferred && socket.send_queue() == 0 {
                 conn.fin_deferred = false;
                 socket.close();
@@ -405,7 +518,10 @@ impl Core {
                 if self.by_key.get(&conn.key) == Some(&handle) {
                     self.by_key.remove(&conn.key);
                 }
+                // The socket, and with it its slices of the regions, goes first.
                 self.sockets.remove(handle);
+                self.rx_pool.put(conn.rx);
+                self.tx_pool.put(conn.tx);
             }
         }
         fin_queued
@@ -413,7 +529,13 @@ impl Core {
 
     /// When `poll` must run next at the latest, if anything is waiting on time.
     pub(crate) fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
-        let tcp = self.iface.poll_delay(now, &self.sockets);
+        let release = self
+            .next_release
+            .map(|at| if at > now { at - now } else { Duration::ZERO });
+        let tcp = match (self.iface.poll_delay(now, &self.sockets), release) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let idle = smol_duration(self.config.udp_idle);
         let udp = self
             .udp
@@ -470,25 +592,29 @@ impl Core {
                 conn.fin_seen = true;
             }
         }
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
-        );
-        socket.set_ack_delay(None);
-        socket.set_nagle_enabled(self.config.nagle);
-        socket.connect(
+        let (mut socket, rx, tx) = self.new_socket();
+        if let Err(e) = socket.connect(
             self.iface.context(),
             (app.ip(), app.port()),
             IpListenEndpoint {
                 addr: Some(peer.ip().into()),
                 port: peer.port(),
             },
-        )?;
+        ) {
+            drop(socket);
+            self.rx_pool.put(rx);
+            self.tx_pool.put(tx);
+            return Err(e.into());
+        }
         let handle = self.sockets.add(socket);
         self.conns.insert(
             handle,
             Conn {
                 key,
+                rx,
+                tx,
+                // The app's initial sequence number comes with its SYN-ACK.
+                memory: Memory::new(now, None),
                 stream_alive: true,
                 write_closed: false,
                 fin_deferred: false,
@@ -529,6 +655,22 @@ impl Core {
         }
     }
 
+    /// A TCP socket on buffers from the pools, and the regions behind them.
+    fn new_socket(&mut self) -> (tcp::Socket<'static>, Region, Region) {
+        let (mut rx, mut tx) = (self.rx_pool.take(), self.tx_pool.take());
+        // SAFETY: each region goes to this one socket only, and comes back to a pool only
+        // after the socket is dropped (see `maintain` and the failure paths of the callers).
+        let (rx_storage, tx_storage) = unsafe { (rx.storage(), tx.storage()) };
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(rx_storage),
+            tcp::SocketBuffer::new(tx_storage),
+        );
+        // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
+        socket.set_ack_delay(None);
+        socket.set_nagle_enabled(self.config.nagle);
+        (socket, rx, tx)
+    }
+
     // --- TCP connections, by handle (a live stream's handle is never reused) ---
 
     fn conn_socket(
@@ -559,7 +701,10 @@ impl Core {
                 socket.register_recv_waker(cx.waker());
                 Poll::Pending
             }
-            Ok(n) => Poll::Ready(Ok(n)),
+            Ok(n) => {
+                conn.memory.on_read(n);
+                Poll::Ready(Ok(n))
+            }
             Err(tcp::RecvError::Finished) => Poll::Ready(Ok(0)),
             Err(tcp::RecvError::InvalidState) => match socket.state() {
                 tcp::State::SynReceived | tcp::State::SynSent => {
@@ -592,7 +737,10 @@ impl Core {
                 socket.register_send_waker(cx.waker());
                 Poll::Pending
             }
-            Ok(n) => Poll::Ready(Ok(n)),
+            Ok(n) => {
+                conn.memory.busy = true;
+                Poll::Ready(Ok(n))
+            }
             Err(tcp::SendError::InvalidState) => match socket.state() {
                 tcp::State::SynReceived | tcp::State::SynSent => {
                     socket.register_send_waker(cx.waker());
@@ -708,6 +856,13 @@ impl Core {
     pub(crate) fn tcp_state(&self, handle: SocketHandle) -> tcp::State {
         self.sockets.get::<tcp::Socket>(handle).state()
     }
+
+    /// Whether the connection's receive and send buffers have given their memory back.
+    #[cfg(test)]
+    fn released(&self, handle: SocketHandle) -> (bool, bool) {
+        let memory = &self.conns[&handle].memory;
+        (memory.rx_released, memory.tx_released)
+    }
 }
 
 #[cfg(test)]
@@ -716,6 +871,7 @@ mod tests {
     use crate::packet::tests::syn;
     use smoltcp::wire::{
         Icmpv4Message, Icmpv4Packet, IpAddress, Ipv4Packet, TcpControl, TcpPacket, TcpRepr,
+        TcpSeqNumber,
     };
     use std::net::SocketAddr;
 
@@ -960,5 +1116,81 @@ mod tests {
         core.tcp_release(handle, true);
         core.poll(t(2));
         core.originate(t(3), peer, app).unwrap();
+    }
+
+    /// A data segment from the app on an accepted connection.
+    fn app_data(key: FlowKey, seq: u32, ack: TcpSeqNumber, payload: &[u8]) -> Vec<u8> {
+        let repr = TcpRepr {
+            src_port: key.0.port(),
+            dst_port: key.1.port(),
+            control: TcpControl::None,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: Some(ack),
+            window_len: 64240,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        packet::build_tcp(key.0, key.1, &repr, &ChecksumCapabilities::default()).unwrap()
+    }
+
+    fn read(core: &mut Core, handle: SocketHandle, len: usize) -> Vec<u8> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut buf = vec![0u8; len];
+        match core.tcp_poll_read(handle, &mut cx, &mut buf) {
+            Poll::Ready(Ok(n)) => buf.truncate(n),
+            other => panic!("read: {other:?}"),
+        }
+        buf
+    }
+
+    #[test]
+    fn idle_buffers_give_memory_back_but_never_bytes_beyond_a_gap() {
+        let mut core = Core::new(Config::default(), t(0));
+        let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
+        // The app's initial sequence number is near the end of the sequence space.
+        let isn = u32::MAX - 150;
+        core.ingest(t(0), syn(key.0, key.1, isn as i32));
+        core.poll(t(0));
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(key)));
+        let handle = core.decide(t(0), key, Decision::Accept).unwrap().unwrap();
+        core.poll(t(0));
+        let synack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number;
+        let ack = synack + 1;
+        let (first, second) = (isn.wrapping_add(1), isn.wrapping_add(101));
+        let third = isn.wrapping_add(201);
+        core.ingest(t(1), app_data(key, first, ack, &[b'a'; 100]));
+        core.poll(t(1));
+        assert_eq!(read(&mut core, handle, 1000), [b'a'; 100]);
+        // The third hundred bytes arrive before the second (the kernel lost a segment).
+        core.ingest(t(2), app_data(key, third, ack, &[b'c'; 100]));
+        core.poll(t(2));
+        core.drain_transmit().for_each(drop);
+        core.poll(t(5000));
+        assert_eq!(
+            core.released(handle),
+            (false, true),
+            "bytes beyond a gap keep the receive buffer"
+        );
+        core.ingest(t(6000), app_data(key, second, ack, &[b'b'; 100]));
+        core.poll(t(6000));
+        let got = read(&mut core, handle, 1000);
+        let mut want = vec![b'b'; 100];
+        want.extend([b'c'; 100]);
+        assert_eq!(got, want, "the gap filled, every byte as sent");
+        assert_eq!(core.released(handle), (false, false), "just used");
+        // The read is seen as activity on the next poll; a second later the memory goes back.
+        core.poll(t(6001));
+        assert_eq!(core.poll_delay(t(6001)), Some(Duration::from_millis(1000)));
+        core.poll(t(7001));
+        assert_eq!(core.released(handle), (true, true), "idle and all read");
+        assert!(
+            core.poll_delay(t(7001))
+                .is_none_or(|d| d > Duration::from_secs(60)),
+            "nothing left to give back"
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! them); ICMP echo requests are not answered (ping to a remote address times out);
 //! UDP replies larger than one IP datagram are refused with [`Error::TooLarge`].
 
+mod buffers;
 mod core;
 mod packet;
 mod replay;

@@ -23,9 +23,10 @@ const IPV6_MIN_MTU: usize = 1280;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Inbound {
     /// A connection-opening SYN (no ACK): the caller decides before smoltcp sees it.
-    TcpSyn(FlowKey),
+    /// `seq` is the app's initial sequence number.
+    TcpSyn { key: FlowKey, seq: u32 },
     /// Any other TCP segment: smoltcp handles it (or answers with RST when it has no socket).
-    Tcp(FlowKey),
+    Tcp(TcpSegment),
     /// A UDP datagram; the payload is `packet[payload]`.
     Udp {
         key: FlowKey,
@@ -33,6 +34,18 @@ pub(crate) enum Inbound {
     },
     /// Anything else (ICMP, unknown protocols): smoltcp gets to see it.
     Other,
+}
+
+/// Where a TCP segment from the app lies in its byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpSegment {
+    pub(crate) key: FlowKey,
+    /// The sequence number of its first byte of payload.
+    pub(crate) seq: u32,
+    /// Bytes of payload.
+    pub(crate) len: u32,
+    /// It carries a SYN (the app's SYN-ACK to a connection the stack originated).
+    pub(crate) syn: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,10 +107,19 @@ pub(crate) fn classify(packet: &[u8], caps: &ChecksumCapabilities) -> Result<Inb
                 SocketAddr::new(ip_of(src), repr.src_port),
                 SocketAddr::new(ip_of(dst), repr.dst_port),
             );
-            if repr.control == TcpControl::Syn && repr.ack_number.is_none() {
-                Ok(Inbound::TcpSyn(key))
+            // The wire's 32 bits, whatever sign smoltcp's type gives them.
+            let seq = repr.seq_number.0 as u32;
+            let syn = repr.control == TcpControl::Syn;
+            if syn && repr.ack_number.is_none() {
+                Ok(Inbound::TcpSyn { key, seq })
             } else {
-                Ok(Inbound::Tcp(key))
+                Ok(Inbound::Tcp(TcpSegment {
+                    key,
+                    // A SYN occupies the sequence number before the payload.
+                    seq: seq.wrapping_add(u32::from(syn)),
+                    len: repr.payload.len() as u32,
+                    syn,
+                }))
             }
         }
         IpProtocol::Udp => {
@@ -386,7 +408,13 @@ pub(crate) mod tests {
     fn classifies_syn_and_udp_with_their_addresses() {
         let caps = ChecksumCapabilities::default();
         let (a, b) = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
-        assert_eq!(classify(&syn(a, b, 1), &caps), Ok(Inbound::TcpSyn((a, b))));
+        assert_eq!(
+            classify(&syn(a, b, -2), &caps),
+            Ok(Inbound::TcpSyn {
+                key: (a, b),
+                seq: u32::MAX - 1
+            })
+        );
         let (a6, b6) = (addr("[fd00::2]:5000"), addr("[fd00::5]:53"));
         let udp = build_udp(a6, b6, b"hello", &caps).unwrap();
         match classify(&udp, &caps).unwrap() {

@@ -89,10 +89,10 @@ struct Found {
     tmp: Vec<String>,
 }
 
-struct ProcessInfo {
-    pid: i32,
-    ppid: i32,
-    comm: String,
+pub(crate) struct ProcessInfo {
+    pub(crate) pid: i32,
+    pub(crate) ppid: i32,
+    pub(crate) comm: String,
     cmdline: String,
     environ: Vec<String>,
     mount_ns: Option<std::path::PathBuf>,
@@ -204,7 +204,7 @@ fn fuse_mounts() -> Result<BTreeSet<String>> {
 }
 
 /// Every process still running (zombies excluded: they hold nothing and their parent reaps them).
-fn live_processes() -> Vec<ProcessInfo> {
+pub(crate) fn live_processes() -> Vec<ProcessInfo> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

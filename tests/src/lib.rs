@@ -17,6 +17,7 @@ pub mod leftovers;
 pub mod netns;
 pub mod process;
 pub mod pty;
+pub mod usage;
 pub mod world;
 
 pub use cluster::{Cluster, HttpServer, Pod, PodBuilder};

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 89] = [
+    let tests: [(&str, Test); 90] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -222,6 +222,10 @@ fn tests() -> Vec<Trial> {
         (
             "net_udp_echo_through_the_pod",
             network::net_udp_echo_through_the_pod,
+        ),
+        (
+            "net_1000_connections_churn_for_30_s_without_growth",
+            network::net_1000_connections_churn_for_30_s_without_growth,
         ),
         (
             "net_200_concurrent_connections_of_1_mib",

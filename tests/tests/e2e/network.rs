@@ -10,7 +10,8 @@ use std::thread;
 use std::time::Duration;
 
 use libtest_mimic::Failed;
-use mirrord_tests::command::Run;
+use mirrord_tests::command::{Run, SHORT, first_line};
+use mirrord_tests::usage::{Usage, usage};
 use mirrord_tests::{Cluster, Scene};
 
 use super::{RUN, exec, standard_pod};
@@ -370,6 +371,100 @@ pub fn port_forward_psql_reaches_a_cluster_database(
         closed.is_err(),
         "127.0.0.1:{} still accepts after the session",
         ports[0].0
+    );
+    Ok(())
+}
+
+/// The load tool (tests/src/bin/flowload.rs).
+const FLOWLOAD: &str = env!("CARGO_BIN_EXE_flowload");
+
+/// 1,000 connections at a time, each connecting, echoing a payload of its own and closing, again
+/// and again for 30 s, every byte checked; the session's descriptors and memory stay within
+/// bounds and do not grow from the first samples to the last (docs/architecture.md, "Memory").
+pub fn net_1000_connections_churn_for_30_s_without_growth(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    const SECONDS: u64 = 30;
+    let pod = standard_pod(cluster)?;
+    let addr = format!("{}:7100", cluster.ip());
+    let mut serve = cluster.command(FLOWLOAD);
+    serve
+        .args(["serve", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut server = Server(serve.spawn()?);
+    let ready = server
+        .0
+        .stdout
+        .take()
+        .and_then(|out| first_line(out, SHORT));
+    ensure!(
+        ready.is_some_and(|line| line.starts_with("serving")),
+        "the echo server did not start"
+    );
+
+    let mut cmd = scene.mirrord()?;
+    cmd.args(["exec", "-t", &pod.target()]).args(CLUSTER).args([
+        "--",
+        FLOWLOAD,
+        "loop",
+        "1000",
+        &SECONDS.to_string(),
+        &addr,
+    ]);
+    let session = thread::spawn(move || cmd.run(RUN + Duration::from_secs(SECONDS)));
+    // Samples of (CLI, agent) from 5 s in, once every connection has opened at least once.
+    let mut samples = Vec::new();
+    let start = std::time::Instant::now();
+    thread::sleep(Duration::from_secs(5));
+    while start.elapsed() < Duration::from_secs(SECONDS - 2) {
+        let cli = mirrord_tests::usage::descendant(std::process::id(), "mirrord");
+        let agent = cli.and_then(|cli| mirrord_tests::usage::descendant(cli, "mirrord-agent"));
+        if let (Some(cli), Some(agent)) = (cli.and_then(usage), agent.and_then(usage)) {
+            samples.push((cli, agent));
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+    let out = session.join().map_err(|_| "session thread panicked")??;
+    ensure!(
+        out.code == 0 && out.stdout.contains("all checked"),
+        "the churn: {}",
+        out.describe()
+    );
+    let (Some(&(cli_first, agent_first)), Some(&(cli_last, agent_last))) =
+        (samples.first(), samples.last())
+    else {
+        return Err("no sample of the CLI and its agent was taken".into());
+    };
+    let most = |pick: fn(&(Usage, Usage)) -> Usage| {
+        samples
+            .iter()
+            .map(pick)
+            .fold((0, 0), |(rss, fds), u| (rss.max(u.rss_kib), fds.max(u.fds)))
+    };
+    let (cli_rss, cli_fds) = most(|s| s.0);
+    let (agent_rss, agent_fds) = most(|s| s.1);
+    let report = format!(
+        "CLI {cli_first} -> {cli_last}, agent {agent_first} -> {agent_last}; {}",
+        out.stdout.trim()
+    );
+    // The CLI holds no descriptor per flow; the agent one socket per open connection.
+    ensure!(cli_fds <= 64, "the CLI's descriptors: {report}");
+    ensure!(agent_fds <= 1000 + 64, "the agent's descriptors: {report}");
+    // The targets of the data-path issue, for 1,000 flows.
+    ensure!(cli_rss < 100 * 1024, "the CLI's memory: {report}");
+    ensure!(agent_rss < 50 * 1024, "the agent's memory: {report}");
+    // No growth: the last samples are within noise of the first.
+    ensure!(
+        cli_last.rss_kib <= cli_first.rss_kib + 16 * 1024
+            && agent_last.rss_kib <= agent_first.rss_kib + 16 * 1024,
+        "memory grew: {report}"
+    );
+    ensure!(
+        cli_last.fds <= cli_first.fds + 8,
+        "the CLI's descriptors grew: {report}"
     );
     Ok(())
 }
