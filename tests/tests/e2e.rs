@@ -73,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 89] = [
+    let tests: [(&str, Test); 91] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -185,6 +185,14 @@ fn tests() -> Vec<Trial> {
         (
             "fs_escape_attempts_stay_in_the_pod",
             files::fs_escape_attempts_stay_in_the_pod,
+        ),
+        (
+            "fs_symlink_swaps_during_reads_stay_in_the_pod",
+            files::fs_symlink_swaps_during_reads_stay_in_the_pod,
+        ),
+        (
+            "fs_proc_self_and_long_names",
+            files::fs_proc_self_and_long_names,
         ),
         (
             "fs_overlays_follow_the_mode",
