@@ -73,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 91] = [
+    let tests: [(&str, Test); 92] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -193,6 +193,10 @@ fn tests() -> Vec<Trial> {
         (
             "fs_proc_self_and_long_names",
             files::fs_proc_self_and_long_names,
+        ),
+        (
+            "secrets_never_reach_the_logs",
+            files::secrets_never_reach_the_logs,
         ),
         (
             "fs_overlays_follow_the_mode",

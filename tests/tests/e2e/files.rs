@@ -717,3 +717,84 @@ pub fn fs_proc_self_and_long_names(scene: &Scene, cluster: &Cluster) -> Result<(
     );
     Ok(())
 }
+
+/// A session at the most verbose log level of both ends (`MIRRORD_LOG=trace`,
+/// `MIRRORD_AGENT_LOG=trace`) that uses a token, reads a file, writes one and takes an env
+/// value, each a unique secret, and a refused attempt with a wrong token: the command sees the
+/// secrets, and neither mirrord's stderr nor the agent's holds any of them.
+pub fn secrets_never_reach_the_logs(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let unique = std::process::id();
+    let token = format!("token-secret-{unique}-a1b2");
+    let wrong = format!("wrong-token-secret-{unique}-c3d4");
+    let env_secret = format!("env-secret-{unique}-e5f6");
+    let file_secret = format!("file-secret-{unique}-a7b8");
+    let written = format!("written-secret-{unique}-c9d0");
+    let pod = mirrord_tests::Pod::builder("web-7d9f8-x2k4q")
+        .env("API_KEY", &env_secret)
+        .file("secret.txt", format!("{file_secret}\n"))
+        .start(cluster)?;
+    let mut cmd = scene.agent()?;
+    cmd.args(["--target-pid", &pod.pid().to_string()])
+        .env("MIRRORD_AGENT_TOKEN", &token)
+        .env("MIRRORD_AGENT_LOG", "trace");
+    let agent = mirrord_tests::HandStartedAgent::start(cmd, mirrord_tests::command::SHORT)?;
+    let session = |token: &str, script: &str| -> Result<mirrord_tests::Output, Failed> {
+        let mut cmd = scene.mirrord()?;
+        cmd.args([
+            "exec",
+            "--fs-mode",
+            "write",
+            "--agent-addr",
+            agent.addr(),
+            "--",
+        ])
+        .args(["sh", "-c", script])
+        .env("MIRRORD_AGENT_TOKEN", token)
+        .env("MIRRORD_LOG", "trace")
+        .env("WRITTEN", &written);
+        Ok(cmd.run(Duration::from_secs(60))?)
+    };
+    let refused = session(&wrong, "true")?;
+    ensure!(refused.code != 0, "a wrong token: {}", refused.describe());
+    let out = session(
+        &token,
+        "printenv API_KEY; cat $MIRRORD_REMOTE_ROOT/srv/secret.txt; \
+         echo $WRITTEN > $MIRRORD_REMOTE_ROOT/srv/written.txt",
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{env_secret}\n{file_secret}\n"),
+        "the session: {}",
+        out.describe()
+    );
+    ensure!(
+        in_pod(&pod, "cat /srv/written.txt")? == format!("{written}\n"),
+        "the written file"
+    );
+    let agent_log = agent.stderr();
+    let logs = [
+        ("mirrord (wrong token)", refused.stderr.as_str()),
+        ("mirrord", out.stderr.as_str()),
+        ("the agent", agent_log.as_str()),
+    ];
+    // The logs really are verbose: a test that saw no log line would prove nothing.
+    ensure!(
+        out.stderr.lines().count() > 20 && agent_log.contains("session open"),
+        "expected trace logs from both ends: mirrord {} lines, agent {} lines",
+        out.stderr.lines().count(),
+        agent_log.lines().count()
+    );
+    for (whose, log) in logs {
+        for secret in [&token, &wrong, &env_secret, &file_secret, &written] {
+            ensure!(
+                !log.contains(secret.as_str()),
+                "{whose}'s log holds {secret:?}: {}",
+                log.lines()
+                    .filter(|l| l.contains(secret.as_str()))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    Ok(())
+}
