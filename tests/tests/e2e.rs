@@ -73,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 92] = [
+    let tests: [(&str, Test); 93] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -197,6 +197,10 @@ fn tests() -> Vec<Trial> {
         (
             "secrets_never_reach_the_logs",
             files::secrets_never_reach_the_logs,
+        ),
+        (
+            "dns_answers_never_lead_to_this_machine",
+            dns::dns_answers_never_lead_to_this_machine,
         ),
         (
             "fs_overlays_follow_the_mode",
