@@ -21,6 +21,7 @@ use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::{DNSClass, RData, Record, RecordType};
 
 use crate::client::{AgentClient, lock};
+use crate::net::{HOST_LOOPBACK, HOST_LOOPBACK_NAME};
 
 /// The stub's address inside the launched process's network namespace, next to
 /// [`crate::net::HOST_LOOPBACK`] in the benchmarking range no cluster hands out.
@@ -247,6 +248,51 @@ pub fn fit(request: &Message, response: &Message, udp: bool) -> Option<Vec<u8>> 
     response.truncate().to_vec().ok()
 }
 
+/// The target's answer to `request` as the client gets it: SERVFAIL when there is none or it
+/// is no DNS message (garbage, cut short), and without the records [`drop_this_machine`]
+/// removes (said once in a warning line).
+pub fn target_response(request: &Message, question: &Question, raw: Option<&[u8]>) -> Message {
+    let Some(Ok(mut response)) = raw.map(Message::from_vec) else {
+        return reply_to(request, ResponseCode::ServFail);
+    };
+    let dropped = drop_this_machine(&mut response);
+    if !dropped.is_empty() {
+        tracing::warn!(
+            "the target's DNS answered {} with {dropped:?}, which would reach this machine's \
+             loopback; dropped (only {HOST_LOOPBACK_NAME} leads there)",
+            question.0
+        );
+    }
+    response
+}
+
+/// Removes the address records of a target's answer that name [`HOST_LOOPBACK`] (also as an
+/// IPv4-mapped IPv6 address), the launched process's way to this machine's loopback: a pod's DNS
+/// must not send the process to the developer's own services under a cluster name. Only
+/// [`HOST_LOOPBACK_NAME`] (in the process's `/etc/hosts`) leads there. Loopback answers
+/// (`127.0.0.0/8`, `::1`) stay: they reach the process's own network namespace, as they reach
+/// the pod's in the pod, never this machine's. Returns the addresses removed.
+pub fn drop_this_machine(response: &mut Message) -> Vec<IpAddr> {
+    let reaches_here = |record: &Record| match &record.data {
+        RData::A(a) => (a.0 == HOST_LOOPBACK).then_some(IpAddr::V4(a.0)),
+        RData::AAAA(aaaa) => {
+            (aaaa.0.to_ipv4_mapped() == Some(HOST_LOOPBACK)).then_some(IpAddr::V6(aaaa.0))
+        }
+        _ => None,
+    };
+    let mut dropped = Vec::new();
+    for records in [&mut response.answers, &mut response.additionals] {
+        records.retain(|record| match reaches_here(record) {
+            Some(ip) => {
+                dropped.push(ip);
+                false
+            }
+            None => true,
+        });
+    }
+    dropped
+}
+
 /// Answers by question, each until its TTL runs out (negative ones for their SOA's negative
 /// TTL, RFC 2308). Time is passed in, so expiry is tested without waiting.
 #[derive(Default)]
@@ -398,9 +444,13 @@ impl DnsStub {
                 } else {
                     self.remote(query).await
                 };
-                let response = match raw.as_deref().map(Message::from_vec) {
-                    Some(Ok(response)) => response,
-                    _ => reply_to(&request, ResponseCode::ServFail),
+                let response = if local {
+                    match raw.as_deref().map(Message::from_vec) {
+                        Some(Ok(response)) => response,
+                        _ => reply_to(&request, ResponseCode::ServFail),
+                    }
+                } else {
+                    target_response(&request, &question, raw.as_deref())
                 };
                 lock(&self.cache).insert(question.clone(), &response, Instant::now());
                 response
@@ -520,7 +570,7 @@ mod tests {
     use super::*;
     use hickory_resolver::proto::op::{OpCode, Query};
     use hickory_resolver::proto::rr::Name;
-    use hickory_resolver::proto::rr::rdata::{A, SOA};
+    use hickory_resolver::proto::rr::rdata::{A, AAAA, SOA};
     use std::str::FromStr;
 
     fn search() -> Vec<String> {
@@ -626,6 +676,84 @@ mod tests {
             ttl,
             RData::SOA(soa),
         )
+    }
+
+    fn record(data: RData) -> Record {
+        Record::from_rdata(Name::from_str("db.default.svc.").unwrap(), 30, data)
+    }
+
+    #[test]
+    fn target_answers_never_lead_to_this_machine() {
+        let mapped = HOST_LOOPBACK.to_ipv6_mapped();
+        let mut answer = response(ResponseCode::NoError);
+        answer.answers = vec![
+            record(RData::A(A(HOST_LOOPBACK))),
+            record(RData::A(A::new(10, 0, 0, 1))),
+            record(RData::A(A::new(127, 0, 0, 1))),
+            record(RData::AAAA(AAAA(mapped))),
+            record(RData::AAAA(AAAA(std::net::Ipv6Addr::LOCALHOST))),
+        ];
+        answer.additionals.push(record(RData::A(A(HOST_LOOPBACK))));
+        let request = response(ResponseCode::NoError);
+        let q = question("db.default.svc", RecordType::A);
+        let got = target_response(&request, &q, Some(&answer.to_vec().unwrap()));
+        let kept: Vec<&RData> = got.answers.iter().map(|r| &r.data).collect();
+        assert_eq!(
+            kept,
+            [
+                &RData::A(A::new(10, 0, 0, 1)),
+                &RData::A(A::new(127, 0, 0, 1)),
+                &RData::AAAA(AAAA(std::net::Ipv6Addr::LOCALHOST)),
+            ]
+        );
+        assert!(got.additionals.is_empty());
+        assert_eq!(got.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(
+            drop_this_machine(&mut answer),
+            [
+                IpAddr::V4(HOST_LOOPBACK),
+                IpAddr::V6(mapped),
+                IpAddr::V4(HOST_LOOPBACK)
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_target_answers_are_servfail() {
+        let request = response(ResponseCode::NoError);
+        let q = question("web.default.svc.cluster.local", RecordType::A);
+        let mut good = response(ResponseCode::NoError);
+        good.answers = vec![a_record(30); 3];
+        let bytes = good.to_vec().unwrap();
+        let servfail = |raw: Option<&[u8]>| {
+            target_response(&request, &q, raw).metadata.response_code == ResponseCode::ServFail
+        };
+        assert!(servfail(None), "no answer at all");
+        assert!(servfail(Some(&[])), "an empty one");
+        assert!(servfail(Some(&bytes[..5])), "a header cut short");
+        assert!(
+            servfail(Some(&bytes[..bytes.len() - 3])),
+            "a record cut short"
+        );
+        let mut lying = bytes.clone();
+        lying[7] = 200; // ANCOUNT claims 200 answers; three follow
+        assert!(servfail(Some(&lying)), "counts past the end");
+        assert!(!servfail(Some(&bytes)));
+    }
+
+    #[test]
+    fn oversized_answers_are_truncated_over_udp_and_whole_over_tcp() {
+        let request = response(ResponseCode::NoError);
+        let mut big = response(ResponseCode::NoError);
+        big.answers = (0..=255u8)
+            .map(|i| record(RData::A(A::new(10, 1, 0, i))))
+            .collect();
+        let udp = fit(&request, &big, true).unwrap();
+        assert!(udp.len() <= CLASSIC_UDP_LIMIT, "{}", udp.len());
+        assert!(Message::from_vec(&udp).unwrap().metadata.truncation);
+        let tcp = Message::from_vec(&fit(&request, &big, false).unwrap()).unwrap();
+        assert_eq!(tcp.answers.len(), 256);
+        assert!(!tcp.metadata.truncation);
     }
 
     #[test]

@@ -43,6 +43,30 @@ pub const PROTECTED: &[&str] = &[
     "JAVA_HOME",
     "PYTHONHOME",
     "GOROOT",
+    // Settings that make shells, the C library or language runtimes run or load code they
+    // name: a pod's value could point at a file under $MIRRORD_REMOTE_ROOT, which the pod writes.
+    "BASH_ENV",
+    "ENV",
+    "BASH_FUNC_*",
+    "PROMPT_COMMAND",
+    "PS4",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "LESSOPEN",
+    "LESSCLOSE",
+    "PERL5OPT",
+    "PYTHONSTARTUP",
+    "NODE_OPTIONS",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_EXEC_PATH",
+    "GIT_CONFIG_*",
     // Our own settings (MIRRORD_TARGET, MIRRORD_REMOTE_ROOT, ...) describe this session.
     "MIRRORD_*",
 ];
@@ -73,6 +97,14 @@ impl Patterns {
 
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
+    }
+
+    /// Whether one pattern is exactly `name`, with no wildcard: the user named it on purpose.
+    pub fn names(&self, name: &str) -> bool {
+        let name: Vec<char> = name.chars().collect();
+        self.patterns
+            .iter()
+            .any(|p| *p == name && !p.iter().any(|c| matches!(c, '*' | '?')))
     }
 }
 
@@ -151,7 +183,8 @@ impl OrderedEnv {
     }
 }
 
-/// The target's variables a user asked for: `remote` minus [`PROTECTED`]; if `include` is set
+/// The target's variables a user asked for: `remote` minus [`PROTECTED`] (unless `include` names
+/// one exactly); if `include` is set
 /// only names matching it; minus names matching `exclude`; then `overrides` applied.
 /// Order: remote order (a repeated name keeps its first position and its last value), then
 /// new override names in override order.
@@ -160,7 +193,10 @@ pub fn remote_vars(remote: &[(String, String)], filter: &EnvFilter) -> Vec<(Stri
     for (name, value) in remote {
         let included = filter.include.as_ref().is_none_or(|p| p.matches(name));
         let excluded = filter.exclude.as_ref().is_some_and(|p| p.matches(name));
-        if included && !excluded && !is_protected(name) {
+        // A protected name comes in only when an include names it exactly: `*` or `LD_*` are
+        // not a decision to let the pod's loader settings take over local programs.
+        let allowed = !is_protected(name) || filter.include.as_ref().is_some_and(|p| p.names(name));
+        if included && !excluded && allowed {
             out.set(name, value);
         }
     }
@@ -257,12 +293,21 @@ mod tests {
         ]);
         let out = remote_vars(&remote, &EnvFilter::default());
         assert_eq!(out, vars(&[("DB_HOST", "db")]));
-        // Even an explicit include does not let them in.
+        // Nor does an include by wildcard.
         let filter = EnvFilter {
-            include: Some(Patterns::parse("*")),
+            include: Some(Patterns::parse("*;LD_*;MIRRORD_TAR?ET")),
             ..EnvFilter::default()
         };
         assert_eq!(remote_vars(&remote, &filter), vars(&[("DB_HOST", "db")]));
+        // An include that names one exactly takes it, and only it.
+        let filter = EnvFilter {
+            include: Some(Patterns::parse("LD_PRELOAD; DB_*")),
+            ..EnvFilter::default()
+        };
+        assert_eq!(
+            remote_vars(&remote, &filter),
+            vars(&[("LD_PRELOAD", "/pod/lib.so"), ("DB_HOST", "db")])
+        );
     }
 
     #[test]
@@ -291,6 +336,12 @@ mod tests {
             "TERMINFO",
             "COLORTERM",
             "_",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "BASH_ENV",
+            "BASH_FUNC_ls%%",
+            "NODE_OPTIONS",
+            "GIT_CONFIG_COUNT",
         ] {
             assert!(is_protected(name), "{name} must be protected");
         }

@@ -106,8 +106,7 @@ impl RemoteFs {
     }
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
-        let name = name.to_str().ok_or(Errno::EINVAL)?;
-        Ok(join(&self.path(parent)?, name))
+        Ok(join(&self.path(parent)?, component(name)?))
     }
 
     fn writable(&self) -> Result<(), Errno> {
@@ -117,6 +116,19 @@ impl RemoteFs {
             Err(Errno::EROFS)
         }
     }
+}
+
+/// The kernel's `NAME_MAX`: FUSE passes names up to 1,024 bytes, but no file system of the pod
+/// holds a longer one than this, and a local file system would answer `ENAMETOOLONG`.
+const NAME_MAX: usize = 255;
+
+/// A name the kernel asks about, as the agent takes it: `ENAMETOOLONG` past [`NAME_MAX`] (not
+/// `ENOENT` from a cached listing), `EINVAL` when it is not UTF-8.
+fn component(name: &OsStr) -> Result<&str, Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    name.to_str().ok_or(Errno::EINVAL)
 }
 
 impl Inner {
@@ -521,10 +533,9 @@ impl fuser::Filesystem for RemoteFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let pid = req.pid();
-        let (dir, name) = match (self.path(parent), name.to_str()) {
-            (Ok(dir), Some(name)) => (dir, name.to_owned()),
-            (Err(errno), _) => return reply.error(errno),
-            (_, None) => return reply.error(Errno::EINVAL),
+        let (dir, name) = match (self.path(parent), component(name)) {
+            (Ok(dir), Ok(name)) => (dir, name.to_owned()),
+            (Err(errno), _) | (_, Err(errno)) => return reply.error(errno),
         };
         let path = join(&dir, &name);
         let lookup = self.inner.cache().lookup(&dir, &name, pid, Instant::now());

@@ -126,7 +126,11 @@ impl Inodes {
             node.lookups += 1;
             return *ino;
         }
-        if let Some(id) = identity
+        // A symlink is never shared between names: the kernel follows its (cached) target from
+        // wherever it is looked up, and `links::local_target` chose that target for one parent
+        // directory. The same link reached at a shallower depth (a hard link of it, or its
+        // directory renamed in the pod) could otherwise climb out of the mount with `..`.
+        if let Some(id) = identity.filter(|_| attr.kind != FileKind::Symlink)
             && let Some(&ino) = self.by_identity.get(&id)
             && let Some(node) = self.by_ino.get_mut(&ino)
         {
@@ -146,7 +150,7 @@ impl Inodes {
         };
         self.by_ino.insert(ino, Node::new(path, identity));
         self.by_path.insert(path.to_owned(), ino);
-        if let Some(id) = identity {
+        if let Some(id) = identity.filter(|_| attr.kind != FileKind::Symlink) {
             self.by_identity.insert(id, ino);
         }
         ino
@@ -303,6 +307,26 @@ mod tests {
             ..file(70)
         };
         assert_eq!(t.lookup("/f", &touched), f);
+    }
+
+    #[test]
+    fn a_symlink_is_numbered_for_one_name_only() {
+        let mut t = Inodes::new();
+        let link = Attr {
+            ctime: Timestamp { secs: 5, nanos: 0 },
+            ..attr(FileKind::Symlink, 7, 80)
+        };
+        // `../../../x` is harmless at /a/b/c and climbs out of the mount at the top: the same
+        // pod link under both names (a hard link, or its directory renamed in the pod) must be
+        // two kernel inodes, each with its own readlink answer.
+        let deep = t.lookup("/a/b/c/link", &link);
+        let top = t.lookup("/link", &link);
+        assert_ne!(deep, top);
+        assert_eq!(t.path(deep), Some("/a/b/c/link"));
+        assert_eq!(t.path(top), Some("/link"));
+        assert_eq!(t.lookup("/link", &link), top, "one name keeps its number");
+        t.forget(deep, 1);
+        assert_eq!(t.path(top), Some("/link"));
     }
 
     #[test]

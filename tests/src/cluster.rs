@@ -55,6 +55,13 @@ pub const WEB_NAME: &str = "web.default.svc.cluster.local";
 /// An alias of [`WEB_NAME`] (a CNAME record), as an ExternalName service would be.
 pub const ALIAS_NAME: &str = "api.default.svc.cluster.local";
 
+/// A cluster name whose A record is the address that, inside a mirrord command, reaches the
+/// laptop's loopback (`198.19.255.254`): a pod's DNS trying to send the command there.
+pub const LAPTOP_NAME: &str = "laptop.default.svc.cluster.local";
+
+/// A cluster name resolving to `127.0.0.1` and `::1`.
+pub const LOOPBACK_NAME: &str = "loopback.default.svc.cluster.local";
+
 /// SRV name of `web`'s HTTP port, Kubernetes style.
 pub const WEB_SRV_NAME: &str = "_http._tcp.web.default.svc.cluster.local";
 
@@ -264,6 +271,8 @@ impl Cluster {
         .arg(format!("--srv-host={WEB_NAME},{WEB_NAME},{HTTP_PORT}"))
         .arg(format!("--txt-record={WEB_NAME},{WEB_TXT}"))
         .arg(format!("--cname={ALIAS_NAME},{WEB_NAME}"))
+        .arg(format!("--host-record={LAPTOP_NAME},198.19.255.254"))
+        .arg(format!("--host-record={LOOPBACK_NAME},127.0.0.1,::1"))
         .arg(format!(
             "--txt-record={BIG_TXT_NAME},{}",
             big_txt_strings().join(",")

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 90] = [
+    let tests: [(&str, Test); 94] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -185,6 +185,22 @@ fn tests() -> Vec<Trial> {
         (
             "fs_escape_attempts_stay_in_the_pod",
             files::fs_escape_attempts_stay_in_the_pod,
+        ),
+        (
+            "fs_symlink_swaps_during_reads_stay_in_the_pod",
+            files::fs_symlink_swaps_during_reads_stay_in_the_pod,
+        ),
+        (
+            "fs_proc_self_and_long_names",
+            files::fs_proc_self_and_long_names,
+        ),
+        (
+            "secrets_never_reach_the_logs",
+            files::secrets_never_reach_the_logs,
+        ),
+        (
+            "dns_answers_never_lead_to_this_machine",
+            dns::dns_answers_never_lead_to_this_machine,
         ),
         (
             "fs_overlays_follow_the_mode",

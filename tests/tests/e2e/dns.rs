@@ -741,3 +741,57 @@ pub fn dns_go_pure_resolver(scene: &Scene, cluster: &Cluster) -> Result<(), Fail
     );
     Ok(())
 }
+
+/// A pod's DNS answering a cluster name with the address that leads to this machine's loopback
+/// gets that record dropped (one warning line; the name has no address), and a name answered
+/// with `127.0.0.1` reaches the command's own loopback: a service on this machine's loopback is
+/// reached only through `host.mirrord.internal`.
+pub fn dns_answers_never_lead_to_this_machine(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    use mirrord_tests::cluster::{LAPTOP_NAME, LOOPBACK_NAME};
+    let world = dns_world(cluster)?;
+    // A service of the developer's own, on this machine's loopback.
+    let laptop = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = laptop.local_addr()?.port();
+    laptop.set_nonblocking(true)?;
+    let out = exec(
+        scene,
+        &world.pod,
+        CLUSTER,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "getent ahostsv4 {LAPTOP_NAME} || echo laptop-name-unresolved; \
+                 getent ahostsv4 {LOOPBACK_NAME} | head -1 | cut -d' ' -f1; \
+                 curl -s -o /dev/null --max-time 5 http://{LOOPBACK_NAME}:{port}/ || echo loopback-refused; \
+                 curl -s -o /dev/null --max-time 5 http://host.mirrord.internal:{port}/; echo host $?"
+            ),
+        ],
+    )?;
+    // The last curl reaches the listener (which never answers HTTP): accepted, then timed out.
+    let mut accepted = 0;
+    while laptop.accept().is_ok() {
+        accepted += 1;
+    }
+    ensure!(
+        out.code == 0
+            && out
+                .stdout
+                .starts_with("laptop-name-unresolved\n127.0.0.1\nloopback-refused\nhost ")
+            && out
+                .stderr
+                .contains("which would reach this machine's loopback; dropped"),
+        "{}",
+        out.describe()
+    );
+    ensure!(
+        accepted == 1,
+        "this machine's loopback service got {accepted} connections; only the one through \
+         host.mirrord.internal was expected: {}",
+        out.describe()
+    );
+    Ok(())
+}

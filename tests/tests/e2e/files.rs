@@ -519,3 +519,282 @@ pub fn fs_nothing_mounted_after_kill_9(scene: &Scene, cluster: &Cluster) -> Resu
     );
     Ok(())
 }
+
+/// A process in the pod, in its own process group, killed with its children when dropped.
+struct PodLoop(std::process::Child);
+
+impl PodLoop {
+    fn start(pod: &Pod, script: &str) -> Result<PodLoop, Failed> {
+        let mut cmd = pod.command("sh");
+        cmd.args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(PodLoop(cmd.spawn()?))
+    }
+}
+
+impl Drop for PodLoop {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory of this machine, removed with everything in it when dropped.
+struct HostDir(std::path::PathBuf);
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file only this machine has, at a path where the pod has a file of its own: the pod's
+/// [`POD_FILE_DIR`] is a tmpfs of its mount namespace, so this machine's directory of the same
+/// name is out of the pod's reach. Whoever reads `host` content through the mount escaped.
+fn plant_host_marker(pod: &Pod, name: &str) -> Result<(HostDir, String, String), Failed> {
+    let dir = HostDir(std::path::PathBuf::from(format!("{POD_FILE_DIR}/{name}")));
+    let host = format!("host-only {name}");
+    let in_pod_content = format!("the pod copy of {name}");
+    std::fs::create_dir_all(&dir.0)?;
+    std::fs::write(dir.0.join("secret"), format!("{host}\n"))?;
+    in_pod(
+        pod,
+        &format!(
+            "mkdir -p {POD_FILE_DIR}/{name} && echo '{in_pod_content}' > {POD_FILE_DIR}/{name}/secret"
+        ),
+    )?;
+    Ok((dir, host, in_pod_content))
+}
+
+/// The pod keeps swapping a path between a directory, a symlink to `/`, one to `../../..`, one
+/// to `/proc/self/root`, and keeps renaming a deep directory holding a link whose `..`s are
+/// harmless only at its first depth, while the local process keeps reading through all of them:
+/// every read returns the pod's file or an error, never the file this machine has at that path.
+pub fn fs_symlink_swaps_during_reads_stay_in_the_pod(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let name = format!("mrdt-marker-{}", pod.pid());
+    let (_host_dir, host, in_pod_content) = plant_host_marker(&pod, &name)?;
+    let deep = "d/1/2/3/4/5/6/7/8/9";
+    // From /srv/race/d/1/…/9 (12 levels) the link's 12 `..` reach the pod's root exactly; from
+    // /srv/race/e, where the pod moves it, they would climb 9 levels past the mount.
+    let up12 = "../".repeat(12);
+    let _swapper = PodLoop::start(
+        &pod,
+        &format!(
+            "mkdir -p {POD_FILE_DIR}/race && cd {POD_FILE_DIR}/race || exit 1
+             while :; do
+               rm -rf x; ln -s / x
+               rm -f x; ln -s ../../.. x
+               rm -f x; ln -s /proc/self/root x
+               rm -f x; mkdir -p x/srv/{name} && echo 'dir {in_pod_content}' > x/srv/{name}/secret
+               rm -rf d e; mkdir -p {deep} && ln -s {up12}srv/{name}/secret {deep}/link
+               sleep 0.01; mv {deep} e; sleep 0.01
+             done"
+        ),
+    )?;
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "R=$MIRRORD_REMOTE_ROOT/srv/race; for i in $(seq 1500); do \
+             cat $R/x/srv/{name}/secret $R/{deep}/link $R/e/link 2>/dev/null; done; echo done"
+        ),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout.ends_with("done\n"),
+        "the reading loop: {}",
+        out.describe()
+    );
+    ensure!(
+        !out.stdout.contains(&host),
+        "a read through the mount returned this machine's file: {} of {} lines",
+        out.stdout.lines().filter(|l| l.contains(&host)).count(),
+        out.stdout.lines().count()
+    );
+    let reads: std::collections::BTreeMap<&str, usize> =
+        out.stdout
+            .lines()
+            .fold(Default::default(), |mut seen, line| {
+                *seen.entry(line).or_default() += 1;
+                seen
+            });
+    ensure!(
+        reads.contains_key(in_pod_content.as_str())
+            && reads.contains_key(format!("dir {in_pod_content}").as_str())
+            && reads.len() == 3,
+        "expected only the pod's two files (and `done`) to be read, through links and the \
+         directory alike: {reads:?}"
+    );
+    Ok(())
+}
+
+/// `/proc/self` tricks and very long names and paths, each with what a user would see: links
+/// into the pod's `/proc` mean the pod's root, never this machine's; a 255-byte name reads, a
+/// 256-byte one is `File name too long`, and so is a path past PATH_MAX inside the pod, while
+/// the session goes on serving.
+pub fn fs_proc_self_and_long_names(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let name = format!("mrdt-marker-{}", pod.pid());
+    let (_host_dir, host, in_pod_content) = plant_host_marker(&pod, &name)?;
+    let long = "n".repeat(255);
+    let level = "l".repeat(250);
+    in_pod(
+        &pod,
+        &format!(
+            "cd {POD_FILE_DIR} && ln -s /proc/self/root selfroot && ln -s /proc/self/cwd selfcwd && \
+             ln -s /proc/1/root oneroot && ln -s /proc/self/root/.. uproot && echo 'long name' > {long} && mkdir deep && \
+             python3 -c 'import os\nos.chdir(\"deep\")\nfor _ in range(17): os.mkdir(\"{level}\"); os.chdir(\"{level}\")\nopen(\"f\", \"w\").write(\"bottom\")'"
+        ),
+    )?;
+    // 16 levels (4,025 bytes under the pod's root) are still a path the agent takes; the 17th
+    // (4,276) is not. A shell's `cd` takes the whole path, under this machine's PATH_MAX.
+    let sixteen = vec![level.as_str(); 16].join("/");
+    let secret = format!("srv/{name}/secret");
+    // One line per path: the file's content, or `error` (the message goes to stderr).
+    let paths = [
+        format!("$S/selfroot/{secret}"),
+        format!("$MIRRORD_REMOTE_ROOT/proc/self/root/{secret}"),
+        format!("$S/oneroot/{secret}"),
+        format!("$S/uproot/{secret}"),
+        format!("$S/selfcwd/{secret}"),
+    ];
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "S=$MIRRORD_REMOTE_ROOT/srv; for p in {}; do cat $p || echo error; done",
+            paths.join(" ")
+        ),
+    )?;
+    let got: Vec<&str> = out.stdout.lines().collect();
+    ensure!(
+        out.code == 0 && !out.stdout.contains(&host) && got.len() == paths.len(),
+        "/proc links: {}",
+        out.describe()
+    );
+    // The pod's own `/proc/self/root` is the pod's root; links the agent cannot read or that
+    // lead nowhere in the pod are errors. Whatever they are, none is this machine's file.
+    ensure!(
+        got[..2] == [in_pod_content.as_str(); 2]
+            && got[2..]
+                .iter()
+                .all(|l| *l == in_pod_content || *l == "error"),
+        "/proc links: {:?}: {}",
+        paths.iter().zip(&got).collect::<Vec<_>>(),
+        out.describe()
+    );
+    let out = mirrord_sh(
+        scene,
+        &pod,
+        &[],
+        &format!(
+            "S=$MIRRORD_REMOTE_ROOT/srv; cat $S/{long}; cat $S/{long}n; \
+             cd $S/deep/{sixteen} || exit 3; cat {level}/f; \
+             cat $S/{POD_ONLY_FILE}"
+        ),
+    )?;
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    ensure!(
+        out.stdout == format!("long name\n{}", pod.pod_only_content())
+            && lines.len() == 2
+            && lines[0].contains(&format!("{long}n: File name too long"))
+            && lines[1].contains(&format!("{level}/f: File name too long")),
+        "long names and paths: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// A session at the most verbose log level of both ends (`MIRRORD_LOG=trace`,
+/// `MIRRORD_AGENT_LOG=trace`) that uses a token, reads a file, writes one and takes an env
+/// value, each a unique secret, and a refused attempt with a wrong token: the command sees the
+/// secrets, and neither mirrord's stderr nor the agent's holds any of them.
+pub fn secrets_never_reach_the_logs(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
+    let unique = std::process::id();
+    let token = format!("token-secret-{unique}-a1b2");
+    let wrong = format!("wrong-token-secret-{unique}-c3d4");
+    let env_secret = format!("env-secret-{unique}-e5f6");
+    let file_secret = format!("file-secret-{unique}-a7b8");
+    let written = format!("written-secret-{unique}-c9d0");
+    let pod = mirrord_tests::Pod::builder("web-7d9f8-x2k4q")
+        .env("API_KEY", &env_secret)
+        .file("secret.txt", format!("{file_secret}\n"))
+        .start(cluster)?;
+    let mut cmd = scene.agent()?;
+    cmd.args(["--target-pid", &pod.pid().to_string()])
+        .env("MIRRORD_AGENT_TOKEN", &token)
+        .env("MIRRORD_AGENT_LOG", "trace");
+    let agent = mirrord_tests::HandStartedAgent::start(cmd, mirrord_tests::command::SHORT)?;
+    let session = |token: &str, script: &str| -> Result<mirrord_tests::Output, Failed> {
+        let mut cmd = scene.mirrord()?;
+        cmd.args([
+            "exec",
+            "--fs-mode",
+            "write",
+            "--agent-addr",
+            agent.addr(),
+            "--",
+        ])
+        .args(["sh", "-c", script])
+        .env("MIRRORD_AGENT_TOKEN", token)
+        .env("MIRRORD_LOG", "trace")
+        .env("WRITTEN", &written);
+        Ok(cmd.run(Duration::from_secs(60))?)
+    };
+    let refused = session(&wrong, "true")?;
+    ensure!(refused.code != 0, "a wrong token: {}", refused.describe());
+    let out = session(
+        &token,
+        "printenv API_KEY; cat $MIRRORD_REMOTE_ROOT/srv/secret.txt; \
+         echo $WRITTEN > $MIRRORD_REMOTE_ROOT/srv/written.txt",
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout == format!("{env_secret}\n{file_secret}\n"),
+        "the session: {}",
+        out.describe()
+    );
+    ensure!(
+        in_pod(&pod, "cat /srv/written.txt")? == format!("{written}\n"),
+        "the written file"
+    );
+    let agent_log = agent.stderr();
+    let logs = [
+        ("mirrord (wrong token)", refused.stderr.as_str()),
+        ("mirrord", out.stderr.as_str()),
+        ("the agent", agent_log.as_str()),
+    ];
+    // The logs really are verbose: a test that saw no log line would prove nothing.
+    ensure!(
+        out.stderr.lines().count() > 20 && agent_log.contains("session open"),
+        "expected trace logs from both ends: mirrord {} lines, agent {} lines",
+        out.stderr.lines().count(),
+        agent_log.lines().count()
+    );
+    for (whose, log) in logs {
+        for secret in [&token, &wrong, &env_secret, &file_secret, &written] {
+            ensure!(
+                !log.contains(secret.as_str()),
+                "{whose}'s log holds {secret:?}: {}",
+                log.lines()
+                    .filter(|l| l.contains(secret.as_str()))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    Ok(())
+}
