@@ -75,6 +75,23 @@ pub enum SessionError {
     Link(#[from] LinkError),
 }
 
+impl SessionError {
+    /// The client closed or reset the connection before its greeting was read.
+    fn left_before_greeting(&self) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match self {
+            SessionError::Greeting(GreetError::Closed) => true,
+            SessionError::Greeting(GreetError::Io(error)) => {
+                matches!(
+                    error.kind(),
+                    BrokenPipe | ConnectionReset | ConnectionAborted
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<ProtocolError> for SessionError {
     fn from(error: ProtocolError) -> Self {
         SessionError::Link(error.into())
@@ -135,6 +152,12 @@ pub async fn run(listener: Listener, config: Config, target: Target) -> std::io:
                 tokio::spawn(async move {
                     match serve(read_half, write_half, &agent).await {
                         Ok(()) => info!(%peer, "session ended"),
+                        // A client that leaves before greeting (a Ctrl-C while mirrord
+                        // connects, a port probe) did nothing the agent must warn about; a local
+                        // agent's warnings reach the user's terminal.
+                        Err(error) if error.left_before_greeting() => {
+                            info!(%peer, "session ended: {error}")
+                        }
                         Err(error) => warn!(%peer, "session ended: {error}"),
                     }
                     active.fetch_sub(1, Ordering::SeqCst);
@@ -533,6 +556,16 @@ mod tests {
     use super::*;
     use mirrord_link::endpoint::Endpoint;
     use std::io::Write;
+
+    #[test]
+    fn a_client_leaving_before_its_greeting_is_no_warning() {
+        let io = |kind| SessionError::Greeting(GreetError::Io(std::io::Error::from(kind)));
+        assert!(SessionError::Greeting(GreetError::Closed).left_before_greeting());
+        assert!(io(std::io::ErrorKind::BrokenPipe).left_before_greeting());
+        assert!(io(std::io::ErrorKind::ConnectionReset).left_before_greeting());
+        assert!(!io(std::io::ErrorKind::PermissionDenied).left_before_greeting());
+        assert!(!SessionError::HandshakeTimeout.left_before_greeting());
+    }
 
     /// A file read whose bytes wait in a pipe reaches the client whole and in its place among
     /// the other messages, over either kind of connection.

@@ -404,6 +404,9 @@ async fn read_loop(
             Ok(message) => message,
             Err(LinkError::Closed) => break "the agent closed the connection".to_owned(),
             Err(LinkError::PeerDead) => break "the agent stopped answering pings".to_owned(),
+            Err(LinkError::Io(error)) => {
+                break format!("the connection to the agent broke: {error}");
+            }
             Err(error) => break error.to_string(),
         };
         match message {

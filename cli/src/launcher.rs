@@ -593,6 +593,13 @@ impl ChildPlan {
     fn steps(&self) -> Result<(), (SetupStep, i32)> {
         use SetupStep::*;
         let at = |step: SetupStep| move |err: i32| (step, err);
+        // A Ctrl-C during the setup is for the command-to-be: the handler mirrord installed
+        // before the fork would swallow it here and the command would start anyway. With the
+        // default action it ends the child, and mirrord ends with its 130.
+        for signal in [libc::SIGINT, libc::SIGQUIT] {
+            // SAFETY: signal(2) is async-signal-safe and changes only this process's disposition.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
         if let Some(action) = &self.sigttou {
             // SAFETY: sigaction(2) with an action read from the kernel before the fork.
             unsafe { libc::sigaction(libc::SIGTTOU, action, std::ptr::null_mut()) };

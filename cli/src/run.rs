@@ -14,6 +14,7 @@ use mirrord_kube::TargetPath;
 use mirrord_link::endpoint::Endpoint;
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::rules::OutgoingFilter;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::{
     CompletionShell, DoctorArgs, DoctorFormat, EnvFormat, ListArgs, ListFormat, SessionArgs,
@@ -38,6 +39,9 @@ use crate::net::{self, NetSettings};
 use crate::output;
 use crate::remote_fs::{self, FsMode, FsSettings, MountPoint};
 use crate::target::Target;
+
+/// What the command has once the agent is lost, for the one line that says so (docs/faults.md).
+const LOST_AGENT_LEFT: &str = "the command keeps running without the target: it keeps the pod's environment, while the pod's files, DNS and network now fail at once";
 
 /// Default idle TTL of a locally started agent, in seconds: a backstop, the CLI stops it anyway.
 const LOCAL_AGENT_TTL: u64 = 60;
@@ -71,6 +75,47 @@ pub struct Session {
     pub net: NetSettings,
     pub dns: DnsSettings,
     pub incoming: IncomingSettings,
+    /// Ctrl-C and SIGTERM, watched from before the agent starts until the launcher takes them
+    /// over (taken by [`run_launch`]).
+    stops: Option<Stops>,
+}
+
+/// Ctrl-C and SIGTERM while mirrord sets a session up.
+struct Stops {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stops {
+    fn watch() -> anyhow::Result<Stops> {
+        Ok(Stops {
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+        })
+    }
+
+    /// Whether a Ctrl-C came and was not yet taken, without waiting.
+    async fn interrupted_meanwhile(stops: Option<&mut Stops>) -> bool {
+        let Some(stops) = stops else {
+            return false;
+        };
+        tokio::select! {
+            biased;
+            _ = stops.interrupt.recv() => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+
+    /// The failure the next of them means; never, without watchers.
+    async fn next_of(stops: Option<&mut Stops>) -> Failure {
+        let Some(stops) = stops else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = stops.interrupt.recv() => Failure::interrupted(),
+            _ = stops.terminate.recv() => Failure::terminated(),
+        }
+    }
 }
 
 impl Session {
@@ -87,15 +132,14 @@ impl Session {
         let dns = dns_settings(args, &config)?;
         let incoming = incoming_settings(args, &config)?;
         let starting = Starting::default();
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("cannot watch for SIGTERM")?;
+        let mut stops = Stops::watch()?;
         let stopped = tokio::select! {
             session = Self::connect(source, filter, fs, net, dns, incoming, &starting) => {
-                return Ok(session?);
+                let mut session = session?;
+                session.stops = Some(stops);
+                return Ok(session);
             }
-            _ = tokio::signal::ctrl_c() => Failure::interrupted(),
-            _ = terminate.recv() => Failure::terminated(),
+            failure = Stops::next_of(Some(&mut stops)) => failure,
         };
         // Dropping the connecting future stopped a local agent it started (kill on drop); a
         // cluster agent being started is deleted here.
@@ -169,6 +213,7 @@ impl Session {
             net,
             dns,
             incoming,
+            stops: None,
         })
     }
 
@@ -597,7 +642,13 @@ pub async fn shell(args: &SessionArgs, shell_args: &[OsString]) -> Result<i32, F
     run_launch(session, launch).await
 }
 
-async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure> {
+/// What a launch needs besides the command: the remote root's mount point (the mount itself
+/// is made in the command's namespace), the generated `/etc/hosts` and `/etc/resolv.conf`, and
+/// the network. Dropping any of it undoes it, so the future may be cancelled at any await.
+async fn prepare_launch(
+    session: &Session,
+    launch: &mut Launch,
+) -> Result<(Option<MountPoint>, Vec<GeneratedFile>, Option<net::Network>), Failure> {
     let extra_hosts = [(IpAddr::V4(net::HOST_LOOPBACK), net::HOST_LOOPBACK_NAME)];
     let remote_root = match remote_fs::prepare(&session.client, &session.fs).await {
         Some((fuse, mountpoint)) => {
@@ -617,8 +668,8 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
         },
         Err(error) => tracing::debug!("no generated /etc/hosts: {error}"),
     }
-    let network = match net::prepare(&session.info, &session.net) {
-        Ok(Some((plan, mut network))) => {
+    let network = match net::prepare(&session.info, &session.net)? {
+        Some((plan, mut network)) => {
             launch.tun = Some(plan);
             if session.dns.enabled {
                 let conf = dns::target_resolv_conf(&session.client).await;
@@ -637,10 +688,25 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
             }
             Some(network)
         }
-        Ok(None) => None,
-        Err(error) => {
+        None => None,
+    };
+    Ok((remote_root, generated, network))
+}
+
+async fn run_launch(mut session: Session, mut launch: Launch) -> Result<i32, Failure> {
+    // Until the launcher takes them over, Ctrl-C and SIGTERM stop the setup: tokio keeps its
+    // handlers for the life of the process, so a signal nobody waits for would be swallowed
+    // and the command started anyway.
+    let mut stops = session.stops.take();
+    let prepared = tokio::select! {
+        prepared = prepare_launch(&session, &mut launch) => prepared,
+        failure = Stops::next_of(stops.as_mut()) => Err(failure),
+    };
+    let (remote_root, generated, network) = match prepared {
+        Ok(prepared) => prepared,
+        Err(failure) => {
             session.close().await;
-            return Err(error.into());
+            return Err(failure);
         }
     };
     launch.files = generated.iter().map(GeneratedFile::bind).collect();
@@ -649,6 +715,12 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
     drop(generated);
     let status = match spawned {
         Ok(child) => {
+            if Stops::interrupted_meanwhile(stops.as_mut()).await {
+                // Ctrl-C between the end of the setup and the fork reached mirrord alone; one
+                // after the fork reached the command too, and a second is harmless.
+                // SAFETY: kill(2) on our own child, not reaped yet.
+                unsafe { libc::kill(child.pid() as libc::pid_t, libc::SIGINT) };
+            }
             let mut incoming = None;
             if let Some(network) = network {
                 match network.serve(session.client.clone()) {
@@ -688,7 +760,7 @@ async fn run_launch(session: Session, mut launch: Launch) -> Result<i32, Failure
             tokio::select! {
                 status = &mut wait => status.map_err(Failure::launch),
                 reason = session.client.lost() => {
-                    crate::output::error(format!("lost the agent ({reason}); the command keeps running without the target"));
+                    crate::output::error(format!("lost the agent ({reason}); {LOST_AGENT_LEFT}"));
                     wait.await.map_err(Failure::launch)
                 }
                 // Returning drops `wait`, which kills the command.

@@ -39,6 +39,8 @@ macro_rules! ensure {
 mod dns;
 #[path = "e2e/ergonomics.rs"]
 mod ergonomics;
+#[path = "e2e/faults.rs"]
+mod faults;
 #[path = "e2e/files.rs"]
 mod files;
 #[path = "e2e/filters.rs"]
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 94] = [
+    let tests: [(&str, Test); 100] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -165,6 +167,30 @@ fn tests() -> Vec<Trial> {
             lifecycle::agent_survives_garbage_and_honours_idle_ttl,
         ),
         ("agent_reads_pod_files", lifecycle::agent_reads_pod_files),
+        (
+            "fault_agent_killed_mid_transfer",
+            faults::fault_agent_killed_mid_transfer,
+        ),
+        (
+            "fault_fuse_write_when_the_agent_dies",
+            faults::fault_fuse_write_when_the_agent_dies,
+        ),
+        (
+            "fault_link_cut_silently_is_noticed",
+            faults::fault_link_cut_silently_is_noticed,
+        ),
+        (
+            "fault_stalled_reader_leaves_other_streams_flowing",
+            faults::fault_stalled_reader_leaves_other_streams_flowing,
+        ),
+        (
+            "fault_ctrl_c_repeated_during_start_up",
+            faults::fault_ctrl_c_repeated_during_start_up,
+        ),
+        (
+            "fault_ctrl_c_repeated_during_heavy_traffic",
+            faults::fault_ctrl_c_repeated_during_heavy_traffic,
+        ),
         ("fs_ls_cat_find_grep", files::fs_ls_cat_find_grep),
         (
             "fs_tail_follows_pod_appends",

@@ -596,7 +596,7 @@ pub fn connections_open_before_a_steal_stay_with_the_pod(
 }
 
 /// `nft list ruleset` in the pod's network namespace.
-fn pod_ruleset(pod: &Pod) -> Result<String, Failed> {
+pub(super) fn pod_ruleset(pod: &Pod) -> Result<String, Failed> {
     let mut cmd = pod.command("nft");
     cmd.args(["list", "ruleset"]);
     let out = cmd.run(RUN)?;
@@ -708,7 +708,7 @@ pub fn cleanup_after_kill_9_of_the_agent(scene: &Scene, cluster: &Cluster) -> Re
 }
 
 /// Processes under `root` (at any depth) whose name (`comm`) is `name`.
-fn descendants_named(root: u32, name: &str) -> Vec<u32> {
+pub(super) fn descendants_named(root: u32, name: &str) -> Vec<u32> {
     let mut parents = std::collections::HashMap::<u32, Vec<(u32, String)>>::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry

@@ -229,7 +229,7 @@ fn postgres_bin() -> Result<String, Failed> {
     Ok(format!("/usr/lib/postgresql/{newest}/bin"))
 }
 
-fn sha256_hex(bytes: &[u8]) -> Result<String, Failed> {
+pub(super) fn sha256_hex(bytes: &[u8]) -> Result<String, Failed> {
     let mut cmd = Command::new("sha256sum");
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = cmd.spawn()?;
