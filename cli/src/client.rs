@@ -186,7 +186,12 @@ impl AgentClient {
             ended_tx,
             incoming_tx,
         };
-        tokio::spawn(read_loop(Inbox::new(reader), out_tx.clone(), session));
+        tokio::spawn(read_loop(
+            Inbox::new(reader),
+            out_tx.clone(),
+            session,
+            addr.to_owned(),
+        ));
         Ok(AgentClient {
             out_tx,
             pending,
@@ -393,16 +398,19 @@ fn on_agent_open(
 }
 
 /// Dispatches the agent's messages until the connection ends; then every pending request
-/// fails with `Lost` (its sender is dropped) and every stream is reset.
+/// fails with `Lost` (its sender is dropped) and every stream is reset. `addr` names the
+/// connection: its end may come from the agent or from what carries it (a port-forward ends
+/// with the API server or the kubelet), which this side cannot tell apart.
 async fn read_loop(
     mut inbox: Inbox<ReadHalf>,
     out_tx: mpsc::Sender<ClientMessage>,
     session: Session,
+    addr: String,
 ) {
     let ended = loop {
         let message = match inbox.next::<AgentMessage, _>(&out_tx).await {
             Ok(message) => message,
-            Err(LinkError::Closed) => break "the agent closed the connection".to_owned(),
+            Err(LinkError::Closed) => break format!("the connection to the agent at {addr} ended"),
             Err(LinkError::PeerDead) => break "the agent stopped answering pings".to_owned(),
             Err(LinkError::Io(error)) => {
                 break format!("the connection to the agent broke: {error}");

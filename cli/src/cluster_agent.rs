@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ipnet::IpNet;
 use mirrord_kube::access;
+use mirrord_kube::api::AGENT_GONE_WITHIN;
 use mirrord_kube::cidr::ClusterCidrs;
 use mirrord_kube::{AgentJobSpec, AgentPod, AgentToken, Cluster, Resolved, TargetPath};
 use mirrord_link::endpoint::split_stream;
@@ -55,13 +56,27 @@ pub struct ClusterAgent {
     job: String,
     /// The pod the agent was added to as an ephemeral container, which cannot be removed.
     in_pod: Option<String>,
+    /// Seconds the agent stays without a session before exiting, and the finished Job's TTL:
+    /// how long what a failed deletion leaves lasts.
+    idle_ttl_secs: u64,
+    job_ttl_secs: u64,
 }
 
+/// How long the end of a session waits for an API server that cannot be reached (restarting,
+/// say) to delete the agent, before saying what it leaves: a control plane's restart takes
+/// seconds to a minute, and its garbage collector, which removes the Job's pod, may take
+/// another minute to catch up (tests/cluster: ~45 s after a 20 s outage). The user can end the
+/// wait with Ctrl-C.
+const CLEANUP_PATIENCE: Duration = Duration::from_secs(120);
+/// Pause between two attempts to reach it.
+const CLEANUP_RETRY: Duration = Duration::from_secs(1);
+
 impl ClusterAgent {
-    /// Deletes the Job and its pod, and waits until they are gone. A failure is one line on
-    /// stderr: the Job's TTL and the agent's own idle timeout remove it anyway. An ephemeral
-    /// agent exits by itself when its session ends (or, if it never got one, at its idle
-    /// timeout); that it stays in the pod is said once.
+    /// Deletes the Job and its pod, and waits until they are gone. An API server that cannot
+    /// be reached is waited for, up to [`CLEANUP_PATIENCE`] and interruptible, said in one line;
+    /// any other failure, or the end of that wait, is one line naming what is left and how long
+    /// it stays. An ephemeral agent exits by itself when its session ends (or, if it never got
+    /// one, at its idle timeout); that it stays in the pod is said once.
     pub async fn delete(self) {
         if let Some(pod) = &self.in_pod {
             crate::output::note(format!(
@@ -70,13 +85,94 @@ impl ClusterAgent {
             ));
             return;
         }
-        if let Err(error) = self.cluster.delete_agent(&self.namespace, &self.job).await {
-            crate::output::warn(format!(
-                "could not delete agent job {}/{}: {error}; it exits by itself",
-                self.namespace, self.job
-            ));
+        let deleted = self
+            .cluster
+            .delete_agent(&self.namespace, &self.job, AGENT_GONE_WITHIN)
+            .await;
+        let failed = match deleted {
+            Ok(()) => return,
+            Err(error) if error.is_unreachable() => {
+                crate::output::warn(format!(
+                    "{error}; deleting agent job {}/{} once it answers (up to {} s; Ctrl-C leaves the job)",
+                    self.namespace,
+                    self.job,
+                    CLEANUP_PATIENCE.as_secs()
+                ));
+                tokio::select! {
+                    retried = self.retry_delete() => match retried {
+                        Ok(()) => {
+                            crate::output::warn(format!(
+                                "the cluster answers again; agent job {}/{} deleted",
+                                self.namespace, self.job
+                            ));
+                            return;
+                        }
+                        Err(error) => error.to_string(),
+                    },
+                    () = interrupted() => "interrupted while waiting for the cluster".to_owned(),
+                }
+            }
+            Err(error) => error.to_string(),
+        };
+        crate::output::error(left_behind(
+            &self.namespace,
+            &self.job,
+            &failed,
+            self.idle_ttl_secs,
+            self.job_ttl_secs,
+        ));
+    }
+
+    /// Tries the deletion again while the API server cannot be reached, and waits for the Job
+    /// and pod to go, all within [`CLEANUP_PATIENCE`].
+    async fn retry_delete(&self) -> Result<(), mirrord_kube::Error> {
+        let deadline = Instant::now() + CLEANUP_PATIENCE;
+        loop {
+            tokio::time::sleep(CLEANUP_RETRY).await;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(CLEANUP_RETRY);
+            match self
+                .cluster
+                .delete_agent(&self.namespace, &self.job, left)
+                .await
+            {
+                Err(error) if error.is_unreachable() && Instant::now() < deadline => {
+                    tracing::debug!("deleting the agent: {error}; trying again");
+                }
+                done => return done,
+            }
         }
     }
+}
+
+/// Until Ctrl-C or SIGTERM; never, if neither can be watched.
+async fn interrupted() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        () = interrupt => {}
+    }
+}
+
+/// The line for an agent Job a session could not delete: what is left, why, how long it stays
+/// and how to remove it now.
+fn left_behind(namespace: &str, job: &str, why: &str, idle_secs: u64, ttl_secs: u64) -> String {
+    format!(
+        "agent job {namespace}/{job} is left in the cluster ({why}); its agent exits once it has had no session for {idle_secs} s and the cluster removes the job {ttl_secs} s later, or now: kubectl delete job -n {namespace} {job}"
+    )
 }
 
 /// Where the Job of an agent being started is recorded, so that whoever abandons the start
@@ -306,6 +402,8 @@ pub async fn start(
         namespace: namespace.clone(),
         job: mirrord_kube::agent_job::job_name(&session),
         in_pod: in_pod.clone(),
+        idle_ttl_secs: spec.idle_ttl_secs,
+        job_ttl_secs: settings.job_ttl.unwrap_or(DEFAULT_JOB_TTL),
     };
     progress.step(match (&resolved.pod, &in_pod) {
         (_, Some(pod)) => format!("adding the agent to pod {pod}"),
@@ -500,6 +598,20 @@ pub fn cluster_configured(settings: &KubeSettings) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_left_behind_is_named_with_how_long_it_stays_and_how_to_remove_it() {
+        assert_eq!(
+            left_behind(
+                "shop",
+                "mirrord-agent-0a1b2c",
+                "cannot reach the cluster at https://k:6443: connection refused",
+                30,
+                10
+            ),
+            "agent job shop/mirrord-agent-0a1b2c is left in the cluster (cannot reach the cluster at https://k:6443: connection refused); its agent exits once it has had no session for 30 s and the cluster removes the job 10 s later, or now: kubectl delete job -n shop mirrord-agent-0a1b2c"
+        );
+    }
 
     #[test]
     fn the_spinner_turns_in_place_and_names_the_step() {

@@ -17,10 +17,12 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MIRRORD_LOG").unwrap_or_else(|_| {
+                // kube-client logs each failed request as an error; mirrord says what failed
+                // in its own line (and an unreachable API server once, not once a retry).
                 tracing_subscriber::EnvFilter::new(if cli.quiet {
-                    "error,fuser=off"
+                    "error,fuser=off,kube_client=off"
                 } else {
-                    "warn,fuser=error"
+                    "warn,fuser=error,kube_client=off"
                 })
             }),
         )

@@ -55,6 +55,8 @@ const STALE_AFTER: Duration = Duration::from_secs(180);
 /// small API requests, and each pause is time the user waits at the start and the end of every
 /// session (half of it on average), so it is short.
 const POLL: Duration = Duration::from_millis(100);
+/// How long deleting an agent usually waits for its Job and pod to be gone.
+pub const AGENT_GONE_WITHIN: Duration = Duration::from_secs(60);
 /// What the agent prints once it accepts sessions.
 const LISTENING_LINE: &str = "listening on ";
 
@@ -156,6 +158,17 @@ fn api_error(request: Request<'_>) -> impl FnOnce(kube::Error) -> Error + '_ {
             action: describe(request),
             reason: chain(other),
         },
+    }
+}
+
+/// Whether a failed request may pass later unchanged: it could not be sent or its answer was cut
+/// off (connection refused or reset: the API server is down or restarting), or the server said
+/// it cannot serve now (429, 5xx). A refusal (403, 404, 409, 422) will not change.
+fn transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
     }
 }
 
@@ -545,7 +558,7 @@ impl Cluster {
                 secs: startup_timeout.as_secs(),
             },
         };
-        if let Err(cleanup) = self.delete_agent(ns, &job_name).await {
+        if let Err(cleanup) = self.delete_agent(ns, &job_name, AGENT_GONE_WITHIN).await {
             tracing::warn!("could not delete the failed agent {job_name}: {cleanup}");
         }
         Err(failure)
@@ -800,15 +813,38 @@ impl Cluster {
         Ok(stream)
     }
 
-    /// Deletes an agent's Job and its pod, and waits (up to a minute) until both are gone.
-    pub async fn delete_agent(&self, namespace: &str, job: &str) -> Result<(), Error> {
+    /// [`api_error`], except that a failure which may pass later ([`transient`]) is
+    /// [`Error::Unreachable`], for the caller to try again.
+    fn call_error<'a>(&'a self, request: Request<'a>) -> impl FnOnce(kube::Error) -> Error + 'a {
+        move |error| {
+            if transient(&error) {
+                Error::Unreachable {
+                    server: self.server.clone(),
+                    reason: chain(&error),
+                }
+            } else {
+                api_error(request)(error)
+            }
+        }
+    }
+
+    /// Deletes an agent's Job and its pod, and waits until both are gone, up to `gone_within`
+    /// (usually seconds; after an API server restart the garbage collector may take a minute to
+    /// catch up). An API server that cannot be reached or cannot serve now is
+    /// [`Error::Unreachable`]: the deletion is idempotent, so the caller may simply call again.
+    pub async fn delete_agent(
+        &self,
+        namespace: &str,
+        job: &str,
+        gone_within: Duration,
+    ) -> Result<(), Error> {
         let jobs: Api<Job> = self.api(namespace);
         let pods: Api<Pod> = self.api(namespace);
         match jobs.delete(job, &DeleteParams::foreground()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => {
-                return Err(api_error(request_for::<Job>(
+                return Err(self.call_error(request_for::<Job>(
                     "delete",
                     "jobs",
                     Some(namespace),
@@ -821,20 +857,12 @@ impl Cluster {
                 let job_left = jobs
                     .get_opt(job)
                     .await
-                    .map_err(api_error(request_for::<Job>(
-                        "get",
-                        "jobs",
-                        Some(namespace),
-                    )))?
+                    .map_err(self.call_error(request_for::<Job>("get", "jobs", Some(namespace))))?
                     .is_some();
                 let pods_left = !pods
                     .list(&by_job)
                     .await
-                    .map_err(api_error(request_for::<Pod>(
-                        "list",
-                        "pods",
-                        Some(namespace),
-                    )))?
+                    .map_err(self.call_error(request_for::<Pod>("list", "pods", Some(namespace))))?
                     .items
                     .is_empty();
                 if !job_left && !pods_left {
@@ -843,11 +871,14 @@ impl Cluster {
                 tokio::time::sleep(POLL).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(60), gone)
+        tokio::time::timeout(gone_within, gone)
             .await
             .map_err(|_| Error::Api {
                 action: format!("delete the agent {job} in namespace {namespace}"),
-                reason: "its Job or pod is still there after 60 s".to_owned(),
+                reason: format!(
+                    "its Job or pod is still there after {} s",
+                    gone_within.as_secs()
+                ),
             })?
     }
 
@@ -1026,6 +1057,18 @@ mod tests {
         }))
         .expect("a Status");
         kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn a_server_away_or_overloaded_may_pass_later_and_a_refusal_never() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(transient(&kube::Error::Service(Box::new(refused))));
+        for code in [429, 500, 503, 504] {
+            assert!(transient(&api_failure(code, "try later")), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 422] {
+            assert!(!transient(&api_failure(code, "no")), "{code}");
+        }
     }
 
     #[test]

@@ -57,3 +57,11 @@ pub enum Error {
         reason: String,
     },
 }
+
+impl Error {
+    /// Whether the API server could not be reached, or answered that it cannot serve now: the
+    /// same request may pass once it is back.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unreachable { .. })
+    }
+}

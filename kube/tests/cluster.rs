@@ -319,7 +319,7 @@ async fn scenario(cluster: &Cluster, ns: &str) {
 
     // The agent goes, and nothing of it stays.
     cluster
-        .delete_agent(ns, &agent.job)
+        .delete_agent(ns, &agent.job, mirrord_kube::api::AGENT_GONE_WITHIN)
         .await
         .expect("delete the agent");
     let jobs: Api<Job> = Api::namespaced(cluster.client().clone(), ns);

@@ -33,3 +33,38 @@ build_binary() {
   done
   ( cd "$HERE" && nice -n 19 go build -trimpath -ldflags="$ldflags" -o bin/mrdc-cluster ./cmd/mrdc-cluster )
 }
+
+# start NAME NETNS CMD...: a daemon in the cluster cgroup, detached from the calling shell; its
+# output is appended to logs/NAME.log (a restarted daemon keeps its earlier log above).
+start() {
+  local name=$1 ns=$2; shift 2
+  setsid nsenter --net=/run/netns/"$ns" -- sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CGROOT/system" "$@" \
+    >> "$STATE/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/run/$name.pid"
+}
+
+# start_apiserver: the API server, with the arguments of every start (up, restart-apiserver).
+start_apiserver() {
+  local P=$STATE/pki
+  start kube-apiserver $WORLD "$BIN" kube-apiserver \
+    --etcd-servers=http://127.0.0.1:2379 \
+    --bind-address=0.0.0.0 --secure-port=6443 --advertise-address=10.250.0.1 \
+    --service-cluster-ip-range=10.96.0.0/16 \
+    --client-ca-file="$P/ca.crt" --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
+    --authorization-mode=Node,RBAC --allow-privileged=true \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
+    --kubelet-client-certificate="$P/apiserver-kubelet-client.crt" --kubelet-client-key="$P/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP --profiling=false --v=1
+}
+
+# wait_apiserver: until the API server is ready, up to 120 s; fails sooner if it exits (saying so).
+wait_apiserver() {
+  local i
+  for i in $(seq 1 120); do
+    kubectl_admin get --raw=/readyz >/dev/null 2>&1 && return 0
+    kill -0 "$(cat "$STATE/run/kube-apiserver.pid")" 2>/dev/null || { log "the apiserver exited"; return 1; }
+    sleep 1
+  done
+  return 1
+}

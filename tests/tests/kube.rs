@@ -9,6 +9,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -144,14 +145,29 @@ fn main() -> ExitCode {
             doctor_in_the_baseline_namespace,
         ),
     ];
+    // These take the cluster away for a while (its API server restarted), so each runs alone:
+    // it holds `cluster` for writing, every other test holds it for reading.
+    let alone: Vec<(&str, Test)> = vec![(
+        "a_restarted_api_server_loses_the_agent_and_leaves_none",
+        a_restarted_api_server_loses_the_agent_and_leaves_none,
+    )];
     let kube = std::sync::Arc::new(kube);
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let kube = kube.clone();
-            Trial::test(name, move || test(&kube))
+    let cluster = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let shared = tests.into_iter().map(|(name, test)| {
+        let (kube, cluster) = (kube.clone(), cluster.clone());
+        Trial::test(name, move || {
+            let _shared = cluster.read().unwrap_or_else(PoisonError::into_inner);
+            test(&kube)
         })
-        .collect();
+    });
+    let alone = alone.into_iter().map(|(name, test)| {
+        let (kube, cluster) = (kube.clone(), cluster.clone());
+        Trial::test(name, move || {
+            let _alone = cluster.write().unwrap_or_else(PoisonError::into_inner);
+            test(&kube)
+        })
+    });
+    let trials = shared.chain(alone).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     let leftover = kube.agent_jobs(None).unwrap_or_default();
     if !leftover.is_empty() {
@@ -944,6 +960,101 @@ fn a_lost_agent_is_one_line_and_nothing_hangs(kube: &Kube) -> Result<(), Failed>
         out.describe()
     );
     kube.agents_gone_within(USER, Duration::from_secs(10))
+}
+
+/// The cluster's API server killed and started again mid-session (tests/cluster/restart-apiserver),
+/// as a control-plane crash or upgrade does: the port-forward to the agent runs through it and
+/// breaks. mirrord says once that it lost the agent; the command goes on without the target (a
+/// read of the pod's files fails instead of hanging) and ends while the API server is still
+/// away; mirrord then waits for it rather than leave the agent behind, and deletes the Job once
+/// it answers. The agent's own idle timeout is set far beyond the test
+/// (`agent.communication_timeout`), so nothing but mirrord's cleanup removes it in time.
+fn a_restarted_api_server_loses_the_agent_and_leaves_none(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "apiserver-restart-test";
+    let dir = std::env::temp_dir().join(format!("mirrord-kube-apiserver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let config = dir.join("mirrord.json");
+        std::fs::write(&config, r#"{"agent": {"communication_timeout": 600}}"#)?;
+        let started = dir.join("started");
+        let script = format!(
+            "touch '{}'; sleep 10; \
+             cat \"$MIRRORD_REMOTE_ROOT/etc/hostname\" >/dev/null 2>&1 && echo fs-ok || echo fs-failed",
+            started.display()
+        );
+        let config = config.to_string_lossy().into_owned();
+        let mut cmd = kube.mirrord_as(
+            USER,
+            &[
+                "exec",
+                "-f",
+                &config,
+                "-n",
+                NS,
+                "-t",
+                "deployment/web",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let deadline = Instant::now() + SESSION;
+        while !started.exists() {
+            if child.try_wait()?.is_some() || Instant::now() > deadline {
+                return Err(format!(
+                    "the command did not start: {}",
+                    wait(child, Duration::from_secs(5))?.describe()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Down for 20 s: the command's 10 s end while nothing answers on the API server's port.
+        let mut restart =
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/restart-apiserver"));
+        restart.arg("20");
+        let restart = std::thread::spawn(move || finish(restart, Duration::from_secs(240)));
+        let out = wait(child, Duration::from_secs(240));
+        let restarted = restart
+            .join()
+            .map_err(|_| "the restart's thread panicked")??;
+        ensure!(
+            restarted.code == Some(0),
+            "tests/cluster/restart-apiserver: {}",
+            restarted.describe()
+        );
+        let out = out?;
+        let lost: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|line| line.contains("lost the agent"))
+            .collect();
+        ensure!(
+            out.code == Some(0)
+                && lost.len() == 1
+                && lost[0].starts_with("mirrord: lost the agent")
+                && lost[0].contains("(port-forward) ended")
+                && out.stdout.trim() == "fs-failed",
+            "after the API server restarted: {}",
+            out.describe()
+        );
+        // The command ended while the API server was away: the deletion had to wait for it.
+        ensure!(
+            out.stderr.contains("answers again; agent job")
+                && !out.stderr.contains("left in the cluster"),
+            "mirrord did not wait for the API server to delete its agent: {}",
+            out.describe()
+        );
+        kube.agents_gone_within(USER, Duration::from_secs(10))
+            .map_err(|error| format!("{error:?}\nmirrord: {}", out.describe()).into())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// `mirrord shell -t deployment/web` with bash on a real terminal: the progress spinner turns
