@@ -16,6 +16,7 @@ use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
 
 use crate::Config;
 use crate::buffers::{Pool, Region};
+use crate::capacity::Capacity;
 use crate::packet::{self, FlowKey, Inbound, PacketError, TcpSegment};
 
 /// A connection whose buffers have been empty and untouched this long gives their memory back.
@@ -125,6 +126,14 @@ struct Conn {
 struct Memory {
     /// Data moved since the last `maintain`.
     busy: bool,
+    /// Bytes the caller read from the receive buffer and wrote into the send buffer.
+    read: u64,
+    written: u64,
+    /// `read` when the receive buffer was last seen full, and the bytes the app had
+    /// acknowledged when the send buffer was: a buffer full again after more went through is
+    /// worth growing, one that stays full is not.
+    read_when_full: u64,
+    acked_when_full: u64,
     last_active: Instant,
     /// The buffer's pages are given back and nothing has been written since.
     rx_released: bool,
@@ -141,6 +150,10 @@ impl Memory {
         let rx_next = app_isn.map(|isn| isn.wrapping_add(1));
         Self {
             busy: false,
+            read: 0,
+            written: 0,
+            read_when_full: 0,
+            acked_when_full: 0,
             last_active: now,
             rx_released: true,
             tx_released: true,
@@ -167,6 +180,18 @@ impl Memory {
             *next = next.wrapping_add(n as u32);
         }
         self.busy = true;
+        self.read += n as u64;
+    }
+
+    /// Whether the receive and the send buffer are full again after more went through them
+    /// since they were last seen full.
+    fn full_and_draining(&mut self, socket: &tcp::Socket) -> (bool, bool) {
+        let rx = socket.recv_queue() == socket.recv_capacity()
+            && self.read > std::mem::replace(&mut self.read_when_full, self.read);
+        let acked = self.written - socket.send_queue() as u64;
+        let tx = socket.send_queue() == socket.send_capacity()
+            && acked > std::mem::replace(&mut self.acked_when_full, acked);
+        (rx, tx)
     }
 
     /// Everything the app sent has been read: smoltcp holds no out-of-order bytes (beyond a
@@ -191,6 +216,8 @@ pub(crate) struct Core {
     sockets: SocketSet<'static>,
     rx_pool: Pool,
     tx_pool: Pool,
+    /// How much of those buffers each connection uses.
+    capacity: Capacity,
     device: QueueDevice,
     /// Checksums verified on packets from the app (none when the caller trusts the device).
     rx_caps: ChecksumCapabilities,
@@ -227,9 +254,15 @@ fn reset_error() -> io::Error {
     io::Error::from(io::ErrorKind::ConnectionReset)
 }
 
-/// Gives the pages of a connection's empty buffers back once it has been idle for
-/// `IDLE_RELEASE`; returns when to look again, if there is still something to give back.
-fn release_idle(conn: &mut Conn, socket: &tcp::Socket, now: Instant) -> Option<Instant> {
+/// Gives the pages of a connection's empty buffers back, and their capacity beyond the first,
+/// once it has been idle for `IDLE_RELEASE`; returns when to look again, if there is still
+/// something to give back.
+fn release_idle(
+    conn: &mut Conn,
+    socket: &mut tcp::Socket,
+    capacity: &mut Capacity,
+    now: Instant,
+) -> Option<Instant> {
     let memory = &mut conn.memory;
     if std::mem::take(&mut memory.busy) {
         memory.last_active = now;
@@ -245,10 +278,12 @@ fn release_idle(conn: &mut Conn, socket: &tcp::Socket, now: Instant) -> Option<I
     }
     if !memory.rx_released && socket.recv_queue() == 0 && memory.all_read() {
         conn.rx.release();
+        capacity.shrink_recv(socket);
         memory.rx_released = true;
     }
     if !memory.tx_released && socket.send_queue() == 0 {
         conn.tx.release();
+        capacity.shrink_send(socket);
         memory.tx_released = true;
     }
     // A buffer still holding data is looked at again once more time has passed.
@@ -284,6 +319,7 @@ impl Core {
             sockets: SocketSet::new(Vec::new()),
             rx_pool: Pool::new(config.tcp_rx_buffer),
             tx_pool: Pool::new(config.tcp_tx_buffer),
+            capacity: Capacity::new(config.tcp_first_buffer, config.tcp_buffer_budget),
             device,
             rx_caps,
             tx_caps,
@@ -454,7 +490,8 @@ impl Core {
     pub(crate) fn poll(&mut self, now: Instant) {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         if self.maintain(now) {
-            // A deferred FIN was just queued: send it now rather than on the next wake-up.
+            // A deferred FIN was just queued, or a window grew: send it now rather than on the
+            // next wake-up.
             self.iface.poll(now, &mut self.device, &mut self.sockets);
         }
         let idle = smol_duration(self.config.udp_idle);
@@ -468,20 +505,26 @@ impl Core {
     }
 
     /// Follows socket state changes smoltcp does not report (resets and finished sockets),
-    /// sends deferred FINs and gives idle connections' memory back; true if a FIN was queued.
+    /// sends deferred FINs, grows full buffers and gives idle connections' memory back; true if
+    /// a FIN was queued or a receive window changed.
     fn maintain(&mut self, now: Instant) -> bool {
         let mut finished = Vec::new();
-        let mut fin_queued = false;
+        let mut to_send = false;
         self.next_release = None;
         for (&handle, conn) in &mut self.conns {
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-            if let Some(at) = release_idle(conn, socket, now) {
+            let (rx, tx) = conn.memory.full_and_draining(socket);
+            to_send |= self.capacity.grow(socket, rx, tx);
+            let window = socket.recv_capacity();
+            if let Some(at) = release_idle(conn, socket, &mut self.capacity, now) {
                 self.next_release = Some(self.next_release.map_or(at, |next| next.min(at)));
             }
+            // A window that shrank is announced at once, before the app sends into it.
+            to_send |= socket.recv_capacity() < window;
             if conn.fin_deferred && socket.send_queue() == 0 {
                 conn.fin_deferred = false;
                 socket.close();
-                fin_queued = true;
+                to_send = true;
             }
             match socket.state() {
                 // Both FINs are exchanged and acknowledged. TIME-WAIT protects a later
@@ -518,13 +561,15 @@ impl Core {
                 if self.by_key.get(&conn.key) == Some(&handle) {
                     self.by_key.remove(&conn.key);
                 }
+                self.capacity
+                    .forget(self.sockets.get::<tcp::Socket>(handle));
                 // The socket, and with it its slices of the regions, goes first.
                 self.sockets.remove(handle);
                 self.rx_pool.put(conn.rx);
                 self.tx_pool.put(conn.tx);
             }
         }
-        fin_queued
+        to_send
     }
 
     /// When `poll` must run next at the latest, if anything is waiting on time.
@@ -665,6 +710,7 @@ impl Core {
             tcp::SocketBuffer::new(rx_storage),
             tcp::SocketBuffer::new(tx_storage),
         );
+        self.capacity.start(&mut socket);
         // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
         socket.set_ack_delay(None);
         socket.set_nagle_enabled(self.config.nagle);
@@ -739,6 +785,7 @@ impl Core {
             }
             Ok(n) => {
                 conn.memory.busy = true;
+                conn.memory.written += n as u64;
                 Poll::Ready(Ok(n))
             }
             Err(tcp::SendError::InvalidState) => match socket.state() {
@@ -1192,5 +1239,106 @@ mod tests {
                 .is_none_or(|d| d > Duration::from_secs(60)),
             "nothing left to give back"
         );
+    }
+
+    /// Accepts the app's connection `key` opened with initial sequence number `isn`; returns
+    /// its handle.
+    fn accepted(core: &mut Core, key: FlowKey, isn: u32, now: Instant) -> SocketHandle {
+        core.ingest(now, syn(key.0, key.1, isn as i32));
+        core.poll(now);
+        assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(key)));
+        core.decide(now, key, Decision::Accept).unwrap().unwrap()
+    }
+
+    /// The last acknowledgement and window (in bytes; our window scale is 5, for 1 MiB
+    /// buffers) sent to the app on `key`, among `out`.
+    fn last_window(out: &[Vec<u8>], key: FlowKey) -> Option<(TcpSeqNumber, usize)> {
+        out.iter().rev().map(|p| tcp_of(p)).find_map(|tcp| {
+            (tcp.dst_port == key.0.port() && tcp.control != TcpControl::Syn)
+                .then(|| (tcp.ack_number.unwrap(), usize::from(tcp.window_len) << 5))
+        })
+    }
+
+    /// The app sends as much as the window allows, from `seq` up to `edge`.
+    fn fill_window(core: &mut Core, key: FlowKey, seq: u32, edge: u32, ack: TcpSeqNumber) {
+        let mut at = seq;
+        while at != edge {
+            let len = (edge.wrapping_sub(at) as usize).min(60_000);
+            core.ingest(t(1), app_data(key, at, ack, &vec![b'x'; len]));
+            at = at.wrapping_add(len as u32);
+        }
+    }
+
+    #[test]
+    fn a_draining_connection_grows_its_window_within_the_budget_and_gives_it_back_when_idle() {
+        let config = Config {
+            tcp_buffer_budget: 256 * 1024,
+            ..Config::default()
+        };
+        let mut core = Core::new(config, t(0));
+        let draining = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
+        let stalled = (addr("10.0.0.2:40001"), addr("10.1.2.3:80"));
+        let mut handles = Vec::new();
+        let mut acks = Vec::new();
+        for key in [draining, stalled] {
+            let handle = accepted(&mut core, key, 1000, t(0));
+            core.poll(t(0));
+            let out: Vec<_> = core.drain_transmit().collect();
+            let synack = tcp_of(out.last().unwrap());
+            assert_eq!(
+                synack.window_len,
+                16 * 1024,
+                "a connection starts with 16 KiB"
+            );
+            let ack = synack.seq_number + 1;
+            core.ingest(t(0), app_data(key, 1001, ack, &[]));
+            handles.push(handle);
+            acks.push(ack);
+        }
+        core.poll(t(0));
+        core.drain_transmit().for_each(drop);
+
+        // The stalled connection's window fills and nobody reads it.
+        fill_window(&mut core, stalled, 1001, 1001 + 16 * 1024, acks[1]);
+        // The draining one fills its window again and again, and every byte is read.
+        let mut windows = Vec::new();
+        let (mut seq, mut edge) = (1001u32, 1001 + 16 * 1024);
+        for _ in 0..8 {
+            fill_window(&mut core, draining, seq, edge, acks[0]);
+            core.poll(t(1));
+            let mut got = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            while let Poll::Ready(n) = core.tcp_poll_read(handles[0], &mut cx, &mut buf) {
+                let n = n.unwrap();
+                assert!(buf[..n].iter().all(|&b| b == b'x'));
+                got += n;
+            }
+            assert_eq!(got, edge.wrapping_sub(seq) as usize, "every byte comes out");
+            seq = edge;
+            core.poll(t(1));
+            let out: Vec<_> = core.drain_transmit().collect();
+            let (ack, window) = last_window(&out, draining).unwrap();
+            assert_eq!(ack, TcpSeqNumber(seq as i32));
+            edge = seq + window as u32;
+            windows.push(window / 1024);
+        }
+        assert_eq!(
+            windows,
+            [16, 32, 64, 128, 256, 256, 256, 256],
+            "the window doubles each time it fills again after draining, up to the budget"
+        );
+        assert_eq!(core.capacity.grown(), (256 - 16) * 1024);
+        assert_eq!(
+            core.sockets.get::<tcp::Socket>(handles[1]).recv_capacity(),
+            16 * 1024,
+            "a full buffer that nobody reads does not grow"
+        );
+
+        // Idle for a second, the draining connection drops back to 16 KiB and says so.
+        core.poll(t(1001));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(last_window(&out, draining).unwrap().1, 16 * 1024);
+        assert_eq!(core.capacity.grown(), 0);
     }
 }

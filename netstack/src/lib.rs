@@ -17,6 +17,7 @@
 //! UDP replies larger than one IP datagram are refused with [`Error::TooLarge`].
 
 mod buffers;
+mod capacity;
 mod core;
 mod packet;
 mod replay;
@@ -34,10 +35,15 @@ pub use stack::{
 pub struct Config {
     /// Largest IP packet in either direction (the TUN's MTU). smoltcp accepts up to 65535.
     pub mtu: usize,
-    /// Receive buffer per TCP connection; it also sets the advertised window (and its scale).
+    /// Most a TCP connection's receive buffer grows to; it also sets the largest advertised
+    /// window (and its scale).
     pub tcp_rx_buffer: usize,
-    /// Send buffer per TCP connection.
+    /// Most a TCP connection's send buffer grows to.
     pub tcp_tx_buffer: usize,
+    /// Each buffer's size when its connection starts or goes idle.
+    pub tcp_first_buffer: usize,
+    /// How much the buffers of all connections together may grow beyond `tcp_first_buffer`.
+    pub tcp_buffer_budget: usize,
     /// Nagle's algorithm on connections to the app (off: requests and replies go out at once).
     pub nagle: bool,
     /// A UDP flow with no datagram either way for this long is closed.
@@ -59,6 +65,8 @@ impl Default for Config {
             mtu: 65535,
             tcp_rx_buffer: 1 << 20,
             tcp_tx_buffer: 1 << 20,
+            tcp_first_buffer: 16 * 1024,
+            tcp_buffer_budget: 32 << 20,
             nagle: false,
             udp_idle: Duration::from_secs(60),
             udp_queue: 1024,
