@@ -17,6 +17,7 @@ pub mod incoming;
 pub mod launcher;
 pub mod listeners;
 pub mod local_agent;
+pub mod logging;
 pub mod net;
 pub mod output;
 pub mod remote_fs;

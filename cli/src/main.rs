@@ -4,7 +4,7 @@
 use clap::FromArgMatches;
 use mirrord_cli::args::{Cli, Command};
 use mirrord_cli::exit::EXIT_MIRRORD_FAILED;
-use mirrord_cli::{completion, output, run};
+use mirrord_cli::{completion, logging, output, run};
 
 fn main() {
     // Before anything can print: a completion request answers on stdout and exits.
@@ -14,23 +14,7 @@ fn main() {
         Err(error) => error.exit(),
     };
     output::set_quiet(cli.quiet);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MIRRORD_LOG").unwrap_or_else(|_| {
-                // kube-client logs each failed request as an error; mirrord says what failed
-                // in its own line (and an unreachable API server once, not once a retry).
-                tracing_subscriber::EnvFilter::new(if cli.quiet {
-                    "error,fuser=off,kube_client=off"
-                } else {
-                    "warn,fuser=error,kube_client=off"
-                })
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(output::colour())
-        .with_target(false)
-        .without_time()
-        .init();
+    logging::init(cli.quiet, output::colour());
     // One worker: every hand-over between tasks on different workers can cost a thread
     // wake-up, which dominates small round trips (DNS lookups, new connections) on machines
     // with idle cores, while one core keeps up with the data (see agent/src/netns.rs).

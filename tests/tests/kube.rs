@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             configmap_file_under_the_remote_root,
         ),
         (
+            "secrets_never_reach_a_trace_log",
+            secrets_never_reach_a_trace_log,
+        ),
+        (
             "service_account_at_its_real_path",
             service_account_at_its_real_path,
         ),
@@ -472,6 +476,76 @@ fn configmap_file_under_the_remote_root(kube: &Kube) -> Result<(), Failed> {
         "cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"",
     )?;
     ensure!(out == "greeting: hello from a configmap\n", "got {out:?}");
+    Ok(())
+}
+
+/// A session at `MIRRORD_LOG=trace` whose command prints an env value from a Secret and a
+/// ConfigMap file: the command sees both, and neither they nor the session's token (read from
+/// the agent's Job while it runs) reach mirrord's log, as text or as the hex a dump of the
+/// port-forward's frames would show.
+fn secrets_never_reach_a_trace_log(kube: &Kube) -> Result<(), Failed> {
+    const USER: &str = "trace-log-test";
+    const SECRET: &str = "s3cret-from-a-secret";
+    const FILE: &str = "greeting: hello from a configmap";
+    let mut cmd = kube.mirrord_as(
+        USER,
+        &[
+            "exec",
+            "-n",
+            NS,
+            "-t",
+            "deployment/web",
+            "--",
+            "sh",
+            "-c",
+            "printenv DB_PASSWORD; cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"; sleep 5",
+        ],
+    );
+    cmd.env("MIRRORD_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    wait_for_agent(kube, USER)?;
+    let token = kube.kubectl(&[
+        "get",
+        "jobs",
+        "-A",
+        "-l",
+        &agents_of(Some(USER)),
+        "-o",
+        "jsonpath={..env[?(@.name==\"MIRRORD_AGENT_TOKEN\")].value}",
+    ])?;
+    let out = wait(child, SESSION)?;
+    ensure!(
+        out.code == Some(0) && out.stdout == format!("{SECRET}\n{FILE}\n"),
+        "the session: {}",
+        out.describe()
+    );
+    let token = token.trim();
+    ensure!(token.len() >= 32, "the token in the agent's Job: {token:?}");
+    // The log really is at trace: a test that saw no log line would prove nothing.
+    let log = out.stderr.to_lowercase();
+    ensure!(
+        log.matches("trace").count() > 50,
+        "expected a trace log, got {} lines",
+        out.stderr.lines().count()
+    );
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for secret in [token, SECRET, FILE] {
+        for form in [secret.to_lowercase(), hex(secret)] {
+            ensure!(
+                !log.contains(&form),
+                "mirrord's trace log holds {form:?} (from {secret:?}): {}",
+                out.stderr
+                    .lines()
+                    .filter(|l| l.to_lowercase().contains(&form))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
     Ok(())
 }
 
