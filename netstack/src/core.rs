@@ -574,30 +574,22 @@ impl Core {
 
     /// When `poll` must run next at the latest, if anything is waiting on time.
     pub(crate) fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
-        let release = self
-            .next_release
-            .map(|at| if at > now { at - now } else { Duration::ZERO });
-        let tcp = match (self.iface.poll_delay(now, &self.sockets), release) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let until = |deadline: Instant| {
+            if deadline > now {
+                deadline - now
+            } else {
+                Duration::ZERO
+            }
         };
         let idle = smol_duration(self.config.udp_idle);
-        let udp = self
-            .udp
-            .values()
-            .map(|f| {
-                let deadline = f.last_active + idle;
-                if deadline > now {
-                    deadline - now
-                } else {
-                    Duration::ZERO
-                }
-            })
-            .min();
-        match (tcp, udp) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.iface.poll_delay(now, &self.sockets),
+            self.next_release.map(until),
+            self.udp.values().map(|f| until(f.last_active + idle)).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Packets for the app, in order.
