@@ -250,15 +250,10 @@ fn kill_agent(root: u32) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Resident memory of `pid` in bytes (`VmRSS` of /proc/PID/status).
+/// Resident memory of `pid` in bytes.
 fn rss(pid: u32) -> Result<u64, Failed> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .ok_or_else(|| format!("no VmRSS for pid {pid}"))?;
-    Ok(kib * 1024)
+    let usage = mirrord_tests::usage::usage(pid).ok_or_else(|| format!("pid {pid} is gone"))?;
+    Ok(usage.rss_kib * 1024)
 }
 
 /// Waits until the pod's ruleset has (`present`) or has not a `mirrord_` table.
