@@ -196,3 +196,33 @@ pub fn first_line(stdout: ChildStdout, timeout: Duration) -> Option<String> {
     });
     line_rx.recv_timeout(timeout).ok()
 }
+
+/// A server a test started, in its own process group; killed with its group when dropped.
+pub struct Background(Child);
+
+impl Background {
+    /// Spawns `cmd` in a new process group with stdout piped (and stdin from /dev/null), and
+    /// returns it with its first line (its readiness, by convention), or None if none came
+    /// within `timeout`.
+    pub fn start(mut cmd: Command, timeout: Duration) -> Result<(Background, Option<String>)> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| FixtureError::Spawn {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+        let stdout = child.stdout.take();
+        let server = Background(child);
+        Ok((server, stdout.and_then(|out| first_line(out, timeout))))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = self.0.wait();
+    }
+}

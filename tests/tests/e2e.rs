@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 100] = [
+    let tests: [(&str, Test); 101] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -227,6 +227,10 @@ fn tests() -> Vec<Trial> {
         (
             "dns_answers_never_lead_to_this_machine",
             dns::dns_answers_never_lead_to_this_machine,
+        ),
+        (
+            "dns_hostile_pod_server_gets_clean_answers",
+            dns::dns_hostile_pod_server_gets_clean_answers,
         ),
         (
             "fs_overlays_follow_the_mode",

@@ -9,7 +9,7 @@ use mirrord_tests::cluster::{
     ALIAS_NAME, BIG_TXT_NAME, BROKEN_DOMAIN, CLUSTER_OPTIONS, CLUSTER_SEARCH, DNS_TTL, DnsServer,
     HTTP_PORT, WEB_NAME, WEB_SRV_NAME, WEB_TXT, WILDCARD_DOMAIN, big_txt_strings,
 };
-use mirrord_tests::command::{Run, SHORT};
+use mirrord_tests::command::{Background, Run, SHORT};
 use mirrord_tests::world::{HOST_ONLY_ADDR, HOST_ONLY_NAME};
 use mirrord_tests::{Cluster, HttpServer, Output, Pod, Scene};
 
@@ -792,6 +792,135 @@ pub fn dns_answers_never_lead_to_this_machine(
         "this machine's loopback service got {accepted} connections; only the one through \
          host.mirrord.internal was expected: {}",
         out.describe()
+    );
+    Ok(())
+}
+
+/// A pod's own DNS server that answers by the first label of the name: `garbage` with bytes
+/// that are no DNS message, `loop` with an answer whose name is a compression pointer to
+/// itself, `count` with a header claiming 65,535 answers and none following, `huge` with 4,000
+/// A records (a 64 KB datagram, and the same over TCP), `good` with 10.213.0.99, anything else
+/// NXDOMAIN. It prints `ready` once both sockets listen.
+const HOSTILE_DNS: &str = r#"
+import socket, struct, sys, threading
+def answer(q):
+    end = 12
+    first = None
+    while end < len(q) and q[end]:
+        if first is None:
+            first = q[end + 1:end + 1 + q[end]]
+        end += q[end] + 1
+    qid, question = q[:2], q[12:end + 5]
+    head = lambda rcode, answers: qid + bytes([0x84 | (q[2] & 1), rcode]) + struct.pack('>HHHH', 1, answers, 0, 0) + question
+    record = lambda last: struct.pack('>HHHIH', 0xC00C, 1, 1, 60, 4) + bytes([10, 213, last >> 8, last & 255])
+    if first == b'garbage':
+        return qid + bytes(range(7, 250, 3))
+    if first == b'loop':
+        at = 12 + len(question)
+        return head(0, 1) + struct.pack('>HHHIH', 0xC000 | at, 1, 1, 60, 4) + bytes([10, 213, 0, 99])
+    if first == b'count':
+        return head(0, 65535)
+    if first == b'huge':
+        return head(0, 4000) + b''.join(record(i) for i in range(4000))
+    if first == b'good':
+        return head(0, 1) + record(99)
+    return head(3, 0)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(('127.0.0.1', 53))
+tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(('127.0.0.1', 53))
+tcp.listen(16)
+def serve_tcp():
+    while True:
+        conn, _ = tcp.accept()
+        with conn:
+            data = b''
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                while len(data) >= 2 and len(data) >= 2 + struct.unpack('>H', data[:2])[0]:
+                    n = struct.unpack('>H', data[:2])[0]
+                    reply = answer(data[2:2 + n])
+                    data = data[2 + n:]
+                    conn.sendall(struct.pack('>H', len(reply)) + reply)
+threading.Thread(target=serve_tcp, daemon=True).start()
+print('ready', flush=True)
+while True:
+    q, peer = udp.recvfrom(4096)
+    if len(q) > 12:
+        udp.sendto(answer(q), peer)
+"#;
+
+/// The pod's DNS server is hostile (see [`HOSTILE_DNS`]): malformed, self-referencing,
+/// lying and oversized answers each give the command a clean DNS answer — SERVFAIL, or for the
+/// oversized one a truncated reply and at most what fits a DNS message over TCP, with only the
+/// server's addresses — and the session keeps resolving good names afterwards.
+pub fn dns_hostile_pod_server_gets_clean_answers(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = Pod::builder("web-7d9f8-x2k4q")
+        .cluster_dns(std::net::Ipv4Addr::LOCALHOST)
+        .start(cluster)?;
+    let mut server = pod.command("/usr/bin/python3");
+    server
+        .args(["-u", "-c", HOSTILE_DNS])
+        .stderr(std::process::Stdio::null());
+    let (_server, ready) = Background::start(server, SHORT)?;
+    ensure!(
+        ready.as_deref() == Some("ready\n"),
+        "hostile DNS: {ready:?}"
+    );
+    let dig = |name: &str| format!("dig +tries=1 +time=5 {name}.example. A");
+    let script = [
+        dig("garbage"),
+        dig("loop"),
+        dig("count"),
+        dig("huge"),
+        format!("{} +tcp", dig("huge")),
+        dig("good"),
+    ]
+    .join("; echo ====; ");
+    let out = exec(scene, &pod, &[], &["sh", "-c", &script])?;
+    ensure!(out.code == 0, "the session: {}", out.describe());
+    let replies: Vec<Output> = out
+        .stdout
+        .split("====\n")
+        .map(|stdout| Output {
+            stdout: stdout.to_owned(),
+            ..out.clone()
+        })
+        .collect();
+    ensure!(replies.len() == 6, "six replies: {}", out.describe());
+    for (name, reply) in ["garbage", "loop", "count"].iter().zip(&replies) {
+        ensure!(
+            dig_status(reply).as_deref() == Some("SERVFAIL"),
+            "{name}: {}",
+            reply.stdout
+        );
+    }
+    for (how, reply) in [("UDP", &replies[3]), ("TCP", &replies[4])] {
+        let addresses: Vec<&str> = reply
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with("huge.example.") && line.contains("\tA\t"))
+            .filter_map(|line| line.rsplit('\t').next())
+            .collect();
+        ensure!(
+            matches!(dig_status(reply).as_deref(), Some("SERVFAIL" | "NOERROR"))
+                && addresses.iter().all(|a| a.starts_with("10.213."))
+                && reply.stdout.len() < 200_000,
+            "huge over {how}: {}",
+            reply.stdout.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+    ensure!(
+        replies[5].stdout.contains("good.example.\t") && replies[5].stdout.contains("10.213.0.99"),
+        "a good name afterwards: {}",
+        replies[5].stdout
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use mirrord_tests::cluster::{POD_FILE_DIR, POD_ONLY_FILE, WEB_NAME};
-use mirrord_tests::command::{Run, SHORT};
+use mirrord_tests::command::{Background, Run, SHORT};
 use mirrord_tests::{Cluster, Pod, Scene};
 
 use super::filters::{descendants_named, pod_ruleset};
@@ -36,7 +36,9 @@ const KEEPALIVE_BOUND: Duration = Duration::from_secs(20);
 
 /// A server in the cluster: on [`ENDLESS_PORT`] it sends 256 distinct bytes in a loop until
 /// the peer goes, on [`SINK_PORT`] it reads until the peer goes. Killed when dropped.
-struct Feeder(Child);
+struct Feeder {
+    _server: Background,
+}
 
 impl Feeder {
     fn start(cluster: &Cluster) -> Result<Feeder, Failed> {
@@ -72,30 +74,14 @@ impl Feeder {
             ip = cluster.ip()
         );
         let mut cmd = cluster.command("python3");
-        cmd.args(["-u", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let mut child = cmd.spawn()?;
-        let ready = child
-            .stdout
-            .take()
-            .and_then(|out| mirrord_tests::command::first_line(out, SHORT));
-        let feeder = Feeder(child);
+        cmd.args(["-u", "-c", &script]).stderr(Stdio::null());
+        let (server, ready) = Background::start(cmd, SHORT)?;
+        let feeder = Feeder { _server: server };
         ensure!(
             ready.as_deref() == Some("ready\n"),
             "the feeder did not start: {ready:?}"
         );
         Ok(feeder)
-    }
-}
-
-impl Drop for Feeder {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group our own unreaped child leads.
-        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = self.0.wait();
     }
 }
 
