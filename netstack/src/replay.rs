@@ -28,9 +28,12 @@ pub struct Replayed {
 /// is read, written to and shut down; every UDP flow is answered once. Returns what came out.
 pub fn replay(packets: impl IntoIterator<Item = Vec<u8>>) -> Replayed {
     let config = Config {
-        // Small buffers: the stack allocates both for every accepted connection.
-        tcp_rx_buffer: 16 * 1024,
-        tcp_tx_buffer: 16 * 1024,
+        // Small buffers that start smaller still, so that a busy connection's grow within a
+        // budget a few can spend (and the ring moves its contents when they wrap).
+        tcp_rx_buffer: 64 * 1024,
+        tcp_tx_buffer: 64 * 1024,
+        tcp_first_buffer: 4 * 1024,
+        tcp_buffer_budget: 192 * 1024,
         random_seed: 1,
         ..Config::default()
     };

@@ -487,25 +487,13 @@ fn secrets_never_reach_a_trace_log(kube: &Kube) -> Result<(), Failed> {
     const USER: &str = "trace-log-test";
     const SECRET: &str = "s3cret-from-a-secret";
     const FILE: &str = "greeting: hello from a configmap";
-    let mut cmd = kube.mirrord_as(
+    let child = spawn_session(
+        kube,
         USER,
-        &[
-            "exec",
-            "-n",
-            NS,
-            "-t",
-            "deployment/web",
-            "--",
-            "sh",
-            "-c",
-            "printenv DB_PASSWORD; cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"; sleep 5",
-        ],
-    );
-    cmd.env("MIRRORD_LOG", "trace")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn()?;
+        &[],
+        &[("MIRRORD_LOG", "trace")],
+        "printenv DB_PASSWORD; cat \"$MIRRORD_REMOTE_ROOT/etc/app/app.yaml\"; sleep 5",
+    )?;
     wait_for_agent(kube, USER)?;
     let token = kube.kubectl(&[
         "get",
@@ -782,6 +770,37 @@ fn the_agent_is_gone_after_exit_ctrl_c_and_sigterm(kube: &Kube) -> Result<(), Fa
     Ok(())
 }
 
+/// `mirrord exec -n NS <flags…> -t deployment/web -- sh -c <script>` as `user` with `env` added,
+/// started with stdout and stderr piped.
+fn spawn_session(
+    kube: &Kube,
+    user: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+    script: &str,
+) -> Result<Child, Failed> {
+    let args = [
+        &["exec", "-n", NS][..],
+        flags,
+        &["-t", "deployment/web", "--", "sh", "-c", script],
+    ]
+    .concat();
+    let mut cmd = kube.mirrord_as(user, &args);
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Ok(cmd.spawn()?)
+}
+
+/// mirrord's lines saying it lost the agent.
+fn lost_agent_lines(out: &Output) -> Vec<&str> {
+    out.stderr
+        .lines()
+        .filter(|line| line.contains("lost the agent"))
+        .collect()
+}
+
 /// Until `user`'s agent runs and its session has had time to start the command.
 fn wait_for_agent(kube: &Kube, user: &str) -> Result<(), Failed> {
     let deadline = Instant::now() + SESSION;
@@ -991,24 +1010,7 @@ fn a_lost_agent_is_one_line_and_nothing_hangs(kube: &Kube) -> Result<(), Failed>
     let script = "sleep 15; \
         cat \"$MIRRORD_REMOTE_ROOT/etc/hostname\" >/dev/null 2>&1 && echo fs-ok || echo fs-failed; \
         curl -s -m 10 http://web/ >/dev/null 2>&1 && echo net-ok || echo net-failed";
-    let mut cmd = kube.mirrord_as(
-        USER,
-        &[
-            "exec",
-            "-n",
-            NS,
-            "-t",
-            "deployment/web",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    );
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn()?;
+    let child = spawn_session(kube, USER, &[], &[], script)?;
     wait_for_agent(kube, USER)?;
     kube.kubectl(&[
         "delete",
@@ -1021,11 +1023,7 @@ fn a_lost_agent_is_one_line_and_nothing_hangs(kube: &Kube) -> Result<(), Failed>
         "--wait=false",
     ])?;
     let out = wait(child, Duration::from_secs(60))?;
-    let lost: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|line| line.contains("lost the agent"))
-        .collect();
+    let lost = lost_agent_lines(&out);
     ensure!(
         out.code == Some(0)
             && lost.len() == 1
@@ -1057,26 +1055,7 @@ fn a_restarted_api_server_loses_the_agent_and_leaves_none(kube: &Kube) -> Result
             started.display()
         );
         let config = config.to_string_lossy().into_owned();
-        let mut cmd = kube.mirrord_as(
-            USER,
-            &[
-                "exec",
-                "-f",
-                &config,
-                "-n",
-                NS,
-                "-t",
-                "deployment/web",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-        );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
+        let mut child = spawn_session(kube, USER, &["-f", &config], &[], &script)?;
         let deadline = Instant::now() + SESSION;
         while !started.exists() {
             if child.try_wait()?.is_some() || Instant::now() > deadline {
@@ -1103,11 +1082,7 @@ fn a_restarted_api_server_loses_the_agent_and_leaves_none(kube: &Kube) -> Result
             restarted.describe()
         );
         let out = out?;
-        let lost: Vec<&str> = out
-            .stderr
-            .lines()
-            .filter(|line| line.contains("lost the agent"))
-            .collect();
+        let lost = lost_agent_lines(&out);
         ensure!(
             out.code == Some(0)
                 && lost.len() == 1
