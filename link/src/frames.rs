@@ -35,15 +35,6 @@ pub enum BulkOut {
     Piped(PipedBytes),
 }
 
-impl BulkOut {
-    fn is_empty(&self) -> bool {
-        match self {
-            BulkOut::Bytes(bytes) => bytes.is_empty(),
-            BulkOut::Piped(piped) => piped.is_empty(),
-        }
-    }
-}
-
 /// Something the writer sends as one frame.
 pub trait Outbound: Send + 'static {
     /// Appends the frame to `out` and returns the bulk to write right after it.
@@ -118,52 +109,119 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Most frames one write carries (two slices each; `IOV_MAX` is 1024).
+const WRITE_FRAMES: usize = 128;
+
 /// Encodes and writes messages from `outgoing` until every sender is gone, batching whatever is
-/// queued into one write so small frames do not each cost a syscall. A message's bulk is
-/// written right after the batch that ends with its frame: from its own buffer, or spliced
-/// from the pipe that holds it.
+/// queued — frames and the bulk each carries — into one vectored write, so that the frames of
+/// many busy streams do not each cost a syscall (and a wake-up of the reader at the other end).
+/// A bulk held in a pipe ends a batch: it is spliced right after the write that ends with its
+/// frame.
 pub async fn write_loop<M: Outbound>(
     mut io: WriteHalf,
     mut outgoing: mpsc::Receiver<M>,
 ) -> Result<(), LinkError> {
-    let mut buf = Vec::with_capacity(WRITE_BATCH);
+    let mut heads = Vec::with_capacity(WRITE_BATCH);
+    // Each frame of the batch: where its head ends in `heads`, and its bulk.
+    let mut frames: Vec<(usize, Vec<u8>)> = Vec::with_capacity(WRITE_FRAMES);
     while let Some(message) = outgoing.recv().await {
-        buf.clear();
-        let mut bulk = message.encode_into(&mut buf)?;
-        while bulk.is_empty() && buf.len() < WRITE_BATCH {
-            match outgoing.try_recv() {
-                Ok(message) => bulk = message.encode_into(&mut buf)?,
-                Err(_) => break,
+        heads.clear();
+        frames.clear();
+        let mut bulk_bytes = 0;
+        let mut piped = None;
+        let mut next = Some(message);
+        while let Some(message) = next.take() {
+            match message.encode_into(&mut heads)? {
+                BulkOut::Bytes(bytes) => {
+                    bulk_bytes += bytes.len();
+                    frames.push((heads.len(), bytes));
+                }
+                BulkOut::Piped(pipe) => {
+                    frames.push((heads.len(), Vec::new()));
+                    piped = Some(pipe);
+                    break;
+                }
+            }
+            if heads.len() + bulk_bytes < WRITE_BATCH && frames.len() < WRITE_FRAMES {
+                next = outgoing.try_recv().ok();
             }
         }
-        match bulk {
-            BulkOut::Bytes(bytes) => write_both(&mut io, &buf, &bytes).await?,
-            BulkOut::Piped(piped) => {
-                io.write_all(&buf).await?;
-                io.splice_from(piped.pipe(), piped.len()).await?;
-            }
+        write_frames(&mut io, &heads, &frames).await?;
+        if let Some(piped) = piped {
+            io.splice_from(piped.pipe(), piped.len()).await?;
         }
     }
     io.shutdown().await?;
     Ok(())
 }
 
-/// Writes `head` then `tail`, in one vectored write when the writer takes it.
-async fn write_both<W: AsyncWrite + Unpin>(
+/// Writes each frame's head (`heads` up to its end) followed by its bulk, in as few vectored
+/// writes as the writer takes.
+async fn write_frames<W: AsyncWrite + Unpin>(
     io: &mut W,
-    mut head: &[u8],
-    mut tail: &[u8],
+    heads: &[u8],
+    frames: &[(usize, Vec<u8>)],
 ) -> std::io::Result<()> {
-    while !head.is_empty() {
-        let n = io
-            .write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])
-            .await?;
+    let mut slices = Vec::with_capacity(frames.len() * 2);
+    let mut start = 0;
+    for (end, bulk) in frames {
+        slices.push(IoSlice::new(&heads[start..*end]));
+        if !bulk.is_empty() {
+            slices.push(IoSlice::new(bulk));
+        }
+        start = *end;
+    }
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = io.write_vectored(slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        tail = &tail[n - from_head..];
+        IoSlice::advance_slices(&mut slices, n);
     }
-    io.write_all(tail).await
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mirrord_protocol::{ClientMessage, StreamFrame, StreamId};
+    use tokio::net::UnixStream;
+
+    use super::*;
+    use crate::endpoint::split_stream;
+
+    /// Frames queued by many streams at once leave in few writes, each frame whole and in
+    /// order, whatever their bulks.
+    #[tokio::test]
+    async fn queued_frames_and_their_bulks_arrive_whole_and_in_order() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (_, write) = split_stream(near);
+        let (read, _) = split_stream(far);
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let sent: Vec<ClientMessage> = (0..600u32)
+            .map(|i| match i % 3 {
+                0 => ClientMessage::Ping { nonce: i.into() },
+                _ => ClientMessage::Stream(StreamFrame::Data {
+                    id: StreamId(i),
+                    // Up to 4 KiB: 600 frames make several batches of WRITE_BATCH bytes.
+                    bytes: vec![i as u8; (i as usize * 7) % 4096],
+                }),
+            })
+            .collect();
+        for message in sent.clone() {
+            out_tx.send(message).await.unwrap();
+        }
+        drop(out_tx);
+        let writer = tokio::spawn(write_loop(write, out_rx));
+        let mut reader = FrameReader::new(read);
+        for expected in sent {
+            let got: ClientMessage = reader.next().await.unwrap();
+            assert_eq!(got, expected);
+        }
+        writer.await.unwrap().unwrap();
+        assert!(matches!(
+            reader.next::<ClientMessage>().await,
+            Err(LinkError::Closed)
+        ));
+    }
 }

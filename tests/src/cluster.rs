@@ -5,7 +5,7 @@
 //! create when dropped, in every outcome.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -648,6 +648,55 @@ impl<'c> Pod<'c> {
             std::fs::write(&path, content).map_err(FixtureError::io(path.display().to_string()))?;
         }
         Ok(())
+    }
+
+    /// Gives the pod's link IPv6 addresses too, as a dual-stack cluster would: a unique-local
+    /// /64 of the link's own (from its IPv4 block), `…::2` the pod's end (returned) and `…::1`
+    /// the cluster's, so cluster clients reach the pod on-link. Before `mirrord exec` starts:
+    /// mirrord reads the target's addresses once.
+    pub fn add_ipv6(&self) -> Result<Ipv6Addr> {
+        let [a, b, c, d] = self.gateway.octets();
+        let net = |host| {
+            Ipv6Addr::new(
+                0xfd6d,
+                0x7274,
+                u16::from_be_bytes([a, b]),
+                u16::from_be_bytes([c, d]),
+                0,
+                0,
+                0,
+                host,
+            )
+        };
+        let pod_ip = net(2);
+        let ns = self.cluster.name.as_str();
+        let gateway = format!("{}/64", net(1));
+        // nodad: usable at once, not after duplicate address detection's second.
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &gateway,
+            "dev",
+            &self.cluster_link,
+            "nodad",
+        ])?;
+        run_checked(
+            Command::new("nsenter")
+                .args([
+                    "-t",
+                    &self.pid().to_string(),
+                    "-n",
+                    "--",
+                    "ip",
+                    "addr",
+                    "add",
+                ])
+                .args([&format!("{pod_ip}/64"), "dev", "eth0", "nodad"]),
+            SHORT,
+        )?;
+        Ok(pod_ip)
     }
 
     fn wire(&self) -> Result<()> {

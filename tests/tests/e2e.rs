@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 101] = [
+    let tests: [(&str, Test); 103] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -368,12 +368,20 @@ fn tests() -> Vec<Trial> {
             incoming::incoming_local_app_sees_the_clients_real_address,
         ),
         (
+            "incoming_steal_over_ipv6_shows_the_clients_real_address",
+            incoming::incoming_steal_over_ipv6_shows_the_clients_real_address,
+        ),
+        (
             "filter_header_routes_each_request_of_one_keep_alive_connection",
             filters::filter_header_routes_each_request_of_one_keep_alive_connection,
         ),
         (
             "filter_header_routes_grpc_calls_by_metadata",
             filters::filter_header_routes_grpc_calls_by_metadata,
+        ),
+        (
+            "filter_header_routes_each_stream_of_one_h2c_connection_from_curl",
+            filters::filter_header_routes_each_stream_of_one_h2c_connection_from_curl,
         ),
         (
             "filter_header_routes_a_websocket_upgrade",

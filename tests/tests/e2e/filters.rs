@@ -236,6 +236,143 @@ pub fn filter_header_routes_grpc_calls_by_metadata(
     Ok(())
 }
 
+/// An nginx in the foreground answering every request on [`PORT`] with `ANSWER\n` over h2c
+/// (HTTP/2 with prior knowledge, no TLS); its files under the scene's `name` directory.
+fn h2c_nginx(scene: &Scene, name: &str, answer: &str) -> Result<Vec<String>, Failed> {
+    let dir = scene.temp_dir().join(name);
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("nginx.conf");
+    let d = dir.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; pid {d}/pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; default_type text/plain;\n\
+             server {{ listen {PORT} http2; location / {{ return 200 \"{answer}\\n\"; }} }} }}\n"
+        ),
+    )?;
+    Ok(["/usr/sbin/nginx", "-e"]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([
+            format!("{d}/error.log"),
+            "-p".to_owned(),
+            d.to_string(),
+            "-c".to_owned(),
+            conf.display().to_string(),
+        ])
+        .collect())
+}
+
+/// Whether this curl can send a second request on an h2c connection it opened with prior
+/// knowledge: curl before 8.0 fails every reuse with "Error in the HTTP2 framing layer" (curl
+/// issue 10634), whatever the server (Debian 12 ships 7.88.1).
+fn curl_reuses_h2c() -> Result<bool, Failed> {
+    let out = Command::new("curl").arg("--version").run(RUN)?;
+    let major = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|version| version.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok());
+    Ok(major.is_some_and(|major| major >= 8))
+}
+
+/// Plain h2c from curl (`--http2-prior-knowledge`) to nginx on both sides: each stream is
+/// answered by the app its header chooses. Several requests share one HTTP/2 connection (curl
+/// reuses the first transfer's across `--next`) where this curl can reuse one; an older curl
+/// sends each on its own connection.
+pub fn filter_header_routes_each_stream_of_one_h2c_connection_from_curl(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &h2c_nginx(scene, "remote", "remote")?)?;
+    let page = url(&pod, "/");
+    let h2 = ["-sS", "--max-time", "3", "--http2-prior-knowledge"];
+    let plain = [&h2[..], &[page.as_str()]].concat();
+    let me = [&h2[..], &["-H", "X-User: me", page.as_str()]].concat();
+    until(cluster, "curl", &plain, "remote\n")?;
+    let config = filter_config(scene, "filter", r#"{"header_filter": "^x-user: me$"}"#)?;
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&h2c_nginx(scene, "local", "local")?),
+    )?;
+    until(cluster, "curl", &me, "local\n")?;
+    // Each transfer prints its answer, its HTTP version and how many connections it opened.
+    let transfer = |header: Option<&'static str>| {
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "-w",
+            "[%{http_version} %{num_connects}]",
+        ];
+        if let Some(header) = header {
+            args.extend(["-H", header]);
+        }
+        args.push(page.as_str());
+        args
+    };
+    let headers = [
+        None,
+        Some("X-User: me"),
+        Some("X-User: someone-else"),
+        Some("X-User: me"),
+    ];
+    let answers = ["remote", "local", "remote", "local"];
+    let (stdout, expected) = if curl_reuses_h2c()? {
+        let mut args = vec!["-sS", "--max-time", "5"];
+        for (i, header) in headers.into_iter().enumerate() {
+            if i > 0 {
+                args.push("--next");
+            }
+            args.extend(transfer(header));
+        }
+        let out = from_cluster(cluster, "curl", &args)?;
+        ensure!(
+            out.code == 0,
+            "{}; mirrord: {}",
+            out.describe(),
+            session.stderr()
+        );
+        let expected: String = answers
+            .iter()
+            .enumerate()
+            .map(|(i, answer)| format!("{answer}\n[2 {}]", u8::from(i == 0)))
+            .collect();
+        (out.stdout, expected)
+    } else {
+        let mut stdout = String::new();
+        for header in headers {
+            let args = [vec!["-sS", "--max-time", "5"], transfer(header)].concat();
+            let out = from_cluster(cluster, "curl", &args)?;
+            ensure!(
+                out.code == 0,
+                "{}; mirrord: {}",
+                out.describe(),
+                session.stderr()
+            );
+            stdout += &out.stdout;
+        }
+        let expected = answers
+            .iter()
+            .map(|answer| format!("{answer}\n[2 1]"))
+            .collect();
+        (stdout, expected)
+    };
+    ensure!(
+        stdout == expected,
+        "h2c answered per stream: expected {expected:?}, got {stdout:?}; mirrord: {}",
+        session.stderr()
+    );
+    session.stop();
+    until(cluster, "curl", &plain, "remote\n")?;
+    expect(cluster, "curl", &me, "remote\n")?;
+    Ok(())
+}
+
 pub fn filter_header_routes_a_websocket_upgrade(
     scene: &Scene,
     cluster: &Cluster,

@@ -2,6 +2,7 @@
 //! address, and the local app that listens under mirrord answers it (steal) or gets a copy
 //! (mirror), on its own port or a mapped one, seeing the client's real address.
 
+use std::net::Ipv6Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -162,18 +163,21 @@ pub(super) fn curl_until(cluster: &Cluster, url: &str, expected: &str) -> Result
     }
 }
 
-/// A static HTTP server for `dir` on `port` (all IPv4 addresses), logging each request with the
-/// client's address to stderr. Not `python3 -m http.server`: its bind looks its own host name up
+/// A static HTTP server for `dir` on `port` (all IPv4 addresses, or those of the family of an
+/// optional third argument, e.g. `::`), logging each request with the client's address to
+/// stderr. Not `python3 -m http.server`: its bind looks its own host name up
 /// in DNS, which takes seconds where no nameserver answers (the test pod has none).
 const SERVE_PY: &str = r#"
-import functools, http.server, socketserver, sys
+import functools, http.server, socket, socketserver, sys
+bind = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
+    address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = "test", self.server_address[1]
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
-Server(("0.0.0.0", int(sys.argv[1])), handler).serve_forever()
+Server((bind, int(sys.argv[1])), handler).serve_forever()
 "#;
 
 fn python_server(scene: &Scene, dir: &Path, port: u16) -> Result<Vec<String>, Failed> {
@@ -337,6 +341,35 @@ pub fn incoming_local_app_sees_the_clients_real_address(
             "the local app did not see the client {client}: {seen}"
         );
     }
+    Ok(())
+}
+
+/// A client in the cluster that connects over IPv6 to the pod's IPv6 address gets the local
+/// app's answer, and the local app sees the client's own IPv6 address.
+pub fn incoming_steal_over_ipv6_shows_the_clients_real_address(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let pod_v6 = pod.add_ipv6()?;
+    let local = site(scene, "local", "local\n")?;
+    let log = scene.temp_dir().join("local-app.log");
+    let mut server = python_server(scene, &local, PORT)?;
+    server.push("::".to_owned());
+    let command = format!("exec {} 2>{}", strs(&server).join(" "), log.display());
+    let url = format!("http://[{pod_v6}]:{PORT}/index.html");
+    let session = Running::start(scene, &pod, &["--steal"], &["sh", "-c", &command])?;
+    curl_until(cluster, &url, "local\n")?;
+    let stderr = session.stderr();
+    ensure!(session.stop().is_some(), "mirrord did not stop: {stderr}");
+    // The cluster's end of the pod's link: the address the client's kernel chose.
+    let client = Ipv6Addr::from(u128::from(pod_v6) - 1).to_string();
+    let seen = std::fs::read_to_string(&log)?;
+    ensure!(
+        seen.lines()
+            .any(|line| line.starts_with(&format!("{client} - - ["))),
+        "the local app did not see the client {client}: {seen}"
+    );
     Ok(())
 }
 
