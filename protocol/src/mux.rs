@@ -14,9 +14,11 @@
 //!   share of [`CONNECTION_BUDGET`] among the open streams; when more streams open, a window
 //!   above its new share shrinks by granting back less than was drained.
 //!
-//! So what a peer can make us buffer is at most `max(CONNECTION_BUDGET, streams ×
-//! INITIAL_WINDOW)` per connection (datagram streams count [`DATAGRAM_WINDOW`]), and a lone
-//! bulk stream still reaches the full window.
+//! A window granted before more streams opened is cut back only as its consumer drains (a
+//! stalled stream keeps what it had), so growth beyond the initial window also needs room in
+//! the budget left by all the other streams' windows. What a peer can make us buffer is
+//! therefore at most `CONNECTION_BUDGET + streams × INITIAL_WINDOW` per connection (a datagram
+//! stream counts [`DATAGRAM_WINDOW`]), and a lone bulk stream still reaches the full window.
 
 use std::collections::HashMap;
 
@@ -155,6 +157,9 @@ pub struct Mux {
     side: Side,
     next_id: u32,
     streams: HashMap<StreamId, StreamState>,
+    /// The peer's credit plus what waits for our consumers, over all streams: what the peer
+    /// may make us hold right now.
+    committed: u64,
 }
 
 impl Mux {
@@ -163,6 +168,7 @@ impl Mux {
             side,
             next_id: side.first_id(),
             streams: HashMap::new(),
+            committed: 0,
         }
     }
 
@@ -174,7 +180,8 @@ impl Mux {
             let id = StreamId(self.next_id);
             self.next_id = self.next_id.checked_add(2).unwrap_or(self.side.first_id());
             if let std::collections::hash_map::Entry::Vacant(slot) = self.streams.entry(id) {
-                slot.insert(StreamState::new(kind));
+                let stream = slot.insert(StreamState::new(kind));
+                self.committed += u64::from(stream.recv_credit);
                 return id;
             }
         }
@@ -193,7 +200,8 @@ impl Mux {
                 Err(ProtocolError::TooManyStreams { max: MAX_STREAMS })
             }
             std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(StreamState::new(kind));
+                let stream = slot.insert(StreamState::new(kind));
+                self.committed += u64::from(stream.recv_credit);
                 Ok(())
             }
         }
@@ -236,8 +244,8 @@ impl Mux {
 
     /// Our consumer drained `len` bytes of `id`; returns the `Credit` frame to send, if any.
     ///
-    /// The stream's window first follows its fair share of the connection's budget (shrinking
-    /// if more streams opened since), and doubles within it when the peer had spent all its
+    /// The stream's window first follows its fair share of the connection's budget and what the
+    /// other streams leave of it (shrinking if more streams opened since), and doubles within it when the peer had spent all its
     /// credit and this drain emptied everything it sent: the window, not the consumer, is then
     /// what the stream waits on. The peer is granted what lifts its credit plus what is still
     /// held here back to the window, once that is worth a frame (see [`Kind`]); a window that
@@ -248,9 +256,16 @@ impl Mux {
     pub fn on_consumed(&mut self, id: StreamId, len: usize) -> Option<StreamFrame> {
         let share = fair_share(self.streams.len());
         let stream = self.streams.get_mut(&id)?;
-        let share = share.max(stream.kind.least_window());
         // Clamped to `held`, a u32.
-        stream.held -= len.min(stream.held as usize) as u32;
+        let drained = len.min(stream.held as usize) as u32;
+        stream.held -= drained;
+        self.committed -= u64::from(drained);
+        // Beyond its least window, a stream grows only into what the others leave of the
+        // budget: windows granted before more streams opened (a stalled stream's) still count.
+        let others = self.committed - u64::from(stream.recv_credit + stream.held);
+        let room = u64::from(CONNECTION_BUDGET).saturating_sub(others);
+        // At most `share`, a u32.
+        let share = (room.min(u64::from(share)) as u32).max(stream.kind.least_window());
         stream.window = stream.window.min(share);
         if stream.recv_credit == 0 && stream.held == 0 {
             stream.window = stream.window.saturating_mul(2).min(share);
@@ -265,6 +280,7 @@ impl Mux {
             return None;
         }
         stream.recv_credit += bytes;
+        self.committed += u64::from(bytes);
         Some(StreamFrame::Credit { id, bytes })
     }
 
@@ -286,7 +302,9 @@ impl Mux {
     /// Forgets the stream (after `Reset`, `OpenFailed`, or both directions shut down); its id
     /// may then be opened again.
     pub fn close(&mut self, id: StreamId) {
-        self.streams.remove(&id);
+        if let Some(stream) = self.streams.remove(&id) {
+            self.committed -= u64::from(stream.recv_credit + stream.held);
+        }
     }
 
     pub fn contains(&self, id: StreamId) -> bool {
@@ -547,6 +565,42 @@ mod tests {
             round(&mut client, &mut agent, big);
         }
         assert_eq!(client.send_credit(big), MAX_WINDOW);
+    }
+
+    #[test]
+    fn windows_held_by_stalled_streams_leave_the_others_their_least() {
+        let (mut client, mut agent, first) = pair();
+        let mut stalled = open_more(&mut client, &mut agent, 15);
+        stalled.push(first);
+        for &id in &stalled {
+            while client.send_credit(id) < MAX_WINDOW {
+                round(&mut client, &mut agent, id);
+            }
+            // Its consumer stops: the whole window waits here, undrained.
+            assert_eq!(send(&mut client, &mut agent, id, usize::MAX), MAX);
+        }
+        // Sixteen stalled streams hold the whole budget; the busy ones that open after them
+        // still flow, with no more than their least window each.
+        let busy = open_more(&mut client, &mut agent, 100);
+        for _ in 0..10 {
+            for &id in &busy {
+                assert_eq!(round(&mut client, &mut agent, id), WINDOW);
+            }
+        }
+        let held = 16 * MAX + busy.len() * WINDOW;
+        assert!(held <= CONNECTION_BUDGET as usize + (16 + busy.len()) * WINDOW);
+        // Once the stalled ones drain and close, the busy ones may grow into their share.
+        for &id in &stalled {
+            consume(&mut agent, &mut client, id, MAX);
+            client.close(id);
+            agent.close(id);
+        }
+        for &id in &busy {
+            round(&mut client, &mut agent, id);
+        }
+        for &id in &busy {
+            assert_eq!(round(&mut client, &mut agent, id), 2 * WINDOW);
+        }
     }
 
     #[test]
