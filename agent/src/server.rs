@@ -321,7 +321,7 @@ async fn session_loop(
                 });
             }
             ClientMessage::Stream(StreamFrame::Open { id, target }) => {
-                let rx = match streams.accept(id) {
+                let rx = match streams.accept(id, &target) {
                     Ok(rx) => rx,
                     Err(ProtocolError::TooManyStreams { max }) => {
                         let error = RemoteError {

@@ -285,10 +285,10 @@ impl Session {
                         let _ = out_tx2.send(ClientMessage::Pong { nonce }).await;
                     }
                     AgentMessage::Stream(StreamFrame::Open { id, target }) => {
+                        let rx = streams2.accept(id, &target).expect("a fresh stream id");
                         let StreamTarget::Incoming(connection) = target else {
                             panic!("the agent opened a stream to {target:?}");
                         };
-                        let rx = streams2.accept(id).expect("a fresh stream id");
                         streams2.send(StreamFrame::Opened { id }).await;
                         let _ = incoming_tx.send((rx, connection));
                     }

@@ -349,7 +349,7 @@ fn on_agent_open(
     id: StreamId,
     target: StreamTarget,
 ) -> Result<(), ProtocolError> {
-    let rx = match session.streams.accept(id) {
+    let rx = match session.streams.accept(id, &target) {
         Ok(rx) => rx,
         Err(ProtocolError::TooManyStreams { max }) => {
             let error = RemoteError {
@@ -663,7 +663,6 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_sending_past_a_stalled_streams_window_ends_the_session() {
-        use mirrord_protocol::bulk::MAX_DATA_CHUNK;
         use mirrord_protocol::mux::INITIAL_WINDOW;
         let (client, mut reader, mut agent) = raw_agent().await;
         let mut streams = client.take_incoming().unwrap();
@@ -684,10 +683,10 @@ mod tests {
         );
         let chunk = AgentMessage::Stream(StreamFrame::Data {
             id: StreamId(2),
-            bytes: vec![7; MAX_DATA_CHUNK],
+            bytes: vec![7; INITIAL_WINDOW as usize / 2],
         });
-        // A window's worth is taken and held; the chunk after it breaks the protocol.
-        for _ in 0..INITIAL_WINDOW as usize / MAX_DATA_CHUNK {
+        // A new stream's window is taken and held; the chunk after it breaks the protocol.
+        for _ in 0..2 {
             agent.write_all(&frame_of(&chunk)).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mirrord_protocol::bulk::MAX_DATA_CHUNK;
-use mirrord_protocol::mux::{DataVerdict, Mux, Side};
+use mirrord_protocol::mux::{DataVerdict, Kind, Mux, Side};
 use mirrord_protocol::{
     ClientMessage, ProtocolError, RemoteError, StreamFrame, StreamId, StreamTarget,
 };
@@ -104,6 +104,64 @@ impl Default for ReadSize {
     }
 }
 
+/// What a pipe holds to read into while its socket has nothing for it: a thousand connections
+/// waiting must not each hold a frame's worth.
+const WAITING_READ: usize = ReadSize::MIN;
+
+/// Reads at most `allowed` bytes (more than 0) into a buffer of their own, which becomes the
+/// `Data` frame as it is; empty at the end of the stream. Bytes already there are read straight
+/// into a buffer of `allowed`; otherwise the wait is on a small buffer, and once that fills,
+/// what else has arrived by then is read after it. A buffer much larger than what it got is
+/// shrunk, since it may wait in the writer's queue.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    allowed: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(allowed);
+    if let Some(read) = read_if_ready(reader, &mut buf, allowed).await {
+        read?;
+        return Ok(fit(buf));
+    }
+    drop(buf);
+    let mut buf = Vec::with_capacity(allowed.min(WAITING_READ));
+    let limit = buf.capacity().min(allowed);
+    (&mut *reader).take(limit as u64).read_buf(&mut buf).await?;
+    if buf.len() < limit || limit == allowed {
+        return Ok(buf);
+    }
+    buf.reserve_exact(allowed - buf.len());
+    // An error after bytes were read shows up on the next read; these bytes go first.
+    let _ = read_if_ready(reader, &mut buf, allowed).await;
+    Ok(fit(buf))
+}
+
+/// Reads into `buf`'s spare capacity, up to `limit` bytes in all, if the reader has something
+/// (data, the end, or an error) right now; `None` if it would wait. Reads into the spare
+/// capacity, so nothing is zeroed first.
+async fn read_if_ready<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> Option<std::io::Result<usize>> {
+    let room = limit.saturating_sub(buf.len()) as u64;
+    let mut taken = (&mut *reader).take(room);
+    let mut read = std::pin::pin!(taken.read_buf(buf));
+    // Polled once with the task's own waker; an AsyncRead that returns Pending has taken
+    // nothing, so dropping the read then loses no bytes.
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(read) => Some(read),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// A frame's buffer with no more than twice the capacity its bytes need.
+fn fit(mut buf: Vec<u8>) -> Vec<u8> {
+    if buf.len() < buf.capacity() / 2 {
+        buf.shrink_to_fit();
+    }
+    buf
+}
+
 /// What the connection hands to one stream's pipe.
 #[derive(Debug)]
 enum Inbound {
@@ -170,16 +228,17 @@ impl<M: Outgoing> Streams<M> {
         })
     }
 
-    /// Registers a stream the peer opened; its pipe is started with [`Streams::pipe`].
-    pub fn accept(&self, id: StreamId) -> Result<StreamRx, ProtocolError> {
-        lock(&self.mux).on_open(id)?;
+    /// Registers a stream the peer opened to `target`; its pipe is started with
+    /// [`Streams::pipe`] (or [`Streams::pipe_datagrams`] for UDP).
+    pub fn accept(&self, id: StreamId, target: &StreamTarget) -> Result<StreamRx, ProtocolError> {
+        lock(&self.mux).on_open(id, Kind::of(target))?;
         Ok(self.register(id))
     }
 
     /// Opens a stream to `target` on the peer's side and waits until it is connected; its pipe
     /// is then started with [`Streams::pipe`].
     pub async fn open(&self, target: StreamTarget) -> Result<StreamRx, OpenError> {
-        let id = lock(&self.mux).open();
+        let id = lock(&self.mux).open(Kind::of(&target));
         // Registered before asking, so data that follows `Opened` at once has a place to go.
         let rx = self.register(id);
         let (opened_tx, opened_rx) = oneshot::channel();
@@ -306,30 +365,42 @@ impl<M: Outgoing> Streams<M> {
     }
 
     /// Carries datagrams both ways between `socket` and the stream, one per `Data` frame, until
-    /// either side ends; a datagram is only sent against enough credit for the largest one, so
-    /// flow control never has to split one.
+    /// either side ends. A datagram waits for credit for all of it, so flow control never has to
+    /// split one: the peer's window is never below the largest datagram, and it tops the credit
+    /// up to the whole window whenever it has drained what it was sent ([`Kind::Datagrams`]).
     pub async fn pipe_datagrams<D: Datagrams>(self: Arc<Self>, mut socket: D, rx: StreamRx) {
         let StreamRx {
             id,
             mut inbound_rx,
             credit,
         } = rx;
+        // A datagram read from the socket that waits for credit.
+        let mut waiting: Option<Vec<u8>> = None;
         let peer_reset = loop {
-            let can_send =
-                lock(&self.mux).send_credit(id) as usize >= MAX_DATAGRAM.min(MAX_DATA_CHUNK);
+            if let Some(datagram) = waiting
+                .take_if(|datagram| lock(&self.mux).send_credit(id) as usize >= datagram.len())
+            {
+                lock(&self.mux).take_send_credit(id, datagram.len());
+                if !self
+                    .send(StreamFrame::Data {
+                        id,
+                        bytes: datagram,
+                    })
+                    .await
+                {
+                    break false;
+                }
+            }
             tokio::select! {
-                datagram = socket.recv(), if can_send => {
+                datagram = socket.recv(), if waiting.is_none() => {
                     let Some(datagram) = datagram else { break false };
                     if datagram.len() > MAX_DATA_CHUNK {
                         tracing::debug!(?id, len = datagram.len(), "datagram too large for one frame; dropped");
                         continue;
                     }
-                    lock(&self.mux).take_send_credit(id, datagram.len());
-                    if !self.send(StreamFrame::Data { id, bytes: datagram }).await {
-                        break false;
-                    }
+                    waiting = Some(datagram);
                 }
-                () = credit.notified(), if !can_send => {}
+                () = credit.notified(), if waiting.is_some() => {}
                 item = inbound_rx.recv() => match item {
                     Some(Inbound::Data(datagram)) => {
                         // A lost datagram is UDP's normal weather; a send error ends nothing.
@@ -373,21 +444,19 @@ impl<M: Outgoing> Streams<M> {
                     }
                     credit.notified().await;
                 };
-                // A buffer of its own for each read, which becomes the frame as it is.
-                let mut buf = vec![0u8; allowed];
-                match reader.read(&mut buf).await {
-                    Ok(0) => {
+                match read_frame(&mut reader, allowed).await {
+                    Ok(buf) if buf.is_empty() => {
                         return if self.send(StreamFrame::Shutdown { id }).await {
                             Ok(())
                         } else {
                             Err(Abort::Local)
                         };
                     }
-                    Ok(n) => {
+                    Ok(buf) => {
+                        let n = buf.len();
                         // Only this task sends on the stream, so the credit seen above is still there.
                         lock(&self.mux).take_send_credit(id, n);
                         size.after(n, allowed);
-                        buf.truncate(n);
                         if !self.send(StreamFrame::Data { id, bytes: buf }).await {
                             return Err(Abort::Local);
                         }

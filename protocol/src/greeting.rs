@@ -10,7 +10,7 @@
 //! This module only builds and parses the bytes; reading and writing them is the caller's.
 
 /// Bumped on any incompatible change to framing or messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The preamble's first bytes, never to change.
 pub const MAGIC: [u8; 8] = *b"mirrord\0";

@@ -162,7 +162,8 @@ pub enum StreamFrame {
         id: StreamId,
         target: StreamTarget,
     },
-    /// The stream is connected; both sides start with [`crate::mux::INITIAL_WINDOW`] credit.
+    /// The stream is connected; both sides start with [`crate::mux::INITIAL_WINDOW`] credit,
+    /// which each receiver then adapts (see [`crate::mux`]).
     Opened {
         id: StreamId,
     },

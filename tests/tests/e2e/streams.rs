@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::standard_pod;
 
 const TOKEN: &str = "stream-test-token";
-/// Large enough to need many credit round trips (the window is 512 KiB).
+/// Large enough to need many credit round trips (a window is at most 512 KiB).
 const BIG_LEN: usize = 8 * 1024 * 1024;
 
 pub fn agent_streams_reach_the_cluster_through_the_pod(
