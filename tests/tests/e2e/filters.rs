@@ -204,8 +204,9 @@ pub fn filter_header_routes_each_request_of_one_keep_alive_connection(
     Ok(())
 }
 
-/// gRPC is h2c: each call is a stream of one HTTP/2 connection, routed on its metadata (no h2c
-/// plain-HTTP server is installed here, so this also covers the h2c filter).
+/// gRPC is h2c: each call is a stream of an HTTP/2 connection, routed on its metadata — also
+/// four calls on one channel (one connection), alternately with and without the header, each
+/// answered by its own side.
 pub fn filter_header_routes_grpc_calls_by_metadata(
     scene: &Scene,
     cluster: &Cluster,
@@ -231,6 +232,13 @@ pub fn filter_header_routes_grpc_calls_by_metadata(
     until(cluster, SYSTEM_PYTHON, &me, "local\n")?;
     expect(cluster, SYSTEM_PYTHON, &plain, "remote\n")?;
     expect(cluster, SYSTEM_PYTHON, &me, "local\n")?;
+    let one_channel = [grpc.as_str(), "calls", &target, "-", "x-user=me", "-", "x-user=me"];
+    expect(
+        cluster,
+        SYSTEM_PYTHON,
+        &one_channel,
+        "remote\nlocal\nremote\nlocal\n",
+    )?;
     let stderr = session.stderr();
     ensure!(session.stop().is_some(), "mirrord did not stop: {stderr}");
     Ok(())
