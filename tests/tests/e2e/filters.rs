@@ -232,7 +232,15 @@ pub fn filter_header_routes_grpc_calls_by_metadata(
     until(cluster, SYSTEM_PYTHON, &me, "local\n")?;
     expect(cluster, SYSTEM_PYTHON, &plain, "remote\n")?;
     expect(cluster, SYSTEM_PYTHON, &me, "local\n")?;
-    let one_channel = [grpc.as_str(), "calls", &target, "-", "x-user=me", "-", "x-user=me"];
+    let one_channel = [
+        grpc.as_str(),
+        "calls",
+        &target,
+        "-",
+        "x-user=me",
+        "-",
+        "x-user=me",
+    ];
     expect(
         cluster,
         SYSTEM_PYTHON,
