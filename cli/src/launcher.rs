@@ -841,6 +841,29 @@ impl Launched {
         self.pid
     }
 
+    /// Whether the command exits within `within` (looked at without reaping it).
+    pub async fn exits_within(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // SAFETY: waitid(2) on our own child with WNOWAIT: nothing is reaped, the struct is
+            // zeroed and ours.
+            let exited = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                ) == 0
+                    && info.si_pid() != 0
+            };
+            if exited || tokio::time::Instant::now() >= deadline {
+                return exited;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits for the command to exit and returns its [`exit_code`]. Meanwhile SIGINT and
     /// SIGQUIT are left to the command (the terminal sends them to its process group), the
     /// first SIGTERM and every SIGHUP are forwarded, and a repeated SIGTERM kills the command

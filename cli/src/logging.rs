@@ -26,12 +26,13 @@ fn allowed(meta: &Metadata<'_>) -> bool {
 fn directives(env: Option<&str>, quiet: bool) -> EnvFilter {
     env.and_then(|env| EnvFilter::try_new(env).ok())
         .unwrap_or_else(|| {
-            // kube-client logs each failed request as an error; mirrord says what failed in its
-            // own line (and an unreachable API server once, not once a retry).
+            // kube-client logs each failed request as an error, and fuser each reply the kernel
+            // no longer waits for (an interrupted request, as on Ctrl-C); mirrord says what failed
+            // in its own line (and an unreachable API server once, not once a retry).
             EnvFilter::new(if quiet {
                 "error,fuser=off,kube_client=off"
             } else {
-                "warn,fuser=error,kube_client=off"
+                "warn,fuser=off,kube_client=off"
             })
         })
 }

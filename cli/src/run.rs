@@ -741,6 +741,9 @@ async fn run_launch(mut session: Session, mut launch: Launch) -> Result<i32, Fai
                         }
                     }
                     Ok(_) => {}
+                    // A command that ended before handing its device over (Ctrl-C during its
+                    // setup) needs no word about its network.
+                    Err(_) if child.exits_within(Duration::from_millis(100)).await => {}
                     Err(error) => output::warn(format!(
                         "{error}; the command runs without the target's network"
                     )),
