@@ -7,16 +7,26 @@
 #   1-byte request/response latency p50/p99 (veth vs mirrord);
 #   new TCP connections per second (ab, no keep-alive, against nginx).
 # Run by hand as root after `cargo build --release --workspace`:   bench/network.sh
+# MIRRORD=PATH runs that mirrord binary (its agent beside it) instead of target/release/mirrord,
+# e.g. to compare a saved build with the current one in the same session.
+# PROFILE=DIR also records the mirrord bulk and new-connection runs system-wide with
+# `perf record -e cpu-clock -g` into DIR/bulk.data and DIR/connections.data, and prints the top
+# symbols of mirrord and its agent in each.
 # Everything runs in a private network namespace with no route off the machine (its only
 # default route points at an address on a veth pair that leads nowhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/network.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/network.sh: build first: cargo build --release --workspace" >&2; exit 1; }
+MIRRORD=$(realpath "${MIRRORD:-target/release/mirrord}")
+[ -x "$MIRRORD" ] || { echo "bench/network.sh: build first: cargo build --release --workspace" >&2; exit 1; }
 for tool in iperf3 pasta ab nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends iperf3 passt apache2-utils nginx-light >/dev/null; break; }
 done
-exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
+if [ -n "${PROFILE:-}" ]; then
+  mkdir -p "$PROFILE"; PROFILE=$(realpath "$PROFILE")
+  command -v perf >/dev/null || { echo "bench/network.sh: PROFILE needs perf" >&2; exit 1; }
+fi
+unshare --net --mount --propagation private -- env PROFILE="${PROFILE:-}" MIRRORD="$MIRRORD" bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
 # Named namespaces live in /run/netns: keep them in this private world.
@@ -75,17 +85,25 @@ http { access_log off; server { listen $S:8080; root /tmp/nginx/html; } }
 CONF
 ip netns exec bench-cluster nginx -c /tmp/nginx/nginx.conf -p /tmp/nginx
 sleep 0.5
-M="target/release/mirrord exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode local --"
+M="$MIRRORD exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode local --"
 gbits() { python3 -c "import json,sys; print(round(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"] / 1e9, 2))"; }
 veth=$(nsenter -t $POD -n iperf3 -c $S -p 5201 -t 5 -J | gbits)
-mirrord=$($M iperf3 -c $S -p 5201 -t 5 -J | gbits)
+# With PROFILE: the command runs under a system-wide perf record.
+profiled() { # NAME COMMAND...
+  if [ -n "$PROFILE" ]; then
+    perf record -q -e cpu-clock -g -a -o "$PROFILE/$1.data" -- "${@:2}" 2>/dev/null
+  else
+    "${@:2}"
+  fi
+}
+mirrord=$(profiled bulk $M iperf3 -c $S -p 5201 -t 5 -J | gbits)
 pasta=$(pasta --runas 0 --config-net -- iperf3 -c 10.99.0.254 -p 5202 -t 5 -J | gbits)
 mirrord_local=$($M iperf3 -c 198.19.255.254 -p 5202 -t 5 -J | gbits)
 read veth_p50 veth_p99 < <(nsenter -t $POD -n python3 /tmp/rr.py $S)
 read m_p50 m_p99 < <($M python3 /tmp/rr.py $S)
 conns() { grep "Requests per second" | awk "{ print int(\$4) }"; }
 veth_cps=$(nsenter -t $POD -n ab -q -n 20000 -c 16 http://$S:8080/index.html | conns)
-m_cps=$($M ab -q -n 20000 -c 16 http://$S:8080/index.html | conns)
+m_cps=$(profiled connections $M ab -q -n 20000 -c 16 http://$S:8080/index.html | conns)
 printf "%-52s %10s\n" "bulk TCP throughput, iperf3 5 s (Gbit/s)" ""
 printf "  %-50s %10s\n" "veth path (plain netns, baseline)" "$veth" "mirrord exec -> agent -> cluster" "$mirrord" \
   "pasta -> outer loopback" "$pasta" "mirrord exec -> host loopback (local route)" "$mirrord_local"
@@ -96,3 +114,10 @@ awk -v a=$m_p50 -v b=$veth_p50 "BEGIN { printf \"  %-50s %10.0f\n\", \"added p50
 printf "%-52s %10s\n" "new TCP connections/s (ab -c 16, no keep-alive)" ""
 printf "  %-50s %10s\n" "veth path" "$veth_cps" "mirrord exec (target >= 5000)" "$m_cps"
 '
+if [ -n "${PROFILE:-}" ]; then
+  for run in bulk connections; do
+    echo "top symbols of mirrord and its agent, $run (perf, cpu-clock, % of all samples):"
+    perf report -i "$PROFILE/$run.data" --comm mirrord,mirrord-net,mirrord-agent,agent-net --no-children --sort comm,sym \
+      --percent-limit 0.5 --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
+  done
+fi

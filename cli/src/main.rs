@@ -20,6 +20,8 @@ fn main() {
     // with idle cores, while one core keeps up with the data (see agent/src/netns.rs).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        // Named so a profile tells mirrord's threads from the command's.
+        .thread_name("mirrord-net")
         .enable_all()
         .build()
     {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use mirrord_link::streams::Datagrams;
-use mirrord_netstack::{Event, NetStack, NewTcp, Originator, UdpFlow};
+use mirrord_netstack::{Event, NetStack, NewTcp, Originator, PacketDevice, UdpFlow};
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::SharedRules;
 use mirrord_routing::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
@@ -31,6 +31,14 @@ pub const HOST_LOOPBACK_NAME: &str = "host.mirrord.internal";
 
 /// The launched process's own address when the target reports no IPv4 address.
 const FALLBACK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+
+/// Set to `0` to create the TUN device without offload (a diagnostic switch: with it, the
+/// kernel computes every checksum and cuts TCP sends to the MTU, as before offload).
+pub const OFFLOAD_ENV: &str = "MIRRORD_TUN_OFFLOAD";
+
+fn offload_wanted(setting: Option<&std::ffi::OsStr>) -> bool {
+    setting.is_none_or(|value| value != "0")
+}
 
 /// What the user asked of the outgoing network.
 #[derive(Debug, Clone)]
@@ -126,6 +134,7 @@ pub fn prepare(
         (v4.0, 32),
         v6.map(|(ip, _)| (ip, 128)),
     )?;
+    let plan = plan.with_offload(offload_wanted(std::env::var_os(OFFLOAD_ENV).as_deref()));
     Ok(Some((
         plan,
         Network {
@@ -160,51 +169,17 @@ impl Network {
     /// Takes the device the command's setup created and serves it until this process exits.
     /// Returns what incoming traffic needs to reach the command.
     pub fn serve(self, client: Arc<AgentClient>) -> Result<Served, NetError> {
-        let device = Arc::new(TunDevice::new(self.receiver.receive()?).map_err(NetError::Device)?);
+        let device = TunDevice::new(self.receiver.receive()?).map_err(NetError::Device)?;
         let listener_socket = self.receiver.receive_listener_socket()?;
         let config = mirrord_netstack::Config {
             mtu: mirrord_tunnel::DEFAULT_MTU as usize,
-            // Packets come from the local kernel through the TUN: already checked.
+            // Packets come from the local kernel through the TUN: already checked, or (with
+            // offload) carrying a checksum the kernel left for the device to complete.
             verify_rx_checksums: false,
             ..mirrord_netstack::Config::default()
         };
-        let (stack_tx, mut stack_rx, mut events, originator) =
-            NetStack::spawn(config).map_err(NetError::Stack)?;
-
-        let tun = device.clone();
-        tokio::spawn(async move {
-            // tun --packets--> netstack
-            let mut bufs = vec![vec![0u8; mirrord_tunnel::MAX_PACKET]; 32];
-            let mut lens = vec![0usize; bufs.len()];
-            loop {
-                match tun.recv_batch(&mut bufs, &mut lens).await {
-                    Ok(n) => {
-                        for (buf, &len) in bufs.iter().zip(&lens).take(n) {
-                            if stack_tx.send(buf[..len].to_vec()).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "reading the TUN device ended");
-                        return;
-                    }
-                }
-            }
-        });
-        let tun = device;
-        tokio::spawn(async move {
-            // netstack --packets--> tun
-            let mut batch = Vec::with_capacity(64);
-            while stack_rx.recv_many(&mut batch, 64).await > 0 {
-                for packet in batch.drain(..) {
-                    if let Err(error) = tun.send(&packet).await {
-                        tracing::debug!(%error, "writing the TUN device ended");
-                        return;
-                    }
-                }
-            }
-        });
+        let (mut events, originator) =
+            NetStack::spawn_on(config, Tun(device)).map_err(NetError::Stack)?;
         let (rules, dns) = (self.rules, self.dns);
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
@@ -228,6 +203,19 @@ impl Network {
             listener_socket,
             app: self.app,
         })
+    }
+}
+
+/// The netstack reads and writes the TUN device itself, in its own task.
+struct Tun(TunDevice);
+
+impl PacketDevice for Tun {
+    async fn recv(&mut self, bufs: &mut [Vec<u8>]) -> std::io::Result<usize> {
+        self.0.recv_batch(bufs).await
+    }
+
+    async fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        self.0.send(packet).await
     }
 }
 

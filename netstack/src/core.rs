@@ -64,38 +64,76 @@ struct QueueDevice {
     rx: VecDeque<Vec<u8>>,
     /// smoltcp --packets--> app
     tx: VecDeque<Vec<u8>>,
+    /// Read buffers whose packets smoltcp has taken, for the device to read into again.
+    free_rx: Vec<Vec<u8>>,
+    /// Buffers of packets written to the app, for smoltcp to build packets in again.
+    free_tx: Vec<Vec<u8>>,
     caps: DeviceCapabilities,
 }
 
-struct RxToken(Vec<u8>);
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Buffers kept for reuse in each direction: a batch's worth, so a busy stack neither
+/// allocates per packet nor holds much memory when quiet.
+const FREE_BUFFERS: usize = 64;
 
-impl phy::RxToken for RxToken {
+/// A read buffer's capacity: the largest IP packet.
+pub(crate) const READ_BUFFER: usize = 65535;
+
+struct RxToken<'a> {
+    packet: Vec<u8>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+struct TxToken<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let RxToken { mut packet, free } = self;
+        let r = f(&packet);
+        if packet.capacity() >= READ_BUFFER && free.len() < FREE_BUFFERS {
+            packet.clear();
+            free.push(packet);
+        }
+        r
     }
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        // A reused buffer is only zeroed where it grows.
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.resize(len, 0);
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        self.tx.push_back(buf);
         r
     }
 }
 
 impl phy::Device for QueueDevice {
-    type RxToken<'a> = RxToken;
+    type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
-    fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
+    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        Some((
+            RxToken {
+                packet,
+                free: &mut self.free_rx,
+            },
+            TxToken {
+                tx: &mut self.tx,
+                free: &mut self.free_tx,
+            },
+        ))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
+        Some(TxToken {
+            tx: &mut self.tx,
+            free: &mut self.free_tx,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -305,6 +343,8 @@ impl Core {
         let mut device = QueueDevice {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
+            free_rx: Vec::new(),
+            free_tx: Vec::new(),
             caps,
         };
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
@@ -317,8 +357,8 @@ impl Core {
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
-            rx_pool: Pool::new(config.tcp_rx_buffer),
-            tx_pool: Pool::new(config.tcp_tx_buffer),
+            rx_pool: Pool::new(config.tcp_rx_buffer, config.tcp_first_buffer),
+            tx_pool: Pool::new(config.tcp_tx_buffer, config.tcp_first_buffer),
             capacity: Capacity::new(config.tcp_first_buffer, config.tcp_buffer_budget),
             device,
             rx_caps,
@@ -367,10 +407,11 @@ impl Core {
             }
             Inbound::Other => self.device.rx.push_back(packet),
             Inbound::Udp { key, payload } => {
-                let Some(data) = packet.get(payload) else {
+                let Some(data) = packet.get(payload).map(<[u8]>::to_vec) else {
                     return;
                 };
-                self.ingest_udp(now, key, data.to_vec());
+                self.recycle_read(packet);
+                self.ingest_udp(now, key, data);
             }
         }
     }
@@ -515,6 +556,8 @@ impl Core {
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
             let (rx, tx) = conn.memory.full_and_draining(socket);
             to_send |= self.capacity.grow(socket, rx, tx);
+            conn.rx.may_use(socket.recv_capacity());
+            conn.tx.may_use(socket.send_capacity());
             let window = socket.recv_capacity();
             if let Some(at) = release_idle(conn, socket, &mut self.capacity, now) {
                 self.next_release = Some(self.next_release.map_or(at, |next| next.min(at)));
@@ -595,6 +638,35 @@ impl Core {
     /// Packets for the app, in order.
     pub(crate) fn drain_transmit(&mut self) -> std::collections::vec_deque::Drain<'_, Vec<u8>> {
         self.device.tx.drain(..)
+    }
+
+    /// Moves the packets for the app into `out` (empty), which takes their place, so the
+    /// caller can write them without holding the core.
+    pub(crate) fn swap_transmit(&mut self, out: &mut VecDeque<Vec<u8>>) {
+        std::mem::swap(&mut self.device.tx, out);
+    }
+
+    /// An empty buffer of [`READ_BUFFER`] bytes' capacity to read the app's next packet into.
+    pub(crate) fn read_buffer(&mut self) -> Vec<u8> {
+        self.device
+            .free_rx
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(READ_BUFFER))
+    }
+
+    /// Takes back a read buffer whose packet was consumed outside smoltcp.
+    fn recycle_read(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() >= READ_BUFFER && self.device.free_rx.len() < FREE_BUFFERS {
+            buf.clear();
+            self.device.free_rx.push(buf);
+        }
+    }
+
+    /// Takes back the buffer of a packet written to the app.
+    pub(crate) fn recycle_written(&mut self, buf: Vec<u8>) {
+        if self.device.free_tx.len() < FREE_BUFFERS {
+            self.device.free_tx.push(buf);
+        }
     }
 
     pub(crate) fn pop_event(&mut self) -> Option<CoreEvent> {
@@ -703,6 +775,8 @@ impl Core {
             tcp::SocketBuffer::new(tx_storage),
         );
         self.capacity.start(&mut socket);
+        rx.may_use(socket.recv_capacity());
+        tx.may_use(socket.send_capacity());
         // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
         socket.set_ack_delay(None);
         socket.set_nagle_enabled(self.config.nagle);

@@ -3,8 +3,10 @@
 //! destination; it speaks raw IP packets on one side and never knows about TUN devices,
 //! routing policy or the agent.
 //!
-//! Packets the app sent go into a [`PacketSink`]; packets for the app come out of a
-//! [`PacketSource`]; new flows arrive on [`Events`]. A TCP connection is only answered once
+//! The stack's task reads the app's packets from a [`PacketDevice`] (the TUN) and writes
+//! packets for it there, with no other task in between; [`NetStack::spawn`] gives a pair of
+//! channels instead ([`PacketSink`], [`PacketSource`]) for tests. New flows arrive on
+//! [`Events`]. A TCP connection is only answered once
 //! the caller has decided ([`NewTcp::accept`] / [`NewTcp::refuse`] /
 //! [`NewTcp::unreachable`]), so connecting the remote side first keeps the app's view true.
 //!
@@ -27,7 +29,8 @@ use std::time::Duration;
 
 pub use replay::{Replayed, replay};
 pub use stack::{
-    Event, Events, NetStack, NewTcp, Originator, PacketSink, PacketSource, TcpStream, UdpFlow,
+    Event, Events, NetStack, NewTcp, Originator, PacketDevice, PacketSink, PacketSource, TcpStream,
+    UdpFlow,
 };
 
 /// Tuning knobs; [`Config::default`] suits a TUN device.

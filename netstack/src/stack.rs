@@ -2,6 +2,7 @@
 //! a packet arrives, a stream or flow did something, or smoltcp's own next deadline passes (no
 //! fixed-interval timer); it never decides where a flow goes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,8 +18,28 @@ use crate::core::{Core, CoreEvent, Decision};
 use crate::packet::FlowKey;
 use crate::{Config, Error};
 
-/// Packets taken from the app per wake-up before smoltcp runs, so egress is not starved.
-const INGEST_BATCH: usize = 256;
+/// Packets read from the app per wake-up before smoltcp runs, so egress is not starved.
+const READ_BATCH: usize = 32;
+
+/// Where the stack reads the app's packets and writes packets for it: the TUN device. The
+/// stack's one task does both, between its runs of smoltcp, so a packet crosses no channel
+/// and no other task on its way in or out.
+pub trait PacketDevice: Send + 'static {
+    /// Waits for at least one packet, then reads what is queued, up to `bufs.len()` packets
+    /// without waiting again, one per buffer; returns how many. Each buffer comes empty with
+    /// room for the largest packet (it may also be replaced by another holding the packet).
+    /// `Ok(0)` or an error stops the stack. Must be cancel-safe: it is raced against the
+    /// stack's other work, and a dropped call must not have taken a packet.
+    fn recv(&mut self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<usize>> + Send;
+
+    /// Writes one packet; an error stops the stack.
+    fn send(&mut self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// True once the device can take no more packets, so the stack stops even while idle.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
 
 struct Shared {
     core: Mutex<Core>,
@@ -42,40 +63,77 @@ impl Shared {
     }
 }
 
-/// Where the app's packets (read from the TUN) go into the stack.
+/// Where the app's packets go into a stack started with [`NetStack::spawn`].
 #[derive(Clone)]
 pub struct PacketSink {
-    /// tun --packets--> netstack
-    from_tun_tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// app --packets--> netstack
+    from_app_tx: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl PacketSink {
     /// Hands one raw IPv4/IPv6 packet to the stack; fails once the stack has stopped.
     pub fn send(&self, packet: Vec<u8>) -> Result<(), Error> {
-        self.from_tun_tx.send(packet).map_err(|_| Error::Closed)
+        self.from_app_tx.send(packet).map_err(|_| Error::Closed)
     }
 }
 
-/// Where packets for the app (to be written to the TUN) come out of the stack.
+/// Where packets for the app come out of a stack started with [`NetStack::spawn`].
 pub struct PacketSource {
-    /// netstack --packets--> tun
-    to_tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// netstack --packets--> app
+    to_app_rx: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl PacketSource {
     /// The next packet for the app; `None` once the stack has stopped.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.to_tun_rx.recv().await
+        self.to_app_rx.recv().await
     }
 
     /// Appends up to `limit` packets to `out` (waiting for at least one); 0 once stopped.
     pub async fn recv_many(&mut self, out: &mut Vec<Vec<u8>>, limit: usize) -> usize {
-        self.to_tun_rx.recv_many(out, limit).await
+        self.to_app_rx.recv_many(out, limit).await
     }
 
     /// A packet if one is ready now.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        self.to_tun_rx.try_recv().ok()
+        self.to_app_rx.try_recv().ok()
+    }
+}
+
+/// The device behind [`PacketSink`] and [`PacketSource`]: a pair of channels.
+struct ChannelDevice {
+    from_app_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    to_app_tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Packets taken from the channel and not yet handed over.
+    taken: Vec<Vec<u8>>,
+}
+
+impl PacketDevice for ChannelDevice {
+    async fn recv(&mut self, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
+        // recv_many is cancel-safe, and nothing is awaited after it.
+        if self
+            .from_app_rx
+            .recv_many(&mut self.taken, bufs.len())
+            .await
+            == 0
+        {
+            return Ok(0);
+        }
+        let n = self.taken.len();
+        for (buf, packet) in bufs.iter_mut().zip(self.taken.drain(..)) {
+            *buf = packet;
+        }
+        Ok(n)
+    }
+
+    async fn send(&mut self, packet: &[u8]) -> io::Result<()> {
+        self.to_app_tx
+            .send(packet.to_vec())
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.to_app_tx.is_closed()
     }
 }
 
@@ -102,10 +160,13 @@ impl Events {
 pub struct NetStack;
 
 impl NetStack {
-    /// Starts the stack's task on the current tokio runtime. It runs until the [`PacketSink`]
-    /// (all clones) or the [`PacketSource`] is dropped; then every stream fails with
-    /// `ConnectionReset` and every UDP flow ends.
-    pub fn spawn(config: Config) -> Result<(PacketSink, PacketSource, Events, Originator), Error> {
+    /// Starts the stack's task on the current tokio runtime, reading and writing the app's
+    /// packets on `device`. It runs until the device fails or ends; then every stream fails
+    /// with `ConnectionReset` and every UDP flow ends.
+    pub fn spawn_on<D: PacketDevice>(
+        config: Config,
+        device: D,
+    ) -> Result<(Events, Originator), Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let start = tokio::time::Instant::now();
         let shared = Arc::new(Shared {
@@ -113,41 +174,65 @@ impl NetStack {
             wake: Notify::new(),
             start,
         });
-        let (from_tun_tx, from_tun_rx) = mpsc::unbounded_channel();
-        let (to_tun_tx, to_tun_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        runtime.spawn(run(shared.clone(), from_tun_rx, to_tun_tx, events_tx));
+        runtime.spawn(run(shared.clone(), device, events_tx));
+        Ok((Events { events_rx }, Originator { shared }))
+    }
+
+    /// [`NetStack::spawn_on`] a pair of channels: the app's packets go into the [`PacketSink`],
+    /// packets for it come out of the [`PacketSource`]. The stack stops when the sink (all
+    /// clones) or the source is dropped.
+    pub fn spawn(config: Config) -> Result<(PacketSink, PacketSource, Events, Originator), Error> {
+        let (from_app_tx, from_app_rx) = mpsc::unbounded_channel();
+        let (to_app_tx, to_app_rx) = mpsc::unbounded_channel();
+        let device = ChannelDevice {
+            from_app_rx,
+            to_app_tx,
+            taken: Vec::new(),
+        };
+        let (events, originator) = Self::spawn_on(config, device)?;
         Ok((
-            PacketSink { from_tun_tx },
-            PacketSource { to_tun_rx },
-            Events { events_rx },
-            Originator { shared },
+            PacketSink { from_app_tx },
+            PacketSource { to_app_rx },
+            events,
+            originator,
         ))
     }
 }
 
-async fn run(
+async fn run<D: PacketDevice>(
     shared: Arc<Shared>,
-    mut from_tun_rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    to_tun_tx: mpsc::UnboundedSender<Vec<u8>>,
+    mut device: D,
     events_tx: mpsc::UnboundedSender<Event>,
 ) {
-    let mut batch = Vec::with_capacity(INGEST_BATCH);
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); READ_BATCH];
+    let mut outgoing = VecDeque::new();
+    let mut written = Vec::new();
     let mut events = Vec::new();
-    loop {
+    'serve: loop {
         let delay = {
             let mut core = shared.lock();
+            for buf in written.drain(..) {
+                core.recycle_written(buf);
+            }
+            for buf in bufs.iter_mut().filter(|buf| buf.capacity() == 0) {
+                *buf = core.read_buffer();
+            }
             let now = shared.now();
             core.poll(now);
-            for packet in core.drain_transmit() {
-                // A closed receiver ends the loop below.
-                let _ = to_tun_tx.send(packet);
-            }
+            core.swap_transmit(&mut outgoing);
             while let Some(event) = core.pop_event() {
                 events.push(event);
             }
             core.poll_delay(now)
         };
+        for packet in outgoing.drain(..) {
+            if let Err(error) = device.send(&packet).await {
+                tracing::debug!(%error, "writing packets for the app ended");
+                break 'serve;
+            }
+            written.push(packet);
+        }
         // Outside the lock: an undeliverable NewTcp refuses itself on drop, which locks.
         for event in events.drain(..) {
             let event = match event {
@@ -166,7 +251,7 @@ async fn run(
             };
             let _ = events_tx.send(event);
         }
-        if to_tun_tx.is_closed() {
+        if device.is_closed() {
             break;
         }
         let sleep = async {
@@ -177,14 +262,19 @@ async fn run(
         };
         tokio::select! {
             biased;
-            n = from_tun_rx.recv_many(&mut batch, INGEST_BATCH) => {
-                if n == 0 {
-                    break;
-                }
+            read = device.recv(&mut bufs) => {
+                let n = match read {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(error) => {
+                        tracing::debug!(%error, "reading the app's packets ended");
+                        break;
+                    }
+                };
                 let mut core = shared.lock();
                 let now = shared.now();
-                for packet in batch.drain(..) {
-                    core.ingest(now, packet);
+                for buf in &mut bufs[..n] {
+                    core.ingest(now, std::mem::take(buf));
                 }
             }
             _ = shared.wake.notified() => {}

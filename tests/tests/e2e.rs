@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 103] = [
+    let tests: [(&str, Test); 104] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -276,6 +276,10 @@ fn tests() -> Vec<Trial> {
         (
             "net_200_concurrent_connections_of_1_mib",
             network::net_200_concurrent_connections_of_1_mib,
+        ),
+        (
+            "net_bulk_both_ways_with_and_without_tun_offload",
+            network::net_bulk_both_ways_with_and_without_tun_offload,
         ),
         (
             "net_closed_port_is_refused_fast",

@@ -1,10 +1,11 @@
 //! Asynchronous packet I/O on the TUN descriptor received from the launched process; it never
 //! parses or alters packets (that is the netstack's job).
 //!
-//! A plain tokio `AsyncFd` rather than `tun_rs::AsyncDevice::from_fd`: tun-rs's real gain on
-//! Linux is offload (GSO/GRO through `IFF_VNET_HDR`), which must be requested when the device is
-//! created and which its `from_fd` cannot know about; without it, tun-rs would be the same
-//! `read`/`write` on the same `AsyncFd`, plus a dependency.
+//! A plain tokio `AsyncFd` rather than `tun_rs::AsyncDevice::from_fd`. tun-rs's gain on Linux
+//! is offload, and its offload is built for a device that feeds a wire of ~1,500 bytes: it
+//! splits each large segment the kernel hands over into MTU-sized packets and computes their
+//! checksums. The netstack takes a 64 KiB segment whole (the device's MTU is 65520), so all it
+//! needs from offload is the virtio-net header in front of each packet: see [`TunDevice`].
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -15,15 +16,30 @@ use tokio::io::unix::AsyncFd;
 /// The largest packet a TUN device carries: buffers of this size never truncate a packet.
 pub const MAX_PACKET: usize = 65535;
 
-/// One IP packet per read and per write (`IFF_TUN | IFF_NO_PI`: no extra header).
+/// `struct virtio_net_hdr` (10 bytes, native byte order on a TUN device), in front of every
+/// packet read or written on a device created with `IFF_VNET_HDR`.
+const VNET_HDR_LEN: usize = 10;
+
+/// One IP packet per read and per write (`IFF_TUN | IFF_NO_PI`).
+///
+/// On a device created with offload ([`crate::TunPlan::with_offload`]: `IFF_VNET_HDR` and
+/// `TUNSETOFFLOAD` with checksum and TCP segmentation offload), the kernel neither computes
+/// the checksums of the packets it hands over nor cuts a TCP send into MTU-sized segments: a
+/// packet may carry a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), which the netstack,
+/// reading a local kernel, does not verify, and a TCP segment of up to 64 KiB, which it takes
+/// whole. Packets written carry a header saying "no offload": the kernel verifies their
+/// checksums as usual. The header is read and written with the packet in one `readv`/`writev`.
 pub struct TunDevice {
     fd: AsyncFd<OwnedFd>,
+    /// Each packet is preceded by a virtio-net header (`IFF_VNET_HDR`).
+    vnet_hdr: bool,
 }
 
 impl TunDevice {
     /// Takes the descriptor from [`crate::TunReceiver::receive`] and makes it non-blocking.
     /// Must be called inside a Tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<TunDevice> {
+        let vnet_hdr = interface_flags(fd.as_raw_fd())? & libc::IFF_VNET_HDR != 0;
         // SAFETY: fcntl on a descriptor we own.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
         // SAFETY: as above.
@@ -34,36 +50,47 @@ impl TunDevice {
         }
         // SAFETY: an OwnedFd's descriptor stays open and the same until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
-        Ok(TunDevice { fd })
+        Ok(TunDevice { fd, vnet_hdr })
+    }
+
+    /// Whether the device was created with offload (packets carry a virtio-net header).
+    pub fn offload(&self) -> bool {
+        self.vnet_hdr
     }
 
     /// Waits for one packet and copies it into `buf`. A buffer shorter than the packet gets
     /// its beginning only: use [`MAX_PACKET`] (or the MTU) bytes.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd
-            .async_io(Interest::READABLE, |fd| read(fd.as_raw_fd(), buf))
+            .async_io(Interest::READABLE, |fd| {
+                read_packet(fd.as_raw_fd(), self.vnet_hdr, buf.as_mut_ptr(), buf.len())
+            })
             .await
     }
 
     /// Waits for at least one packet, then reads as many as are queued, up to `bufs.len()`,
-    /// without waiting again. `lens[i]` gets the length of the packet in `bufs[i]`; returns the
-    /// number of packets read (at least 1).
-    pub async fn recv_batch<B: AsMut<[u8]>>(
-        &self,
-        bufs: &mut [B],
-        lens: &mut [usize],
-    ) -> io::Result<usize> {
-        let max = bufs.len().min(lens.len());
-        if max == 0 {
+    /// without waiting again: each buffer is emptied and gets one packet, read into its spare
+    /// capacity (give each at least [`MAX_PACKET`]), so a buffer that is reused is never
+    /// zeroed or copied. Returns the number of packets read (at least 1).
+    pub async fn recv_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
+        if bufs.is_empty() {
             return Ok(0);
         }
         loop {
             let mut guard = self.fd.readable().await?;
             let mut count = 0;
-            while count < max {
-                match read(self.fd.as_raw_fd(), bufs[count].as_mut()) {
+            while let Some(buf) = bufs.get_mut(count) {
+                buf.clear();
+                let spare = buf.spare_capacity_mut();
+                match read_packet(
+                    self.fd.as_raw_fd(),
+                    self.vnet_hdr,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                ) {
                     Ok(n) => {
-                        lens[count] = n;
+                        // SAFETY: the kernel wrote `n` bytes at the start of the spare capacity.
+                        unsafe { buf.set_len(n) };
                         count += 1;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -83,12 +110,25 @@ impl TunDevice {
 
     /// Writes one whole IP packet.
     pub async fn send(&self, packet: &[u8]) -> io::Result<()> {
+        // flags 0, GSO_NONE: a complete packet whose checksums the kernel checks.
+        let header = [0u8; VNET_HDR_LEN];
+        let header: &[u8] = if self.vnet_hdr { &header } else { &[] };
+        let expected = header.len() + packet.len();
         let written = self
             .fd
             .async_io(Interest::WRITABLE, |fd| {
-                // SAFETY: write(2) from a live buffer of the given length.
-                let n =
-                    unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+                let iov = [
+                    libc::iovec {
+                        iov_base: header.as_ptr().cast_mut().cast(),
+                        iov_len: header.len(),
+                    },
+                    libc::iovec {
+                        iov_base: packet.as_ptr().cast_mut().cast(),
+                        iov_len: packet.len(),
+                    },
+                ];
+                // SAFETY: writev(2) from live buffers described by `iov`.
+                let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -96,7 +136,7 @@ impl TunDevice {
                 }
             })
             .await?;
-        if written == packet.len() {
+        if written == expected {
             Ok(())
         } else {
             Err(io::Error::new(
@@ -107,13 +147,49 @@ impl TunDevice {
     }
 }
 
-fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: read(2) into a live buffer of the given length.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+/// The device's `IFF_*` flags (TUNGETIFF).
+fn interface_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: an all-zero ifreq is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes an ifreq that lives on this frame.
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
+        let err = io::Error::last_os_error();
+        // Not a TUN device (a socket pair standing in for one in tests): no header.
+        if err.raw_os_error() == Some(libc::EBADFD) || err.raw_os_error() == Some(libc::ENOTTY) {
+            return Ok(0);
+        }
+        return Err(err);
+    }
+    // SAFETY: TUNGETIFF filled in the flags member.
+    Ok(libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags }))
+}
+
+/// Reads one packet into `len` bytes at `buf`, past its virtio-net header when there is one
+/// (the header is read into a scratch array and dropped: the netstack needs none of it).
+fn read_packet(fd: RawFd, vnet_hdr: bool, buf: *mut u8, len: usize) -> io::Result<usize> {
+    let mut header = [0u8; VNET_HDR_LEN];
+    let iov = [
+        libc::iovec {
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: len,
+        },
+    ];
+    let iov = if vnet_hdr { &iov[..] } else { &iov[1..] };
+    // SAFETY: readv(2) into live buffers described by `iov`.
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as i32) };
     if n < 0 {
-        Err(io::Error::last_os_error())
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if vnet_hdr {
+        // A read shorter than the header carries no packet.
+        Ok(n.saturating_sub(VNET_HDR_LEN))
     } else {
-        Ok(n as usize)
+        Ok(n)
     }
 }
 
@@ -158,17 +234,19 @@ mod tests {
         for packet in [&b"one"[..], b"two", b"three"] {
             write_all(&peer, packet);
         }
-        let mut bufs = vec![vec![0u8; 64]; 2];
-        let mut lens = [0usize; 2];
-        assert_eq!(tun.recv_batch(&mut bufs, &mut lens).await.ok(), Some(2));
-        assert_eq!(&bufs[0][..lens[0]], b"one");
-        assert_eq!(&bufs[1][..lens[1]], b"two");
-        assert_eq!(tun.recv_batch(&mut bufs, &mut lens).await.ok(), Some(1));
-        assert_eq!(&bufs[0][..lens[0]], b"three");
+        let mut bufs: Vec<Vec<u8>> = (0..2).map(|_| Vec::with_capacity(64)).collect();
+        assert_eq!(tun.recv_batch(&mut bufs).await.ok(), Some(2));
+        assert_eq!(bufs[0], b"one");
+        assert_eq!(bufs[1], b"two");
+        assert_eq!(tun.recv_batch(&mut bufs).await.ok(), Some(1));
+        assert_eq!(bufs[0], b"three");
 
         tun.send(b"reply").await.expect("send");
         let mut buf = [0u8; 16];
-        assert_eq!(read(peer.as_raw_fd(), &mut buf).ok(), Some(5));
+        assert_eq!(
+            read_packet(peer.as_raw_fd(), false, buf.as_mut_ptr(), buf.len()).ok(),
+            Some(5)
+        );
         assert_eq!(&buf[..5], b"reply");
         write_all(&peer, b"single");
         assert_eq!(tun.recv(&mut buf).await.ok(), Some(6));

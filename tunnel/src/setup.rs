@@ -48,10 +48,11 @@ pub enum TunStep {
     Ipv6Route,
     SendDescriptor,
     ListenerSocket,
+    Offload,
 }
 
 impl TunStep {
-    pub const ALL: [TunStep; 14] = [
+    pub const ALL: [TunStep; 15] = [
         TunStep::Open,
         TunStep::SetInterface,
         TunStep::ControlSocket,
@@ -66,6 +67,7 @@ impl TunStep {
         TunStep::Ipv6Route,
         TunStep::SendDescriptor,
         TunStep::ListenerSocket,
+        TunStep::Offload,
     ];
 
     /// A stable non-zero number for carrying the step through a report pipe.
@@ -94,6 +96,7 @@ impl fmt::Display for TunStep {
             TunStep::Ipv6Address => "setting the TUN interface's IPv6 address",
             TunStep::Ipv6Route => "adding the IPv6 default route through the TUN interface",
             TunStep::SendDescriptor => "handing the TUN device to mirrord",
+            TunStep::Offload => "turning on the TUN device's offload (TUNSETOFFLOAD)",
             TunStep::ListenerSocket => {
                 "opening the netlink sock_diag socket that follows the command's listening ports"
             }
@@ -145,6 +148,8 @@ pub struct TunPlan {
     mtu: u32,
     v4: (Ipv4Addr, u8),
     v6: Option<(Ipv6Addr, u8)>,
+    /// Checksum and TCP segmentation offload ([`TunPlan::with_offload`]).
+    offload: bool,
     socket: OwnedFd,
 }
 
@@ -154,6 +159,7 @@ impl std::fmt::Debug for TunPlan {
             .field("mtu", &self.mtu)
             .field("v4", &self.v4)
             .field("v6", &self.v6)
+            .field("offload", &self.offload)
             .finish_non_exhaustive()
     }
 }
@@ -308,10 +314,20 @@ impl TunPlan {
                 mtu,
                 v4,
                 v6,
+                offload: false,
                 socket: child,
             },
             TunReceiver { socket: parent },
         ))
+    }
+
+    /// Creates the device with checksum and TCP segmentation offload (`IFF_VNET_HDR`, then
+    /// `TUNSETOFFLOAD` with `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`): the kernel hands TCP sends
+    /// over as segments of up to 64 KiB without computing their checksums, and each packet
+    /// carries a virtio-net header, which [`crate::TunDevice`] reads and writes.
+    pub fn with_offload(mut self, on: bool) -> TunPlan {
+        self.offload = on;
+        self
     }
 
     /// Creates and configures the TUN device in the current network namespace and sends its
@@ -329,10 +345,17 @@ impl TunPlan {
         let tun = RawGuard(tun);
 
         let mut req = self.ifreq();
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let vnet_hdr = if self.offload { libc::IFF_VNET_HDR } else { 0 };
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet_hdr) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes an ifreq that lives on this frame.
         check(unsafe { libc::ioctl(tun.0, libc::TUNSETIFF, &mut req) })
             .map_err(at(SetInterface))?;
+        if self.offload {
+            let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            check(unsafe { libc::ioctl(tun.0, libc::TUNSETOFFLOAD, features as libc::c_ulong) })
+                .map_err(at(Offload))?;
+        }
 
         // SAFETY: socket(2) with constant arguments.
         let ctl =

@@ -434,10 +434,11 @@ fn crafted_datagrams_have_valid_checksums_and_parse_back() {
 }
 
 /// The child sends a datagram to `remote`:9 and prints the reply; this test, holding the TUN,
-/// checks the request and answers it.
-fn udp_round_trip(pod: IpAddr, remote: IpAddr) {
+/// checks the request and answers it. With `offload`, both cross the virtio-net header.
+fn udp_round_trip(pod: IpAddr, remote: IpAddr, offload: bool) {
     let v6 = pod.is_ipv6().then_some((POD_V6, 128));
     let (plan, receiver) = TunPlan::new(DEFAULT_NAME, DEFAULT_MTU, (POD_V4, 32), v6).expect("plan");
+    let plan = plan.with_offload(offload);
     let family = if remote.is_ipv6() {
         "AF_INET6"
     } else {
@@ -461,6 +462,11 @@ fn udp_round_trip(pod: IpAddr, remote: IpAddr) {
         .expect("runtime");
     let exchanged = runtime.block_on(async {
         let tun = TunDevice::new(fd)?;
+        assert_eq!(
+            tun.offload(),
+            offload,
+            "the device says whether it has offload"
+        );
         let mut buf = vec![0u8; mirrord_tunnel::MAX_PACKET];
         let request = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -501,10 +507,16 @@ fn udp_round_trip(pod: IpAddr, remote: IpAddr) {
 
 #[test]
 fn a_udp_datagram_goes_out_through_the_tun_and_the_reply_comes_back() {
-    udp_round_trip(POD_V4.into(), REMOTE_V4.into());
+    udp_round_trip(POD_V4.into(), REMOTE_V4.into(), false);
 }
 
 #[test]
 fn an_ipv6_udp_datagram_goes_out_through_the_tun_and_the_reply_comes_back() {
-    udp_round_trip(POD_V6.into(), REMOTE_V6.into());
+    udp_round_trip(POD_V6.into(), REMOTE_V6.into(), false);
+}
+
+#[test]
+fn datagrams_cross_a_tun_with_offload_both_ways() {
+    udp_round_trip(POD_V4.into(), REMOTE_V4.into(), true);
+    udp_round_trip(POD_V6.into(), REMOTE_V6.into(), true);
 }

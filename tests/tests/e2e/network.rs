@@ -220,6 +220,57 @@ pub fn net_200_concurrent_connections_of_1_mib(
     Ok(())
 }
 
+/// 64 MiB up and 64 MiB down on one connection, each checked by SHA-256 at the other end,
+/// through a TUN device with offload (the default: the kernel hands over 64 KiB segments with
+/// partial checksums) and without it (`MIRRORD_TUN_OFFLOAD=0`).
+pub fn net_bulk_both_ways_with_and_without_tun_offload(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let ip = cluster.ip().to_string();
+    let server = "import hashlib, random, socket, sys, threading\n\
+         srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         srv.bind((sys.argv[1], 9100)); srv.listen(8)\n\
+         def serve(c):\n    f = c.makefile('rwb')\n    way, n = f.readline().split(); n = int(n)\n    \
+         if way == b'up':\n        h = hashlib.sha256(); left = n\n        \
+         while left:\n            b = f.read(min(left, 1 << 20)); h.update(b); left -= len(b)\n        \
+         f.write(h.hexdigest().encode() + b'\\n')\n    \
+         else:\n        f.write(random.Random(7).randbytes(n))\n    f.close(); c.close()\n\
+         while True:\n    threading.Thread(target=serve, args=(srv.accept()[0],)).start()\n";
+    let mut cmd = cluster.command("python3");
+    cmd.args(["-c", server, &ip]);
+    let _server = spawn(cmd, "python3 bulk server")?;
+    thread::sleep(Duration::from_millis(300));
+    let client = format!(
+        "import hashlib, random, socket\n\
+         n = 64 << 20\n\
+         up = random.Random(1).randbytes(n)\n\
+         s = socket.create_connection(('{ip}', 9100), timeout=60); f = s.makefile('rwb')\n\
+         f.write(b'up %d\\n' % n); f.write(up); f.flush()\n\
+         print('up', f.readline().decode().strip() == hashlib.sha256(up).hexdigest())\n\
+         s = socket.create_connection(('{ip}', 9100), timeout=60); f = s.makefile('rwb')\n\
+         f.write(b'down %d\\n' % n); f.flush()\n\
+         h = hashlib.sha256(); got = 0\n\
+         while (b := f.read(1 << 20)):\n    h.update(b); got += len(b)\n\
+         print('down', got == n and h.hexdigest() == hashlib.sha256(random.Random(7).randbytes(n)).hexdigest())\n"
+    );
+    for offload in ["1", "0"] {
+        let mut cmd = scene.mirrord()?;
+        cmd.args(["exec", "-t", &pod.target()])
+            .args(CLUSTER)
+            .args(["--", "python3", "-c", &client])
+            .env("MIRRORD_TUN_OFFLOAD", offload);
+        let out = cmd.run(super::RUN)?;
+        ensure!(
+            out.code == 0 && out.stdout == "up True\ndown True\n",
+            "64 MiB each way with MIRRORD_TUN_OFFLOAD={offload}: {}",
+            out.describe()
+        );
+    }
+    Ok(())
+}
+
 /// `/usr/lib/postgresql/<newest>/bin`, wherever Debian put this machine's server.
 fn postgres_bin() -> Result<String, Failed> {
     let newest = std::fs::read_dir("/usr/lib/postgresql")?
