@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Outgoing network through mirrord against the paths it competes with, in one run, same fixture:
-#   bulk TCP throughput (iperf3, 5 s): a plain network namespace on a veth to the server (the
-#     baseline), mirrord exec (TUN + netstack + agent) to the same server, pasta attached to a
+#   bulk TCP throughput (iperf3, 5 s, upload; and download with -R): a plain network namespace
+#     on a veth to the server (the baseline), mirrord exec (TUN + netstack + agent) to the same server, pasta attached to a
 #     namespace (to a server on the outer namespace's loopback), and mirrord's local route to that
 #     same loopback server (TUN + netstack, no agent);
 #   1-byte request/response latency p50/p99 (veth vs mirrord);
@@ -97,6 +97,8 @@ profiled() { # NAME COMMAND...
   fi
 }
 mirrord=$(profiled bulk $M iperf3 -c $S -p 5201 -t 5 -J | gbits)
+veth_down=$(nsenter -t $POD -n iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
+mirrord_down=$($M iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
 pasta=$(pasta --runas 0 --config-net -- iperf3 -c 10.99.0.254 -p 5202 -t 5 -J | gbits)
 mirrord_local=$($M iperf3 -c 198.19.255.254 -p 5202 -t 5 -J | gbits)
 read veth_p50 veth_p99 < <(nsenter -t $POD -n python3 /tmp/rr.py $S)
@@ -108,6 +110,8 @@ printf "%-52s %10s\n" "bulk TCP throughput, iperf3 5 s (Gbit/s)" ""
 printf "  %-50s %10s\n" "veth path (plain netns, baseline)" "$veth" "mirrord exec -> agent -> cluster" "$mirrord" \
   "pasta -> outer loopback" "$pasta" "mirrord exec -> host loopback (local route)" "$mirrord_local"
 awk -v m=$mirrord -v v=$veth -v p=$pasta -v l=$mirrord_local "BEGIN { printf \"  %-50s %9.0f%%\n  %-50s %10.2fx\n  %-50s %10.2fx\n\", \"mirrord/veth (target >= 25%)\", 100*m/v, \"mirrord/pasta (target >= 1.5x)\", m/p, \"mirrord local route/pasta\", l/p }"
+printf "  %-50s %10s\n" "veth path, download (iperf3 -R)" "$veth_down" "mirrord exec, download (iperf3 -R)" "$mirrord_down"
+awk -v m=$mirrord_down -v v=$veth_down "BEGIN { printf \"  %-50s %9.0f%%\n\", \"mirrord/veth, download\", 100*m/v }"
 printf "%-52s %10s %10s\n" "1-byte request/response (us)" "p50" "p99"
 printf "  %-50s %10s %10s\n" "veth path" "$veth_p50" "$veth_p99" "mirrord exec" "$m_p50" "$m_p99"
 awk -v a=$m_p50 -v b=$veth_p50 "BEGIN { printf \"  %-50s %10.0f\n\", \"added p50 (target <= 100)\", a - b }"

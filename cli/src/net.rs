@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use mirrord_link::streams::Datagrams;
-use mirrord_netstack::{Event, NetStack, NewTcp, Originator, PacketDevice, UdpFlow};
+use mirrord_netstack::{Event, NetStack, NewTcp, Originator, PacketDevice, TxChecksum, UdpFlow};
 use mirrord_protocol::TargetInfo;
 use mirrord_routing::SharedRules;
 use mirrord_routing::rules::{OutgoingFilter, Protocol, Route, Rules, RulesConfig};
@@ -176,6 +176,8 @@ impl Network {
             // Packets come from the local kernel through the TUN: already checked, or (with
             // offload) carrying a checksum the kernel left for the device to complete.
             verify_rx_checksums: false,
+            // With offload, TCP packets to the command need no checksum pass on either side.
+            tcp_checksum_offload: device.offload(),
             ..mirrord_netstack::Config::default()
         };
         let (mut events, originator) =
@@ -214,8 +216,13 @@ impl PacketDevice for Tun {
         self.0.recv_batch(bufs).await
     }
 
-    async fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
-        self.0.send(packet).await
+    async fn send(&mut self, packet: &[u8], checksum: TxChecksum) -> std::io::Result<()> {
+        match checksum {
+            TxChecksum::Complete => self.0.send(packet).await,
+            TxChecksum::Partial { start, offset } => {
+                self.0.send_partial(packet, start, offset).await
+            }
+        }
     }
 }
 

@@ -340,6 +340,14 @@ impl Core {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = config.mtu;
         caps.checksum = rx_caps.clone();
+        if config.tcp_checksum_offload {
+            // The stack's task puts the pseudo-header sum in (packet::leave_tcp_checksum).
+            caps.checksum.tcp = if config.verify_rx_checksums {
+                Checksum::Rx
+            } else {
+                Checksum::None
+            };
+        }
         let mut device = QueueDevice {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -667,6 +675,11 @@ impl Core {
         if self.device.free_tx.len() < FREE_BUFFERS {
             self.device.free_tx.push(buf);
         }
+    }
+
+    /// Whether TCP packets to the app leave their checksum to the device.
+    pub(crate) fn tcp_checksum_offload(&self) -> bool {
+        self.config.tcp_checksum_offload
     }
 
     pub(crate) fn pop_event(&mut self) -> Option<CoreEvent> {

@@ -30,7 +30,7 @@ use std::time::Duration;
 pub use replay::{Replayed, replay};
 pub use stack::{
     Event, Events, NetStack, NewTcp, Originator, PacketDevice, PacketSink, PacketSource, TcpStream,
-    UdpFlow,
+    TxChecksum, UdpFlow,
 };
 
 /// Tuning knobs; [`Config::default`] suits a TUN device.
@@ -56,6 +56,11 @@ pub struct Config {
     /// Verify checksums of packets from the app. A TUN fed by the local kernel is trustworthy,
     /// so the tunnel can turn this off; checksums on packets to the app are always written.
     pub verify_rx_checksums: bool,
+    /// TCP packets to the app leave their checksum for the device to complete: smoltcp skips
+    /// the pass over each payload, the checksum field holds the pseudo-header sum, and the
+    /// device gets [`TxChecksum::Partial`] (a TUN with offload passes that on to the kernel,
+    /// which delivers such a packet locally without a checksum pass of its own either).
+    pub tcp_checksum_offload: bool,
     /// How long a cleanly closed, released connection may wait for the app's FIN.
     pub orphan_timeout: Duration,
     /// Seed for initial sequence numbers and ports.
@@ -74,6 +79,7 @@ impl Default for Config {
             udp_idle: Duration::from_secs(60),
             udp_queue: 1024,
             verify_rx_checksums: true,
+            tcp_checksum_offload: false,
             orphan_timeout: Duration::from_secs(60),
             random_seed: 0x6d69_7272_6f72_6421,
         }

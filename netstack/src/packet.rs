@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
+    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr, checksum,
 };
 
 /// A flow as the app sees it: (app's own address, the destination it asked for).
@@ -149,6 +149,46 @@ pub(crate) fn classify(packet: &[u8], caps: &ChecksumCapabilities) -> Result<Inb
 /// segment's end, so bytes past a window edge that shrank (window scaling rounds the advertised
 /// window down) would be silently lost behind an early EOF. Split, the trimmed FIN lands after
 /// a gap, smoltcp ignores it, and the app retransmits the missing bytes with the FIN.
+/// Where a TCP packet's checksum starts being computed and where it goes, for a device that
+/// completes it: the TCP header's offset in the packet, and the checksum's offset in it.
+pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) -> Option<(u16, u16)> {
+    const CHECKSUM_AT: usize = 16;
+    let (start, pseudo) = match packet.first()? >> 4 {
+        4 if packet.len() >= 20 && packet[9] == 6 => {
+            let start = usize::from(packet[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            let len = total.checked_sub(start)?;
+            let src = Ipv4Address::from(<[u8; 4]>::try_from(&packet[12..16]).ok()?);
+            let dst = Ipv4Address::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?);
+            let pseudo = checksum::pseudo_header(
+                &IpAddress::Ipv4(src),
+                &IpAddress::Ipv4(dst),
+                IpProtocol::Tcp,
+                u32::try_from(len).ok()?,
+            );
+            (start, pseudo)
+        }
+        // smoltcp writes no extension headers: TCP follows the fixed header.
+        6 if packet.len() >= 40 && packet[6] == 6 => {
+            let len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+            let src = Ipv6Address::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
+            let dst = Ipv6Address::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?);
+            let pseudo = checksum::pseudo_header(
+                &IpAddress::Ipv6(src),
+                &IpAddress::Ipv6(dst),
+                IpProtocol::Tcp,
+                u32::try_from(len).ok()?,
+            );
+            (40, pseudo)
+        }
+        _ => return None,
+    };
+    let field = packet.get_mut(start + CHECKSUM_AT..start + CHECKSUM_AT + 2)?;
+    // The folded sum, not its complement: the device adds the segment to it and complements.
+    field.copy_from_slice(&pseudo.to_be_bytes());
+    Some((u16::try_from(start).ok()?, CHECKSUM_AT as u16))
+}
+
 pub(crate) fn split_fin(packet: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let (src, dst, proto, range) = parse_ip(packet, &ChecksumCapabilities::ignored()).ok()?;
     if proto != IpProtocol::Tcp || range.end != packet.len() {
@@ -377,6 +417,44 @@ pub(crate) fn unreachable(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_left_tcp_checksum_completes_to_the_full_one() {
+        for (src, dst) in [
+            ("10.0.0.1:40000", "10.0.0.2:80"),
+            ("[fd00::1]:40000", "[fd00::2]:80"),
+        ] {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let payload = [7u8; 1001];
+            let repr = TcpRepr {
+                payload: &payload,
+                control: TcpControl::Psh,
+                ..syn_repr(40000, 80, 1)
+            };
+            let full = build_tcp(src, dst, &repr, &ChecksumCapabilities::default()).unwrap();
+            let mut partial = full.clone();
+            let (start, offset) = leave_tcp_checksum(&mut partial).expect("a TCP packet");
+            let (start, at) = (usize::from(start), usize::from(start + offset));
+            assert_eq!(start, if src.is_ipv4() { 20 } else { 40 });
+            assert_ne!(partial[at..at + 2], full[at..at + 2]);
+            // What the kernel does with a partial checksum: sum from `start` on, with the
+            // pseudo-header sum in place, and store the complement.
+            let completed = !checksum::data(&partial[start..]);
+            assert_eq!(completed.to_be_bytes(), full[at..at + 2]);
+        }
+        let mut udp = build_udp(
+            "10.0.0.1:53".parse().unwrap(),
+            "10.0.0.2:5353".parse().unwrap(),
+            b"x",
+            &ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            leave_tcp_checksum(&mut udp),
+            None,
+            "only TCP is left to the device"
+        );
+    }
 
     pub(crate) fn syn_repr(src_port: u16, dst_port: u16, seq: i32) -> TcpRepr<'static> {
         TcpRepr {

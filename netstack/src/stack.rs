@@ -33,12 +33,27 @@ pub trait PacketDevice: Send + 'static {
     fn recv(&mut self, bufs: &mut [Vec<u8>]) -> impl Future<Output = io::Result<usize>> + Send;
 
     /// Writes one packet; an error stops the stack.
-    fn send(&mut self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    fn send(
+        &mut self,
+        packet: &[u8],
+        checksum: TxChecksum,
+    ) -> impl Future<Output = io::Result<()>> + Send;
 
     /// True once the device can take no more packets, so the stack stops even while idle.
     fn is_closed(&self) -> bool {
         false
     }
+}
+
+/// Where a packet's transport checksum stands when it is written to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxChecksum {
+    /// Every checksum in the packet is complete.
+    Complete,
+    /// With [`crate::Config::tcp_checksum_offload`]: the checksum at `start + offset` holds only
+    /// the pseudo-header sum, to be completed over the packet from `start` on (what a TUN with
+    /// offload tells the kernel with `VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+    Partial { start: u16, offset: u16 },
 }
 
 struct Shared {
@@ -126,7 +141,7 @@ impl PacketDevice for ChannelDevice {
         Ok(n)
     }
 
-    async fn send(&mut self, packet: &[u8]) -> io::Result<()> {
+    async fn send(&mut self, packet: &[u8], _: TxChecksum) -> io::Result<()> {
         self.to_app_tx
             .send(packet.to_vec())
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
@@ -209,6 +224,7 @@ async fn run<D: PacketDevice>(
     let mut outgoing = VecDeque::new();
     let mut written = Vec::new();
     let mut events = Vec::new();
+    let checksum_offload = shared.lock().tcp_checksum_offload();
     'serve: loop {
         let delay = {
             let mut core = shared.lock();
@@ -226,8 +242,15 @@ async fn run<D: PacketDevice>(
             }
             core.poll_delay(now)
         };
-        for packet in outgoing.drain(..) {
-            if let Err(error) = device.send(&packet).await {
+        for mut packet in outgoing.drain(..) {
+            let checksum = match checksum_offload
+                .then(|| crate::packet::leave_tcp_checksum(&mut packet))
+                .flatten()
+            {
+                Some((start, offset)) => TxChecksum::Partial { start, offset },
+                None => TxChecksum::Complete,
+            };
+            if let Err(error) = device.send(&packet, checksum).await {
                 tracing::debug!(%error, "writing packets for the app ended");
                 break 'serve;
             }

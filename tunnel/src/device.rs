@@ -20,6 +20,9 @@ pub const MAX_PACKET: usize = 65535;
 /// packet read or written on a device created with `IFF_VNET_HDR`.
 const VNET_HDR_LEN: usize = 10;
 
+/// `flags` of a virtio-net header: the checksum at `csum_start + csum_offset` is partial.
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+
 /// One IP packet per read and per write (`IFF_TUN | IFF_NO_PI`).
 ///
 /// On a device created with offload ([`crate::TunPlan::with_offload`]: `IFF_VNET_HDR` and
@@ -27,8 +30,10 @@ const VNET_HDR_LEN: usize = 10;
 /// the checksums of the packets it hands over nor cuts a TCP send into MTU-sized segments: a
 /// packet may carry a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), which the netstack,
 /// reading a local kernel, does not verify, and a TCP segment of up to 64 KiB, which it takes
-/// whole. Packets written carry a header saying "no offload": the kernel verifies their
-/// checksums as usual. The header is read and written with the packet in one `readv`/`writev`.
+/// whole. A packet written either has complete checksums ([`TunDevice::send`]: the kernel
+/// verifies them) or a partial TCP checksum ([`TunDevice::send_partial`]: the kernel treats it
+/// as it treats its own sends, and a local socket takes it without a checksum pass). The header
+/// is read and written with the packet in one `readv`/`writev`.
 pub struct TunDevice {
     fd: AsyncFd<OwnedFd>,
     /// Each packet is preceded by a virtio-net header (`IFF_VNET_HDR`).
@@ -108,10 +113,31 @@ impl TunDevice {
         }
     }
 
-    /// Writes one whole IP packet.
+    /// Writes one whole IP packet whose checksums are complete.
     pub async fn send(&self, packet: &[u8]) -> io::Result<()> {
-        // flags 0, GSO_NONE: a complete packet whose checksums the kernel checks.
-        let header = [0u8; VNET_HDR_LEN];
+        // flags 0, GSO_NONE: a complete packet, whose checksums the kernel checks.
+        self.write(packet, [0u8; VNET_HDR_LEN]).await
+    }
+
+    /// Writes one IP packet whose transport checksum, at `start + offset`, holds only the
+    /// pseudo-header sum: the kernel takes it as partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), which
+    /// a local socket accepts without computing it. Only on a device with [`Self::offload`].
+    pub async fn send_partial(&self, packet: &[u8], start: u16, offset: u16) -> io::Result<()> {
+        if !self.vnet_hdr {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a partial checksum needs a TUN device with offload",
+            ));
+        }
+        let mut header = [0u8; VNET_HDR_LEN];
+        header[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        // virtio-net header fields are in the host's byte order on a TUN device.
+        header[6..8].copy_from_slice(&start.to_ne_bytes());
+        header[8..10].copy_from_slice(&offset.to_ne_bytes());
+        self.write(packet, header).await
+    }
+
+    async fn write(&self, packet: &[u8], header: [u8; VNET_HDR_LEN]) -> io::Result<()> {
         let header: &[u8] = if self.vnet_hdr { &header } else { &[] };
         let expected = header.len() + packet.len();
         let written = self
