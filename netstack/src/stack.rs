@@ -300,7 +300,12 @@ async fn run<D: PacketDevice>(
                     core.ingest(now, std::mem::take(buf));
                 }
             }
-            _ = shared.wake.notified() => {}
+            _ = shared.wake.notified() => {
+                // Woken by a stream, this task would run next (tokio's LIFO slot), before the
+                // other streams woken in the same round (by one batch of frames from the link)
+                // have written: yielding once lets them, so one poll serves them all.
+                tokio::task::yield_now().await;
+            }
             _ = sleep => {}
         }
     }
