@@ -814,6 +814,17 @@ impl Core {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        self.tcp_poll_read_into(handle, cx, &mut tokio::io::ReadBuf::new(buf))
+    }
+
+    /// Reads what the app sent into `buf`'s unfilled part, straight from the socket's ring
+    /// (which may wrap: two slices), without initializing `buf` first.
+    pub(crate) fn tcp_poll_read_into(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
         let closed = self.closed;
         let Some((conn, socket)) = self.conn_socket(handle) else {
             return Poll::Ready(Err(reset_error()));
@@ -821,8 +832,24 @@ impl Core {
         if conn.reset || closed {
             return Poll::Ready(Err(reset_error()));
         }
-        match socket.recv_slice(buf) {
-            Ok(0) if !buf.is_empty() => {
+        let mut read = 0;
+        let result = loop {
+            let room = buf.remaining();
+            let got = socket.recv(|data| {
+                let n = data.len().min(room);
+                buf.put_slice(&data[..n]);
+                (n, n)
+            });
+            match got {
+                Ok(n) if n > 0 && buf.remaining() > 0 => read += n,
+                Ok(n) => break Ok(read + n),
+                Err(e) if read == 0 => break Err(e),
+                // The data read goes first; the end or the failure shows on the next read.
+                Err(_) => break Ok(read),
+            }
+        };
+        match result {
+            Ok(0) if buf.remaining() > 0 => {
                 socket.register_recv_waker(cx.waker());
                 Poll::Pending
             }

@@ -454,13 +454,10 @@ impl AsyncRead for TcpStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let result = this
-            .shared
-            .lock()
-            .tcp_poll_read(this.handle, cx, buf.initialize_unfilled());
+        // Filled in place: `buf` is not zeroed first.
+        let result = this.shared.lock().tcp_poll_read_into(this.handle, cx, buf);
         match result {
             Poll::Ready(Ok(n)) => {
-                buf.advance(n);
                 if n > 0 {
                     // Freed receive space may need a window update.
                     this.shared.wake.notify_one();
