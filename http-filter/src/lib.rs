@@ -58,7 +58,7 @@ pub use mirrord_protocol::incoming::{HttpFilter, IncomingMode};
 use detect::Protocol;
 use prefixed::Prefixed;
 use route::{Local, Router};
-use upstream::{Connector, Drive, Driver, Io, Upstream, Version};
+use upstream::{Connector, Io, Upstream, Version};
 
 /// How long a client gets to show it speaks HTTP before its connection is piped to the
 /// original app as raw TCP. HTTP clients send their request at once; a server-speaks-first
@@ -221,32 +221,18 @@ where
         Protocol::Http1 => Version::Http1,
         Protocol::Http2 => Version::Http2,
     };
-    // upstream --connection drivers--> this task, which runs them beside the client's.
-    let (drivers_tx, drivers_rx) = tokio::sync::mpsc::unbounded_channel();
-    let serving = Drive::Serving(drivers_tx);
     let locals = routes
         .into_iter()
         .map(|route| {
-            // A mirror's requests are sent from a task of their own, so its connection is
-            // driven there.
-            let drive = match route.mode {
-                IncomingMode::Steal => serving.clone(),
-                IncomingMode::Mirror => Drive::Spawn,
-            };
             Local::new(
                 route.filter,
                 route.mode,
-                Upstream::new(Side::Local, version, route.connect, drive),
+                Upstream::new(Side::Local, version, route.connect),
             )
         })
         .collect();
     let router = Arc::new(Router::new(
-        Upstream::new(
-            Side::Original,
-            version,
-            connector(connect_original),
-            serving,
-        ),
+        Upstream::new(Side::Original, version, connector(connect_original)),
         locals,
         options.mirror_body_limit,
     ));
@@ -255,67 +241,24 @@ where
     // No `Date` of our own: the app's response goes back as the app wrote it.
     let served = match version {
         Version::Http1 => {
-            let connection = hyper::server::conn::http1::Builder::new()
+            hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
                 // A client may shut down its sending side once its request is out, and still
                 // expects the answer, as the original app would give it.
                 .half_close(true)
                 .auto_date_header(false)
                 .serve_connection(client, service)
-                .with_upgrades();
-            with_drivers(connection, drivers_rx).await
+                .with_upgrades()
+                .await
         }
         Version::Http2 => {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .auto_date_header(false)
-                .serve_connection(client, service);
-            with_drivers(connection, drivers_rx).await
+                .serve_connection(client, service)
+                .await
         }
     };
     served.map_err(Error::Serve)
-}
-
-/// Runs the client's connection and, beside it, the drivers of the connections to the apps
-/// that its requests open; then, once the client's connection is done (and with it the router
-/// that held those connections' senders), the drivers to their end, so that a connection an
-/// upgrade handed over gets to finish the hand-over.
-async fn with_drivers<F: Future>(
-    connection: F,
-    mut drivers_rx: tokio::sync::mpsc::UnboundedReceiver<Driver>,
-) -> F::Output {
-    use std::task::Poll;
-    // Boxed, so that it can be dropped before this function ends.
-    let mut connection = Box::pin(connection);
-    let mut drivers: Vec<Driver> = Vec::new();
-    let poll_drivers = |drivers: &mut Vec<Driver>,
-                        drivers_rx: &mut tokio::sync::mpsc::UnboundedReceiver<Driver>,
-                        cx: &mut std::task::Context<'_>| {
-        while let Poll::Ready(Some(driver)) = drivers_rx.poll_recv(cx) {
-            drivers.push(driver);
-        }
-        drivers.retain_mut(|driver| driver.as_mut().poll(cx).is_pending());
-    };
-    let output = std::future::poll_fn(|cx| {
-        // Around the connection: what a driver read (a response) is what the connection writes
-        // next, and what the connection did (a request handed on) is what a driver writes next.
-        poll_drivers(&mut drivers, &mut drivers_rx, cx);
-        let polled = connection.as_mut().poll(cx);
-        poll_drivers(&mut drivers, &mut drivers_rx, cx);
-        polled
-    })
-    .await;
-    // Dropping the connection drops the router and the senders it held: each driver then ends.
-    drop(connection);
-    std::future::poll_fn(|cx| {
-        poll_drivers(&mut drivers, &mut drivers_rx, cx);
-        if drivers.is_empty() && drivers_rx.is_closed() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    output
 }
 
 async fn pipe_raw<C, O, FO, IO>(mut client: C, connect_original: O) -> Result<(), Error>

@@ -2,12 +2,6 @@
 //! a single HTTP connection to it, opened on the first request that goes there, kept for the
 //! next ones, and opened again when the app closed it. It speaks what the client speaks, since
 //! the app served that client before the redirect.
-//!
-//! A connection's driver (hyper's `Connection` future, which does its reads and writes) runs in
-//! the task that serves the client connection, handed over through [`Drive::Serving`], rather
-//! than in a task of its own: every request and every response crosses between the server side
-//! and the client side of hyper, and within one task each crossing is a re-poll, not a wake-up
-//! of another task.
 
 use std::future::Future;
 use std::io;
@@ -19,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Mutex;
 
 use crate::{Body, Error, Side};
 
@@ -30,34 +24,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// Opens a new stream to an app; called once per upstream connection.
 pub type Connector =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>> + Send + Sync>;
-
-/// A connection's driver: resolves once the connection is done (closed, failed, or upgraded
-/// and handed over).
-pub type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Where the drivers of an upstream's connections run.
-#[derive(Clone)]
-pub enum Drive {
-    /// In a task of their own (for an upstream used away from the serving task: mirroring).
-    Spawn,
-    /// upstream --connection drivers--> the task serving the client connection.
-    Serving(mpsc::UnboundedSender<Driver>),
-}
-
-impl Drive {
-    fn run(&self, driver: Driver) {
-        match self {
-            Drive::Spawn => drop(tokio::spawn(driver)),
-            Drive::Serving(drivers_tx) => {
-                if let Err(unsent) = drivers_tx.send(driver) {
-                    // The serving task is gone: its requests with it, but a connection handed
-                    // over by an upgrade may still need its driver to finish.
-                    tokio::spawn(unsent.0);
-                }
-            }
-        }
-    }
-}
 
 /// Which HTTP the upstream connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,33 +48,10 @@ impl Sender {
         }
     }
 
-    /// Hands the request to the connection at once; the future waits for the response head.
-    fn send(
-        &mut self,
-        request: Request<Body>,
-    ) -> Sending<
-        impl Future<Output = SendResult> + Send + use<>,
-        impl Future<Output = SendResult> + Send + use<>,
-    > {
+    fn send(&mut self, request: Request<Body>) -> Pin<Box<dyn Future<Output = SendResult> + Send>> {
         match self {
-            Sender::Http1(sender) => Sending::Http1(sender.try_send_request(request)),
-            Sender::Http2(sender) => Sending::Http2(sender.try_send_request(request)),
-        }
-    }
-}
-
-/// A request handed to its connection, until the response head comes: an enum of the two
-/// futures rather than a boxed one, so forwarding a request allocates nothing of its own.
-enum Sending<H1, H2> {
-    Http1(H1),
-    Http2(H2),
-}
-
-impl<H1: Future<Output = SendResult>, H2: Future<Output = SendResult>> Sending<H1, H2> {
-    async fn response(self) -> SendResult {
-        match self {
-            Sending::Http1(sending) => sending.await,
-            Sending::Http2(sending) => sending.await,
+            Sender::Http1(sender) => Box::pin(sender.try_send_request(request)),
+            Sender::Http2(sender) => Box::pin(sender.try_send_request(request)),
         }
     }
 }
@@ -119,18 +62,16 @@ pub struct Upstream {
     side: Side,
     version: Version,
     connect: Connector,
-    drive: Drive,
     /// `None` until the first request, and while a request is being handed to the connection.
     sender: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    pub fn new(side: Side, version: Version, connect: Connector, drive: Drive) -> Self {
+    pub fn new(side: Side, version: Version, connect: Connector) -> Self {
         Upstream {
             side,
             version,
             connect,
-            drive,
             sender: Mutex::new(None),
         }
     }
@@ -165,7 +106,7 @@ impl Upstream {
                 *slot = Some(sender);
                 (response, reused)
             };
-            match response.response().await {
+            match response.await {
                 Ok(response) => return Ok(response),
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused && !retried => {
@@ -198,11 +139,11 @@ impl Upstream {
                     .handshake(io)
                     .await
                     .map_err(handshake)?;
-                self.drive.run(Box::pin(async move {
+                tokio::spawn(async move {
                     if let Err(error) = connection.with_upgrades().await {
                         tracing::debug!(%side, %error, "HTTP/1 connection to an app ended");
                     }
-                }));
+                });
                 Ok(Sender::Http1(sender))
             }
             Version::Http2 => {
@@ -210,11 +151,11 @@ impl Upstream {
                     .handshake(io)
                     .await
                     .map_err(handshake)?;
-                self.drive.run(Box::pin(async move {
+                tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(%side, %error, "HTTP/2 connection to an app ended");
                     }
-                }));
+                });
                 Ok(Sender::Http2(sender))
             }
         }
