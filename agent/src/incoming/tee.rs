@@ -95,20 +95,6 @@ impl AsyncWrite for Tee {
         Pin::new(&mut self.get_mut().client).poll_write(cx, buf)
     }
 
-    /// Passed on, so that the HTTP router writes a response's head and body in one `writev`
-    /// rather than copying both into one buffer first.
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().client).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.client.is_write_vectored()
-    }
-
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().client).poll_flush(cx)
     }
