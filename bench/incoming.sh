@@ -5,7 +5,10 @@
 #   2. the same port stolen whole by `mirrord exec --steal -- nginx` (a local nginx answering
 #      "local"): every request crosses the agent, the link and the netstack;
 #   3. the same port under a steal with an HTTP header filter that no request matches: every
-#      request is parsed by the agent and passed to the pod's nginx.
+#      request is parsed by the agent and passed to the pod's nginx;
+#   and, as a reference for what any proxy can reach on this machine, an nginx in the pod's
+#   namespace on port 8080 as a plain HTTP/1.1 reverse proxy (keep-alive upstream connections)
+#   in front of the pod's nginx: the filter's work without mirrord's.
 # Prints requests/s and p99 latency of each, and each against the baseline.
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
 # Everything runs in a private network namespace with no route off the machine.
@@ -27,7 +30,7 @@ unshare --net --mount --uts --propagation private -- sh -c "exec env -i POD=1 /b
 POD=$!
 cleanup() {
   kill $POD $(jobs -p) 2>/dev/null || true
-  for pid in /tmp/remote/pid /tmp/local/pid; do [ -f $pid ] && kill "$(cat $pid)" 2>/dev/null || true; done
+  for pid in /tmp/remote/pid /tmp/local/pid /tmp/proxy/pid; do [ -f $pid ] && kill "$(cat $pid)" 2>/dev/null || true; done
   ip netns pids bench-cluster 2>/dev/null | xargs -r kill 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -50,6 +53,17 @@ CONF
 nginx_conf /tmp/remote remote on
 nginx_conf /tmp/local local off
 nsenter -t $POD -n nginx -c /tmp/remote/nginx.conf -p /tmp/remote
+# The reference proxy: one worker, as the pod app and the agent have one each.
+mkdir -p /tmp/proxy
+cat > /tmp/proxy/nginx.conf <<CONF
+worker_processes 1; daemon on; pid /tmp/proxy/pid; error_log /tmp/proxy/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream pod_app { server 127.0.0.1:80; keepalive 64; keepalive_requests 1000000; }
+  server { listen 8080; location / {
+    proxy_pass http://pod_app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+nsenter -t $POD -n nginx -c /tmp/proxy/nginx.conf -p /tmp/proxy
 in_cluster() { ip netns exec bench-cluster "$@"; }
 # Until the client gets ANSWER (with optional curl args): the session subscribes the port once
 # the local nginx listens.
@@ -60,15 +74,18 @@ wait_for() {
   done
   echo "bench/incoming.sh: never got $1 from $URL" >&2; exit 1
 }
-# One wrk run: "requests/s p99-in-ms".
+# One wrk run against URL (by default the pod app): "requests/s p99-in-ms".
 load() {
-  in_cluster wrk -t2 -c32 -d${DURATION}s --latency $URL | awk "
+  in_cluster wrk -t2 -c32 -d${DURATION}s --latency ${1:-$URL} | awk "
     /Requests\/sec/ { rps = \$2 }
     /^ *99%/ { v = \$2; ms = v + 0; if (v ~ /us\$/) ms /= 1000; else if (v ~ /[^m]s\$/) ms *= 1000; p99 = ms }
     END { printf \"%d %.2f\n\", rps, p99 }"
 }
 wait_for remote
 read direct_rps direct_p99 < <(load)
+PROXY_URL=http://10.77.0.2:8080/
+[ "$(in_cluster curl -s $PROXY_URL)" = remote ] || { echo "bench/incoming.sh: the reference proxy does not reach the pod app" >&2; exit 1; }
+read proxy_rps proxy_p99 < <(load $PROXY_URL)
 
 M="target/release/mirrord exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
@@ -89,8 +106,10 @@ kill -TERM $SESSION; wait $SESSION || true
 printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c32 -d${DURATION}s" "req/s" "p99 ms"
 printf "  %-56s %10s %10s\n" "pod app directly (baseline)" $direct_rps $direct_p99 \
   "steal of every request (local nginx)" $steal_rps $steal_p99 \
-  "header filter passing every request to the pod app" $filter_rps $filter_p99
-awk -v d=$direct_rps -v dp=$direct_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 "BEGIN {
+  "header filter passing every request to the pod app" $filter_rps $filter_p99 \
+  "reference: nginx reverse proxy (keep-alive) to the pod app" $proxy_rps $proxy_p99
+awk -v d=$direct_rps -v dp=$direct_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 "BEGIN {
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal against direct (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter against direct (target >= 50%, p99 within 2 ms)\", 100*f/d, fp-dp }"
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter against direct (target >= 50%, p99 within 2 ms)\", 100*f/d, fp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy against direct\", 100*r/d, rp-dp }"
 '
