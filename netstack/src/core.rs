@@ -396,7 +396,13 @@ impl Core {
             }
         };
         match inbound {
-            Inbound::TcpSyn { key, seq } => self.ingest_syn(key, seq, packet),
+            Inbound::TcpSyn { key, seq } => {
+                // A SYN may be held for a while (until the caller decides): in a buffer of its
+                // own size, not in a read buffer, which goes back to be read into again.
+                let syn = packet.to_vec();
+                self.recycle_read(packet);
+                self.ingest_syn(key, seq, syn);
+            }
             Inbound::Tcp(segment) => {
                 if let Some(conn) = self
                     .by_key
@@ -407,6 +413,7 @@ impl Core {
                 }
                 match packet::split_fin(&packet) {
                     Some((data, fin)) => {
+                        self.recycle_read(packet);
                         self.device.rx.push_back(data);
                         self.device.rx.push_back(fin);
                     }

@@ -74,7 +74,7 @@ impl Default for Config {
             tcp_rx_buffer: 1 << 20,
             tcp_tx_buffer: 1 << 20,
             tcp_first_buffer: 16 * 1024,
-            tcp_buffer_budget: 32 << 20,
+            tcp_buffer_budget: 16 << 20,
             nagle: false,
             udp_idle: Duration::from_secs(60),
             udp_queue: 1024,
