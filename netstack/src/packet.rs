@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr, checksum,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr, checksum,
 };
 
 /// A flow as the app sees it: (app's own address, the destination it asked for).
@@ -142,6 +142,25 @@ pub(crate) fn classify(packet: &[u8], caps: &ChecksumCapabilities) -> Result<Inb
     }
 }
 
+/// Where a TCP packet's checksum starts being computed and where it goes, for a device that
+/// completes it: the TCP header's offset in the packet, and the checksum's offset in it. The
+/// checksum field gets the pseudo-header sum; `None` (and the packet untouched) for anything
+/// but a TCP packet.
+pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) -> Option<(u16, u16)> {
+    const CHECKSUM_AT: usize = 16;
+    let (src, dst, proto, range) = parse_ip(packet, &ChecksumCapabilities::ignored()).ok()?;
+    if proto != IpProtocol::Tcp {
+        return None;
+    }
+    let len = u32::try_from(range.len()).ok()?;
+    let pseudo = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, len);
+    let at = range.start + CHECKSUM_AT;
+    let field = packet.get_mut(at..at + 2)?;
+    // The folded sum, not its complement: the device adds the segment to it and complements.
+    field.copy_from_slice(&pseudo.to_be_bytes());
+    Some((u16::try_from(range.start).ok()?, CHECKSUM_AT as u16))
+}
+
 /// Splits a TCP segment carrying both data and a FIN into a data-only segment and a bare FIN
 /// right after it; `None` for any other packet (including ones it cannot parse).
 ///
@@ -149,46 +168,6 @@ pub(crate) fn classify(packet: &[u8], caps: &ChecksumCapabilities) -> Result<Inb
 /// segment's end, so bytes past a window edge that shrank (window scaling rounds the advertised
 /// window down) would be silently lost behind an early EOF. Split, the trimmed FIN lands after
 /// a gap, smoltcp ignores it, and the app retransmits the missing bytes with the FIN.
-/// Where a TCP packet's checksum starts being computed and where it goes, for a device that
-/// completes it: the TCP header's offset in the packet, and the checksum's offset in it.
-pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) -> Option<(u16, u16)> {
-    const CHECKSUM_AT: usize = 16;
-    let (start, pseudo) = match packet.first()? >> 4 {
-        4 if packet.len() >= 20 && packet[9] == 6 => {
-            let start = usize::from(packet[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-            let len = total.checked_sub(start)?;
-            let src = Ipv4Address::from(<[u8; 4]>::try_from(&packet[12..16]).ok()?);
-            let dst = Ipv4Address::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?);
-            let pseudo = checksum::pseudo_header(
-                &IpAddress::Ipv4(src),
-                &IpAddress::Ipv4(dst),
-                IpProtocol::Tcp,
-                u32::try_from(len).ok()?,
-            );
-            (start, pseudo)
-        }
-        // smoltcp writes no extension headers: TCP follows the fixed header.
-        6 if packet.len() >= 40 && packet[6] == 6 => {
-            let len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-            let src = Ipv6Address::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
-            let dst = Ipv6Address::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?);
-            let pseudo = checksum::pseudo_header(
-                &IpAddress::Ipv6(src),
-                &IpAddress::Ipv6(dst),
-                IpProtocol::Tcp,
-                u32::try_from(len).ok()?,
-            );
-            (40, pseudo)
-        }
-        _ => return None,
-    };
-    let field = packet.get_mut(start + CHECKSUM_AT..start + CHECKSUM_AT + 2)?;
-    // The folded sum, not its complement: the device adds the segment to it and complements.
-    field.copy_from_slice(&pseudo.to_be_bytes());
-    Some((u16::try_from(start).ok()?, CHECKSUM_AT as u16))
-}
-
 pub(crate) fn split_fin(packet: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let (src, dst, proto, range) = parse_ip(packet, &ChecksumCapabilities::ignored()).ok()?;
     if proto != IpProtocol::Tcp || range.end != packet.len() {
