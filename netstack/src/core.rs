@@ -88,14 +88,19 @@ struct TxToken<'a> {
     free: &'a mut Vec<Vec<u8>>,
 }
 
+/// Keeps a read buffer whose packet is done with for the next read, if it is one (packets
+/// handed in by tests are exactly their size) and the free list has room.
+fn keep_read_buffer(free: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
+    if buf.capacity() >= READ_BUFFER && free.len() < FREE_BUFFERS {
+        buf.clear();
+        free.push(buf);
+    }
+}
+
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let RxToken { mut packet, free } = self;
-        let r = f(&packet);
-        if packet.capacity() >= READ_BUFFER && free.len() < FREE_BUFFERS {
-            packet.clear();
-            free.push(packet);
-        }
+        let r = f(&self.packet);
+        keep_read_buffer(self.free, self.packet);
         r
     }
 }
@@ -670,11 +675,8 @@ impl Core {
     }
 
     /// Takes back a read buffer whose packet was consumed outside smoltcp.
-    fn recycle_read(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() >= READ_BUFFER && self.device.free_rx.len() < FREE_BUFFERS {
-            buf.clear();
-            self.device.free_rx.push(buf);
-        }
+    fn recycle_read(&mut self, buf: Vec<u8>) {
+        keep_read_buffer(&mut self.device.free_rx, buf);
     }
 
     /// Takes back the buffer of a packet written to the app.
