@@ -12,9 +12,7 @@
 # Run by hand as root after `cargo build --release --workspace`:   bench/dns.sh [queries]
 # Everything runs in a private network namespace with nothing but its own namespaces to talk to.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/dns.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/dns.sh: build first: cargo build --release --workspace" >&2; exit 1; }
+source "$(dirname "$0")/lib.sh"
 command -v dnsmasq >/dev/null || apt-get install -y -q --no-install-recommends dnsmasq-base >/dev/null
 export BENCH_QUERIES="${1:-2000}"
 exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
@@ -122,7 +120,7 @@ print(f"{times[count // 2] * 1000:.2f} {times[count * 99 // 100] * 1000:.2f} {wr
 PY
 sleep 0.3
 N=$BENCH_QUERIES
-M="target/release/mirrord exec -t pid/$POD --fs-mode local --"
+M="$MIRRORD exec -t pid/$POD --fs-mode local --"
 declare -A d p m
 for mode in cached unique nxdomain; do
   d[$mode]=$(ip netns exec bench-cluster python3 /tmp/dnsq.py $S $mode $N)

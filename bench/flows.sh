@@ -8,11 +8,8 @@
 # Run by hand as root after `cargo build --release --workspace --bins`:   bench/flows.sh
 # Like bench/network.sh, everything runs in a private network namespace with no route out.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/flows.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-for bin in mirrord mirrord-agent flowload; do
-  [ -x target/release/$bin ] || { echo "bench/flows.sh: build first: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+source "$(dirname "$0")/lib.sh"
+[ -x target/release/flowload ] || { echo "$BENCH: build first: cargo build --release --workspace --bins" >&2; exit 1; }
 exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
@@ -37,7 +34,7 @@ ip netns exec bench-cluster target/release/flowload serve 10.77.0.1:7100 &
 sleep 0.3
 S=10.77.0.1:7100
 F=$PWD/target/release/flowload
-M="target/release/mirrord exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode local --"
+M="$MIRRORD exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode local --"
 
 # kB of VmRSS and the descriptor count of the mirrord CLI ($1) and of its agent (the only one running).
 sample() {

@@ -11,10 +11,8 @@
 # Run by hand as root after `cargo build --release --workspace`:   bench/fs.sh [RUNS]
 # Everything runs in a private network and mount namespace with no route off the machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 RUNS=${1:-3}
-[ "$(id -u)" = 0 ] || { echo "bench/fs.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/fs.sh: build first: cargo build --release --workspace" >&2; exit 1; }
 for tool in sshfs socat /usr/lib/openssh/sftp-server rg; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends sshfs socat openssh-sftp-server ripgrep >/dev/null; break; }
 done
@@ -94,7 +92,7 @@ on_sshfs() { # SCRIPT ARGS… with a fresh sshfs mount at /tmp/sshfs
     umount /tmp/sshfs; wait"
 }
 on_mirrord() { # SCRIPT ARGS… in a fresh session
-  target/release/mirrord exec -t pid/$POD --fs-mode local ${MIRRORD_ARGS:-} -- sh -c "sh $1 \$MIRRORD_REMOTE_ROOT ${2:-}"
+  $MIRRORD exec -t pid/$POD --fs-mode local ${MIRRORD_ARGS:-} -- sh -c "sh $1 \$MIRRORD_REMOTE_ROOT ${2:-}"
 }
 for _ in $(seq "$RUNS"); do
   # A fresh session each round, so the first read is cold.

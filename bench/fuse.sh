@@ -9,10 +9,8 @@
 # Run by hand as root after `cargo build --release --workspace`:   bench/fuse.sh [RUNS]
 # Everything runs in a private network and mount namespace with no route off the machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 RUNS=${1:-3}
-[ "$(id -u)" = 0 ] || { echo "bench/fuse.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/fuse.sh: build first: cargo build --release --workspace" >&2; exit 1; }
 exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
 RUNS=$1
 ip link set lo up
@@ -39,8 +37,8 @@ def xattr():
 print("%.1f %.1f %.1f" % (each(lambda: os.stat(f)), each(xattr), each(lambda: os.readlink(l))))
 PY
 for _ in $(seq "$RUNS"); do
-  target/release/mirrord exec -t pid/$POD --fs-mode local -- /usr/bin/python3 /tmp/loop.py >> /tmp/default.txt
-  target/release/mirrord exec -t pid/$POD --fs-mode local --fs-xattrs -- /usr/bin/python3 /tmp/loop.py >> /tmp/xattrs.txt
+  $MIRRORD exec -t pid/$POD --fs-mode local -- /usr/bin/python3 /tmp/loop.py >> /tmp/default.txt
+  $MIRRORD exec -t pid/$POD --fs-mode local --fs-xattrs -- /usr/bin/python3 /tmp/loop.py >> /tmp/xattrs.txt
 done
 median() { awk -v c=$2 "{ print \$c }" $1 | sort -n | awk "{ v[NR] = \$1 } END { print v[int((NR + 1) / 2)] }"; }
 printf "%-44s %10s %14s\n" "µs per call, median of $RUNS" "default" "--fs-xattrs"

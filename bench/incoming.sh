@@ -13,9 +13,7 @@
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
 # Everything runs in a private network namespace with no route off the machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/incoming.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/incoming.sh: build first: cargo build --release --workspace" >&2; exit 1; }
+source "$(dirname "$0")/lib.sh"
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
 done
@@ -87,7 +85,7 @@ PROXY_URL=http://10.77.0.2:8080/
 [ "$(in_cluster curl -s $PROXY_URL)" = remote ] || { echo "bench/incoming.sh: the reference proxy does not reach the pod app" >&2; exit 1; }
 read proxy_rps proxy_p99 < <(load $PROXY_URL)
 
-M="target/release/mirrord exec -t pid/$POD --fs-mode local"
+M="$MIRRORD exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
 SESSION=$!
 wait_for local

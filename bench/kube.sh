@@ -8,16 +8,14 @@
 # The cluster is brought up (and down) in a private network and mount namespace with no route
 # off the machine, as scripts/test does.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 RUNS=${1:-10}
-[ "$(id -u)" = 0 ] || { echo "bench/kube.sh: needs root (it runs the test cluster)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/kube.sh: build first: cargo build --release --workspace" >&2; exit 1; }
 ( source tests/cluster/lib.sh && build_binary )
 exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
 RUNS=$1
 ip link set lo up
 mount -t tmpfs mrdc-run /run && mkdir -p /run/lock
-export MRDC_AGENT_BIN=$PWD/target/release/mirrord-agent
+export MRDC_AGENT_BIN=$(dirname $MIRRORD)/mirrord-agent
 trap tests/cluster/down EXIT
 KC=$(tests/cluster/up 2>/dev/null)
 W() { nsenter --net=/run/netns/mrdc-world "$@"; }
@@ -27,7 +25,7 @@ K -n mirrord-e2e rollout status deployment/web --timeout=120s >/dev/null
 now() { date +%s%N; }
 M=/tmp/bench-mirrord; C=/tmp/bench-kubectl; S=/tmp/bench-steps
 : > $M; : > $C; : > $S
-mirrord() { KUBECONFIG=$KC W target/release/mirrord exec -v -n mirrord-e2e -t deployment/web -- true; }
+mirrord() { KUBECONFIG=$KC W $MIRRORD exec -v -n mirrord-e2e -t deployment/web -- true; }
 mirrord 2>/dev/null; K -n mirrord-e2e exec deploy/web -- true  # warm caches
 for _ in $(seq "$RUNS"); do
   t0=$(now); mirrord 2> /tmp/bench-v; t1=$(now)

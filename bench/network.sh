@@ -7,18 +7,14 @@
 #   1-byte request/response latency p50/p99 (veth vs mirrord);
 #   new TCP connections per second (ab, no keep-alive, against nginx).
 # Run by hand as root after `cargo build --release --workspace`:   bench/network.sh
-# MIRRORD=PATH runs that mirrord binary (its agent beside it) instead of target/release/mirrord,
-# e.g. to compare a saved build with the current one in the same session.
+# MIRRORD=PATH runs that mirrord binary instead of target/release/mirrord (bench/lib.sh).
 # PROFILE=DIR also records the mirrord bulk and new-connection runs system-wide with
 # `perf record -e cpu-clock -g` into DIR/bulk.data and DIR/connections.data, and prints the top
 # symbols of mirrord and its agent in each.
 # Everything runs in a private network namespace with no route off the machine (its only
 # default route points at an address on a veth pair that leads nowhere).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/network.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-MIRRORD=$(realpath "${MIRRORD:-target/release/mirrord}")
-[ -x "$MIRRORD" ] || { echo "bench/network.sh: build first: cargo build --release --workspace" >&2; exit 1; }
+source "$(dirname "$0")/lib.sh"
 for tool in iperf3 pasta ab nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends iperf3 passt apache2-utils nginx-light >/dev/null; break; }
 done

@@ -10,9 +10,7 @@
 # Run by hand as root after `cargo build --release --workspace --bins`:   bench/soak.sh
 # Like bench/network.sh, everything runs in a private network namespace with no route out.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/soak.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/soak.sh: build first: cargo build --release --workspace --bins" >&2; exit 1; }
+source "$(dirname "$0")/lib.sh"
 for tool in dnsmasq curl gnuplot; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends dnsmasq-base curl gnuplot-nox >/dev/null; break; }
 done
@@ -65,7 +63,7 @@ fwrite() {
 }
 count http & count dns & count fread & count fwrite & wait
 LOAD
-target/release/mirrord exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode write -- \
+$MIRRORD exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode write -- \
   env SOAK_SECONDS=$SOAK_SECONDS bash /tmp/soak/load.sh > /tmp/soak/counts &
 SESSION=$!
 echo "seconds,cli_rss_mb,cli_fds,agent_rss_mb,agent_fds" > $OUT/soak.csv

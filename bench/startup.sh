@@ -4,10 +4,8 @@
 # root after `cargo build --release --workspace`:   sudo bench/startup.sh [RUNS]
 # Everything runs in a private network namespace with no route off the machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 RUNS=${1:-100}
-[ "$(id -u)" = 0 ] || { echo "bench/startup.sh: needs root (it makes a pod from namespaces)" >&2; exit 1; }
-[ -x target/release/mirrord ] || { echo "bench/startup.sh: build first: cargo build --release --workspace" >&2; exit 1; }
 exec unshare --net --mount --propagation private -- bash -euo pipefail -c '
 RUNS=$1
 ip link set lo up
@@ -17,9 +15,9 @@ trap "kill $POD 2>/dev/null || true" EXIT
 for _ in $(seq 200); do tr "\0" "\n" < /proc/$POD/environ 2>/dev/null | grep -q ^POD_VAR= && break; sleep 0.01; done
 now() { date +%s%N; }
 : > /tmp/bench-mirrord.$$; : > /tmp/bench-nsenter.$$
-for _ in 1 2 3; do target/release/mirrord exec -t pid/$POD -- true; nsenter -t $POD -n -m -u true; done  # warm caches
+for _ in 1 2 3; do $MIRRORD exec -t pid/$POD -- true; nsenter -t $POD -n -m -u true; done  # warm caches
 for _ in $(seq "$RUNS"); do
-  t0=$(now); target/release/mirrord exec -t pid/$POD -- true; t1=$(now)
+  t0=$(now); $MIRRORD exec -t pid/$POD -- true; t1=$(now)
   nsenter -t $POD -n -m -u true; t2=$(now)
   echo $(( (t1 - t0) / 1000 )) >> /tmp/bench-mirrord.$$
   echo $(( (t2 - t1) / 1000 )) >> /tmp/bench-nsenter.$$
