@@ -135,8 +135,11 @@ impl PacketDevice for ChannelDevice {
             return Ok(0);
         }
         let n = self.taken.len();
+        // Copied into the stack's own buffers, as a device's read is, so that they go on being
+        // reused rather than each replaced by a packet-sized one.
         for (buf, packet) in bufs.iter_mut().zip(self.taken.drain(..)) {
-            *buf = packet;
+            buf.clear();
+            buf.extend_from_slice(&packet);
         }
         Ok(n)
     }
