@@ -3,6 +3,7 @@
 //! never sends beyond the credit its peer granted, and never blocks another stream.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -160,6 +161,28 @@ fn fit(mut buf: Vec<u8>) -> Vec<u8> {
         buf.shrink_to_fit();
     }
     buf
+}
+
+/// Most data frames one write to a stream's socket carries (a stream's whole window is at most
+/// `MAX_WINDOW / MAX_DATA_CHUNK` = 8 full frames).
+const PEER_WRITE_FRAMES: usize = 16;
+
+/// Writes every buffer of `bufs`, in order, in as few vectored writes as the writer takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bufs: &[Vec<u8>],
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|buf| IoSlice::new(buf)).collect();
+    let mut slices = &mut slices[..];
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = writer.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// What the connection hands to one stream's pipe.
@@ -470,14 +493,42 @@ impl<M: Outgoing> Streams<M> {
         };
 
         let from_peer = async {
-            while let Some(item) = inbound_rx.recv().await {
+            // The data frames of one write, and what came after them in the queue.
+            let mut batch = Vec::new();
+            let mut after = None;
+            loop {
+                let item = match after.take() {
+                    Some(item) => item,
+                    None => match inbound_rx.recv().await {
+                        Some(item) => item,
+                        None => return Err(Abort::ByPeer),
+                    },
+                };
                 match item {
                     Inbound::Data(bytes) => {
-                        if let Err(error) = writer.write_all(&bytes).await {
+                        // The frames already queued behind this one go in the same write: the
+                        // socket's peer is woken once for them, not once per frame.
+                        let mut len = bytes.len();
+                        batch.push(bytes);
+                        while batch.len() < PEER_WRITE_FRAMES {
+                            match inbound_rx.try_recv() {
+                                Ok(Inbound::Data(bytes)) => {
+                                    len += bytes.len();
+                                    batch.push(bytes);
+                                }
+                                Ok(other) => {
+                                    after = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(error) = write_all_vectored(&mut writer, &batch).await {
                             tracing::debug!(?id, %error, "stream write failed");
                             return Err(Abort::Local);
                         }
-                        let grant = lock(&self.mux).on_consumed(id, bytes.len());
+                        batch.clear();
+                        let grant = lock(&self.mux).on_consumed(id, len);
                         if let Some(grant) = grant
                             && !self.send(grant).await
                         {
@@ -491,7 +542,6 @@ impl<M: Outgoing> Streams<M> {
                     Inbound::Reset => return Err(Abort::ByPeer),
                 }
             }
-            Err(Abort::ByPeer)
         };
 
         if let Err(Abort::Local) = tokio::try_join!(to_peer, from_peer) {

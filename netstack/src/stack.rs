@@ -487,6 +487,40 @@ impl AsyncWrite for TcpStream {
         result
     }
 
+    /// As many of the slices as smoltcp's buffer takes, under one lock and with one wake-up of
+    /// the stack's task.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut core = this.shared.lock();
+        let mut written = 0;
+        for buf in bufs.iter().filter(|buf| !buf.is_empty()) {
+            match core.tcp_poll_write(this.handle, cx, buf) {
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                // What was written counts; the error or the wait shows on the next write.
+                other if written == 0 => return other,
+                _ => break,
+            }
+        }
+        drop(core);
+        if written > 0 {
+            this.shared.wake.notify_one();
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Written bytes are already in smoltcp's buffer and the poll task has been woken.
         Poll::Ready(Ok(()))
