@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mirrord_protocol::bulk::MAX_DATA_CHUNK;
-use mirrord_protocol::mux::{DataVerdict, Kind, Mux, Side};
+use mirrord_protocol::mux::{DATAGRAM_WINDOW, DataVerdict, Kind, Mux, Side};
 use mirrord_protocol::{
     ClientMessage, ProtocolError, RemoteError, StreamFrame, StreamId, StreamTarget,
 };
@@ -163,8 +163,8 @@ fn fit(mut buf: Vec<u8>) -> Vec<u8> {
     buf
 }
 
-/// Most data frames one write to a stream's socket carries (a stream's whole window is at most
-/// `MAX_WINDOW / MAX_DATA_CHUNK` = 8 full frames).
+/// Most data frames one write to a stream's socket carries: a bound on the slices of one
+/// `writev`, far below `IOV_MAX`, that still takes a whole window of full frames.
 const PEER_WRITE_FRAMES: usize = 16;
 
 /// Writes every buffer of `bufs`, in order, in as few vectored writes as the writer takes.
@@ -417,7 +417,7 @@ impl<M: Outgoing> Streams<M> {
             tokio::select! {
                 datagram = socket.recv(), if waiting.is_none() => {
                     let Some(datagram) = datagram else { break false };
-                    if datagram.len() > MAX_DATA_CHUNK {
+                    if datagram.len() > DATAGRAM_WINDOW as usize {
                         tracing::debug!(?id, len = datagram.len(), "datagram too large for one frame; dropped");
                         continue;
                     }
@@ -558,7 +558,7 @@ mod tests {
     #[test]
     fn reads_grow_while_they_fill_and_shrink_when_they_do_not() {
         let mut size = ReadSize::default();
-        for want in [8, 16, 32, 64, 64] {
+        for want in [8, 16, 32, 64, 128, 256, 256] {
             let asked = size.get();
             size.after(asked, asked);
             assert_eq!(size.get(), want * 1024);
@@ -566,9 +566,9 @@ mod tests {
         // A read cut short by the peer's credit says nothing about the connection.
         size.after(1000, 1000);
         assert_eq!(size.get(), MAX_DATA_CHUNK);
-        size.after(20_000, MAX_DATA_CHUNK);
+        size.after(MAX_DATA_CHUNK / 3, MAX_DATA_CHUNK);
         assert_eq!(size.get(), MAX_DATA_CHUNK, "a third full");
-        for want in [32, 16, 8, 4, 4] {
+        for want in [128, 64, 32, 16, 8, 4, 4] {
             size.after(100, size.get());
             assert_eq!(size.get(), want * 1024);
         }

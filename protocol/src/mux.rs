@@ -32,7 +32,7 @@ pub const INITIAL_WINDOW: u32 = 16 * 1024;
 
 /// The same for a datagram stream: a datagram is never split, so its window always holds the
 /// largest one.
-pub const DATAGRAM_WINDOW: u32 = MAX_DATA_CHUNK as u32;
+pub const DATAGRAM_WINDOW: u32 = 64 * 1024;
 
 /// The most send credit a stream may ever hold: enough for one bulk transfer at full speed.
 pub const MAX_WINDOW: u32 = 512 * 1024;
