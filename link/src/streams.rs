@@ -174,6 +174,8 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|buf| IoSlice::new(buf)).collect();
     let mut slices = &mut slices[..];
+    // Drops leading empty buffers (a peer may send empty frames), so that a batch of nothing
+    // is no write at all rather than a write of 0 bytes, which would read as `WriteZero`.
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         let n = writer.write_vectored(slices).await?;
