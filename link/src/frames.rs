@@ -175,7 +175,16 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         }
         start = *end;
     }
-    let mut slices = &mut slices[..];
+    write_all_slices(io, &mut slices).await
+}
+
+/// Writes every slice, in order, in as few vectored writes as the writer takes. No slice may be
+/// empty: a writer that takes nothing of a non-empty write has failed (`WriteZero`).
+pub(crate) async fn write_all_slices<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    let mut slices = slices;
     while !slices.is_empty() {
         let n = io.write_vectored(slices).await?;
         if n == 0 {

@@ -15,7 +15,7 @@ use mirrord_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::frames::Outbound;
+use crate::frames::{Outbound, write_all_slices};
 
 /// Why a stream we asked for did not open.
 #[derive(Debug, thiserror::Error)]
@@ -168,23 +168,17 @@ fn fit(mut buf: Vec<u8>) -> Vec<u8> {
 const PEER_WRITE_FRAMES: usize = 16;
 
 /// Writes every buffer of `bufs`, in order, in as few vectored writes as the writer takes.
+/// Empty ones (a peer may send empty frames) are left out, so a batch of nothing writes nothing.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
     bufs: &[Vec<u8>],
 ) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|buf| IoSlice::new(buf)).collect();
-    let mut slices = &mut slices[..];
-    // Drops leading empty buffers (a peer may send empty frames), so that a batch of nothing
-    // is no write at all rather than a write of 0 bytes, which would read as `WriteZero`.
-    IoSlice::advance_slices(&mut slices, 0);
-    while !slices.is_empty() {
-        let n = writer.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
+    let mut slices: Vec<IoSlice<'_>> = bufs
+        .iter()
+        .filter(|buf| !buf.is_empty())
+        .map(|buf| IoSlice::new(buf))
+        .collect();
+    write_all_slices(writer, &mut slices).await
 }
 
 /// What the connection hands to one stream's pipe.
