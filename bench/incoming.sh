@@ -10,6 +10,9 @@
 #   namespace on port 8080 as a plain HTTP/1.1 reverse proxy (keep-alive upstream connections)
 #   in front of the pod's nginx: the filter's work without mirrord's.
 # Prints requests/s and p99 latency of each, and each against the baseline.
+# PROFILE=DIR also records the steal and filter runs system-wide with `perf record -e cpu-clock
+# -g` into DIR/steal.data and DIR/filter.data, and prints the top symbols of mirrord and its
+# agent in each.
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
 # Everything runs in a private network namespace with no route off the machine.
 set -euo pipefail
@@ -18,7 +21,11 @@ for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
 done
 DURATION=${DURATION:-10}
-exec unshare --net --mount --propagation private -- env DURATION="$DURATION" bash -euo pipefail -c '
+if [ -n "${PROFILE:-}" ]; then
+  mkdir -p "$PROFILE"; PROFILE=$(realpath "$PROFILE")
+  command -v perf >/dev/null || { echo "$BENCH: PROFILE needs perf" >&2; exit 1; }
+fi
+exec unshare --net --mount --propagation private -- env DURATION="$DURATION" PROFILE="${PROFILE:-}" bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
 mount -t tmpfs bench-run /run
@@ -72,9 +79,17 @@ wait_for() {
   done
   echo "bench/incoming.sh: never got $1 from $URL" >&2; exit 1
 }
-# One wrk run against URL (by default the pod app): "requests/s p99-in-ms".
-load() {
-  in_cluster wrk -t2 -c32 -d${DURATION}s --latency ${1:-$URL} | awk "
+# With PROFILE and a NAME: the run is under a system-wide perf record.
+profiled() { # NAME COMMAND...
+  if [ -n "$PROFILE" ] && [ -n "$1" ]; then
+    perf record -q -e cpu-clock -g -a -o "$PROFILE/$1.data" -- "${@:2}" 2>/dev/null
+  else
+    "${@:2}"
+  fi
+}
+# One wrk run against URL (by default the pod app), profiled as NAME: "requests/s p99-in-ms".
+load() { # [URL [NAME]]
+  profiled "${2:-}" ip netns exec bench-cluster wrk -t2 -c32 -d${DURATION}s --latency ${1:-$URL} | awk "
     /Requests\/sec/ { rps = \$2 }
     /^ *99%/ { v = \$2; ms = v + 0; if (v ~ /us\$/) ms /= 1000; else if (v ~ /[^m]s\$/) ms *= 1000; p99 = ms }
     END { printf \"%d %.2f\n\", rps, p99 }"
@@ -89,7 +104,7 @@ M="$MIRRORD exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
 SESSION=$!
 wait_for local
-read steal_rps steal_p99 < <(load)
+read steal_rps steal_p99 < <(load $URL steal)
 kill -TERM $SESSION; wait $SESSION || true
 wait_for remote
 
@@ -98,7 +113,7 @@ $M -f /tmp/filter.json -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
 SESSION=$!
 wait_for local -H "X-Bench: local"
 [ "$(in_cluster curl -s $URL)" = remote ] || { echo "bench/incoming.sh: the filter passes nothing to the pod" >&2; exit 1; }
-read filter_rps filter_p99 < <(load)
+read filter_rps filter_p99 < <(load $URL filter)
 kill -TERM $SESSION; wait $SESSION || true
 
 printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c32 -d${DURATION}s" "req/s" "p99 ms"
@@ -110,4 +125,11 @@ awk -v d=$direct_rps -v dp=$direct_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$fi
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal against direct (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter against direct (target >= 50%, p99 within 2 ms)\", 100*f/d, fp-dp
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy against direct\", 100*r/d, rp-dp }"
+if [ -n "$PROFILE" ]; then
+  for run in steal filter; do
+    echo "top symbols of mirrord and its agent, $run (perf, cpu-clock, % of all samples):"
+    perf report -i "$PROFILE/$run.data" --comm mirrord,mirrord-net,mirrord-agent,agent-net --no-children --sort comm,sym \
+      --percent-limit 0.5 --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
+  done
+fi
 '
