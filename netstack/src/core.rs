@@ -799,8 +799,7 @@ impl Core {
         self.capacity.start(&mut socket);
         rx.may_use(socket.recv_capacity());
         tx.may_use(socket.send_capacity());
-        // A 10 ms delayed ACK throttles bulk transfers by orders of magnitude.
-        socket.set_ack_delay(None);
+        socket.set_ack_delay(self.config.tcp_ack_delay.map(Duration::from));
         socket.set_nagle_enabled(self.config.nagle);
         (socket, rx, tx)
     }
@@ -1354,6 +1353,59 @@ mod tests {
                 .is_none_or(|d| d > Duration::from_secs(60)),
             "nothing left to give back"
         );
+    }
+
+    fn write(core: &mut Core, handle: SocketHandle, data: &[u8]) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match core.tcp_poll_write(handle, &mut cx, data) {
+            Poll::Ready(Ok(n)) => assert_eq!(n, data.len()),
+            other => panic!("write: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acknowledgements_ride_on_answers_within_the_delay_and_never_wait_past_it() {
+        let config = Config {
+            tcp_ack_delay: Some(std::time::Duration::from_millis(1)),
+            ..Config::default()
+        };
+        let mut core = Core::new(config, t(0));
+        let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
+        // The app's SYN announces a 1460-byte MSS.
+        let handle = accepted(&mut core, key, 1000, t(0));
+        core.poll(t(0));
+        let ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number + 1;
+
+        core.ingest(t(10), app_data(key, 1001, ack, b"request"));
+        core.poll(t(10));
+        assert_eq!(core.drain_transmit().count(), 0, "no bare ACK at once");
+        assert_eq!(read(&mut core, handle, 100), b"request");
+        write(&mut core, handle, b"answer");
+        core.poll(t(10));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1, "the answer carries the acknowledgement");
+        let answer = tcp_of(&out[0]);
+        assert_eq!(answer.payload, b"answer");
+        assert_eq!(answer.ack_number, Some(TcpSeqNumber(1008)));
+
+        // Nothing to answer with: a bare ACK once the delay is over, not before.
+        core.ingest(t(20), app_data(key, 1008, ack + 6, b"ping"));
+        core.poll(t(20));
+        assert_eq!(core.drain_transmit().count(), 0);
+        assert!(core.poll_delay(t(20)) <= Some(Duration::from_millis(1)));
+        core.poll(t(21));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1);
+        let bare = tcp_of(&out[0]);
+        assert!(bare.payload.is_empty());
+        assert_eq!(bare.ack_number, Some(TcpSeqNumber(1012)));
+
+        // More than a full segment (a sender's offloaded burst) is acknowledged at once.
+        core.ingest(t(30), app_data(key, 1012, ack + 6, &[b'x'; 3000]));
+        core.poll(t(30));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1);
+        assert_eq!(tcp_of(&out[0]).ack_number, Some(TcpSeqNumber(4012)));
     }
 
     /// Accepts the app's connection `key` opened with initial sequence number `isn`; returns

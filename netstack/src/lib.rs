@@ -49,6 +49,12 @@ pub struct Config {
     pub tcp_buffer_budget: usize,
     /// Nagle's algorithm on connections to the app (off: requests and replies go out at once).
     pub nagle: bool,
+    /// How long the acknowledgement of the app's data may wait for data of ours to ride on
+    /// (an answer coming back through the link), as a TCP receiver does; `None` acknowledges
+    /// every segment at once. More than one full segment is acknowledged at once either way,
+    /// so a bulk sender never waits it out. Short, because an app with Nagle's algorithm on
+    /// holds a second small write until its first is acknowledged.
+    pub tcp_ack_delay: Option<Duration>,
     /// A UDP flow with no datagram either way for this long is closed.
     pub udp_idle: Duration,
     /// Datagrams queued per UDP flow before new ones are dropped.
@@ -76,6 +82,7 @@ impl Default for Config {
             tcp_first_buffer: 16 * 1024,
             tcp_buffer_budget: 16 << 20,
             nagle: false,
+            tcp_ack_delay: Some(Duration::from_millis(1)),
             udp_idle: Duration::from_secs(60),
             udp_queue: 1024,
             verify_rx_checksums: true,

@@ -2311,6 +2311,13 @@ impl<'a> Socket<'a> {
             && self.ack_to_transmit()
         {
             self.ack_delay_timer = match self.ack_delay_timer {
+                // More than a full segment unacknowledged (one large segment from a sender
+                // that offloads segmentation) is acknowledged at once, as Linux does, or a
+                // bulk sender would wait out the delay on every window (mirrord patch).
+                AckDelayTimer::Idle if self.immediate_ack_to_transmit() => {
+                    tcp_trace!("more than a segment to acknowledge, not delaying");
+                    AckDelayTimer::Immediate
+                }
                 AckDelayTimer::Idle => {
                     tcp_trace!("starting delayed ack timer");
                     AckDelayTimer::Waiting(cx.now() + ack_delay)
