@@ -1408,6 +1408,45 @@ mod tests {
         assert_eq!(tcp_of(&out[0]).ack_number, Some(TcpSeqNumber(4012)));
     }
 
+    #[test]
+    fn the_apps_fin_is_acknowledged_at_once_even_as_its_socket_is_released() {
+        let mut core = Core::new(Config::default(), t(0));
+        assert!(core.config.tcp_ack_delay.is_some());
+        let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
+        let handle = accepted(&mut core, key, 1000, t(0));
+        core.poll(t(0));
+        let ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number + 1;
+        core.ingest(t(1), app_data(key, 1001, ack, b"request"));
+        core.poll(t(1));
+        assert_eq!(read(&mut core, handle, 100), b"request");
+        // The far side answered and closed: our FIN goes out with the answer.
+        write(&mut core, handle, b"answer");
+        core.tcp_shutdown(handle);
+        core.tcp_release(handle, false);
+        core.poll(t(1));
+        let out: Vec<_> = core.drain_transmit().collect();
+        let our_fin = out
+            .iter()
+            .map(|p| tcp_of(p))
+            .find(|tcp| tcp.control == TcpControl::Fin);
+        let our_fin = our_fin.expect("our FIN");
+        let past_our_fin = our_fin.seq_number + our_fin.payload.len() + 1;
+        // The app acknowledges it and closes too; the socket is done and released, and its
+        // last act is the ACK of the app's FIN.
+        let ack_of_ours = app_data(key, 1008, past_our_fin, b"");
+        let mut fin = tcp_of(&ack_of_ours);
+        fin.control = TcpControl::Fin;
+        let fin = packet::build_tcp(key.0, key.1, &fin, &ChecksumCapabilities::default()).unwrap();
+        core.ingest(t(2), fin);
+        core.poll(t(2));
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert!(
+            out.iter()
+                .any(|p| tcp_of(p).ack_number == Some(TcpSeqNumber(1009))),
+            "the app's FIN is acknowledged before the socket goes"
+        );
+    }
+
     /// Accepts the app's connection `key` opened with initial sequence number `isn`; returns
     /// its handle.
     fn accepted(core: &mut Core, key: FlowKey, isn: u32, now: Instant) -> SocketHandle {

@@ -2310,19 +2310,22 @@ impl<'a> Socket<'a> {
         if let Some(ack_delay) = self.ack_delay
             && self.ack_to_transmit()
         {
+            // More than a full segment unacknowledged (one large segment from a sender that
+            // offloads segmentation) is acknowledged at once, as Linux does, or a bulk sender
+            // would wait out the delay on every window; and so is a FIN, as Linux does when it
+            // completes a close, since the netstack releases a socket in TIME-WAIT at once
+            // (mirrord patch).
+            let at_once = self.immediate_ack_to_transmit() || self.rx_fin_received;
             self.ack_delay_timer = match self.ack_delay_timer {
-                // More than a full segment unacknowledged (one large segment from a sender
-                // that offloads segmentation) is acknowledged at once, as Linux does, or a
-                // bulk sender would wait out the delay on every window (mirrord patch).
-                AckDelayTimer::Idle if self.immediate_ack_to_transmit() => {
-                    tcp_trace!("more than a segment to acknowledge, not delaying");
+                AckDelayTimer::Idle if at_once => {
+                    tcp_trace!("a FIN or more than a segment to acknowledge, not delaying");
                     AckDelayTimer::Immediate
                 }
                 AckDelayTimer::Idle => {
                     tcp_trace!("starting delayed ack timer");
                     AckDelayTimer::Waiting(cx.now() + ack_delay)
                 }
-                AckDelayTimer::Waiting(_) if self.immediate_ack_to_transmit() => {
+                AckDelayTimer::Waiting(_) if at_once => {
                     tcp_trace!("delayed ack timer already started, forcing expiry");
                     AckDelayTimer::Immediate
                 }
