@@ -131,9 +131,9 @@ printf "  %-56s %10s %10s\n" "pod app directly, before the sessions (baseline 1)
 # drifts by 10-20% within minutes, more than one baseline run can stand for.
 awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d3p=$d3_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 "BEGIN {
   d = (d1 + d2) / 2; dp = (d1p + d2p) / 2; e = (d2 + d3) / 2; ep = (d2p + d3p) / 2
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal against baselines 1-2 (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter against baselines 2-3 (target >= 50%, p99 within 2 ms)\", 100*f/e, fp-ep
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy against baselines 1-2\", 100*r/d, rp-dp }"
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal vs baselines 1-2 (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter vs baselines 2-3 (target >= 50%, p99 within 2 ms)\", 100*f/e, fp-ep
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy vs baselines 1-2\", 100*r/d, rp-dp }"
 if [ -n "$PROFILE" ]; then
   for run in steal filter; do
     echo "top symbols of mirrord and its agent, $run (perf, cpu-clock, % of all samples):"
