@@ -51,9 +51,9 @@ pub struct Config {
     pub nagle: bool,
     /// How long the acknowledgement of the app's data may wait for data of ours to ride on
     /// (an answer coming back through the link), as a TCP receiver does; `None` acknowledges
-    /// every segment at once. More than one full segment is acknowledged at once either way,
-    /// so a bulk sender never waits it out. Short, because an app with Nagle's algorithm on
-    /// holds a second small write until its first is acknowledged.
+    /// every segment at once. More than one full segment, and a FIN, are acknowledged at once
+    /// either way, so a bulk sender never waits it out. Short, because an app with Nagle's
+    /// algorithm on holds a second small write until its first is acknowledged.
     pub tcp_ack_delay: Option<Duration>,
     /// A UDP flow with no datagram either way for this long is closed.
     pub udp_idle: Duration,
