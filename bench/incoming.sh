@@ -22,11 +22,8 @@ for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
 done
 DURATION=${DURATION:-10}
-if [ -n "${PROFILE:-}" ]; then
-  mkdir -p "$PROFILE"; PROFILE=$(realpath "$PROFILE")
-  command -v perf >/dev/null || { echo "$BENCH: PROFILE needs perf" >&2; exit 1; }
-fi
-exec unshare --net --mount --propagation private -- env DURATION="$DURATION" PROFILE="${PROFILE:-}" bash -euo pipefail -c '
+profile_setup
+unshare --net --mount --propagation private -- env DURATION="$DURATION" PROFILE="${PROFILE:-}" bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
 mount -t tmpfs bench-run /run
@@ -80,14 +77,6 @@ wait_for() {
   done
   echo "bench/incoming.sh: never got $1 from $URL" >&2; exit 1
 }
-# With PROFILE and a NAME: the run is under a system-wide perf record.
-profiled() { # NAME COMMAND...
-  if [ -n "$PROFILE" ] && [ -n "$1" ]; then
-    perf record -q -e cpu-clock -g -a -o "$PROFILE/$1.data" -- "${@:2}" 2>/dev/null
-  else
-    "${@:2}"
-  fi
-}
 # One wrk run against URL (by default the pod app), profiled as NAME: "requests/s p99-in-ms".
 load() { # [URL [NAME]]
   profiled "${2:-}" ip netns exec bench-cluster wrk -t2 -c32 -d${DURATION}s --latency ${1:-$URL} | awk "
@@ -134,11 +123,5 @@ awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal vs baselines 1-2 (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter vs baselines 2-3 (target >= 50%, p99 within 2 ms)\", 100*f/e, fp-ep
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy vs baselines 1-2\", 100*r/d, rp-dp }"
-if [ -n "$PROFILE" ]; then
-  for run in steal filter; do
-    echo "top symbols of mirrord and its agent, $run (perf, cpu-clock, % of all samples):"
-    perf report -i "$PROFILE/$run.data" --comm mirrord,mirrord-net,mirrord-agent,agent-net --no-children --sort comm,sym \
-      --percent-limit 0.5 --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
-  done
-fi
 '
+profile_report steal filter

@@ -18,10 +18,7 @@ source "$(dirname "$0")/lib.sh"
 for tool in iperf3 pasta ab nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends iperf3 passt apache2-utils nginx-light >/dev/null; break; }
 done
-if [ -n "${PROFILE:-}" ]; then
-  mkdir -p "$PROFILE"; PROFILE=$(realpath "$PROFILE")
-  command -v perf >/dev/null || { echo "bench/network.sh: PROFILE needs perf" >&2; exit 1; }
-fi
+profile_setup
 unshare --net --mount --propagation private -- env PROFILE="${PROFILE:-}" MIRRORD="$MIRRORD" bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
@@ -84,14 +81,6 @@ sleep 0.5
 M="$MIRRORD exec -t pid/$POD --cidr 10.77.0.0/24 --fs-mode local --"
 gbits() { python3 -c "import json,sys; print(round(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"] / 1e9, 2))"; }
 veth=$(nsenter -t $POD -n iperf3 -c $S -p 5201 -t 5 -J | gbits)
-# With PROFILE: the command runs under a system-wide perf record.
-profiled() { # NAME COMMAND...
-  if [ -n "$PROFILE" ]; then
-    perf record -q -e cpu-clock -g -a -o "$PROFILE/$1.data" -- "${@:2}" 2>/dev/null
-  else
-    "${@:2}"
-  fi
-}
 mirrord=$(profiled bulk $M iperf3 -c $S -p 5201 -t 5 -J | gbits)
 veth_down=$(nsenter -t $POD -n iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
 mirrord_down=$($M iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
@@ -116,10 +105,4 @@ awk -v a=$m_p50 -v b=$veth_p50 "BEGIN { printf \"  %-50s %10.0f\n\", \"added p50
 printf "%-52s %10s\n" "new TCP connections/s (ab -c 16, no keep-alive)" ""
 printf "  %-50s %10s\n" "veth path" "$veth_cps" "mirrord exec (target >= 5000)" "$m_cps"
 '
-if [ -n "${PROFILE:-}" ]; then
-  for run in bulk connections; do
-    echo "top symbols of mirrord and its agent, $run (perf, cpu-clock, % of all samples):"
-    perf report -i "$PROFILE/$run.data" --comm mirrord,mirrord-net,mirrord-agent,agent-net --no-children --sort comm,sym \
-      --percent-limit 0.5 --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -12
-  done
-fi
+profile_report bulk connections
