@@ -4,11 +4,11 @@
 //! smoltcp runs in any-IP mode. A connection-opening SYN is held here until the caller decides
 //! (accept / refuse / unreachable), so the app only sees a SYN-ACK once the remote side exists.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::task::{Context, Poll, Waker};
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -60,8 +60,9 @@ pub(crate) enum CoreError {
 /// In-memory packet queues standing in for the TUN; unbounded because smoltcp has no SACK
 /// and every dropped segment costs a full retransmission timeout.
 struct QueueDevice {
-    /// app --packets--> smoltcp
-    rx: VecDeque<Vec<u8>>,
+    /// app --packets--> smoltcp, each with the connection it belongs to when one is known
+    /// (smoltcp asks that socket first: see `Core::ingress`).
+    rx: VecDeque<(Vec<u8>, Option<SocketHandle>)>,
     /// smoltcp --packets--> app
     tx: VecDeque<Vec<u8>>,
     /// Read buffers whose packets smoltcp has taken, for the device to read into again.
@@ -121,7 +122,7 @@ impl phy::Device for QueueDevice {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        let packet = self.rx.pop_front()?;
+        let (packet, _) = self.rx.pop_front()?;
         Some((
             RxToken {
                 packet,
@@ -163,6 +164,31 @@ struct Conn {
     fin_seen: bool,
     /// The app reset the connection (or the stack shut down).
     reset: bool,
+    /// In `Core::active`.
+    active: bool,
+    /// Its entry in `Core::timers`.
+    timer: Option<Instant>,
+    /// When its idle buffers may give their memory back, if they still hold some.
+    release_at: Option<Instant>,
+}
+
+impl Conn {
+    fn new(key: FlowKey, rx: Region, tx: Region, memory: Memory) -> Self {
+        Conn {
+            key,
+            rx,
+            tx,
+            memory,
+            stream_alive: true,
+            write_closed: false,
+            fin_deferred: false,
+            fin_seen: false,
+            reset: false,
+            active: false,
+            timer: None,
+            release_at: None,
+        }
+    }
 }
 
 /// What decides when a connection's buffers may give their memory back.
@@ -271,8 +297,21 @@ pub(crate) struct Core {
     by_key: HashMap<FlowKey, SocketHandle>,
     /// Held SYNs waiting for a decision, by flow, with the app's initial sequence number.
     pending: HashMap<FlowKey, (Vec<u8>, u32)>,
-    /// When `maintain` must run next to give an idle connection's memory back.
-    next_release: Option<Instant>,
+    /// Connections that may have something to do on the next poll, each once: a packet came
+    /// for them, the caller read, wrote or closed, or their timer came. A poll visits these
+    /// only, so its work follows the busy connections, not how many are open: 1,000 idle ones
+    /// held in a pool cost nothing per packet.
+    active: Vec<SocketHandle>,
+    /// When each connection must be polled next even if nothing happens to it (smoltcp's own
+    /// timers: delayed ACK, retransmission, keep-alive, timeouts; and the idle release of its
+    /// buffers), in time order.
+    timers: BTreeSet<(Instant, SocketHandle)>,
+    /// A packet went to smoltcp with no connection known for it (not TCP of a flow of ours):
+    /// the next poll looks at every socket, as smoltcp's own `poll` does.
+    poll_all: bool,
+    /// How many connections the last poll looked at.
+    #[cfg(test)]
+    polled: usize,
     udp: HashMap<FlowKey, UdpState>,
     next_udp_id: u64,
     events: VecDeque<CoreEvent>,
@@ -380,7 +419,11 @@ impl Core {
             conns: HashMap::new(),
             by_key: HashMap::new(),
             pending: HashMap::new(),
-            next_release: None,
+            active: Vec::new(),
+            timers: BTreeSet::new(),
+            poll_all: false,
+            #[cfg(test)]
+            polled: 0,
             udp: HashMap::new(),
             next_udp_id: 0,
             events: VecDeque::new(),
@@ -409,23 +452,20 @@ impl Core {
                 self.ingest_syn(key, seq, syn);
             }
             Inbound::Tcp(segment) => {
-                if let Some(conn) = self
-                    .by_key
-                    .get(&segment.key)
-                    .and_then(|handle| self.conns.get_mut(handle))
-                {
+                let handle = self.by_key.get(&segment.key).copied();
+                if let Some(conn) = handle.and_then(|handle| self.conns.get_mut(&handle)) {
                     conn.memory.on_segment(&segment);
                 }
                 match packet::split_fin(&packet) {
                     Some((data, fin)) => {
                         self.recycle_read(packet);
-                        self.device.rx.push_back(data);
-                        self.device.rx.push_back(fin);
+                        self.queue_inbound(data, handle);
+                        self.queue_inbound(fin, handle);
                     }
-                    None => self.device.rx.push_back(packet),
+                    None => self.queue_inbound(packet, handle),
                 }
             }
-            Inbound::Other => self.device.rx.push_back(packet),
+            Inbound::Other => self.queue_inbound(packet, None),
             Inbound::Udp { key, payload } => {
                 let Some(data) = packet.get(payload).map(<[u8]>::to_vec) else {
                     return;
@@ -441,7 +481,7 @@ impl Core {
             let state = self.sockets.get::<tcp::Socket>(handle).state();
             if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
                 // A retransmitted SYN for a connection smoltcp already owns.
-                self.device.rx.push_back(packet);
+                self.queue_inbound(packet, Some(handle));
                 return;
             }
             // The app reuses the 4-tuple of a finished connection: the old socket must stop
@@ -451,6 +491,7 @@ impl Core {
             if let Some(conn) = self.conns.get_mut(&handle) {
                 conn.fin_seen = true;
             }
+            self.activate(handle);
         }
         if self.pending.contains_key(&key) {
             // Retransmission while the caller is still deciding: the first SYN stays held.
@@ -522,39 +563,60 @@ impl Core {
                     return Err(e.into());
                 }
                 let handle = self.sockets.add(socket);
-                self.conns.insert(
-                    handle,
-                    Conn {
-                        key,
-                        rx,
-                        tx,
-                        memory: Memory::new(now, Some(isn)),
-                        stream_alive: true,
-                        write_closed: false,
-                        fin_deferred: false,
-                        fin_seen: false,
-                        reset: false,
-                    },
-                );
+                self.conns
+                    .insert(handle, Conn::new(key, rx, tx, Memory::new(now, Some(isn))));
                 self.by_key.insert(key, handle);
+                self.activate(handle);
                 // Process exactly this SYN now: were another accepted SYN to the same
                 // destination processed first, it could land on this listening socket.
-                self.device.rx.push_front(syn);
+                self.device.rx.push_front((syn, Some(handle)));
+                self.iface.set_tcp_socket_hint(Some(handle));
                 self.iface
                     .poll_ingress_single(now, &mut self.device, &mut self.sockets);
+                self.iface.set_tcp_socket_hint(None);
                 Ok(Some(handle))
             }
         }
     }
 
-    /// Runs smoltcp and the stack's own timers.
+    /// Hands a packet from the app to smoltcp, with the connection it belongs to if known.
+    fn queue_inbound(&mut self, packet: Vec<u8>, handle: Option<SocketHandle>) {
+        match handle {
+            Some(handle) => self.activate(handle),
+            None => self.poll_all = true,
+        }
+        self.device.rx.push_back((packet, handle));
+    }
+
+    /// Puts a connection among those the next poll looks at.
+    fn activate(&mut self, handle: SocketHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle)
+            && !std::mem::replace(&mut conn.active, true)
+        {
+            self.active.push(handle);
+        }
+    }
+
+    /// Runs smoltcp and the stack's own timers, for the active connections (or, after a
+    /// packet no connection was known for, every socket).
     pub(crate) fn poll(&mut self, now: Instant) {
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        while let Some(&(at, handle)) = self.timers.first()
+            && at <= now
+        {
+            self.timers.pop_first();
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.timer = None;
+            }
+            self.activate(handle);
+        }
+        self.ingress(now);
+        self.egress(now);
         if self.maintain(now) {
             // A deferred FIN was just queued, or a window grew: send it now rather than on the
             // next wake-up.
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            self.egress(now);
         }
+        self.schedule(now);
         let idle = smol_duration(self.config.udp_idle);
         self.udp.retain(|_, flow| {
             let keep = now < flow.last_active + idle;
@@ -565,23 +627,83 @@ impl Core {
         });
     }
 
+    /// smoltcp takes the app's packets; each is offered first to the socket of its flow.
+    fn ingress(&mut self, now: Instant) {
+        while let Some(&(_, hint)) = self.device.rx.front() {
+            self.iface.set_tcp_socket_hint(hint);
+            self.iface
+                .poll_ingress_single(now, &mut self.device, &mut self.sockets);
+        }
+        self.iface.set_tcp_socket_hint(None);
+    }
+
+    /// smoltcp sends what the active sockets have to send (every socket's after a packet of
+    /// no known flow, and then every connection is active).
+    fn egress(&mut self, now: Instant) {
+        if std::mem::take(&mut self.poll_all) {
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            let handles: Vec<_> = self.conns.keys().copied().collect();
+            for handle in handles {
+                self.activate(handle);
+            }
+            return;
+        }
+        for &handle in &self.active {
+            while self
+                .iface
+                .poll_egress_socket(now, &mut self.device, &mut self.sockets, handle)
+                == PollResult::SocketStateChanged
+            {}
+        }
+    }
+
+    /// Sets each active connection's timer from smoltcp's next deadline for its socket and
+    /// its own idle release, and leaves the active list empty.
+    fn schedule(&mut self, now: Instant) {
+        #[cfg(test)]
+        {
+            self.polled = self.active.len();
+        }
+        for handle in self.active.drain(..) {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            conn.active = false;
+            let at = self
+                .iface
+                .socket_poll_at(now, &self.sockets, handle)
+                .into_iter()
+                .chain(conn.release_at)
+                .min();
+            if conn.timer != at {
+                if let Some(old) = conn.timer {
+                    self.timers.remove(&(old, handle));
+                }
+                if let Some(at) = at {
+                    self.timers.insert((at, handle));
+                }
+                conn.timer = at;
+            }
+        }
+    }
+
     /// Follows socket state changes smoltcp does not report (resets and finished sockets),
     /// sends deferred FINs, grows full buffers and gives idle connections' memory back; true if
     /// a FIN was queued or a receive window changed.
     fn maintain(&mut self, now: Instant) -> bool {
         let mut finished = Vec::new();
         let mut to_send = false;
-        self.next_release = None;
-        for (&handle, conn) in &mut self.conns {
+        for &handle in &self.active {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
             let (rx, tx) = conn.memory.full_and_draining(socket);
             to_send |= self.capacity.grow(socket, rx, tx);
             conn.rx.may_use(socket.recv_capacity());
             conn.tx.may_use(socket.send_capacity());
             let window = socket.recv_capacity();
-            if let Some(at) = release_idle(conn, socket, &mut self.capacity, now) {
-                self.next_release = Some(self.next_release.map_or(at, |next| next.min(at)));
-            }
+            conn.release_at = release_idle(conn, socket, &mut self.capacity, now);
             // A window that shrank is announced at once, before the app sends into it.
             to_send |= socket.recv_capacity() < window;
             if conn.fin_deferred && socket.send_queue() == 0 {
@@ -592,8 +714,8 @@ impl Core {
             match socket.state() {
                 // Both FINs are exchanged and acknowledged. TIME-WAIT protects a later
                 // connection on the same ports from this one's stray segments; the app's kernel
-                // keeps its own, and every smoltcp poll walks all sockets, so lingering ones
-                // (10 s each) would make every new connection slower than the last.
+                // keeps its own, and lingering ones (10 s each) would hold their buffers and
+                // lengthen smoltcp's walk of every socket for a packet of no known flow.
                 tcp::State::TimeWait if !conn.stream_alive => {
                     conn.fin_seen = true;
                     finished.push(handle);
@@ -624,6 +746,9 @@ impl Core {
                 if self.by_key.get(&conn.key) == Some(&handle) {
                     self.by_key.remove(&conn.key);
                 }
+                if let Some(at) = conn.timer {
+                    self.timers.remove(&(at, handle));
+                }
                 self.capacity
                     .forget(self.sockets.get::<tcp::Socket>(handle));
                 // The socket, and with it its slices of the regions, goes first.
@@ -646,8 +771,8 @@ impl Core {
         };
         let idle = smol_duration(self.config.udp_idle);
         [
-            self.iface.poll_delay(now, &self.sockets),
-            self.next_release.map(until),
+            (self.poll_all || !self.active.is_empty()).then_some(Duration::ZERO),
+            self.timers.first().map(|&(at, _)| until(at)),
             self.udp.values().map(|f| until(f.last_active + idle)).min(),
         ]
         .into_iter()
@@ -722,6 +847,7 @@ impl Core {
             if let Some(conn) = self.conns.get_mut(&handle) {
                 conn.fin_seen = true;
             }
+            self.activate(handle);
         }
         let (mut socket, rx, tx) = self.new_socket();
         if let Err(e) = socket.connect(
@@ -738,24 +864,13 @@ impl Core {
             return Err(e.into());
         }
         let handle = self.sockets.add(socket);
-        self.conns.insert(
-            handle,
-            Conn {
-                key,
-                rx,
-                tx,
-                // The app's initial sequence number comes with its SYN-ACK.
-                memory: Memory::new(now, None),
-                stream_alive: true,
-                write_closed: false,
-                fin_deferred: false,
-                fin_seen: false,
-                reset: false,
-            },
-        );
+        // The app's initial sequence number comes with its SYN-ACK.
+        self.conns
+            .insert(handle, Conn::new(key, rx, tx, Memory::new(now, None)));
         self.by_key.insert(key, handle);
-        // The SYN leaves on this poll rather than on the next wake-up.
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        self.activate(handle);
+        // The SYN leaves now rather than on the next wake-up.
+        self.egress(now);
         Ok(handle)
     }
 
@@ -811,6 +926,10 @@ impl Core {
         handle: SocketHandle,
     ) -> Option<(&mut Conn, &mut tcp::Socket<'static>)> {
         let conn = self.conns.get_mut(&handle)?;
+        // Whatever the caller does may give smoltcp something to send.
+        if !std::mem::replace(&mut conn.active, true) {
+            self.active.push(handle);
+        }
         // Cannot panic: a handle stays in `conns` exactly as long as its socket is in the set.
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         Some((conn, socket))
@@ -1001,6 +1120,7 @@ impl Core {
     pub(crate) fn close_all(&mut self) {
         self.closed = true;
         self.pending.clear();
+        self.poll_all = true;
         for (&handle, conn) in &mut self.conns {
             conn.reset = true;
             // abort() wakes the socket's wakers.
@@ -1406,6 +1526,71 @@ mod tests {
         let out: Vec<_> = core.drain_transmit().collect();
         assert_eq!(out.len(), 1);
         assert_eq!(tcp_of(&out[0]).ack_number, Some(TcpSeqNumber(4012)));
+    }
+
+    #[test]
+    fn a_poll_looks_only_at_the_connections_with_something_to_do() {
+        let mut core = Core::new(Config::default(), t(0));
+        let keys: Vec<FlowKey> = (0..200)
+            .map(|i| {
+                (
+                    addr(&format!("10.0.0.2:{}", 40000 + i)),
+                    addr("10.1.2.3:80"),
+                )
+            })
+            .collect();
+        let mut handles = Vec::new();
+        for &key in &keys {
+            let handle = accepted(&mut core, key, 1000, t(0));
+            core.poll(t(0));
+            let syn_ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number;
+            core.ingest(t(0), app_data(key, 1001, syn_ack + 1, b""));
+            core.poll(t(0));
+            assert_eq!(core.tcp_state(handle), tcp::State::Established);
+            handles.push((handle, syn_ack + 1));
+        }
+        assert_eq!(core.drain_transmit().count(), 0);
+        core.poll(t(5));
+        assert_eq!(core.polled, 0, "idle connections cost a poll nothing");
+
+        // A request on one connection: that connection only, and its delayed ACK still
+        // leaves on time among all the idle ones.
+        let (handle, ack) = handles[7];
+        core.ingest(t(10), app_data(keys[7], 1001, ack, b"request"));
+        core.poll(t(10));
+        assert_eq!(core.polled, 1);
+        assert_eq!(core.drain_transmit().count(), 0);
+        assert!(core.poll_delay(t(10)) <= Some(Duration::from_millis(1)));
+        core.poll(t(12));
+        assert_eq!(core.polled, 1);
+        let out: Vec<_> = core.drain_transmit().collect();
+        assert_eq!(out.len(), 1);
+        let bare = tcp_of(&out[0]);
+        assert_eq!(bare.dst_port, keys[7].0.port());
+        assert_eq!(bare.ack_number, Some(TcpSeqNumber(1008)));
+        // The caller's read and answer: that connection again.
+        assert_eq!(read(&mut core, handle, 100), b"request");
+        write(&mut core, handle, b"answer");
+        core.poll(t(13));
+        assert_eq!(core.polled, 1);
+        let answer = core.drain_transmit().next().unwrap();
+        let answer = tcp_of(&answer);
+        assert_eq!(answer.payload, b"answer");
+        core.ingest(t(14), app_data(keys[7], 1008, answer.seq_number + 6, b""));
+        core.poll(t(14));
+        assert_eq!(core.polled, 1);
+
+        // Once each has given its idle buffers back, none is looked at again.
+        core.poll(t(2500));
+        assert_eq!(core.polled, 200);
+        assert!(
+            handles
+                .iter()
+                .all(|&(handle, _)| core.released(handle) == (true, true))
+        );
+        core.poll(t(5000));
+        assert_eq!(core.polled, 0);
+        assert_eq!(core.poll_delay(t(5000)), None);
     }
 
     #[test]

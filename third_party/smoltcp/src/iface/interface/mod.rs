@@ -37,7 +37,7 @@ use super::fragmentation::{Fragmenter, FragmentsBuffer};
 
 #[cfg(any(feature = "medium-ethernet", feature = "medium-ieee802154"))]
 use super::neighbor::{Answer as NeighborAnswer, Cache as NeighborCache};
-use super::socket_set::SocketSet;
+use super::socket_set::{Item, SocketHandle, SocketSet};
 use crate::config::{
     IFACE_MAX_ADDR_COUNT, IFACE_MAX_PREFIX_COUNT, IFACE_MAX_SIXLOWPAN_ADDRESS_CONTEXT_COUNT,
 };
@@ -155,6 +155,9 @@ pub struct InterfaceInner {
     routes: Routes,
     #[cfg(feature = "multicast")]
     multicast: multicast::State,
+    /// The TCP socket the next ingress packet most likely belongs to, tried before every
+    /// other (see `Interface::set_tcp_socket_hint`; mirrord patch).
+    tcp_socket_hint: Option<SocketHandle>,
 }
 
 /// Configuration structure used for creating a network interface.
@@ -297,6 +300,7 @@ impl Interface {
                 #[cfg(feature = "proto-ipv6-slaac")]
                 slaac_updated: Instant::from_millis(0),
                 rand,
+                tcp_socket_hint: None,
             },
         }
     }
@@ -624,6 +628,56 @@ impl Interface {
         res
     }
 
+    /// (mirrord patch) [`poll_at`](Self::poll_at) for one socket: when it needs its next egress
+    /// ([`poll_egress_socket`](Self::poll_egress_socket)), `None` when only a packet for it or
+    /// a call on it can give it something to do. Fragmentation and SLAAC are not considered.
+    pub fn socket_poll_at(
+        &mut self,
+        timestamp: Instant,
+        sockets: &SocketSet<'_>,
+        handle: SocketHandle,
+    ) -> Option<Instant> {
+        self.inner.now = timestamp;
+        let item = sockets.item(handle)?;
+        let socket_poll_at = item.socket.poll_at(&mut self.inner);
+        match item.meta.poll_at(
+            socket_poll_at,
+            |ip_addr| self.inner.has_neighbor(&ip_addr),
+            timestamp,
+        ) {
+            PollAt::Ingress => None,
+            PollAt::Time(instant) => Some(instant),
+            PollAt::Now => Some(Instant::from_millis(0)),
+        }
+    }
+
+    /// (mirrord patch) [`poll_egress`](Self::poll_egress) for one socket only, so that the work of a
+    /// poll follows the sockets that have something to do, not the number of sockets: at most
+    /// one packet per call, as for `poll_egress`; call again while it returns
+    /// `SocketStateChanged`.
+    pub fn poll_egress_socket(
+        &mut self,
+        timestamp: Instant,
+        device: &mut (impl Device + ?Sized),
+        sockets: &mut SocketSet<'_>,
+        handle: SocketHandle,
+    ) -> PollResult {
+        self.inner.now = timestamp;
+        let mut result = PollResult::None;
+        if let Some(item) = sockets.item_mut(handle) {
+            self.item_egress(device, item, &mut result);
+        }
+        result
+    }
+
+    /// (mirrord patch) The TCP socket the next packet handed to `poll_ingress_single` most likely
+    /// belongs to, when the caller knows it (by the packet's addresses and ports); it is asked
+    /// first whether it accepts the packet, and every socket is asked only if it does not.
+    /// The hint stays until it is changed.
+    pub fn set_tcp_socket_hint(&mut self, hint: Option<SocketHandle>) {
+        self.inner.tcp_socket_hint = hint;
+    }
+
     /// Return an _advisory wait time_ for calling [poll] the next time.
     /// The [Duration] returned is the time left to wait before calling [poll] next.
     /// It is harmless (but wastes energy) to call it before the [Duration] has passed,
@@ -714,6 +768,23 @@ impl Interface {
         device: &mut (impl Device + ?Sized),
         sockets: &mut SocketSet<'_>,
     ) -> PollResult {
+        let mut result = PollResult::None;
+        for item in sockets.items_mut() {
+            if !self.item_egress(device, item, &mut result) {
+                break;
+            }
+        }
+        result
+    }
+
+    /// One socket's turn in `socket_egress` (apart, for `poll_egress_socket`: mirrord patch); false
+    /// when the device is full and no other socket should try.
+    fn item_egress(
+        &mut self,
+        device: &mut (impl Device + ?Sized),
+        item: &mut Item<'_>,
+        result: &mut PollResult,
+    ) -> bool {
         let _caps = device.capabilities();
 
         enum EgressError {
@@ -721,15 +792,13 @@ impl Interface {
             Dispatch,
         }
 
-        let mut result = PollResult::None;
-        for item in sockets.items_mut() {
+        {
             if !item
                 .meta
                 .egress_permitted(self.inner.now, |ip_addr| self.inner.has_neighbor(&ip_addr))
             {
-                continue;
+                return true;
             }
-
             let mut neighbor_addr = None;
             let mut respond = |inner: &mut InterfaceInner, meta: PacketMeta, response: Packet| {
                 neighbor_addr = Some(response.ip_repr().dst_addr());
@@ -742,7 +811,7 @@ impl Interface {
                     .dispatch_ip(t, meta, response, &mut self.fragmenter)
                     .map_err(|_| EgressError::Dispatch)?;
 
-                result = PollResult::SocketStateChanged;
+                *result = PollResult::SocketStateChanged;
 
                 Ok(())
             };
@@ -808,7 +877,7 @@ impl Interface {
             };
 
             match result {
-                Err(EgressError::Exhausted) => break, // Device buffer full.
+                Err(EgressError::Exhausted) => return false, // Device buffer full.
                 Err(EgressError::Dispatch) => {
                     // `NeighborCache` already takes care of rate limiting the neighbor discovery
                     // requests from the socket. However, without an additional rate limiting
@@ -822,7 +891,7 @@ impl Interface {
                 Ok(()) => {}
             }
         }
-        result
+        true
     }
 }
 

@@ -29,6 +29,18 @@ impl InterfaceInner {
             &self.caps.checksum
         ));
 
+        // The hinted socket first, see `Interface::set_tcp_socket_hint` (mirrord patch).
+        if let Some(hint) = self.tcp_socket_hint
+            && let Some(tcp_socket) = sockets
+                .item_mut(hint)
+                .and_then(|i| Socket::downcast_mut(&mut i.socket))
+            && tcp_socket.accepts(self, &ip_repr, &tcp_repr)
+        {
+            return tcp_socket
+                .process(self, &ip_repr, &tcp_repr)
+                .map(|(ip, tcp)| Packet::new(ip, IpPayload::Tcp(tcp)));
+        }
+
         for tcp_socket in sockets
             .items_mut()
             .filter_map(|i| Socket::downcast_mut(&mut i.socket))
