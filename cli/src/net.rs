@@ -264,6 +264,7 @@ async fn tcp(new: NewTcp, rules: &SharedRules, client: &AgentClient) {
             },
             Err(ClientError::Remote(error)) if error.errno == libc::ECONNREFUSED => new.refuse(),
             Err(error) => {
+                warn_once_if_out_of_streams(&error);
                 tracing::debug!(%dst, "remote connect failed: {error}");
                 new.unreachable();
             }
@@ -312,7 +313,10 @@ async fn udp(flow: UdpFlow, rules: &SharedRules, client: &AgentClient) {
     match route {
         Route::Remote => match client.connect_udp(dst).await {
             Ok(remote) => client.pipe_datagrams(FlowDatagrams(flow), remote).await,
-            Err(error) => tracing::debug!(%dst, "remote UDP failed: {error}"),
+            Err(error) => {
+                warn_once_if_out_of_streams(&error);
+                tracing::debug!(%dst, "remote UDP failed: {error}");
+            }
         },
         Route::Local | Route::HostLoopback => {
             let target = local_target(route, dst);
@@ -330,6 +334,22 @@ async fn udp(flow: UdpFlow, rules: &SharedRules, client: &AgentClient) {
             }
             relay(FlowDatagrams(flow), socket).await;
         }
+    }
+}
+
+/// The agent refuses a new stream when the session has as many open as it serves one session
+/// (or it is out of descriptors): the command then sees "no route to host" for every new
+/// connection, so the reason is said once, at the default log level.
+fn warn_once_if_out_of_streams(error: &ClientError) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let ClientError::Remote(remote) = error
+        && remote.errno == libc::EMFILE
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "the agent opens no more connections for this session ({}); new ones fail with \"no route to host\" until some of the command's close",
+            remote.message
+        );
     }
 }
 

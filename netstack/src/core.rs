@@ -313,6 +313,9 @@ pub(crate) struct Core {
     #[cfg(test)]
     polled: usize,
     udp: HashMap<FlowKey, UdpState>,
+    /// No UDP flow expires before this: the earliest expiry when the flows were last looked
+    /// at (a flow active since then expires later, a new one later still).
+    udp_next_expiry: Option<Instant>,
     next_udp_id: u64,
     events: VecDeque<CoreEvent>,
     closed: bool,
@@ -425,6 +428,7 @@ impl Core {
             #[cfg(test)]
             polled: 0,
             udp: HashMap::new(),
+            udp_next_expiry: None,
             next_udp_id: 0,
             events: VecDeque::new(),
             closed: false,
@@ -512,6 +516,19 @@ impl Core {
             }
             return;
         }
+        if self.udp.len() >= self.config.udp_flows
+            && let Some(idlest) = self
+                .udp
+                .iter()
+                .min_by_key(|(_, flow)| flow.last_active)
+                .map(|(&key, _)| key)
+            && let Some(mut flow) = self.udp.remove(&idlest)
+            && let Some(w) = flow.waker.take()
+        {
+            w.wake();
+        }
+        let idle = smol_duration(self.config.udp_idle);
+        self.udp_next_expiry.get_or_insert(now + idle);
         let id = self.next_udp_id;
         self.next_udp_id += 1;
         self.udp.insert(
@@ -617,6 +634,15 @@ impl Core {
             self.egress(now);
         }
         self.schedule(now);
+        self.expire_udp(now);
+    }
+
+    /// Closes the UDP flows idle for `udp_idle`, looking at them only once the earliest may
+    /// have expired.
+    fn expire_udp(&mut self, now: Instant) {
+        if self.udp_next_expiry.is_none_or(|at| now < at) {
+            return;
+        }
         let idle = smol_duration(self.config.udp_idle);
         self.udp.retain(|_, flow| {
             let keep = now < flow.last_active + idle;
@@ -625,6 +651,7 @@ impl Core {
             }
             keep
         });
+        self.udp_next_expiry = self.udp.values().map(|f| f.last_active + idle).min();
     }
 
     /// smoltcp takes the app's packets; each is offered first to the socket of its flow.
@@ -769,11 +796,10 @@ impl Core {
                 Duration::ZERO
             }
         };
-        let idle = smol_duration(self.config.udp_idle);
         [
             (self.poll_all || !self.active.is_empty()).then_some(Duration::ZERO),
             self.timers.first().map(|&(at, _)| until(at)),
-            self.udp.values().map(|f| until(f.last_active + idle)).min(),
+            self.udp_next_expiry.map(until),
         ]
         .into_iter()
         .flatten()
@@ -1248,6 +1274,50 @@ mod tests {
     }
 
     #[test]
+    fn a_new_udp_flow_beyond_the_limit_closes_the_one_idle_the_longest() {
+        let config = Config {
+            udp_flows: 3,
+            ..Config::default()
+        };
+        let mut core = Core::new(config, t(0));
+        let caps = ChecksumCapabilities::default();
+        let key = |port: u16| (addr(&format!("10.0.0.2:{port}")), addr("10.1.2.3:9"));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for (port, ms) in [(5001, 0), (5002, 1), (5003, 2)] {
+            core.ingest(
+                t(ms),
+                packet::build_udp(key(port).0, key(port).1, b"q", &caps).unwrap(),
+            );
+        }
+        // The first flow answers later than the second: the second is idle the longest.
+        core.udp_send(t(3), key(5001), 0, b"a").unwrap();
+        for id in 0..3 {
+            assert!(matches!(core.pop_event(), Some(CoreEvent::NewUdp { id: i, .. }) if i == id));
+        }
+        core.ingest(
+            t(4),
+            packet::build_udp(key(5004).0, key(5004).1, b"q", &caps).unwrap(),
+        );
+        assert_eq!(
+            core.pop_event(),
+            Some(CoreEvent::NewUdp {
+                key: key(5004),
+                id: 3
+            })
+        );
+        assert_eq!(core.udp_poll_recv(key(5002), 1, &mut cx), Poll::Ready(None));
+        assert!(core.udp_send(t(4), key(5002), 1, b"late").is_err());
+        for (port, id) in [(5001, 0), (5003, 2), (5004, 3)] {
+            assert_eq!(
+                core.udp_poll_recv(key(port), id, &mut cx),
+                Poll::Ready(Some(b"q".to_vec())),
+                "flow {port} is kept"
+            );
+        }
+    }
+
+    #[test]
     fn udp_flows_are_keyed_replies_swap_addresses_and_idle_flows_expire() {
         let config = Config {
             udp_idle: std::time::Duration::from_secs(60),
@@ -1285,9 +1355,13 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
 
-        assert_eq!(core.poll_delay(t(20)), Some(Duration::from_secs(60)));
+        // The stack wakes by the flow's expiry at the latest; earlier, it looks again.
+        assert!(core.poll_delay(t(20)) <= Some(Duration::from_secs(60)));
         core.poll(t(59_000));
         assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Pending);
+        core.poll(t(60_010));
+        assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Pending);
+        assert_eq!(core.poll_delay(t(60_010)), Some(Duration::from_millis(10)));
         core.poll(t(60_020));
         assert_eq!(core.udp_poll_recv(key, 0, &mut cx), Poll::Ready(None));
         assert!(core.udp_send(t(60_020), key, 0, b"late").is_err());

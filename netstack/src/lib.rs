@@ -59,6 +59,10 @@ pub struct Config {
     pub udp_idle: Duration,
     /// Datagrams queued per UDP flow before new ones are dropped.
     pub udp_queue: usize,
+    /// UDP flows open at once: a datagram of a new flow beyond this closes the flow idle the
+    /// longest. An app that sends each request from a new socket (a new source port) would
+    /// otherwise hold one flow, and on the far side one socket, per request for `udp_idle`.
+    pub udp_flows: usize,
     /// Verify checksums of packets from the app. A TUN fed by the local kernel is trustworthy,
     /// so the tunnel can turn this off; checksums on packets to the app are always written.
     pub verify_rx_checksums: bool,
@@ -85,6 +89,7 @@ impl Default for Config {
             tcp_ack_delay: Some(Duration::from_millis(1)),
             udp_idle: Duration::from_secs(60),
             udp_queue: 1024,
+            udp_flows: 1024,
             verify_rx_checksums: true,
             tcp_checksum_offload: false,
             orphan_timeout: Duration::from_secs(60),

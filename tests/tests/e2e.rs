@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 104] = [
+    let tests: [(&str, Test); 105] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -268,6 +268,10 @@ fn tests() -> Vec<Trial> {
         (
             "net_udp_echo_through_the_pod",
             network::net_udp_echo_through_the_pod,
+        ),
+        (
+            "net_udp_from_6000_source_ports_leaves_room_for_connections",
+            network::net_udp_from_6000_source_ports_leaves_room_for_connections,
         ),
         (
             "net_1000_connections_churn_for_30_s_without_growth",

@@ -191,6 +191,55 @@ pub fn net_udp_echo_through_the_pod(scene: &Scene, cluster: &Cluster) -> Result<
     Ok(())
 }
 
+/// An app that sends each datagram from a new socket (a new source port), as some metrics and
+/// log clients do, opens a UDP flow per datagram, each held until it has been idle a minute. 6,000 of them, every one answered, and then a connection still opens: the oldest
+/// idle flows make way, where before the session ran out of streams at 4,096 and every new
+/// connection failed with "no route to host".
+pub fn net_udp_from_6000_source_ports_leaves_room_for_connections(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let ip = cluster.ip().to_string();
+    let mut echo = cluster.command("python3");
+    echo.args([
+        "-c",
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{ip}', 9998))\n\
+             while True:\n    data, peer = s.recvfrom(64)\n    s.sendto(data, peer)\n"
+        ),
+    ]);
+    let _echo = spawn(echo, "python UDP echo")?;
+    let server = cluster.serve_http(&[("index.html", "still connecting\n")])?;
+    thread::sleep(Duration::from_millis(300));
+    let script = format!(
+        "import socket, urllib.request\n\
+         answered = 0\n\
+         for i in range(6000):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.settimeout(2)\n\
+         \x20   s.sendto(str(i).encode(), ('{ip}', 9998))\n\
+         \x20   try:\n\
+         \x20       answered += s.recv(64) == str(i).encode()\n\
+         \x20   except socket.timeout:\n\
+         \x20       print('no answer to datagram', i)\n\
+         \x20       break\n\
+         \x20   s.close()\n\
+         print('answered', answered)\n\
+         print(urllib.request.urlopen('{}', timeout=10).read().decode(), end='')\n",
+        server.url("index.html")
+    );
+    let out = exec(scene, &pod, CLUSTER, &["python3", "-c", &script])?;
+    ensure!(
+        out.code == 0 && out.stdout == "answered 6000\nstill connecting\n",
+        "6,000 UDP flows, then a connection: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
 /// 200 concurrent connections, each fetching 1 MiB, every body checked.
 pub fn net_200_concurrent_connections_of_1_mib(
     scene: &Scene,
