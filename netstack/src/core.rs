@@ -173,6 +173,13 @@ struct Conn {
 }
 
 impl Conn {
+    /// Puts this connection (`handle`) in `active` unless it is there already.
+    fn activate(&mut self, handle: SocketHandle, active: &mut Vec<SocketHandle>) {
+        if !std::mem::replace(&mut self.active, true) {
+            active.push(handle);
+        }
+    }
+
     fn new(key: FlowKey, rx: Region, tx: Region, memory: Memory) -> Self {
         Conn {
             key,
@@ -607,10 +614,8 @@ impl Core {
 
     /// Puts a connection among those the next poll looks at.
     fn activate(&mut self, handle: SocketHandle) {
-        if let Some(conn) = self.conns.get_mut(&handle)
-            && !std::mem::replace(&mut conn.active, true)
-        {
-            self.active.push(handle);
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.activate(handle, &mut self.active);
         }
     }
 
@@ -669,9 +674,8 @@ impl Core {
     fn egress(&mut self, now: Instant) {
         if std::mem::take(&mut self.poll_all) {
             self.iface.poll(now, &mut self.device, &mut self.sockets);
-            let handles: Vec<_> = self.conns.keys().copied().collect();
-            for handle in handles {
-                self.activate(handle);
+            for (&handle, conn) in &mut self.conns {
+                conn.activate(handle, &mut self.active);
             }
             return;
         }
@@ -953,9 +957,7 @@ impl Core {
     ) -> Option<(&mut Conn, &mut tcp::Socket<'static>)> {
         let conn = self.conns.get_mut(&handle)?;
         // Whatever the caller does may give smoltcp something to send.
-        if !std::mem::replace(&mut conn.active, true) {
-            self.active.push(handle);
-        }
+        conn.activate(handle, &mut self.active);
         // Cannot panic: a handle stays in `conns` exactly as long as its socket is in the set.
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         Some((conn, socket))
@@ -1566,9 +1568,7 @@ mod tests {
         let mut core = Core::new(config, t(0));
         let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
         // The app's SYN announces a 1460-byte MSS.
-        let handle = accepted(&mut core, key, 1000, t(0));
-        core.poll(t(0));
-        let ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number + 1;
+        let (handle, ack) = syn_acked(&mut core, key, 1000, t(0));
 
         core.ingest(t(10), app_data(key, 1001, ack, b"request"));
         core.poll(t(10));
@@ -1615,13 +1615,11 @@ mod tests {
             .collect();
         let mut handles = Vec::new();
         for &key in &keys {
-            let handle = accepted(&mut core, key, 1000, t(0));
-            core.poll(t(0));
-            let syn_ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number;
-            core.ingest(t(0), app_data(key, 1001, syn_ack + 1, b""));
+            let (handle, ack) = syn_acked(&mut core, key, 1000, t(0));
+            core.ingest(t(0), app_data(key, 1001, ack, b""));
             core.poll(t(0));
             assert_eq!(core.tcp_state(handle), tcp::State::Established);
-            handles.push((handle, syn_ack + 1));
+            handles.push((handle, ack));
         }
         assert_eq!(core.drain_transmit().count(), 0);
         core.poll(t(5));
@@ -1672,9 +1670,7 @@ mod tests {
         let mut core = Core::new(Config::default(), t(0));
         assert!(core.config.tcp_ack_delay.is_some());
         let key = (addr("10.0.0.2:40000"), addr("10.1.2.3:80"));
-        let handle = accepted(&mut core, key, 1000, t(0));
-        core.poll(t(0));
-        let ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number + 1;
+        let (handle, ack) = syn_acked(&mut core, key, 1000, t(0));
         core.ingest(t(1), app_data(key, 1001, ack, b"request"));
         core.poll(t(1));
         assert_eq!(read(&mut core, handle, 100), b"request");
@@ -1713,6 +1709,20 @@ mod tests {
         core.poll(now);
         assert_eq!(core.pop_event(), Some(CoreEvent::NewTcp(key)));
         core.decide(now, key, Decision::Accept).unwrap().unwrap()
+    }
+
+    /// [`accepted`], and the acknowledgement number of the app's next segment, from the
+    /// SYN-ACK the stack sends it (the only packet out; taken).
+    fn syn_acked(
+        core: &mut Core,
+        key: FlowKey,
+        isn: u32,
+        now: Instant,
+    ) -> (SocketHandle, TcpSeqNumber) {
+        let handle = accepted(core, key, isn, now);
+        core.poll(now);
+        let syn_ack = tcp_of(&core.drain_transmit().next().unwrap()).seq_number;
+        (handle, syn_ack + 1)
     }
 
     /// The last acknowledgement and window (in bytes; our window scale is 5, for 1 MiB

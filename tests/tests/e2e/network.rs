@@ -192,9 +192,10 @@ pub fn net_udp_echo_through_the_pod(scene: &Scene, cluster: &Cluster) -> Result<
 }
 
 /// An app that sends each datagram from a new socket (a new source port), as some metrics and
-/// log clients do, opens a UDP flow per datagram, each held until it has been idle a minute. 6,000 of them, every one answered, and then a connection still opens: the oldest
-/// idle flows make way, where before the session ran out of streams at 4,096 and every new
-/// connection failed with "no route to host".
+/// log clients do, opens a UDP flow per datagram, each held until it has been idle a minute.
+/// 6,000 of them, every one answered, and then a connection still opens: the oldest idle flows
+/// make way, where before the session ran out of streams at 4,096 and every new connection
+/// failed with "no route to host".
 pub fn net_udp_from_6000_source_ports_leaves_room_for_connections(
     scene: &Scene,
     cluster: &Cluster,

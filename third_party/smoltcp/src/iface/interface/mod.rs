@@ -606,18 +606,7 @@ impl Interface {
         #[allow(unused_mut)]
         let mut res = sockets
             .items()
-            .filter_map(|item| {
-                let socket_poll_at = item.socket.poll_at(&mut self.inner);
-                match item.meta.poll_at(
-                    socket_poll_at,
-                    |ip_addr| self.inner.has_neighbor(&ip_addr),
-                    timestamp,
-                ) {
-                    PollAt::Ingress => None,
-                    PollAt::Time(instant) => Some(instant),
-                    PollAt::Now => Some(Instant::from_millis(0)),
-                }
-            })
+            .filter_map(|item| self.inner.item_poll_at(item, timestamp))
             .min();
 
         #[cfg(feature = "proto-ipv6-slaac")]
@@ -638,17 +627,7 @@ impl Interface {
         handle: SocketHandle,
     ) -> Option<Instant> {
         self.inner.now = timestamp;
-        let item = sockets.item(handle)?;
-        let socket_poll_at = item.socket.poll_at(&mut self.inner);
-        match item.meta.poll_at(
-            socket_poll_at,
-            |ip_addr| self.inner.has_neighbor(&ip_addr),
-            timestamp,
-        ) {
-            PollAt::Ingress => None,
-            PollAt::Time(instant) => Some(instant),
-            PollAt::Now => Some(Instant::from_millis(0)),
-        }
+        self.inner.item_poll_at(sockets.item(handle)?, timestamp)
     }
 
     /// (mirrord patch) [`poll_egress`](Self::poll_egress) for one socket only, so that the work of a
@@ -785,117 +764,128 @@ impl Interface {
         item: &mut Item<'_>,
         result: &mut PollResult,
     ) -> bool {
-        let _caps = device.capabilities();
-
         enum EgressError {
             Exhausted,
             Dispatch,
         }
 
+        if !item
+            .meta
+            .egress_permitted(self.inner.now, |ip_addr| self.inner.has_neighbor(&ip_addr))
         {
-            if !item
-                .meta
-                .egress_permitted(self.inner.now, |ip_addr| self.inner.has_neighbor(&ip_addr))
-            {
-                return true;
+            return true;
+        }
+        let mut neighbor_addr = None;
+        let mut respond = |inner: &mut InterfaceInner, meta: PacketMeta, response: Packet| {
+            neighbor_addr = Some(response.ip_repr().dst_addr());
+            let t = device.transmit(inner.now).ok_or_else(|| {
+                net_debug!("failed to transmit IP: device exhausted");
+                EgressError::Exhausted
+            })?;
+
+            inner
+                .dispatch_ip(t, meta, response, &mut self.fragmenter)
+                .map_err(|_| EgressError::Dispatch)?;
+
+            *result = PollResult::SocketStateChanged;
+
+            Ok(())
+        };
+
+        let result = match &mut item.socket {
+            #[cfg(feature = "socket-raw")]
+            Socket::Raw(socket) => socket.dispatch(&mut self.inner, |inner, (ip, raw)| {
+                respond(
+                    inner,
+                    PacketMeta::default(),
+                    Packet::new(ip, IpPayload::Raw(raw)),
+                )
+            }),
+            #[cfg(feature = "socket-icmp")]
+            Socket::Icmp(socket) => {
+                socket.dispatch(&mut self.inner, |inner, response| match response {
+                    #[cfg(feature = "proto-ipv4")]
+                    (IpRepr::Ipv4(ipv4_repr), IcmpRepr::Ipv4(icmpv4_repr)) => respond(
+                        inner,
+                        PacketMeta::default(),
+                        Packet::new_ipv4(ipv4_repr, IpPayload::Icmpv4(icmpv4_repr)),
+                    ),
+                    #[cfg(feature = "proto-ipv6")]
+                    (IpRepr::Ipv6(ipv6_repr), IcmpRepr::Ipv6(icmpv6_repr)) => respond(
+                        inner,
+                        PacketMeta::default(),
+                        Packet::new_ipv6(ipv6_repr, IpPayload::Icmpv6(icmpv6_repr)),
+                    ),
+                    #[allow(unreachable_patterns)]
+                    _ => unreachable!(),
+                })
             }
-            let mut neighbor_addr = None;
-            let mut respond = |inner: &mut InterfaceInner, meta: PacketMeta, response: Packet| {
-                neighbor_addr = Some(response.ip_repr().dst_addr());
-                let t = device.transmit(inner.now).ok_or_else(|| {
-                    net_debug!("failed to transmit IP: device exhausted");
-                    EgressError::Exhausted
-                })?;
-
-                inner
-                    .dispatch_ip(t, meta, response, &mut self.fragmenter)
-                    .map_err(|_| EgressError::Dispatch)?;
-
-                *result = PollResult::SocketStateChanged;
-
-                Ok(())
-            };
-
-            let result = match &mut item.socket {
-                #[cfg(feature = "socket-raw")]
-                Socket::Raw(socket) => socket.dispatch(&mut self.inner, |inner, (ip, raw)| {
+            #[cfg(feature = "socket-udp")]
+            Socket::Udp(socket) => {
+                socket.dispatch(&mut self.inner, |inner, meta, (ip, udp, payload)| {
+                    respond(inner, meta, Packet::new(ip, IpPayload::Udp(udp, payload)))
+                })
+            }
+            #[cfg(feature = "socket-tcp")]
+            Socket::Tcp(socket) => {
+                socket.dispatch(&mut self.inner, |inner, meta, (ip, tcp)| {
+                    respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
+                })
+            }
+            #[cfg(feature = "socket-dhcpv4")]
+            Socket::Dhcpv4(socket) => {
+                socket.dispatch(&mut self.inner, |inner, (ip, udp, dhcp)| {
                     respond(
                         inner,
                         PacketMeta::default(),
-                        Packet::new(ip, IpPayload::Raw(raw)),
+                        Packet::new_ipv4(ip, IpPayload::Dhcpv4(udp, dhcp)),
                     )
-                }),
-                #[cfg(feature = "socket-icmp")]
-                Socket::Icmp(socket) => {
-                    socket.dispatch(&mut self.inner, |inner, response| match response {
-                        #[cfg(feature = "proto-ipv4")]
-                        (IpRepr::Ipv4(ipv4_repr), IcmpRepr::Ipv4(icmpv4_repr)) => respond(
-                            inner,
-                            PacketMeta::default(),
-                            Packet::new_ipv4(ipv4_repr, IpPayload::Icmpv4(icmpv4_repr)),
-                        ),
-                        #[cfg(feature = "proto-ipv6")]
-                        (IpRepr::Ipv6(ipv6_repr), IcmpRepr::Ipv6(icmpv6_repr)) => respond(
-                            inner,
-                            PacketMeta::default(),
-                            Packet::new_ipv6(ipv6_repr, IpPayload::Icmpv6(icmpv6_repr)),
-                        ),
-                        #[allow(unreachable_patterns)]
-                        _ => unreachable!(),
-                    })
-                }
-                #[cfg(feature = "socket-udp")]
-                Socket::Udp(socket) => {
-                    socket.dispatch(&mut self.inner, |inner, meta, (ip, udp, payload)| {
-                        respond(inner, meta, Packet::new(ip, IpPayload::Udp(udp, payload)))
-                    })
-                }
-                #[cfg(feature = "socket-tcp")]
-                Socket::Tcp(socket) => {
-                    socket.dispatch(&mut self.inner, |inner, meta, (ip, tcp)| {
-                        respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
-                    })
-                }
-                #[cfg(feature = "socket-dhcpv4")]
-                Socket::Dhcpv4(socket) => {
-                    socket.dispatch(&mut self.inner, |inner, (ip, udp, dhcp)| {
-                        respond(
-                            inner,
-                            PacketMeta::default(),
-                            Packet::new_ipv4(ip, IpPayload::Dhcpv4(udp, dhcp)),
-                        )
-                    })
-                }
-                #[cfg(feature = "socket-dns")]
-                Socket::Dns(socket) => socket.dispatch(&mut self.inner, |inner, (ip, udp, dns)| {
-                    respond(
-                        inner,
-                        PacketMeta::default(),
-                        Packet::new(ip, IpPayload::Udp(udp, dns)),
-                    )
-                }),
-            };
-
-            match result {
-                Err(EgressError::Exhausted) => return false, // Device buffer full.
-                Err(EgressError::Dispatch) => {
-                    // `NeighborCache` already takes care of rate limiting the neighbor discovery
-                    // requests from the socket. However, without an additional rate limiting
-                    // mechanism, we would spin on every socket that has yet to discover its
-                    // neighbor.
-                    item.meta.neighbor_missing(
-                        self.inner.now,
-                        neighbor_addr.expect("non-IP response packet"),
-                    );
-                }
-                Ok(()) => {}
+                })
             }
+            #[cfg(feature = "socket-dns")]
+            Socket::Dns(socket) => socket.dispatch(&mut self.inner, |inner, (ip, udp, dns)| {
+                respond(
+                    inner,
+                    PacketMeta::default(),
+                    Packet::new(ip, IpPayload::Udp(udp, dns)),
+                )
+            }),
+        };
+
+        match result {
+            Err(EgressError::Exhausted) => return false, // Device buffer full.
+            Err(EgressError::Dispatch) => {
+                // `NeighborCache` already takes care of rate limiting the neighbor discovery
+                // requests from the socket. However, without an additional rate limiting
+                // mechanism, we would spin on every socket that has yet to discover its
+                // neighbor.
+                item.meta.neighbor_missing(
+                    self.inner.now,
+                    neighbor_addr.expect("non-IP response packet"),
+                );
+            }
+            Ok(()) => {}
         }
         true
     }
 }
 
 impl InterfaceInner {
+    /// When one socket needs its next egress (`poll_at`'s part for each socket; apart, for
+    /// `socket_poll_at`: mirrord patch).
+    fn item_poll_at(&mut self, item: &Item<'_>, timestamp: Instant) -> Option<Instant> {
+        let socket_poll_at = item.socket.poll_at(self);
+        match item.meta.poll_at(
+            socket_poll_at,
+            |ip_addr| self.has_neighbor(&ip_addr),
+            timestamp,
+        ) {
+            PollAt::Ingress => None,
+            PollAt::Time(instant) => Some(instant),
+            PollAt::Now => Some(Instant::from_millis(0)),
+        }
+    }
+
     #[allow(unused)] // unused depending on which sockets are enabled
     pub(crate) fn now(&self) -> Instant {
         self.now
