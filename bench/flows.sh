@@ -91,35 +91,26 @@ row "1,000 workers churning, at 5 s" "$(mb $c1)" "$cf1" "$(mb $a1)" "$af1"
 row "1,000 workers churning, at 28 s" "$(mb $c2)" "$cf2" "$(mb $a2)" "$af2"
 echo "    $(cat /tmp/out)"
 
-cat > /tmp/rr.py <<"PY"
-import socket, sys, time
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port))); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-times = []
-for i in range(5000):
-    t = time.perf_counter_ns(); s.sendall(b"x"); s.recv(1); times.append(time.perf_counter_ns() - t)
-times = sorted(times[500:])
-print(round(times[len(times) // 2] / 1000), round(times[len(times) * 99 // 100] / 1000))
-PY
-# Holds N connections, then measures the round trip on one more, all in one mirrord session.
+# Holds N connections, then measures the round trip on one more (bench/rr.py), all in one
+# mirrord session.
 cat > /tmp/pool.sh <<"SH"
 mkfifo /tmp/pool.in
 "$1" hold "$2" "$3" < /tmp/pool.in > /tmp/pool.out &
 exec 3> /tmp/pool.in
 for _ in $(seq 600); do grep -q "^held" /tmp/pool.out && break; sleep 0.1; done
 grep -q "^held $2" /tmp/pool.out || { echo "bench/flows.sh: $2 connections were not held" >&2; exit 1; }
-python3 /tmp/rr.py "$3"
+python3 "$4" "$3"
 echo >&3; exec 3>&-; wait
 rm /tmp/pool.in /tmp/pool.out
 SH
 printf "%-46s %9s %7s\n" "1-byte round trip on one connection (us)" "p50" "p99"
 alone=""; beside=""
 # A first session right after the churn above runs slow whatever it measures: not counted.
-$M sh /tmp/pool.sh $F 0 $S > /dev/null
+$M sh /tmp/pool.sh $F 0 $S $PWD/bench/rr.py > /dev/null
 for n in 0 1000 0 1000 0 1000; do
   # Whole output first: read alone would go on while the session still ends.
-  out=$($M sh /tmp/pool.sh $F $n $S)
-  read p50 p99 <<< "$out"
+  out=$($M sh /tmp/pool.sh $F $n $S $PWD/bench/rr.py)
+  read p50 p99 <<< "$(printf "%.0f %.0f" $out)"
   if [ $n = 0 ]; then alone="$alone $p50"; label=alone; else beside="$beside $p50"; label="beside 1,000 idle connections"; fi
   printf "  %-44s %9s %7s\n" "$label" $p50 $p99
 done

@@ -61,15 +61,6 @@ while True:
     threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
 PY
 ip netns exec bench-cluster python3 /tmp/echo.py $S &
-cat > /tmp/rr.py <<"PY"
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], 7000)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-times = []
-for i in range(5000):
-    t = time.perf_counter_ns(); s.sendall(b"x"); s.recv(1); times.append(time.perf_counter_ns() - t)
-times = sorted(times[500:])
-print(times[len(times) // 2] / 1000, times[len(times) * 99 // 100] / 1000)
-PY
 mkdir -p /tmp/nginx/html && echo ok > /tmp/nginx/html/index.html
 cat > /tmp/nginx/nginx.conf <<CONF
 worker_processes 1; daemon on; pid /tmp/nginx/pid; error_log /tmp/nginx/error.log;
@@ -86,8 +77,8 @@ veth_down=$(nsenter -t $POD -n iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
 mirrord_down=$($M iperf3 -R -c $S -p 5201 -t 5 -J | gbits)
 pasta=$(pasta --runas 0 --config-net -- iperf3 -c 10.99.0.254 -p 5202 -t 5 -J | gbits)
 mirrord_local=$($M iperf3 -c 198.19.255.254 -p 5202 -t 5 -J | gbits)
-read veth_p50 veth_p99 < <(nsenter -t $POD -n python3 /tmp/rr.py $S)
-read m_p50 m_p99 < <($M python3 /tmp/rr.py $S)
+read veth_p50 veth_p99 < <(nsenter -t $POD -n python3 $PWD/bench/rr.py $S:7000)
+read m_p50 m_p99 < <($M python3 $PWD/bench/rr.py $S:7000)
 conns() { grep "Requests per second" | awk "{ print int(\$4) }"; }
 veth_cps=$(nsenter -t $POD -n ab -q -n 20000 -c 16 http://$S:8080/index.html | conns)
 m_cps=$(profiled connections $M ab -q -n 20000 -c 16 http://$S:8080/index.html | conns)
