@@ -154,10 +154,12 @@ fn split_tcp(socket: TcpStream) -> (ReadHalf, WriteHalf) {
 }
 
 /// What a Unix link's sender may have queued at its receiver, as the kernel counts it (twice
-/// the bytes asked for). The default, `net.core.wmem_default` (208 KiB), left a bulk transfer
-/// waiting on the link between the two sides' wake-ups: with 4 MiB, a stream through a local
-/// agent went from 11.4 to 12.4 Gbit/s up and 12.7 to 14.2 down (docs/architecture.md).
-const UNIX_SEND_BUFFER: usize = 4 << 20;
+/// the bytes asked for). At the default, `net.core.wmem_default` (208 KiB, less than one
+/// 256 KiB frame), a bulk stream's writer kept waiting for the reader to catch up: with 1 MiB,
+/// a stream through a local agent went from 10.8 to 13.5 Gbit/s up and 12.4 to 13.8 down. More
+/// was no faster for one stream and slower for a thousand: frames of every stream wait in one
+/// queue (docs/architecture.md).
+const UNIX_SEND_BUFFER: usize = 1 << 20;
 
 /// Raises the socket's send buffer to [`UNIX_SEND_BUFFER`]: past `net.core.wmem_max` with
 /// CAP_NET_ADMIN, up to it without. Only a Unix socket: TCP sizes its own buffers, and a fixed
@@ -427,22 +429,22 @@ mod tests {
         std::fs::remove_dir(&dir).unwrap();
     }
 
-    /// Each side of a Unix link can queue megabytes, not the 208 KiB a Unix socket takes by
-    /// default, before its peer reads: what keeps a bulk stream from stalling on the link.
+    /// Each side of a Unix link can queue several frames, not the 208 KiB a Unix socket takes
+    /// by default, before its peer reads: what keeps a bulk stream from stalling on the link.
     #[tokio::test]
-    async fn either_side_of_a_unix_link_queues_megabytes_before_its_peer_reads() {
+    async fn either_side_of_a_unix_link_queues_three_frames_before_its_peer_reads() {
         use tokio::io::AsyncWriteExt;
         let endpoint = Endpoint::UnixAbstract(format!("mirrord-test-{}", std::process::id()));
         let listener = endpoint.bind().unwrap().into_async().unwrap();
         let (_connected_read, mut connected) = endpoint.connect().await.unwrap();
         let (_accepted_read, mut accepted, _) = listener.accept().await.unwrap();
-        let two_mib = vec![7u8; 2 << 20];
+        let three_frames = vec![7u8; 768 << 10];
         for (side, write) in [("connecting", &mut connected), ("accepting", &mut accepted)] {
             let queued =
-                tokio::time::timeout(Duration::from_secs(5), write.write_all(&two_mib)).await;
+                tokio::time::timeout(Duration::from_secs(5), write.write_all(&three_frames)).await;
             assert!(
                 queued.is_ok(),
-                "the {side} side waited before 2 MiB were queued"
+                "the {side} side waited before 768 KiB were queued"
             );
         }
     }
