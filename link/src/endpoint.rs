@@ -165,26 +165,13 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 /// CAP_NET_ADMIN, up to it without. Only a Unix socket: TCP sizes its own buffers, and a fixed
 /// size would turn that off. It is a limit, not memory: nothing is held until bytes wait.
 fn widen_send_buffer(socket: &UnixStream) {
-    let asked = libc::c_int::try_from(UNIX_SEND_BUFFER / 2).unwrap_or(libc::c_int::MAX);
-    for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: an open socket, and an int option of the size given.
-        let set = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const asked).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set == 0 {
-            return;
-        }
+    use nix::sys::socket::{setsockopt, sockopt};
+    let asked = UNIX_SEND_BUFFER / 2;
+    let widened = setsockopt(socket, sockopt::SndBufForce, &asked)
+        .or_else(|_| setsockopt(socket, sockopt::SndBuf, &asked));
+    if let Err(error) = widened {
+        tracing::debug!(%error, "could not widen the link's send buffer");
     }
-    tracing::debug!(
-        "could not widen the link's send buffer: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 fn split_unix(socket: UnixStream) -> (ReadHalf, WriteHalf) {
