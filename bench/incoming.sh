@@ -11,9 +11,10 @@
 #   namespace on port 8080 as a plain HTTP/1.1 reverse proxy (keep-alive upstream connections)
 #   in front of the pod's nginx: the filter's work without mirrord's.
 # Prints requests/s and p99 latency of each, and each against the baseline.
-# PROFILE=DIR also records the steal and filter runs system-wide with `perf record -e cpu-clock
-# -g` into DIR/steal.data and DIR/filter.data, and prints the top symbols of mirrord and its
-# agent in each.
+# PROFILE=DIR also records the steal, filter and reference proxy runs system-wide with `perf
+# record -e cpu-clock -g` into DIR/steal.data, DIR/filter.data and DIR/proxy.data, and prints
+# the top symbols of mirrord and its agent in the first two (`perf report -i DIR/proxy.data
+# --sort pid` compares the proxy's share with the agent's).
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
 # Everything runs in a private network namespace with no route off the machine.
 set -euo pipefail
@@ -88,7 +89,7 @@ wait_for remote
 read d1_rps d1_p99 < <(load)
 PROXY_URL=http://10.77.0.2:8080/
 [ "$(in_cluster curl -s $PROXY_URL)" = remote ] || { echo "bench/incoming.sh: the reference proxy does not reach the pod app" >&2; exit 1; }
-read proxy_rps proxy_p99 < <(load $PROXY_URL)
+read proxy_rps proxy_p99 < <(load $PROXY_URL proxy)
 
 M="$MIRRORD exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
