@@ -194,15 +194,25 @@ mod tests {
         );
     }
 
+    /// The child says "ready" once it runs: `spawn` can return while the kernel is still
+    /// loading the new program, when /proc/PID/environ reads as empty.
     #[test]
     fn env_of_another_process() {
-        let mut child = Command::new("sleep")
-            .arg("30")
+        let mut child = Command::new("sh")
+            .args(["-c", "echo ready; read line"])
             .env_clear()
             .env("POD_VAR", "from-pod")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready, "ready\n");
         let t = Target::open(Some(child.id()), Namespaces::Target);
         let env = t.and_then(|t| t.env());
         let _ = child.kill();
