@@ -725,6 +725,8 @@ impl<'c> Pod<'c> {
     }
 
     /// Lets the pod exec its final `sleep` and waits until it has, so its environ is the pod's.
+    /// The new name shows before the kernel has set the new program's environment (it reads
+    /// empty until then), so both are waited for; the pod always has `POD_NAME` and `PATH`.
     fn release(&mut self) -> Result<()> {
         let mut stdin = self.stdin.take().ok_or_else(|| FixtureError::NotReady {
             what: format!("pod {}", self.name),
@@ -736,9 +738,12 @@ impl<'c> Pod<'c> {
             .map_err(FixtureError::io("pod stdin"))?;
         drop(stdin);
         let comm = format!("/proc/{}/comm", self.pid());
+        let environ = format!("/proc/{}/environ", self.pid());
         let deadline = Instant::now() + SHORT;
         while Instant::now() < deadline {
-            if std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep") {
+            if std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep")
+                && std::fs::read(&environ).is_ok_and(|e| !e.is_empty())
+            {
                 return Ok(());
             }
             thread::sleep(Duration::from_millis(5));
