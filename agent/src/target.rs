@@ -158,6 +158,7 @@ fn parse_environ(raw: &[u8]) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
 
@@ -207,11 +208,9 @@ mod tests {
             .spawn()
             .unwrap();
         let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut ready,
-        )
-        .unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
         assert_eq!(ready, "ready\n");
         let t = Target::open(Some(child.id()), Namespaces::Target);
         let env = t.and_then(|t| t.env());
