@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 fn tests() -> Vec<Trial> {
     type Test = fn(&Scene, &Cluster) -> Result<(), Failed>;
-    let tests: [(&str, Test); 105] = [
+    let tests: [(&str, Test); 106] = [
         (
             "fixture_pod_is_a_separate_world",
             fixture_pod_is_a_separate_world,
@@ -402,6 +402,10 @@ fn tests() -> Vec<Trial> {
         (
             "connections_open_before_a_steal_stay_with_the_pod",
             filters::connections_open_before_a_steal_stay_with_the_pod,
+        ),
+        (
+            "a_steal_comes_before_a_mesh_sidecars_capture",
+            filters::a_steal_comes_before_a_mesh_sidecars_capture,
         ),
         (
             "a_second_agents_steal_of_a_stolen_port_needs_override",

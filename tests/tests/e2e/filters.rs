@@ -61,15 +61,20 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 Server(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
-/// The command line of an [`ANSWER_PY`] server answering `answer`.
+/// The command line of an [`ANSWER_PY`] server on [`PORT`] answering `answer`.
 fn answer_server(scene: &Scene, answer: &str) -> Result<Vec<String>, Failed> {
+    answer_server_on(scene, PORT, answer)
+}
+
+/// The command line of an [`ANSWER_PY`] server on `port` answering `answer`.
+fn answer_server_on(scene: &Scene, port: u16, answer: &str) -> Result<Vec<String>, Failed> {
     let script = scene.temp_dir().join("answer.py");
     std::fs::write(&script, ANSWER_PY)?;
     Ok(vec![
         "python3".to_owned(),
         "-u".to_owned(),
         script.display().to_string(),
-        PORT.to_string(),
+        port.to_string(),
         answer.to_owned(),
     ])
 }
@@ -746,6 +751,59 @@ pub fn connections_open_before_a_steal_stay_with_the_pod(
     let _ = client.kill();
     let _ = client.wait();
     result
+}
+
+/// The port a mesh sidecar takes the pod's inbound connections on (Istio's inbound capture port).
+const SIDECAR_PORT: u16 = 15006;
+
+/// A mesh sidecar's inbound capture, as Istio's iptables (nft backend) installs it in the pod:
+/// new connections to the app's port redirected to the sidecar in a nat chain at dstnat.
+const SIDECAR_RULESET: &str = "table ip mesh_sidecar {
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\ttcp dport 8080 redirect to :15006
+\t}
+}
+";
+
+/// In a pod whose inbound connections a mesh sidecar captures, a steal still reaches the local
+/// app (the redirect binds a connection before the sidecar's rules at the same hook), and once
+/// the session ends the sidecar has them again, its rules untouched.
+pub fn a_steal_comes_before_a_mesh_sidecars_capture(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let _sidecar = pod_app(&pod, &answer_server_on(scene, SIDECAR_PORT, "sidecar")?)?;
+    // In the pod's namespace, which goes with the pod.
+    let rules = scene.temp_dir().join("sidecar.nft");
+    std::fs::write(&rules, SIDECAR_RULESET)?;
+    let mut nft = pod.command("nft");
+    nft.arg("-f").arg(&rules);
+    let out = nft.run(RUN)?;
+    ensure!(
+        out.code == 0,
+        "installing the sidecar's rules: {}",
+        out.describe()
+    );
+    let page = url(&pod, "/");
+    curl_until(cluster, &page, "sidecar\n")?;
+    let session = Running::start(
+        scene,
+        &pod,
+        &["--steal"],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    curl_until(cluster, &page, "local\n")?;
+    session.stop();
+    curl_until(cluster, &page, "sidecar\n")?;
+    let ruleset = pod_ruleset(&pod)?;
+    ensure!(
+        ruleset.contains("table ip mesh_sidecar") && ruleset.contains("redirect to :15006"),
+        "the sidecar's rules did not survive the session: {ruleset}"
+    );
+    Ok(())
 }
 
 /// `nft list ruleset` in the pod's network namespace.
