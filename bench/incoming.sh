@@ -11,6 +11,8 @@
 #   namespace on port 8080 as a plain HTTP/1.1 reverse proxy (keep-alive upstream connections)
 #   in front of the pod's nginx: the filter's work without mirrord's.
 # Prints requests/s and p99 latency of each, and each against the baseline.
+# DURATION=S (default 10) and CONNECTIONS=N (default 32) change every wrk run; the issue's figures
+# use the defaults (with CONNECTIONS=128 the direct rate grows and the steal's does not).
 # PROFILE=DIR also records the steal, filter and reference proxy runs system-wide with `perf
 # record -e cpu-clock -g` into DIR/steal.data, DIR/filter.data and DIR/proxy.data, and prints
 # the top symbols of mirrord and its agent in the first two (`perf report -i DIR/proxy.data
@@ -23,8 +25,9 @@ for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
 done
 DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
 profile_setup
-unshare --net --mount --propagation private -- env DURATION="$DURATION" PROFILE="${PROFILE:-}" bash -euo pipefail -c '
+unshare --net --mount --propagation private -- env DURATION="$DURATION" CONNECTIONS="$CONNECTIONS" PROFILE="${PROFILE:-}" bash -euo pipefail -c '
 ip link set lo up
 mount -t tmpfs bench-tmp /tmp
 mount -t tmpfs bench-run /run
@@ -80,7 +83,7 @@ wait_for() {
 }
 # One wrk run against URL (by default the pod app), profiled as NAME: "requests/s p99-in-ms".
 load() { # [URL [NAME]]
-  profiled "${2:-}" ip netns exec bench-cluster wrk -t2 -c32 -d${DURATION}s --latency ${1:-$URL} | awk "
+  profiled "${2:-}" ip netns exec bench-cluster wrk -t2 -c${CONNECTIONS} -d${DURATION}s --latency ${1:-$URL} | awk "
     /Requests\/sec/ { rps = \$2 }
     /^ *99%/ { v = \$2; ms = v + 0; if (v ~ /us\$/) ms /= 1000; else if (v ~ /[^m]s\$/) ms *= 1000; p99 = ms }
     END { printf \"%d %.2f\n\", rps, p99 }"
@@ -110,7 +113,7 @@ kill -TERM $SESSION; wait $SESSION || true
 wait_for remote
 read d3_rps d3_p99 < <(load)
 
-printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c32 -d${DURATION}s" "req/s" "p99 ms"
+printf "%-58s %10s %10s\n" "HTTP/1.1 keep-alive, wrk -t2 -c${CONNECTIONS} -d${DURATION}s" "req/s" "p99 ms"
 printf "  %-56s %10s %10s\n" "pod app directly, before the sessions (baseline 1)" $d1_rps $d1_p99 \
   "pod app directly, between them (baseline 2)" $d2_rps $d2_p99 \
   "pod app directly, after them (baseline 3)" $d3_rps $d3_p99 \
