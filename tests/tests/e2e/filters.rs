@@ -79,6 +79,24 @@ fn answer_server_on(scene: &Scene, port: u16, answer: &str) -> Result<Vec<String
     ])
 }
 
+/// Starts a session that steals the pod's port whole for an [`ANSWER_PY`] server answering
+/// `answer`, and waits until a client in the cluster gets that answer.
+fn steal_answered_by(
+    scene: &Scene,
+    cluster: &Cluster,
+    pod: &Pod,
+    answer: &str,
+) -> Result<Running, Failed> {
+    let session = Running::start(
+        scene,
+        pod,
+        &["--steal"],
+        &super::incoming::strs(&answer_server(scene, answer)?),
+    )?;
+    curl_until(cluster, &url(pod, "/"), &format!("{answer}\n"))?;
+    Ok(session)
+}
+
 /// A fixture script of the tests crate (`tests/fixtures/NAME`).
 fn fixture(name: &str) -> String {
     format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -619,13 +637,7 @@ pub fn a_second_agents_steal_of_a_stolen_port_needs_override(
     let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
     let page = url(&pod, "/");
     curl_until(cluster, &page, "remote\n")?;
-    let first = Running::start(
-        scene,
-        &pod,
-        &["--steal"],
-        &super::incoming::strs(&answer_server(scene, "first")?),
-    )?;
-    curl_until(cluster, &page, "first\n")?;
+    let first = steal_answered_by(scene, cluster, &pod, "first")?;
     let mut cmd = scene.mirrord()?;
     cmd.args(["exec", "-t", &pod.target(), "--steal", "--"])
         .args(answer_server(scene, "second")?);
@@ -729,13 +741,7 @@ pub fn connections_open_before_a_steal_stay_with_the_pod(
     };
     let result = (|| {
         let before = answers(1)?;
-        let session = Running::start(
-            scene,
-            &pod,
-            &["--steal"],
-            &super::incoming::strs(&answer_server(scene, "local")?),
-        )?;
-        curl_until(cluster, &page, "local\n")?;
+        let session = steal_answered_by(scene, cluster, &pod, "local")?;
         std::fs::write(&go, "")?;
         let after = answers(2)?;
         session.stop();
@@ -789,13 +795,7 @@ pub fn a_steal_comes_before_a_mesh_sidecars_capture(
     );
     let page = url(&pod, "/");
     curl_until(cluster, &page, "sidecar\n")?;
-    let session = Running::start(
-        scene,
-        &pod,
-        &["--steal"],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
-    curl_until(cluster, &page, "local\n")?;
+    let session = steal_answered_by(scene, cluster, &pod, "local")?;
     session.stop();
     curl_until(cluster, &page, "sidecar\n")?;
     let ruleset = pod_ruleset(&pod)?;
@@ -844,13 +844,7 @@ fn cleanup_after(
     let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
     let page = url(&pod, "/");
     curl_until(cluster, &page, "remote\n")?;
-    let mut session = Running::start(
-        scene,
-        &pod,
-        &["--steal"],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
-    curl_until(cluster, &page, "local\n")?;
+    let mut session = steal_answered_by(scene, cluster, &pod, "local")?;
     let ruleset = pod_ruleset(&pod)?;
     ensure!(
         ruleset.contains("table ip mirrord_") || ruleset.contains("table inet mirrord_"),
