@@ -7,22 +7,23 @@
 #      "local"): every request crosses the agent, the link and the netstack;
 #   3. the same port under a steal with an HTTP header filter that no request matches: every
 #      request is parsed by the agent and passed to the pod's nginx;
-#   and, as a reference for what any proxy can reach on this machine, an nginx in the pod's
-#   namespace on port 8080 as a plain HTTP/1.1 reverse proxy (keep-alive upstream connections)
-#   in front of the pod's nginx: the filter's work without mirrord's.
+#   and, as references for what any proxy can reach on this machine, two plain HTTP/1.1 reverse
+#   proxies in the pod's namespace in front of the pod's nginx, each with one worker thread and
+#   keep-alive upstream connections: nginx on port 8080 and HAProxy on port 8081. They do the
+#   filter's work without mirrord's, and without a redirect (so without conntrack).
 # Prints requests/s and p99 latency of each, and each against the baseline.
 # DURATION=S (default 10) and CONNECTIONS=N (default 32) change every wrk run; the issue's figures
 # use the defaults (with CONNECTIONS=128 the direct rate grows and the steal's does not).
 # PROFILE=DIR also records the steal, filter and reference proxy runs system-wide with `perf
-# record -e cpu-clock -g` into DIR/steal.data, DIR/filter.data and DIR/proxy.data, and prints
-# the top symbols of mirrord and its agent in the first two (`perf report -i DIR/proxy.data
-# --sort pid` compares the proxy's share with the agent's).
+# record -e cpu-clock -g` into DIR/steal.data, DIR/filter.data, DIR/proxy.data (nginx) and
+# DIR/haproxy.data, and prints the top symbols of mirrord and its agent in the first two
+# (`perf report -i DIR/proxy.data --sort pid` compares the proxy's share with the agent's).
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
 # Everything runs in a private network namespace with no route off the machine.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-for tool in wrk nginx; do
-  command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light >/dev/null; break; }
+for tool in wrk nginx haproxy; do
+  command -v "$tool" >/dev/null || { apt-get install -y -q --no-install-recommends wrk nginx-light haproxy >/dev/null; break; }
 done
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-32}
@@ -37,7 +38,7 @@ unshare --net --mount --uts --propagation private -- sh -c "exec env -i POD=1 /b
 POD=$!
 cleanup() {
   kill $POD $(jobs -p) 2>/dev/null || true
-  for pid in /tmp/remote/pid /tmp/local/pid /tmp/proxy/pid; do [ -f $pid ] && kill "$(cat $pid)" 2>/dev/null || true; done
+  for pid in /tmp/remote/pid /tmp/local/pid /tmp/proxy/pid /tmp/haproxy/pid; do [ -f $pid ] && kill "$(cat $pid)" 2>/dev/null || true; done
   ip netns pids bench-cluster 2>/dev/null | xargs -r kill 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -71,6 +72,27 @@ http { access_log off; keepalive_requests 1000000;
     proxy_pass http://pod_app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 nsenter -t $POD -n nginx -c /tmp/proxy/nginx.conf -p /tmp/proxy
+# The second reference: HAProxy, one thread, reusing its upstream connections.
+mkdir -p /tmp/haproxy
+cat > /tmp/haproxy/haproxy.cfg <<CONF
+global
+  nbthread 1
+  maxconn 4096
+  pidfile /tmp/haproxy/pid
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend bench
+  bind :8081
+  default_backend pod_app
+backend pod_app
+  http-reuse always
+  server app 127.0.0.1:80
+CONF
+nsenter -t $POD -n haproxy -D -f /tmp/haproxy/haproxy.cfg
 in_cluster() { ip netns exec bench-cluster "$@"; }
 # Until the client gets ANSWER (with optional curl args): the session subscribes the port once
 # the local nginx listens.
@@ -93,6 +115,9 @@ read d1_rps d1_p99 < <(load)
 PROXY_URL=http://10.77.0.2:8080/
 [ "$(in_cluster curl -s $PROXY_URL)" = remote ] || { echo "bench/incoming.sh: the reference proxy does not reach the pod app" >&2; exit 1; }
 read proxy_rps proxy_p99 < <(load $PROXY_URL proxy)
+HAPROXY_URL=http://10.77.0.2:8081/
+[ "$(in_cluster curl -s $HAPROXY_URL)" = remote ] || { echo "bench/incoming.sh: HAProxy does not reach the pod app" >&2; exit 1; }
+read haproxy_rps haproxy_p99 < <(load $HAPROXY_URL haproxy)
 
 M="$MIRRORD exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
@@ -119,13 +144,15 @@ printf "  %-56s %10s %10s\n" "pod app directly, before the sessions (baseline 1)
   "pod app directly, after them (baseline 3)" $d3_rps $d3_p99 \
   "steal of every request (local nginx)" $steal_rps $steal_p99 \
   "header filter passing every request to the pod app" $filter_rps $filter_p99 \
-  "reference: nginx reverse proxy (keep-alive) to the pod app" $proxy_rps $proxy_p99
+  "reference: nginx reverse proxy (keep-alive) to the pod app" $proxy_rps $proxy_p99 \
+  "reference: HAProxy (keep-alive) to the pod app" $haproxy_rps $haproxy_p99
 # Each run against the mean of the baseline runs either side of it: the direct rate here
 # drifts by 10-20% within minutes, more than one baseline run can stand for.
-awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d3p=$d3_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 "BEGIN {
+awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d3p=$d3_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 -v h=$haproxy_rps -v hp=$haproxy_p99 "BEGIN {
   d = (d1 + d2) / 2; dp = (d1p + d2p) / 2; e = (d2 + d3) / 2; ep = (d2p + d3p) / 2
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal vs baselines 1-2 (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter vs baselines 2-3 (target >= 50%, p99 within 2 ms)\", 100*f/e, fp-ep
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference proxy vs baselines 1-2\", 100*r/d, rp-dp }"
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference nginx proxy vs baselines 1-2\", 100*r/d, rp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference HAProxy vs baselines 1-2\", 100*h/d, hp-dp }"
 '
 profile_report steal filter
