@@ -264,9 +264,10 @@ pub fn parse_port_mapping(text: &str) -> Result<(u16, u16), String> {
     }
 }
 
-/// Where a connection from the target's own address is delivered from: the launched process
-/// has that address itself, and the kernel drops a packet that arrives from its own address as
-/// a martian. The IPv4 dummy address (RFC 7600), meant for a host with no address of its own.
+/// Where a connection from the target's own address or from loopback is delivered from: the
+/// launched process has the target's address itself, and the kernel drops a packet that arrives
+/// from its own address, or from loopback on another interface, as a martian. The IPv4 dummy
+/// address (RFC 7600), meant for a host with no address of its own.
 const STAND_IN_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
 /// Its IPv6 counterpart: an address of a unique-local prefix of our own (`mrdrd`).
 const STAND_IN_V6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x7264, 0x7264, 0, 0, 0, 0, 8);
@@ -289,11 +290,12 @@ impl AppAddresses {
 
     /// The address a connection from `peer` is delivered from: `peer` itself, unless it is
     /// the target's own address (a client in the pod, or another session's agent passing a
-    /// connection on), which is the app's own here too.
+    /// connection on), which is the app's own here too, or a loopback address (a mesh sidecar
+    /// passing on what it received, as Istio's does from 127.0.0.6).
     fn source_for(&self, peer: SocketAddr) -> SocketAddr {
         let ip = match peer.ip() {
-            IpAddr::V4(v4) if v4 == self.v4 => IpAddr::V4(STAND_IN_V4),
-            IpAddr::V6(v6) if Some(v6) == self.v6 => IpAddr::V6(STAND_IN_V6),
+            IpAddr::V4(v4) if v4 == self.v4 || v4.is_loopback() => IpAddr::V4(STAND_IN_V4),
+            IpAddr::V6(v6) if Some(v6) == self.v6 || v6.is_loopback() => IpAddr::V6(STAND_IN_V6),
             ip => ip,
         };
         SocketAddr::new(ip, peer.port())
@@ -777,7 +779,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_from_the_targets_own_address_comes_from_a_stand_in() {
+    fn a_connection_from_the_targets_own_address_or_loopback_comes_from_a_stand_in() {
         let app = AppAddresses {
             v4: Ipv4Addr::new(10, 0, 0, 2),
             v6: Some("fd00::2".parse().unwrap()),
@@ -790,6 +792,14 @@ mod tests {
         );
         assert_eq!(
             app.source_for("[fd00::2]:5000".parse().unwrap()),
+            "[fd6d:7264:7264::8]:5000".parse().unwrap()
+        );
+        assert_eq!(
+            app.source_for("127.0.0.6:5000".parse().unwrap()),
+            "192.0.0.8:5000".parse().unwrap()
+        );
+        assert_eq!(
+            app.source_for("[::1]:5000".parse().unwrap()),
             "[fd6d:7264:7264::8]:5000".parse().unwrap()
         );
     }

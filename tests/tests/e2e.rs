@@ -404,8 +404,8 @@ fn tests() -> Vec<Trial> {
             filters::connections_open_before_a_steal_stay_with_the_pod,
         ),
         (
-            "a_steal_comes_before_a_mesh_sidecars_capture",
-            filters::a_steal_comes_before_a_mesh_sidecars_capture,
+            "a_session_takes_a_mesh_sidecars_plain_connections_to_the_app",
+            filters::a_session_takes_a_mesh_sidecars_plain_connections_to_the_app,
         ),
         (
             "a_second_agents_steal_of_a_stolen_port_needs_override",

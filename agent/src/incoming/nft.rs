@@ -37,8 +37,8 @@ pub struct Place(u8);
 
 impl Place {
     pub const FIRST: Place = Place(1);
-    /// NAT chains must run after conntrack (priority -200): places 1 to 89 are priorities
-    /// -111 to -199.
+    /// Places 1 to 89: priorities -11 to -99 in prerouting, -111 to -199 in output (NAT chains
+    /// must run after conntrack, at -200).
     const LAST: u8 = 89;
 
     /// The place just above `self`; `None` past the last one.
@@ -51,10 +51,18 @@ impl Place {
         PASS_THROUGH_MARK + u32::from(self.0)
     }
 
-    /// Just before dstnat (-100): our redirect binds the connection before other NAT at the
-    /// hook (a mesh sidecar's), whose chains then leave it alone. Numeric because nft 1.0.6
-    /// refuses the name `dstnat` on an inet output hook.
-    fn priority(self) -> i32 {
+    /// Prerouting: just after dstnat (-100). A connection that other NAT at the hook already
+    /// took (a mesh sidecar's capture of the port) is bound by then, and our chain leaves it
+    /// alone: the sidecar gets it first, ends its mutual TLS, and its plain connection on to the
+    /// app, to the pod's own address, is what the output chain takes.
+    fn prerouting_priority(self) -> i32 {
+        -10 - i32::from(self.0)
+    }
+
+    /// Output: just before dstnat, so the pod's own connections to itself (a sidecar's included)
+    /// are taken before a mesh's own output NAT. Both numeric because nft 1.0.6 refuses the
+    /// name `dstnat` on an inet output hook.
+    fn output_priority(self) -> i32 {
         -110 - i32::from(self.0)
     }
 }
@@ -169,7 +177,10 @@ pub fn ruleset(table: &str, plan: &Plan, listen_port: u16) -> String {
     if !shared.is_empty() {
         matched += &rule(shared, "");
     }
-    let priority = plan.place.priority();
+    let (prerouting, output) = (
+        plan.place.prerouting_priority(),
+        plan.place.output_priority(),
+    );
     let skipped = format!("{PASS_THROUGH_MARK:#x}-{:#x}", plan.place.mark());
     // `output` takes the pod's own connections to its own addresses, but not over loopback:
     // a sidecar or probe that talks to the app on localhost keeps reaching the app.
@@ -177,11 +188,11 @@ pub fn ruleset(table: &str, plan: &Plan, listen_port: u16) -> String {
         text,
         "table inet {table} {{\n\
          \tchain prerouting {{\n\
-         \t\ttype nat hook prerouting priority {priority}; policy accept;\n\
+         \t\ttype nat hook prerouting priority {prerouting}; policy accept;\n\
          {matched}\
          \t}}\n\
          \tchain output {{\n\
-         \t\ttype nat hook output priority {priority}; policy accept;\n\
+         \t\ttype nat hook output priority {output}; policy accept;\n\
          \t\tmeta mark {skipped} return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
          \t\tip6 daddr ::1 return\n\
@@ -407,7 +418,7 @@ mod tests {
         // the priority relative to dstnat.
         let listing = "table inet mirrord_1_2_3 {
 \tchain prerouting {
-\t\ttype nat hook prerouting priority dstnat - 13; policy accept;
+\t\ttype nat hook prerouting priority dstnat + 87; policy accept;
 \t\tfib daddr type local tcp dport 80 tcp flags syn / syn,ack ct state new redirect to :39999 comment \"stolen whole\"
 \t\tfib daddr type local tcp dport { 8080, 9090 } tcp flags syn / syn,ack ct state new redirect to :39999
 \t}
@@ -436,15 +447,19 @@ mod tests {
     }
 
     #[test]
-    fn places_run_from_the_highest_and_end_before_conntrack() {
-        assert_eq!(Place::FIRST.priority(), -111);
+    fn places_run_from_the_highest_after_dstnat_in_prerouting_and_before_it_in_output() {
+        assert_eq!(Place::FIRST.prerouting_priority(), -11);
+        assert_eq!(Place::FIRST.output_priority(), -111);
         assert_eq!(Place::FIRST.mark(), 0x6d72_6401);
         let mut place = Place::FIRST;
         while let Some(next) = place.above() {
-            assert!(next.priority() < place.priority());
+            assert!(next.prerouting_priority() < place.prerouting_priority());
+            assert!(next.output_priority() < place.output_priority());
             place = next;
         }
-        assert_eq!(place.priority(), -199);
+        // Prerouting stays after dstnat (-100), output after conntrack (-200).
+        assert_eq!(place.prerouting_priority(), -99);
+        assert_eq!(place.output_priority(), -199);
     }
 
     #[test]
@@ -511,7 +526,7 @@ mod tests {
             delete table inet mirrord_1_2_3\n\
             table inet mirrord_1_2_3 {{\n\
             \tchain prerouting {{\n\
-            \t\ttype nat hook prerouting priority -112; policy accept;\n\
+            \t\ttype nat hook prerouting priority -12; policy accept;\n\
             {stolen}{shared}\
             \t}}\n\
             \tchain output {{\n\

@@ -772,17 +772,41 @@ const SIDECAR_RULESET: &str = "table ip mesh_sidecar {
 }
 ";
 
-/// In a pod whose inbound connections a mesh sidecar captures, a steal still reaches the local
-/// app (the redirect binds a connection before the sidecar's rules at the same hook), and once
-/// the session ends the sidecar has them again, its rules untouched.
-pub fn a_steal_comes_before_a_mesh_sidecars_capture(
-    scene: &Scene,
-    cluster: &Cluster,
-) -> Result<(), Failed> {
-    let pod = standard_pod(cluster)?;
-    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
-    let _sidecar = pod_app(&pod, &answer_server_on(scene, SIDECAR_PORT, "sidecar")?)?;
-    // In the pod's namespace, which goes with the pod.
+/// A mesh sidecar in the pod, as Istio's works: it takes the app port's connections (through
+/// [`SIDECAR_RULESET`]), ends their TLS (the mesh's mutual TLS, here a self-signed certificate)
+/// and opens a plain connection on to the app at the pod's own address, from 127.0.0.6.
+fn tls_sidecar(scene: &Scene, pod: &Pod) -> Result<PodServer, Failed> {
+    let (cert, key) = (
+        scene.temp_dir().join("sidecar.crt"),
+        scene.temp_dir().join("sidecar.key"),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=web"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .run(RUN)?;
+    ensure!(
+        out.code == 0,
+        "making the sidecar's certificate: {}",
+        out.describe()
+    );
+    let sidecar = pod_app(
+        pod,
+        &[
+            "socat".to_owned(),
+            format!(
+                "OPENSSL-LISTEN:{SIDECAR_PORT},reuseaddr,fork,verify=0,cert={},key={}",
+                cert.display(),
+                key.display()
+            ),
+            format!("TCP:{}:{PORT},bind=127.0.0.6", pod.ip()),
+        ],
+    )?;
     let rules = scene.temp_dir().join("sidecar.nft");
     std::fs::write(&rules, SIDECAR_RULESET)?;
     let mut nft = pod.command("nft");
@@ -793,17 +817,51 @@ pub fn a_steal_comes_before_a_mesh_sidecars_capture(
         "installing the sidecar's rules: {}",
         out.describe()
     );
-    let page = url(&pod, "/");
-    curl_until(cluster, &page, "sidecar\n")?;
-    let session = steal_answered_by(scene, cluster, &pod, "local")?;
+    Ok(sidecar)
+}
+
+/// In a pod whose inbound connections a mesh sidecar captures and decrypts, the session gets
+/// them from the sidecar, in plain HTTP: a header filter sends the developer's requests to the
+/// local app and the others on to the pod's app, each through the sidecar's TLS. Once the
+/// session ends the sidecar still has them, its rules untouched and no table of ours left.
+pub fn a_session_takes_a_mesh_sidecars_plain_connections_to_the_app(
+    scene: &Scene,
+    cluster: &Cluster,
+) -> Result<(), Failed> {
+    let pod = standard_pod(cluster)?;
+    let _original = pod_app(&pod, &answer_server(scene, "remote")?)?;
+    let _sidecar = tls_sidecar(scene, &pod)?;
+    let page = format!("https://{}:{PORT}/", pod.ip());
+    let plain = ["-sSk", "--max-time", "3", page.as_str()];
+    let mine = ["-sSk", "--max-time", "3", "-H", "X-User: me", page.as_str()];
+    until(cluster, "curl", &plain, "remote\n")?;
+    let config = filter_config(scene, "mesh", r#"{"header_filter": "^x-user: me$"}"#)?;
+    let session = Running::start(
+        scene,
+        &pod,
+        &["-f", &config],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    until(cluster, "curl", &mine, "local\n")?;
+    expect(cluster, "curl", &plain, "remote\n")?;
     session.stop();
-    curl_until(cluster, &page, "sidecar\n")?;
-    let ruleset = pod_ruleset(&pod)?;
-    ensure!(
-        ruleset.contains("table ip mesh_sidecar") && ruleset.contains("redirect to :15006"),
-        "the sidecar's rules did not survive the session: {ruleset}"
-    );
-    Ok(())
+    until(cluster, "curl", &mine, "remote\n")?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let ruleset = pod_ruleset(&pod)?;
+        ensure!(
+            ruleset.contains("table ip mesh_sidecar") && ruleset.contains("redirect to :15006"),
+            "the sidecar's rules did not survive the session: {ruleset}"
+        );
+        if !ruleset.contains("mirrord_") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a mirrord table stayed in the pod: {ruleset}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `nft list ruleset` in the pod's network namespace.
