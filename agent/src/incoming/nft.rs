@@ -51,7 +51,7 @@ impl Place {
         PASS_THROUGH_MARK + u32::from(self.0)
     }
 
-    /// Prerouting: just after dstnat (-100). A connection that other NAT at the hook already
+    /// Prerouting: after dstnat (-100). A connection that other NAT at the hook already
     /// took (a mesh sidecar's capture of the port) is bound by then, and our chain leaves it
     /// alone: the sidecar gets it first, ends its mutual TLS, and its plain connection on to the
     /// app, to the pod's own address, is what the output chain takes.
