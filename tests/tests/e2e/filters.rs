@@ -820,10 +820,12 @@ fn tls_sidecar(scene: &Scene, pod: &Pod) -> Result<PodServer, Failed> {
     Ok(sidecar)
 }
 
-/// In a pod whose inbound connections a mesh sidecar captures and decrypts, the session gets
-/// them from the sidecar, in plain HTTP: a header filter sends the developer's requests to the
-/// local app and the others on to the pod's app, each through the sidecar's TLS. Once the
-/// session ends the sidecar still has them, its rules untouched and no table of ours left.
+/// In a pod whose inbound connections a mesh sidecar captures and decrypts, sessions get them
+/// from the sidecar, in plain HTTP, and answer through the sidecar's TLS: a header filter sends
+/// the developer's requests to the local app and the others on to the pod's app, a whole steal
+/// sends all to the local app, and a mirror leaves the pod answering while the local app gets
+/// copies. Once the sessions end the sidecar still has the connections, its rules untouched and
+/// no table of ours left.
 pub fn a_session_takes_a_mesh_sidecars_plain_connections_to_the_app(
     scene: &Scene,
     cluster: &Cluster,
@@ -846,6 +848,26 @@ pub fn a_session_takes_a_mesh_sidecars_plain_connections_to_the_app(
     expect(cluster, "curl", &plain, "remote\n")?;
     session.stop();
     until(cluster, "curl", &mine, "remote\n")?;
+    let steal = Running::start(
+        scene,
+        &pod,
+        &["--steal"],
+        &super::incoming::strs(&answer_server(scene, "local")?),
+    )?;
+    until(cluster, "curl", &plain, "local\n")?;
+    steal.stop();
+    until(cluster, "curl", &plain, "remote\n")?;
+    let (mirror, log) = super::incoming::mirror_session(scene, &pod)?;
+    let copied = format!("{page}index.html?through-the-sidecar");
+    let curl = ["-sSk", "--max-time", "3", copied.as_str()];
+    super::incoming::until_copied(
+        cluster,
+        &mirror,
+        &curl,
+        &log,
+        "GET /index.html?through-the-sidecar",
+    )?;
+    mirror.stop();
     let deadline = Instant::now() + SETTLE;
     loop {
         let ruleset = pod_ruleset(&pod)?;

@@ -250,33 +250,55 @@ pub fn incoming_mirror_copies_while_the_pod_answers(
     let _original = PodServer::start(scene, &pod, &remote)?;
     let url = format!("http://{}:{PORT}/index.html", pod.ip());
     curl_until(cluster, &url, "remote\n")?;
+    let (session, log) = mirror_session(scene, &pod)?;
+    let mirrored = format!("{url}?mirrored");
+    let curl = ["-sS", "--max-time", "3", mirrored.as_str()];
+    until_copied(cluster, &session, &curl, &log, "GET /index.html?mirrored")?;
+    session.stop();
+    Ok(())
+}
+
+/// Starts a session in the default mode (mirror) whose local app serves `local` on [`PORT`]
+/// and logs each request it gets into the returned file.
+pub(super) fn mirror_session(scene: &Scene, pod: &Pod) -> Result<(Running, PathBuf), Failed> {
     let local = site(scene, "local", "local\n")?;
     let log = scene.temp_dir().join("local-app.log");
     let server = strs(&python_server(scene, &local, PORT)?).join(" ");
     let command = format!("exec {server} 2>{}", log.display());
-    let session = Running::start(scene, &pod, &[], &["sh", "-c", &command])?;
-    // The original app keeps answering; the local app sees the same requests.
+    let session = Running::start(scene, pod, &[], &["sh", "-c", &command])?;
+    Ok((session, log))
+}
+
+/// Repeats `curl ARGS` from the cluster, each time checking that the client got the pod's
+/// answer (`remote`), until the local app of a [`mirror_session`] has logged `seen`.
+pub(super) fn until_copied(
+    cluster: &Cluster,
+    session: &Running,
+    curl: &[&str],
+    log: &Path,
+    seen: &str,
+) -> Result<(), Failed> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = curl_from_cluster(cluster, &format!("{url}?mirrored"))?;
+        let mut cmd = cluster.command("curl");
+        cmd.args(curl);
+        let out = cmd.run(RUN)?;
         ensure!(
             out.code == 0 && out.stdout == "remote\n",
             "the client did not get the pod's answer: {}",
             out.describe()
         );
-        let seen = std::fs::read_to_string(&log).unwrap_or_default();
-        if seen.contains("GET /index.html?mirrored") {
-            break;
+        let logged = std::fs::read_to_string(log).unwrap_or_default();
+        if logged.contains(seen) {
+            return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "the local app never saw a copy: {seen}; mirrord: {}",
+            "the local app never saw a copy: {logged}; mirrord: {}",
             session.stderr()
         );
         thread::sleep(Duration::from_millis(200));
     }
-    session.stop();
-    Ok(())
 }
 
 pub fn incoming_port_mapping_takes_the_remote_port_for_a_local_one(
