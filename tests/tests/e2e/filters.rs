@@ -79,6 +79,21 @@ fn answer_server_on(scene: &Scene, port: u16, answer: &str) -> Result<Vec<String
     ])
 }
 
+/// Starts a session with `flags` whose local app is an [`ANSWER_PY`] server answering `answer`.
+fn session_answering(
+    scene: &Scene,
+    pod: &Pod,
+    flags: &[&str],
+    answer: &str,
+) -> Result<Running, Failed> {
+    Running::start(
+        scene,
+        pod,
+        flags,
+        &super::incoming::strs(&answer_server(scene, answer)?),
+    )
+}
+
 /// Starts a session that steals the pod's port whole for an [`ANSWER_PY`] server answering
 /// `answer`, and waits until a client in the cluster gets that answer.
 fn steal_answered_by(
@@ -87,12 +102,7 @@ fn steal_answered_by(
     pod: &Pod,
     answer: &str,
 ) -> Result<Running, Failed> {
-    let session = Running::start(
-        scene,
-        pod,
-        &["--steal"],
-        &super::incoming::strs(&answer_server(scene, answer)?),
-    )?;
+    let session = session_answering(scene, pod, &["--steal"], answer)?;
     curl_until(cluster, &url(pod, "/"), &format!("{answer}\n"))?;
     Ok(session)
 }
@@ -175,12 +185,7 @@ pub fn filter_header_routes_each_request_of_one_keep_alive_connection(
     let page = url(&pod, "/");
     curl_until(cluster, &page, "remote\n")?;
     let config = filter_config(scene, "filter", r#"{"header_filter": "^x-user: me$"}"#)?;
-    let session = Running::start(
-        scene,
-        &pod,
-        &["-f", &config],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
+    let session = session_answering(scene, &pod, &["-f", &config], "local")?;
     let me = ["-sS", "--max-time", "3", "-H", "X-User: me", page.as_str()];
     until(cluster, "curl", &me, "local\n")?;
     // Four requests on one connection: curl reuses it across --next; each transfer prints its
@@ -448,12 +453,7 @@ pub fn filter_all_of_path_and_method(scene: &Scene, cluster: &Cluster) -> Result
         "filter",
         r#"{"all_of": [{"path": "^/api"}, {"method": "^post$"}]}"#,
     )?;
-    let session = Running::start(
-        scene,
-        &pod,
-        &["-f", &config],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
+    let session = session_answering(scene, &pod, &["-f", &config], "local")?;
     let api = url(&pod, "/api/orders");
     let other = url(&pod, "/other");
     let post = |url: &str| ["-sS", "--max-time", "3", "-d", "x=1", url].map(str::to_owned);
@@ -664,11 +664,11 @@ pub fn a_second_agents_steal_of_a_stolen_port_needs_override(
         &config,
         r#"{"feature": {"network": {"incoming": {"mode": "steal", "on_concurrent_steal": "override"}}}}"#,
     )?;
-    let second = Running::start(
+    let second = session_answering(
         scene,
         &pod,
         &["-f", &config.display().to_string()],
-        &super::incoming::strs(&answer_server(scene, "second")?),
+        "second",
     )?;
     curl_until(cluster, &page, "second\n")?;
     second.stop();
@@ -838,22 +838,12 @@ pub fn a_session_takes_a_mesh_sidecars_plain_connections_to_the_app(
     let mine = ["-sSk", "--max-time", "3", "-H", "X-User: me", page.as_str()];
     until(cluster, "curl", &plain, "remote\n")?;
     let config = filter_config(scene, "mesh", r#"{"header_filter": "^x-user: me$"}"#)?;
-    let session = Running::start(
-        scene,
-        &pod,
-        &["-f", &config],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
+    let session = session_answering(scene, &pod, &["-f", &config], "local")?;
     until(cluster, "curl", &mine, "local\n")?;
     expect(cluster, "curl", &plain, "remote\n")?;
     session.stop();
     until(cluster, "curl", &mine, "remote\n")?;
-    let steal = Running::start(
-        scene,
-        &pod,
-        &["--steal"],
-        &super::incoming::strs(&answer_server(scene, "local")?),
-    )?;
+    let steal = session_answering(scene, &pod, &["--steal"], "local")?;
     until(cluster, "curl", &plain, "local\n")?;
     steal.stop();
     until(cluster, "curl", &plain, "remote\n")?;
@@ -868,22 +858,12 @@ pub fn a_session_takes_a_mesh_sidecars_plain_connections_to_the_app(
         "GET /index.html?through-the-sidecar",
     )?;
     mirror.stop();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let ruleset = pod_ruleset(&pod)?;
-        ensure!(
-            ruleset.contains("table ip mesh_sidecar") && ruleset.contains("redirect to :15006"),
-            "the sidecar's rules did not survive the session: {ruleset}"
-        );
-        if !ruleset.contains("mirrord_") {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "a mirrord table stayed in the pod: {ruleset}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    let ruleset = no_table_left(&pod)?;
+    ensure!(
+        ruleset.contains("table ip mesh_sidecar") && ruleset.contains("redirect to :15006"),
+        "the sidecar's rules did not survive the sessions: {ruleset}"
+    );
+    Ok(())
 }
 
 /// `nft list ruleset` in the pod's network namespace.
@@ -895,15 +875,20 @@ pub(super) fn pod_ruleset(pod: &Pod) -> Result<String, Failed> {
     Ok(out.stdout)
 }
 
-/// Waits for the pod to answer `remote` again and for its `mirrord_` table to go (the guard
-/// removes it a moment after the session's end).
+/// Waits for the pod to answer `remote` again and for its `mirrord_` table to go.
 fn pod_is_given_back(cluster: &Cluster, pod: &Pod) -> Result<(), Failed> {
     curl_until(cluster, &url(pod, "/"), "remote\n")?;
+    no_table_left(pod).map(drop)
+}
+
+/// Waits for the pod's `mirrord_` tables to go (the guard removes one a moment after its
+/// session's end); returns the pod's ruleset then.
+fn no_table_left(pod: &Pod) -> Result<String, Failed> {
     let deadline = Instant::now() + SETTLE;
     loop {
         let ruleset = pod_ruleset(pod)?;
         if !ruleset.contains("mirrord_") {
-            return Ok(());
+            return Ok(ruleset);
         }
         ensure!(
             Instant::now() < deadline,
