@@ -63,18 +63,13 @@ Server(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
 
 /// The command line of an [`ANSWER_PY`] server on [`PORT`] answering `answer`.
 fn answer_server(scene: &Scene, answer: &str) -> Result<Vec<String>, Failed> {
-    answer_server_on(scene, PORT, answer)
-}
-
-/// The command line of an [`ANSWER_PY`] server on `port` answering `answer`.
-fn answer_server_on(scene: &Scene, port: u16, answer: &str) -> Result<Vec<String>, Failed> {
     let script = scene.temp_dir().join("answer.py");
     std::fs::write(&script, ANSWER_PY)?;
     Ok(vec![
         "python3".to_owned(),
         "-u".to_owned(),
         script.display().to_string(),
-        port.to_string(),
+        PORT.to_string(),
         answer.to_owned(),
     ])
 }
