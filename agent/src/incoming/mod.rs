@@ -10,6 +10,7 @@
 //! agent): the agents stand in line by their tables' [`Place`], and what one passes through goes
 //! on to the next (see [`nft`]).
 
+mod batch;
 pub mod guard;
 pub mod nft;
 pub mod orig_dst;
@@ -30,6 +31,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::server::AgentOut;
+use batch::{BatchedStream, Batcher};
 use guard::Guard;
 use mirrord_http_filter::{Filter, LocalRoute};
 use nft::{Cause, Nft, Owner, Place, Plan};
@@ -59,6 +61,8 @@ pub struct Incoming {
     next_session: AtomicU64,
     /// The mark of the agent's connections to the original app: its installed place's.
     mark: AtomicU32,
+    /// Every relayed connection's writes, sent together at the end of each round.
+    batcher: Arc<Batcher>,
 }
 
 struct Installed {
@@ -89,6 +93,7 @@ impl Incoming {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             mark: AtomicU32::new(Place::FIRST.mark()),
+            batcher: Batcher::new(),
         })
     }
 
@@ -353,7 +358,7 @@ impl Incoming {
             .filter_map(|session| self.streams(session))
             .map(|streams| tee::mirror(streams, connection(IncomingMode::Mirror)))
             .collect();
-        let client = Tee::new(client, copies);
+        let client = Tee::new(self.batcher.stream(client), copies);
         if !filtered.is_empty() {
             let routes = filtered
                 .into_iter()
@@ -365,11 +370,11 @@ impl Incoming {
                     }))
                 })
                 .collect();
-            let mark = self.mark();
+            let (mark, batcher) = (self.mark(), self.batcher.clone());
             let served = mirrord_http_filter::serve_routes(
                 client,
                 routes,
-                move || connect_original(destination, mark),
+                move || connect_original(destination, mark, batcher.clone()),
                 mirrord_http_filter::Options::default(),
             )
             .await;
@@ -391,7 +396,7 @@ impl Incoming {
             }
             return;
         }
-        match connect_original(destination, self.mark()).await {
+        match connect_original(destination, self.mark(), self.batcher.clone()).await {
             Ok(mut original) => {
                 let mut client = client;
                 if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut original).await
@@ -471,7 +476,11 @@ fn plan_of<F: Clone>(registry: &Registry<F>, place: Place) -> Plan {
 
 /// Connects to the original app with `mark`, so the redirect lets the connection through (to
 /// the app, or to the next agent in line).
-async fn connect_original(destination: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+async fn connect_original(
+    destination: SocketAddr,
+    mark: u32,
+    batcher: Arc<Batcher>,
+) -> std::io::Result<BatchedStream> {
     let socket = match destination {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -481,7 +490,7 @@ async fn connect_original(destination: SocketAddr, mark: u32) -> std::io::Result
         .await
         .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??;
     let _ = stream.set_nodelay(true);
-    Ok(stream)
+    Ok(batcher.stream(stream))
 }
 
 /// An IPv4 address as itself rather than v4-mapped, as a dual-stack listener reports it.

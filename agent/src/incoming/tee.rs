@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use mirrord_protocol::StreamTarget;
 use mirrord_protocol::incoming::IncomingConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tracing::debug;
 
 use super::SessionStreams;
+use super::batch::BatchedStream;
 
 /// Chunks of the client's bytes a copy may hold while its session is slow (or its stream is
 /// still opening); one more and the copy is dropped.
@@ -46,12 +46,12 @@ pub fn mirror(streams: Arc<SessionStreams>, connection: IncomingConnection) -> C
 
 /// The client's connection, copying what it reads to each mirror.
 pub struct Tee {
-    client: TcpStream,
+    client: BatchedStream,
     copies: Vec<CopyTx>,
 }
 
 impl Tee {
-    pub fn new(client: TcpStream, copies: Vec<CopyTx>) -> Tee {
+    pub fn new(client: BatchedStream, copies: Vec<CopyTx>) -> Tee {
         Tee { client, copies }
     }
 }
@@ -155,6 +155,7 @@ impl AsyncWrite for CopyIo {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -169,7 +170,10 @@ mod tests {
     async fn a_stalled_copy_is_dropped_not_waited_for() {
         let (mut client, server) = pair().await;
         let (copy_tx, copy_rx) = mpsc::channel(COPY_BACKLOG);
-        let mut tee = Tee::new(server, vec![copy_tx]);
+        let mut tee = Tee::new(
+            super::super::batch::Batcher::new().stream(server),
+            vec![copy_tx],
+        );
         let chunk = [7u8; 1000];
         let mut received = 0;
         for _ in 0..COPY_BACKLOG * 4 {
