@@ -19,7 +19,8 @@
 # DIR/haproxy.data, and prints the top symbols of mirrord and its agent in the first two
 # (`perf report -i DIR/proxy.data --sort pid` compares the proxy's share with the agent's).
 # Run by hand as root after `cargo build --release --workspace`:   bench/incoming.sh
-# Everything runs in a private network namespace with no route off the machine.
+# Everything runs in a private network namespace with no route off the machine. Each mirrord
+# session runs in a process session of its own (setsid), like the daemonised nginx and HAProxy.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 for tool in wrk nginx haproxy; do
@@ -119,7 +120,10 @@ HAPROXY_URL=http://10.77.0.2:8081/
 [ "$(in_cluster curl -s $HAPROXY_URL)" = remote ] || { echo "bench/incoming.sh: HAProxy does not reach the pod app" >&2; exit 1; }
 read haproxy_rps haproxy_p99 < <(load $HAPROXY_URL haproxy)
 
-M="$MIRRORD exec -t pid/$POD --fs-mode local"
+# Each session in a session (setsid) of its own, as the daemonised pod app and reference proxies
+# are: with autogroup scheduling in the kernel, the processes of one session share one CPU share,
+# and mirrord started from this shell would share the one wrk runs in.
+M="setsid $MIRRORD exec -t pid/$POD --fs-mode local"
 $M --steal -- nginx -c /tmp/local/nginx.conf -p /tmp/local &
 SESSION=$!
 wait_for local
