@@ -328,11 +328,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap());
-        let (near, accepted) = tokio::join!(near, listener.accept());
-        (near.unwrap(), accepted.unwrap().0)
+    /// A batched stream and its peer.
+    async fn pair() -> (BatchedStream, TcpStream) {
+        let (near, far) = crate::incoming::tcp_pair().await;
+        (Batcher::new().stream(near), far)
     }
 
     /// Bytes that tell where they were in the stream, so a lost or moved byte shows.
@@ -342,8 +341,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_writes_leave_together_at_the_end_of_the_round() {
-        let (near, mut far) = pair().await;
-        let mut near = Batcher::new().stream(near);
+        let (mut near, mut far) = pair().await;
         for word in [&b"one "[..], b"two ", b"three"] {
             near.write_all(word).await.unwrap();
         }
@@ -361,8 +359,7 @@ mod tests {
     /// and gets every byte in order: small writes through the buffer, large ones direct.
     #[tokio::test]
     async fn a_slow_reader_gets_every_byte_in_order() {
-        let (near, mut far) = pair().await;
-        let mut near = Batcher::new().stream(near);
+        let (mut near, mut far) = pair().await;
         let data = numbered(8 * 1024 * 1024);
         let expected = data.clone();
         let writer = tokio::spawn(async move {
@@ -389,8 +386,7 @@ mod tests {
     /// reading follows once the peer reads again, then the end.
     #[tokio::test]
     async fn a_dropped_stream_still_sends_what_it_took() {
-        let (near, mut far) = pair().await;
-        let mut near = Batcher::new().stream(near);
+        let (mut near, mut far) = pair().await;
         let data = numbered(64 * 1024 * 1024);
         let mut taken = 0;
         // Until the socket and the buffer are full: the last write waits for the peer.
@@ -414,8 +410,7 @@ mod tests {
     /// stream, so the bytes must go out on their own.
     #[tokio::test]
     async fn a_stalled_send_goes_out_while_the_writer_waits_to_read() {
-        let (near, mut far) = pair().await;
-        let mut near = Batcher::new().stream(near);
+        let (mut near, mut far) = pair().await;
         let request = numbered(16 * 1024 * 1024);
         let expected = request.len();
         let peer = tokio::spawn(async move {
@@ -441,8 +436,7 @@ mod tests {
     /// A peer that reset the connection is the writer's error, on a later write or flush.
     #[tokio::test]
     async fn a_failed_send_is_the_writers_next_error() {
-        let (near, far) = pair().await;
-        let mut near = Batcher::new().stream(near);
+        let (mut near, far) = pair().await;
         nix::sys::socket::setsockopt(
             &far,
             nix::sys::socket::sockopt::Linger,

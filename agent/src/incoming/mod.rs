@@ -504,6 +504,15 @@ fn unmapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Both ends of a loopback TCP connection, for the tests of this module and its children.
+#[cfg(test)]
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let near = TcpStream::connect(listener.local_addr().unwrap());
+    let (near, accepted) = tokio::join!(near, listener.accept());
+    (near.unwrap(), accepted.unwrap().0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

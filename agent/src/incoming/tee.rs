@@ -155,20 +155,12 @@ impl AsyncWrite for CopyIo {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
 
     /// A copy that is not read never holds the real connection back: past its backlog it is
     /// dropped, and the bytes it did take arrive whole and in order.
     #[tokio::test]
     async fn a_stalled_copy_is_dropped_not_waited_for() {
-        let (mut client, server) = pair().await;
+        let (mut client, server) = crate::incoming::tcp_pair().await;
         let (copy_tx, copy_rx) = mpsc::channel(COPY_BACKLOG);
         let mut tee = Tee::new(
             super::super::batch::Batcher::new().stream(server),
