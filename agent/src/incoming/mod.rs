@@ -9,6 +9,9 @@
 //! Other agents may redirect the same port in the same target (every session that starts its own
 //! agent): the agents stand in line by their tables' [`Place`], and what one passes through goes
 //! on to the next (see [`nft`]).
+//!
+//! What the agent writes to the connections it relays (to clients and to the original app)
+//! goes out in one burst per round of its runtime, as an event-loop proxy sends (see `batch.rs`).
 
 mod batch;
 pub mod guard;

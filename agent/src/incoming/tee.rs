@@ -162,10 +162,8 @@ mod tests {
     async fn a_stalled_copy_is_dropped_not_waited_for() {
         let (mut client, server) = crate::incoming::tcp_pair().await;
         let (copy_tx, copy_rx) = mpsc::channel(COPY_BACKLOG);
-        let mut tee = Tee::new(
-            super::super::batch::Batcher::new().stream(server),
-            vec![copy_tx],
-        );
+        let server = crate::incoming::batch::Batcher::new().stream(server);
+        let mut tee = Tee::new(server, vec![copy_tx]);
         let chunk = [7u8; 1000];
         let mut received = 0;
         for _ in 0..COPY_BACKLOG * 4 {
