@@ -9,7 +9,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::PoisonError;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -270,6 +270,57 @@ fn wait(mut child: Child, limit: Duration) -> Result<Output, Failed> {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// A child's output read as it comes, so a test can wait for a line while the child runs.
+struct Followed {
+    text: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Followed {
+    fn new(mut pipe: impl Read + Send + 'static) -> Followed {
+        let text = Arc::new(Mutex::new(String::new()));
+        let filled = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                filled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        Followed { text, reader }
+    }
+
+    fn text(&self) -> String {
+        self.text
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn until_contains(&self, needle: &str, limit: Duration) -> Result<(), Failed> {
+        let deadline = Instant::now() + limit;
+        while !self.text().contains(needle) {
+            ensure!(
+                Instant::now() < deadline,
+                "never said {needle:?} within {limit:?}; said: {}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Everything, once the child has closed its end.
+    fn finish(self) -> String {
+        let Followed { text, reader } = self;
+        let _ = reader.join();
+        let text = text.lock().unwrap_or_else(PoisonError::into_inner);
+        text.clone()
+    }
 }
 
 impl Kube {
@@ -1314,7 +1365,14 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
     let dir = std::env::temp_dir().join(format!("mirrord-kube-deleted-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // Service orders: api's tests must not see this steal.
-    let session = steal_session(kube, (USER, "deployment/orders"), &dir, "stolen", None);
+    let mut session = steal_session(kube, (USER, "deployment/orders"), &dir, "stolen", None);
+    // Followed while the session runs: it hears of the loss through the port-forward, which may
+    // close a moment after the guard gave the port back.
+    let stderr = session
+        .as_mut()
+        .ok()
+        .and_then(|child| child.stderr.take())
+        .map(Followed::new);
     let result = session
         .as_ref()
         .map_err(|e| format!("{e:?}").into())
@@ -1329,12 +1387,15 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
                 "--wait=false",
             ])?;
             // Had the table stayed, the redirect would lead to a dead listener: no answer.
-            until_service_answers(kube, ("orders", &[]), "remote", Duration::from_secs(30))
+            until_service_answers(kube, ("orders", &[]), "remote", Duration::from_secs(30))?;
+            let stderr = stderr.as_ref().ok_or("the session's stderr is not piped")?;
+            stderr.until_contains("lost the agent", Duration::from_secs(30))
         });
     let ended = session.map(terminate);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    let out = ended??;
+    let mut out = ended??;
+    out.stderr = stderr.map(Followed::finish).unwrap_or_default();
     let lost = out.stderr.matches("lost the agent").count();
     ensure!(
         lost == 1,
