@@ -21,7 +21,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -43,12 +42,11 @@ const DIRECT_WRITE: usize = 16 * 1024;
 /// as the kernel's own send buffer would keep them after a close.
 const LINGER: Duration = Duration::from_secs(30);
 
-/// The streams of one runtime with bytes waiting for the end of the round.
+/// The streams of one runtime with bytes waiting for the end of the round. A send is spawned
+/// whenever the first stream joins an empty queue: the send takes the whole queue at once.
 #[derive(Default)]
 pub struct Batcher {
     queued: Mutex<Vec<Arc<Shared>>>,
-    /// Whether a send of the queued streams is already spawned for this round.
-    send_spawned: AtomicBool,
 }
 
 impl Batcher {
@@ -71,8 +69,12 @@ impl Batcher {
     }
 
     fn queue(self: &Arc<Self>, shared: Arc<Shared>) {
-        lock(&self.queued).push(shared);
-        if !self.send_spawned.swap(true, Ordering::AcqRel) {
+        let first = {
+            let mut queued = lock(&self.queued);
+            queued.push(shared);
+            queued.len() == 1
+        };
+        if first {
             let batcher = self.clone();
             tokio::spawn(async move {
                 tokio::task::yield_now().await;
@@ -83,8 +85,6 @@ impl Batcher {
 
     /// The end of the round: every queued stream sends what it holds.
     fn send_queued(&self) {
-        // Cleared first: a stream queued from here on needs a send of its own.
-        self.send_spawned.store(false, Ordering::Release);
         let queued = std::mem::take(&mut *lock(&self.queued));
         for shared in queued {
             let mut out = lock(&shared.out);
