@@ -10,7 +10,10 @@
 #   and, as references for what any proxy can reach on this machine, two plain HTTP/1.1 reverse
 #   proxies in the pod's namespace in front of the pod's nginx, each with one worker thread and
 #   keep-alive upstream connections: nginx on port 8080 and HAProxy on port 8081. They do the
-#   filter's work without mirrord's, and without a redirect (so without conntrack).
+#   filter's work without mirrord's, and without a redirect (so without conntrack). Then HAProxy
+#   where the agent is: port 80 redirected to it by an nftables NAT table like a session's, once
+#   as that HTTP proxy and once in TCP mode (port 8082, no HTTP at all: each client connection
+#   piped to one of its own to the pod's nginx), the least work a proxy there can do.
 # Prints requests/s and p99 latency of each, and each against the baseline.
 # DURATION=S (default 10) and CONNECTIONS=N (default 32) change every wrk run; the issue's figures
 # use the defaults (with CONNECTIONS=128 the direct rate grows and the steal's does not).
@@ -92,6 +95,10 @@ frontend bench
 backend pod_app
   http-reuse always
   server app 127.0.0.1:80
+listen bench_tcp
+  mode tcp
+  bind :8082
+  server app 127.0.0.1:80
 CONF
 nsenter -t $POD -n haproxy -D -f /tmp/haproxy/haproxy.cfg
 in_cluster() { ip netns exec bench-cluster "$@"; }
@@ -119,6 +126,27 @@ read proxy_rps proxy_p99 < <(load $PROXY_URL proxy)
 HAPROXY_URL=http://10.77.0.2:8081/
 [ "$(in_cluster curl -s $HAPROXY_URL)" = remote ] || { echo "bench/incoming.sh: HAProxy does not reach the pod app" >&2; exit 1; }
 read haproxy_rps haproxy_p99 < <(load $HAPROXY_URL haproxy)
+# HAProxy behind a redirect of port 80, as the agent is during a session: a NAT table with the
+# hooks of a session table (so the pod namespace runs conntrack on every packet, as then).
+behind_redirect() { # PORT NAME
+  nsenter -t $POD -n nft -f - <<NFT
+table ip bench_redirect {
+  chain prerouting { type nat hook prerouting priority dstnat; policy accept; tcp dport 80 counter redirect to :$1; }
+  chain output { type nat hook output priority -100; policy accept; }
+}
+NFT
+  [ "$(in_cluster curl -s $URL)" = remote ] || { echo "bench/incoming.sh: HAProxy behind the redirect does not reach the pod app" >&2; exit 1; }
+  load $URL $2
+  # Every connection of the run (and the check above) went through the redirect.
+  redirected=$(nsenter -t $POD -n nft list table ip bench_redirect | sed -n "s/.*counter packets \([0-9]*\).*/\1/p")
+  nsenter -t $POD -n nft delete table ip bench_redirect
+  [ "$redirected" -gt "$CONNECTIONS" ] || { echo "bench/incoming.sh: only $redirected connections went through the redirect to port $1" >&2; exit 1; }
+}
+# In this shell, not in a process substitution that read could leave running: one table at a time.
+behind_redirect 8081 haproxy-redirect > /tmp/haproxy-redirect.result
+read haproxy_nat_rps haproxy_nat_p99 < /tmp/haproxy-redirect.result
+behind_redirect 8082 haproxy-tcp-redirect > /tmp/haproxy-tcp-redirect.result
+read haproxy_tcp_rps haproxy_tcp_p99 < /tmp/haproxy-tcp-redirect.result
 
 # Each session in a session (setsid) of its own, as the daemonised pod app and reference proxies
 # are: with autogroup scheduling in the kernel, the processes of one session share one CPU share,
@@ -149,14 +177,18 @@ printf "  %-56s %10s %10s\n" "pod app directly, before the sessions (baseline 1)
   "steal of every request (local nginx)" $steal_rps $steal_p99 \
   "header filter passing every request to the pod app" $filter_rps $filter_p99 \
   "reference: nginx reverse proxy (keep-alive) to the pod app" $proxy_rps $proxy_p99 \
-  "reference: HAProxy (keep-alive) to the pod app" $haproxy_rps $haproxy_p99
+  "reference: HAProxy (keep-alive) to the pod app" $haproxy_rps $haproxy_p99 \
+  "reference: the same HAProxy behind a redirect of port 80" $haproxy_nat_rps $haproxy_nat_p99 \
+  "reference: HAProxy in TCP mode behind that redirect" $haproxy_tcp_rps $haproxy_tcp_p99
 # Each run against the mean of the baseline runs either side of it: the direct rate here
 # drifts by 10-20% within minutes, more than one baseline run can stand for.
-awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d3p=$d3_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 -v h=$haproxy_rps -v hp=$haproxy_p99 "BEGIN {
+awk -v d1=$d1_rps -v d1p=$d1_p99 -v d2=$d2_rps -v d2p=$d2_p99 -v d3=$d3_rps -v d3p=$d3_p99 -v s=$steal_rps -v sp=$steal_p99 -v f=$filter_rps -v fp=$filter_p99 -v r=$proxy_rps -v rp=$proxy_p99 -v h=$haproxy_rps -v hp=$haproxy_p99 -v hn=$haproxy_nat_rps -v hnp=$haproxy_nat_p99 -v ht=$haproxy_tcp_rps -v htp=$haproxy_tcp_p99 "BEGIN {
   d = (d1 + d2) / 2; dp = (d1p + d2p) / 2; e = (d2 + d3) / 2; ep = (d2p + d3p) / 2
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"steal vs baselines 1-2 (target >= 50%, p99 within 2 ms)\", 100*s/d, sp-dp
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"filter vs baselines 2-3 (target >= 50%, p99 within 2 ms)\", 100*f/e, fp-ep
   printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference nginx proxy vs baselines 1-2\", 100*r/d, rp-dp
-  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference HAProxy vs baselines 1-2\", 100*h/d, hp-dp }"
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference HAProxy vs baselines 1-2\", 100*h/d, hp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference HAProxy behind the redirect vs baselines 1-2\", 100*hn/d, hnp-dp
+  printf \"  %-56s %9.0f%% %+9.2f\n\", \"reference HAProxy TCP behind the redirect vs baselines 1-2\", 100*ht/d, htp-dp }"
 '
 profile_report steal filter
