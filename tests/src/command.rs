@@ -138,14 +138,15 @@ pub(crate) fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Collects one pipe in a thread; `done_rx` fires at EOF.
-struct Capture {
+/// Collects one pipe in a thread, so a caller can read what came so far while the writer runs;
+/// `done_rx` fires at EOF.
+pub struct Capture {
     bytes: Arc<Mutex<Vec<u8>>>,
     done_rx: mpsc::Receiver<()>,
 }
 
 impl Capture {
-    fn start(pipe: Option<impl Read + Send + 'static>) -> Capture {
+    pub fn start(pipe: Option<impl Read + Send + 'static>) -> Capture {
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let (done_tx, done_rx) = mpsc::channel();
         if let Some(mut pipe) = pipe {
@@ -168,13 +169,26 @@ impl Capture {
         Capture { bytes, done_rx }
     }
 
-    fn wait_until(&self, deadline: Instant) -> bool {
+    /// Whether the pipe reached EOF by `deadline`.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
         self.done_rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .is_ok()
     }
 
-    fn text(&self) -> String {
+    /// Whether what came so far contains `needle` by `deadline`.
+    pub fn contains_by(&self, needle: &str, deadline: Instant) -> bool {
+        while !self.text().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// What came so far.
+    pub fn text(&self) -> String {
         self.bytes
             .lock()
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())

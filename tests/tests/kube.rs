@@ -9,10 +9,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use mirrord_tests::command::Capture;
 
 /// The namespace of tests/cluster/manifests/mirrord-e2e.yaml.
 const NS: &str = "mirrord-e2e";
@@ -270,57 +271,6 @@ fn wait(mut child: Child, limit: Duration) -> Result<Output, Failed> {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
-}
-
-/// A child's output read as it comes, so a test can wait for a line while the child runs.
-struct Followed {
-    text: Arc<Mutex<String>>,
-    reader: std::thread::JoinHandle<()>,
-}
-
-impl Followed {
-    fn new(mut pipe: impl Read + Send + 'static) -> Followed {
-        let text = Arc::new(Mutex::new(String::new()));
-        let filled = text.clone();
-        let reader = std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-                filled
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        Followed { text, reader }
-    }
-
-    fn text(&self) -> String {
-        self.text
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn until_contains(&self, needle: &str, limit: Duration) -> Result<(), Failed> {
-        let deadline = Instant::now() + limit;
-        while !self.text().contains(needle) {
-            ensure!(
-                Instant::now() < deadline,
-                "never said {needle:?} within {limit:?}; said: {}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(())
-    }
-
-    /// Everything, once the child has closed its end.
-    fn finish(self) -> String {
-        let Followed { text, reader } = self;
-        let _ = reader.join();
-        let text = text.lock().unwrap_or_else(PoisonError::into_inner);
-        text.clone()
-    }
 }
 
 impl Kube {
@@ -1368,11 +1318,7 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
     let mut session = steal_session(kube, (USER, "deployment/orders"), &dir, "stolen", None);
     // Followed while the session runs: it hears of the loss through the port-forward, which may
     // close a moment after the guard gave the port back.
-    let stderr = session
-        .as_mut()
-        .ok()
-        .and_then(|child| child.stderr.take())
-        .map(Followed::new);
+    let stderr = Capture::start(session.as_mut().ok().and_then(|child| child.stderr.take()));
     let result = session
         .as_ref()
         .map_err(|e| format!("{e:?}").into())
@@ -1388,14 +1334,21 @@ fn a_deleted_agent_pod_gives_the_port_back(kube: &Kube) -> Result<(), Failed> {
             ])?;
             // Had the table stayed, the redirect would lead to a dead listener: no answer.
             until_service_answers(kube, ("orders", &[]), "remote", Duration::from_secs(30))?;
-            let stderr = stderr.as_ref().ok_or("the session's stderr is not piped")?;
-            stderr.until_contains("lost the agent", Duration::from_secs(30))
+            let limit = Duration::from_secs(30);
+            ensure!(
+                stderr.contains_by("lost the agent", Instant::now() + limit),
+                "never said \"lost the agent\" within {limit:?}; said: {}",
+                stderr.text()
+            );
+            Ok(())
         });
     let ended = session.map(terminate);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     let mut out = ended??;
-    out.stderr = stderr.map(Followed::finish).unwrap_or_default();
+    // The session has ended: its end of the pipe is closed.
+    stderr.wait_until(Instant::now() + Duration::from_secs(10));
+    out.stderr = stderr.text();
     let lost = out.stderr.matches("lost the agent").count();
     ensure!(
         lost == 1,
