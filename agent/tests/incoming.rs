@@ -825,8 +825,8 @@ fn a_bad_filter_pattern_is_refused_in_one_line(
     web.wait_untouched()
 }
 
-/// An agent killed together with its guard (SIGKILL to its whole process group, as when its
-/// container is killed at once) leaves its table: nothing of it runs any more. The next agent
+/// An agent killed together with its guard (SIGKILL to the guard and its whole process group, as
+/// when its container is killed at once) leaves its table: nothing of it runs any more. The next agent
 /// that starts removes it, as the name says its owner is dead; a table whose owner is in another
 /// pid namespace (which this agent cannot judge) is kept.
 fn a_dead_agents_table_is_swept_at_start(scene: &Scene, cluster: &Cluster) -> Result<(), Failed> {
@@ -841,11 +841,16 @@ fn a_dead_agents_table_is_swept_at_start(scene: &Scene, cluster: &Cluster) -> Re
         );
         Ok::<_, Failed>(())
     })?;
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(first.pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .map_err(|e| format!("killpg: {e}"))?;
+    // The guard first, then the rest of the group: killed in one `killpg`, the serving process
+    // may die first and its guard, woken by that before its own SIGKILL lands, remove the table.
+    let guard = nix::unistd::Pid::from_raw(first.pid() as i32);
+    nix::sys::signal::kill(guard, nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("kill: {e}"))?;
+    match nix::sys::signal::killpg(guard, nix::sys::signal::Signal::SIGKILL) {
+        // The serving process already died with its guard (its parent-death signal).
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => return Err(format!("killpg: {e}").into()),
+    }
     ensure!(
         first.wait_exit(SHORT).is_some(),
         "the agent survived SIGKILL"
